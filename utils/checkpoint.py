@@ -1,0 +1,142 @@
+"""Checkpoints without pickled classes: written atomically, read with torch.load(weights_only=True).
+
+Layout (all plain data): model_yaml (dict), model (state dict), ema (state dict or None), updates,
+optimizer (state dict or None), epoch, best_fitness, opt (dict), hyp (dict), names (list), date,
+versions. A final (stripped) checkpoint has the EMA weights as `model`, in fp16, and no optimizer.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from utils.general import LOGGER, UserError
+
+FORMAT_VERSION = 1
+
+
+def _plain(x: Any) -> Any:
+    """Convert option values (Paths, tuples, namespaces) to types weights_only loading accepts."""
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    if isinstance(x, torch.Tensor):
+        return x
+    return str(x)
+
+
+def versions() -> dict:
+    import torchvision
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "format": FORMAT_VERSION}
+
+
+def make_checkpoint(model: nn.Module, *, ema: nn.Module | None = None, updates: int = 0, optimizer=None,
+                    epoch: int = -1, best_fitness: float = 0.0, opt: dict | None = None, hyp: dict | None = None,
+                    names: list | None = None, **extra) -> dict:
+    names = list(names if names is not None else getattr(model, "names", []))
+    ck = {
+        "model_yaml": _plain(model.yaml),
+        "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "ema": {k: v.detach().clone() for k, v in ema.state_dict().items()} if ema is not None else None,
+        "updates": int(updates),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "epoch": int(epoch),
+        "best_fitness": float(best_fitness),
+        "opt": _plain(opt or {}),
+        "hyp": _plain(hyp or {}),
+        "names": [str(n) for n in names],
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "versions": versions(),
+    }
+    ck.update(_plain(extra))
+    return ck
+
+
+def save_checkpoint(ckpt: dict, path: str | Path) -> Path:
+    """Write to a temp file in the same folder, fsync, then rename over the target.
+
+    A crash or a full disk never leaves a half-written file under `path`; the old file stays intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise UserError(f"{path}: could not write checkpoint ({e.strerror or e}); the previous file is unchanged") from None
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint of this project safely (no code runs); clear errors otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: weights file not found")
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # unpickling refused, truncated or not a torch file
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise UserError(f"{path}: not a loadable checkpoint of this project ({msg}). Upstream YOLOv9 .pt files "
+                        f"pickle code: convert them with `python -m utils.upstream --weights {path}`") from None
+    if not isinstance(ck, dict) or "model_yaml" not in ck or "model" not in ck:
+        raise UserError(f"{path}: not a checkpoint of this project (no model_yaml/model entries)")
+    return ck
+
+
+def model_from_checkpoint(ck: dict, use_ema: bool = True) -> nn.Module:
+    """Rebuild the DetectionModel from the YAML dict and load the (EMA) weights in fp32."""
+    from models.yolo import DetectionModel
+    state = ck["ema"] if use_ema and ck.get("ema") else ck["model"]
+    model = DetectionModel(ck["model_yaml"], ch=ck["model_yaml"].get("ch", 3))
+    missing, unexpected = model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
+                                                strict=False)
+    if missing or unexpected:
+        raise UserError(f"checkpoint does not match its model YAML: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.names = list(ck.get("names") or model.names)
+    return model.float()
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", fuse: bool = False) -> nn.Module:
+    """One loader for training resumes, validation, detection and export (.pt files of this project)."""
+    model = model_from_checkpoint(load_checkpoint(path)).to(device).eval()
+    if fuse:
+        model.fuse()
+    return model
+
+
+def strip_checkpoint(path: str | Path) -> None:
+    """Final checkpoint: EMA weights as the model, fp16, no optimizer/EMA copy (smaller file)."""
+    ck = load_checkpoint(path)
+    state = ck["ema"] or ck["model"]
+    ck["model"] = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    ck["ema"], ck["optimizer"], ck["updates"] = None, None, 0
+    ck["epoch"] = -1
+    save_checkpoint(ck, path)
+    LOGGER.info(f"Optimizer stripped from {path}, {Path(path).stat().st_size / 1e6:.1f}MB")
+
+
+def transfer_weights(model: nn.Module, state: dict, exclude: tuple = ()) -> int:
+    """Load the entries of `state` whose names and shapes match; returns how many were transferred."""
+    own = model.state_dict()
+    keep = {k: v for k, v in state.items()
+            if k in own and v.shape == own[k].shape and not any(x in k for x in exclude)}
+    model.load_state_dict(keep, strict=False)
+    LOGGER.info(f"Transferred {len(keep)}/{len(own)} items from pretrained weights")
+    return len(keep)
