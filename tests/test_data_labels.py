@@ -1,0 +1,214 @@
+"""Label/image verification and the label cache: every bad-input kind has its documented outcome."""
+import json
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from utils.data import YOLODataset, create_dataloader, img2label_paths, imread
+from utils.data.verify import CACHE_VERSION, scan_dataset
+from utils.general import UserError
+
+GOOD = "0 0.5 0.5 0.4 0.3\n"
+
+
+def write_img(path: Path, w=64, h=48, colour=(40, 160, 90)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = np.full((h, w, 3), colour, np.uint8)
+    cv2.imwrite(str(path), img)
+    return path
+
+
+def write_label(root: Path, stem: str, text: str, split="train") -> Path:
+    f = root / "labels" / split / f"{stem}.txt"
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_text(text)
+    return f
+
+
+BAD_LABELS = {  # stem -> label text that makes the image be dropped, and a word the reason must contain
+    "cols": ("0 0.5 0.5 0.2\n", "columns"),
+    "nonnum": ("0 a 0.5 0.2 0.2\n", "non-numeric"),
+    "nan": ("0 nan 0.5 0.2 0.2\n", "NaN"),
+    "inf": ("0 0.5 inf 0.2 0.2\n", "NaN or inf"),
+    "outside": ("0 0.5 0.5 1.5 0.2\n", "outside [0, 1]"),
+    "negsize": ("0 0.5 0.5 -0.2 0.2\n", "negative"),
+    "clsbig": ("3 0.5 0.5 0.2 0.2\n", "outside 0..2"),
+    "clsneg": ("-1 0.5 0.5 0.2 0.2\n", "outside 0..2"),
+    "clsfloat": ("1.5 0.5 0.5 0.2 0.2\n", "not an integer"),
+}
+
+
+@pytest.fixture()
+def messy(tmp_path):
+    """A split with one of every kind of problem (all files made here; nothing binary is committed)."""
+    root = tmp_path / "ds"
+    im = root / "images" / "train"
+    write_img(im / "good.jpg")
+    write_label(root, "good", GOOD)
+    (im / "zero.jpg").write_bytes(b"")
+    full = cv2.imencode(".jpg", np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))[1].tobytes()
+    (im / "trunc.jpg").write_bytes(full[: len(full) // 2])
+    (im / "notimg.jpg").write_text("this is not an image")
+    (im / "readme.md").write_text("notes")
+    for stem, (text, _) in BAD_LABELS.items():
+        write_img(im / f"{stem}.png")
+        write_label(root, stem, text)
+    write_img(im / "overshoot.png")
+    write_label(root, "overshoot", "1 0.5 0.5 1.01 0.2\n")
+    write_img(im / "dup.png")
+    write_label(root, "dup", GOOD + GOOD + "1 0.2 0.2 0.1 0.1\n")
+    write_img(im / "empty.png")
+    write_label(root, "empty", "\n")
+    write_img(im / "missing.png")
+    write_img(im / "poly.png")
+    write_label(root, "poly", "2 0.1 0.1 0.4 0.1 0.4 0.5\n")
+    write_label(root, "ghost", GOOD)  # label without an image
+    # EXIF orientation 6 (rotate 90): stored 60x30 (w x h), displayed 30x60
+    arr = np.zeros((30, 60, 3), np.uint8)
+    arr[:, :30] = (255, 0, 0)  # left half red (RGB) in storage
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(arr).save(im / "exif.jpg", exif=exif.tobytes(), quality=95)
+    write_label(root, "exif", GOOD)
+    # grayscale, RGBA, 16-bit
+    cv2.imwrite(str(im / "gray.png"), np.full((40, 50), 200, np.uint8))
+    cv2.imwrite(str(im / "rgba.png"), np.full((40, 50, 4), 100, np.uint8))
+    cv2.imwrite(str(im / "deep.png"), np.full((40, 50, 3), 65535, np.uint16))
+    for s in ("gray", "rgba", "deep"):
+        write_label(root, s, GOOD)
+    return root
+
+
+def test_bad_inputs_outcomes(messy, caplog):
+    caplog.set_level(logging.INFO)
+    ds = YOLODataset(messy / "images" / "train", imgsz=64, nc=3)
+    c = ds.counts
+    dropped = {"zero", "trunc", "notimg", *BAD_LABELS}
+    assert c["corrupt"] == len(dropped) == 12
+    assert c["images"] == 10 and len(ds) == 10
+    assert c["backgrounds"] == 2 and c["missing_labels"] == 1 and c["empty_labels"] == 1
+    assert c["duplicates"] == 1
+    stems = {Path(f).stem for f in ds.im_files}
+    assert stems == {"good", "overshoot", "dup", "empty", "missing", "poly", "exif", "gray", "rgba", "deep"}
+    text = caplog.text
+    assert "10 images, 2 backgrounds, 12 corrupt, 1 duplicates removed" in text
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    for stem in dropped:  # each problem: file named, reason given, reported exactly once
+        hits = [m for m in warnings if f"{stem}." in m]
+        assert len(hits) == 1, (stem, hits)
+        if stem in BAD_LABELS:
+            assert BAD_LABELS[stem][1] in hits[0]
+        assert "dropped" in hits[0]
+    assert any("zero-byte" in m for m in warnings)
+    assert any("truncated" in m and "trunc.jpg" in m for m in warnings)
+    assert any("readme.md" in m and "not an image" in m for m in warnings)
+    assert any("label files have no image" in m and "ghost.txt" in m for m in warnings)
+    assert any("overshoot.txt" in m and "clipped" in m for m in warnings)
+
+    lab = {Path(f).stem: lb for f, lb in zip(ds.im_files, ds.labels)}
+    np.testing.assert_allclose(lab["overshoot"], [[1, 0.5, 0.5, 1.0, 0.2]], atol=1e-6)  # clipped to the image
+    np.testing.assert_allclose(lab["dup"], [[0, 0.5, 0.5, 0.4, 0.3], [1, 0.2, 0.2, 0.1, 0.1]], atol=1e-6)
+    np.testing.assert_allclose(lab["poly"], [[2, 0.25, 0.3, 0.3, 0.4]], atol=1e-6)
+    assert lab["empty"].shape == (0, 5) and lab["missing"].shape == (0, 5)
+
+    # EXIF: verified shape is the displayed one, and the loaded pixels are rotated accordingly
+    shp = {Path(f).stem: s for f, s in zip(ds.im_files, ds.shapes)}
+    assert tuple(shp["exif"]) == (30, 60)
+    img = imread(str(messy / "images" / "train" / "exif.jpg"))
+    assert img.shape == (60, 30, 3)
+    assert img[5, 15, 2] > 200 and img[55, 15, 2] < 60  # red (stored left) is now on top after rotating 90 cw
+    for s in ("gray", "rgba", "deep"):
+        im = imread(str(messy / "images" / "train" / f"{s}.png"))
+        assert im.shape == (40, 50, 3) and im.dtype == np.uint8
+    assert imread(str(messy / "images" / "train" / "deep.png")).max() == 255
+    # training continues: every item loads
+    for i in range(len(ds)):
+        img, lb, path, shapes = ds[i]
+        assert img.shape == (3, 64, 64) and lb.shape[1] == 6
+
+
+def test_cache_hit_and_invalidation(messy):
+    src = messy / "images" / "train"
+    first = scan_dataset(src, 3)
+    assert not first["from_cache"]
+    cache_file = Path(first["cache_file"])
+    assert cache_file == messy / "labels" / "train.cache" and cache_file.is_file()
+    cache = json.loads(cache_file.read_text())  # plain data, readable without executing anything
+    assert cache["version"] == CACHE_VERSION
+    second = scan_dataset(src, 3)
+    assert second["from_cache"] and second["counts"] == first["counts"]
+    # a changed label file invalidates
+    f = messy / "labels" / "train" / "good.txt"
+    f.write_text("1 0.5 0.5 0.2 0.2\n0 0.2 0.2 0.1 0.1\n")
+    third = scan_dataset(src, 3)
+    assert not third["from_cache"]
+    assert len(third["labels"][third["im_files"].index(str(src.resolve() / "good.jpg"))]) == 2
+    # a different nc invalidates (class range checks depend on it)
+    assert not scan_dataset(src, 5)["from_cache"]
+    assert scan_dataset(src, 5)["counts"]["corrupt"] == 12 - 1  # class 3 now valid
+    # a stale version or garbage cache is rebuilt, not trusted
+    cache = json.loads(cache_file.read_text())
+    cache["version"] = "old"
+    cache_file.write_text(json.dumps(cache))
+    assert not scan_dataset(src, 5)["from_cache"]
+    cache_file.write_text("\x00garbage")
+    assert not scan_dataset(src, 5)["from_cache"]
+    assert scan_dataset(src, 5)["from_cache"]
+    # a new image invalidates
+    write_img(src / "new.png")
+    assert not scan_dataset(src, 5)["from_cache"]
+
+
+def test_unwritable_cache_only_warns(tmp_path, caplog):
+    root = tmp_path / "ds"
+    write_img(root / "images" / "train" / "a.png")
+    write_label(root, "a", GOOD)
+    (root / "labels" / "train.cache").mkdir()  # the cache path cannot be written as a file
+    out = scan_dataset(root / "images" / "train", 1)
+    assert len(out["im_files"]) == 1
+    assert "cache not saved" in caplog.text
+    assert not list((root / "labels").glob("train.cache.tmp*"))
+
+
+def test_no_images_and_missing_path_are_user_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no images found"):
+        scan_dataset(tmp_path / "empty", 1)
+    with pytest.raises(UserError, match="does not exist"):
+        scan_dataset(tmp_path / "nope", 1)
+    bad = tmp_path / "bad" / "images"
+    (bad).mkdir(parents=True)
+    (bad / "x.jpg").write_bytes(b"")
+    with pytest.raises(UserError, match="no usable images"):
+        scan_dataset(bad, 1)
+
+
+def test_txt_list_and_label_paths(tmp_path):
+    root = tmp_path / "ds"
+    a = write_img(root / "images" / "train" / "a.png")
+    b = write_img(root / "images" / "val" / "b.png")
+    write_label(root, "a", GOOD)
+    lst = root / "list.txt"
+    lst.write_text("images/train/a.png\n./images/val/b.png\n\nimages/train/a.png\n")
+    out = scan_dataset(lst, 1)
+    assert out["im_files"] == sorted([str(a.resolve()), str(b.resolve())])
+    assert img2label_paths(["/d/images/x/images/y.jpg"]) == ["/d/images/x/labels/y.txt"]
+    assert img2label_paths(["/d/x/y.png"]) == ["/d/x/y.txt"]
+
+
+def test_single_cls_and_min_items(tmp_path):
+    root = tmp_path / "ds"
+    for s, t in (("a", "2 0.5 0.5 0.2 0.2\n1 0.2 0.2 0.1 0.1\n"), ("b", GOOD), ("c", "")):
+        write_img(root / "images" / "train" / f"{s}.png")
+        write_label(root, s, t)
+    ds = YOLODataset(root / "images" / "train", imgsz=64, nc=3, single_cls=True, min_items=1)
+    assert len(ds) == 2 and all((lb[:, 0] == 0).all() for lb in ds.labels)
+    loader, _ = create_dataloader(root / "images" / "train", 64, 4, nc=3)
+    imgs, targets, paths, shapes = next(iter(loader))
+    assert imgs.dtype.is_floating_point is False and imgs.shape == (3, 3, 64, 64)
+    assert targets.shape == (3, 6) and targets[:, 0].tolist() == [0, 0, 1]
+    assert len(paths) == 3 and shapes[0][0] == (48, 64)

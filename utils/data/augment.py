@@ -1,0 +1,193 @@
+"""Image + box augmentations (numpy/cv2): letterbox, mosaic, mixup, random perspective, HSV.
+
+Boxes travel as pixel xyxy arrays [n, 5] = (cls, x1, y1, x2, y2) through geometric transforms so that
+every transform maps box corners exactly as it maps pixels. Randomness comes from `random`/`np.random`
+(seeded per DataLoader worker), so runs are reproducible for a given seed.
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import cv2
+import numpy as np
+
+
+def letterbox(img: np.ndarray, new_shape: int | tuple = 640, color: tuple = (114, 114, 114), auto: bool = False,
+              scaleup: bool = True, stride: int = 32) -> tuple[np.ndarray, tuple, tuple]:
+    """Resize keeping aspect ratio, then pad to new_shape (h, w) (or only to a stride multiple if auto).
+
+    Returns (img, ratio (rw, rh), pad (left, top)). The ratios are the exact per-axis scale after integer
+    rounding, and the pad is the integer offset actually used, so boxes map back without drift.
+    """
+    h0, w0 = img.shape[:2]
+    if isinstance(new_shape, int):
+        new_shape = (new_shape, new_shape)
+    r = min(new_shape[0] / h0, new_shape[1] / w0)
+    if not scaleup:  # only shrink (val mode keeps small images crisp)
+        r = min(r, 1.0)
+    w, h = max(int(round(w0 * r)), 1), max(int(round(h0 * r)), 1)
+    dw, dh = new_shape[1] - w, new_shape[0] - h
+    if auto:
+        dw, dh = dw % stride, dh % stride
+    if (w, h) != (w0, h0):
+        img = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR if r > 1 else cv2.INTER_AREA)
+    left, top = dw // 2, dh // 2
+    if dw or dh:
+        img = cv2.copyMakeBorder(img, top, dh - top, left, dw - left, cv2.BORDER_CONSTANT, value=color)
+    return img, (w / w0, h / h0), (float(left), float(top))
+
+
+def augment_hsv(img: np.ndarray, hgain: float = 0.5, sgain: float = 0.5, vgain: float = 0.5) -> None:
+    """Random hue/saturation/value gains, in place on a BGR uint8 image (lookup tables, so it is cheap)."""
+    if not (hgain or sgain or vgain):
+        return
+    r = np.random.uniform(-1, 1, 3) * [hgain, sgain, vgain] + 1
+    hue, sat, val = cv2.split(cv2.cvtColor(img, cv2.COLOR_BGR2HSV))
+    x = np.arange(256, dtype=np.float32)
+    lut_h = ((x * r[0]) % 180).astype(np.uint8)
+    lut_s = np.clip(x * r[1], 0, 255).astype(np.uint8)
+    lut_v = np.clip(x * r[2], 0, 255).astype(np.uint8)
+    hsv = cv2.merge((cv2.LUT(hue, lut_h), cv2.LUT(sat, lut_s), cv2.LUT(val, lut_v)))
+    cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR, dst=img)
+
+
+def box_candidates(before: np.ndarray, after: np.ndarray, wh_thr: float = 2, ar_thr: float = 100,
+                   area_thr: float = 0.1, eps: float = 1e-16) -> np.ndarray:
+    """Keep boxes (xyxy, shape [4, n]) that stay > wh_thr px, not sliver-like, and keep > area_thr of their
+    (scale-adjusted) area after a transform; cut-off remnants would be misleading targets."""
+    w1, h1 = before[2] - before[0], before[3] - before[1]
+    w2, h2 = after[2] - after[0], after[3] - after[1]
+    ar = np.maximum(w2 / (h2 + eps), h2 / (w2 + eps))
+    return (w2 > wh_thr) & (h2 > wh_thr) & (w2 * h2 / (w1 * h1 + eps) > area_thr) & (ar < ar_thr)
+
+
+def polygon_box_in_image(poly: np.ndarray, width: float, height: float) -> np.ndarray:
+    """Bounding box (xyxy) of the part of a convex polygon [k, 2] inside the image (Sutherland-Hodgman).
+
+    A rotated box cut by the image edge is tighter than clipping the rotated box's own bounding box.
+    Returns a zero-area box when nothing is inside.
+    """
+    pts = poly.astype(np.float64)
+    lo, hi = pts.min(0), pts.max(0)
+    if lo[0] >= 0 and lo[1] >= 0 and hi[0] <= width and hi[1] <= height:  # fully inside: nothing to clip
+        return np.concatenate([lo, hi])
+    for axis, limit, keep_below in ((0, 0.0, False), (0, width, True), (1, 0.0, False), (1, height, True)):
+        if not len(pts):
+            break
+        v = pts[:, axis] - limit
+        inside = v <= 0 if keep_below else v >= 0
+        out = []
+        for i in range(len(pts)):
+            j = (i + 1) % len(pts)
+            if inside[i]:
+                out.append(pts[i])
+            if inside[i] != inside[j]:  # edge crosses the clip line
+                t = v[i] / (v[i] - v[j])
+                out.append(pts[i] + t * (pts[j] - pts[i]))
+        pts = np.array(out).reshape(-1, 2)
+    if not len(pts):
+        return np.zeros(4)
+    box = np.array([pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max(), pts[:, 1].max()])
+    box[[0, 2]] = box[[0, 2]].clip(0, width)
+    box[[1, 3]] = box[[1, 3]].clip(0, height)
+    return box
+
+
+def random_perspective(img: np.ndarray, labels: np.ndarray, degrees: float = 10, translate: float = 0.1,
+                       scale: float = 0.1, shear: float = 10, perspective: float = 0.0,
+                       border: tuple = (0, 0)) -> tuple[np.ndarray, np.ndarray]:
+    """Random rotation/scale/shear/translation/perspective of image and xyxy boxes [n, 5].
+
+    border (top, left) < 0 crops the output (used to cut the 2x mosaic canvas back to imgsz).
+    Box corners are mapped through the same matrix, clipped, and degenerate boxes removed.
+    """
+    height = img.shape[0] + border[0] * 2
+    width = img.shape[1] + border[1] * 2
+
+    centre = np.eye(3)
+    centre[0, 2], centre[1, 2] = -img.shape[1] / 2, -img.shape[0] / 2
+    persp = np.eye(3)
+    persp[2, 0], persp[2, 1] = random.uniform(-perspective, perspective), random.uniform(-perspective, perspective)
+    rot = np.eye(3)
+    angle = random.uniform(-degrees, degrees)
+    s = random.uniform(1 - scale, 1 + scale)
+    rot[:2] = cv2.getRotationMatrix2D(center=(0, 0), angle=angle, scale=s)
+    shr = np.eye(3)
+    shr[0, 1] = math.tan(math.radians(random.uniform(-shear, shear)))
+    shr[1, 0] = math.tan(math.radians(random.uniform(-shear, shear)))
+    move = np.eye(3)
+    move[0, 2] = random.uniform(0.5 - translate, 0.5 + translate) * width
+    move[1, 2] = random.uniform(0.5 - translate, 0.5 + translate) * height
+    m = move @ shr @ rot @ persp @ centre  # right to left: centre first
+
+    if border[0] or border[1] or not np.allclose(m, np.eye(3)):
+        if perspective:
+            img = cv2.warpPerspective(img, m, dsize=(width, height), borderValue=(114, 114, 114))
+        else:
+            img = cv2.warpAffine(img, m[:2], dsize=(width, height), borderValue=(114, 114, 114))
+
+    n = len(labels)
+    if n:
+        corners = np.ones((n * 4, 3))
+        corners[:, :2] = labels[:, [1, 2, 3, 4, 1, 4, 3, 2]].reshape(n * 4, 2)  # x1y1, x2y2, x1y2, x2y1
+        corners = corners @ m.T
+        corners = corners[:, :2] / corners[:, 2:3] if perspective else corners[:, :2]
+        quads = corners.reshape(n, 4, 2)[:, [0, 3, 1, 2]]  # x1y1, x2y1, x2y2, x1y2: polygon order
+        new = np.stack([polygon_box_in_image(q, width, height) for q in quads], 0)
+        keep = box_candidates(labels[:, 1:5].T * s, new.T, area_thr=0.10)
+        labels = np.concatenate([labels[keep, :1], new[keep]], 1)
+    return img, labels
+
+
+def mosaic4(items: list[tuple[np.ndarray, np.ndarray]], imgsz: int) -> tuple[np.ndarray, np.ndarray]:
+    """Place 4 (img, labels xywhn [n,5]) around a random centre on a 2*imgsz canvas.
+
+    Returns the canvas and labels as pixel xyxy [n, 5], clipped to the canvas (a tile is only ever cut
+    at the canvas edge, so clipping is exact). Crop back to imgsz with random_perspective(border=-imgsz//2).
+    """
+    s = imgsz
+    xc = int(random.uniform(s * 0.5, s * 1.5))
+    yc = int(random.uniform(s * 0.5, s * 1.5))
+    canvas = np.full((s * 2, s * 2, items[0][0].shape[2]), 114, dtype=np.uint8)
+    out = []
+    for i, (img, lb) in enumerate(items):
+        h, w = img.shape[:2]
+        if i == 0:  # top left
+            x1a, y1a, x2a, y2a = max(xc - w, 0), max(yc - h, 0), xc, yc
+            x1b, y1b = w - (x2a - x1a), h - (y2a - y1a)
+        elif i == 1:  # top right
+            x1a, y1a, x2a, y2a = xc, max(yc - h, 0), min(xc + w, s * 2), yc
+            x1b, y1b = 0, h - (y2a - y1a)
+        elif i == 2:  # bottom left
+            x1a, y1a, x2a, y2a = max(xc - w, 0), yc, xc, min(s * 2, yc + h)
+            x1b, y1b = w - (x2a - x1a), 0
+        else:  # bottom right
+            x1a, y1a, x2a, y2a = xc, yc, min(xc + w, s * 2), min(s * 2, yc + h)
+            x1b, y1b = 0, 0
+        canvas[y1a:y2a, x1a:x2a] = img[y1b:y1b + (y2a - y1a), x1b:x1b + (x2a - x1a)]
+        padw, padh = x1a - x1b, y1a - y1b
+        if len(lb):
+            xy = np.empty((len(lb), 5), np.float64)
+            xy[:, 0] = lb[:, 0]
+            xy[:, 1] = w * (lb[:, 1] - lb[:, 3] / 2) + padw
+            xy[:, 2] = h * (lb[:, 2] - lb[:, 4] / 2) + padh
+            xy[:, 3] = w * (lb[:, 1] + lb[:, 3] / 2) + padw
+            xy[:, 4] = h * (lb[:, 2] + lb[:, 4] / 2) + padh
+            out.append(xy)
+    labels = np.concatenate(out, 0) if out else np.zeros((0, 5))
+    labels[:, 1:] = labels[:, 1:].clip(0, 2 * s)
+    return canvas, labels
+
+
+def mixup(img: np.ndarray, labels: np.ndarray, img2: np.ndarray, labels2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Blend two same-size images (ratio ~ Beta(32, 32)) and keep both label sets."""
+    r = np.random.beta(32.0, 32.0)
+    img = (img.astype(np.float32) * r + img2.astype(np.float32) * (1 - r)).astype(np.uint8)
+    return img, np.concatenate((labels, labels2), 0)
+
+
+def random_imgsz(imgsz: int, stride: int = 32, low: float = 0.5, high: float = 1.5) -> int:
+    """Multi-scale training: a random size in [low, high] * imgsz, rounded down to a stride multiple."""
+    size = random.uniform(imgsz * low, imgsz * high + stride)
+    return max(int(size // stride * stride), stride)

@@ -1,0 +1,237 @@
+"""YOLODataset: verified YOLO-format images + labels with mosaic/mixup/perspective/HSV/flip, rect batches
+and RAM/disk image caching."""
+from __future__ import annotations
+
+import math
+import os
+import random
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+from utils.general import LOGGER, UserError
+
+from .augment import augment_hsv, letterbox, mixup, mosaic4, random_perspective
+from .verify import scan_dataset
+
+DEFAULT_HYP = dict(hsv_h=0.015, hsv_s=0.7, hsv_v=0.4, degrees=0.0, translate=0.1, scale=0.9, shear=0.0,
+                   perspective=0.0, flipud=0.0, fliplr=0.5, mosaic=1.0, mixup=0.15)
+
+
+def imread(path: str) -> np.ndarray:
+    """Read any supported image as 3-channel uint8 BGR, EXIF-rotated (gray/RGBA/16-bit converted)."""
+    img = cv2.imread(path, cv2.IMREAD_COLOR)  # applies EXIF orientation; gray/alpha/16-bit -> 8-bit BGR
+    if img is None:  # formats cv2 cannot read (some TIFF/WebP variants): fall back to PIL
+        try:
+            with Image.open(path) as im:
+                im = ImageOps.exif_transpose(im)
+                if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                    arr = np.asarray(im, np.float64)
+                    arr = (arr / max(arr.max(), 1) * 255) if arr.max() > 255 else arr
+                    im = Image.fromarray(arr.astype(np.uint8))
+                img = cv2.cvtColor(np.asarray(im.convert("RGB")), cv2.COLOR_RGB2BGR)
+        except Exception as e:
+            raise OSError(f"{path}: cannot read image ({e})") from None
+    return img
+
+
+class YOLODataset(Dataset):
+    """Verified detection dataset. __getitem__ -> (img CHW RGB uint8 tensor, labels [n,6], path, shapes)."""
+
+    def __init__(self, path, imgsz: int = 640, batch_size: int = 16, augment: bool = False, hyp: dict | None = None,
+                 rect: bool = False, image_weights: bool = False, cache: str | bool | None = None,
+                 single_cls: bool = False, stride: int = 32, pad: float = 0.0, min_items: int = 0,
+                 prefix: str = "", nc: int | None = None, names: list | None = None):
+        self.imgsz, self.augment, self.rect, self.stride = imgsz, augment, rect, int(stride)
+        self.hyp = {**DEFAULT_HYP, **(hyp or {})}
+        self.image_weights = image_weights
+        self.prefix = prefix
+        self.names = list(names) if names else None
+        self.nc = int(nc) if nc is not None else (len(self.names) if self.names else 1_000_000)
+        scan = scan_dataset(path, self.nc, prefix)
+        self.counts, self.cache_file = scan["counts"], scan["cache_file"]
+        self.im_files, self.label_files = scan["im_files"], scan["label_files"]
+        self.labels, self.shapes = scan["labels"], scan["shapes"]  # shapes: (w, h)
+        if single_cls:
+            for lb in self.labels:
+                lb[:, 0] = 0
+        if min_items:
+            keep = [i for i, lb in enumerate(self.labels) if len(lb) >= min_items]
+            LOGGER.info(f"{prefix}{len(self.labels) - len(keep)} images with fewer than {min_items} labels removed")
+            self._subset(keep)
+        n = len(self.im_files)
+        if n == 0:
+            raise UserError(f"{path}: no images left after filtering")
+        self.mosaic = augment and not rect and self.hyp.get("mosaic", 0) > 0
+        self.indices = np.arange(n)
+        self.batch = np.floor(np.arange(n) / batch_size).astype(int)
+        self.batch_shapes = None
+        if rect:
+            self._set_rect(batch_size, pad)
+        if image_weights:
+            self.resample_image_weights()
+        self.ims: list = [None] * n  # RAM cache of resized images
+        self.npy_files = [str(Path(f).with_suffix(".npy")) for f in self.im_files]
+        self.cache = (cache if isinstance(cache, str) else ("ram" if cache else None))
+        if self.cache:
+            self._cache_images(self.cache.lower())
+
+    def _subset(self, keep: list[int]) -> None:
+        self.im_files = [self.im_files[i] for i in keep]
+        self.label_files = [self.label_files[i] for i in keep]
+        self.labels = [self.labels[i] for i in keep]
+        self.shapes = self.shapes[keep]
+
+    def _set_rect(self, batch_size: int, pad: float) -> None:
+        """Sort by aspect ratio; each batch gets the smallest stride-multiple shape fitting its images."""
+        ar = self.shapes[:, 1] / self.shapes[:, 0]  # h / w
+        order = ar.argsort()
+        self._subset(list(order))
+        ar = ar[order]
+        nb = int(self.batch[-1]) + 1
+        shapes = np.ones((nb, 2))  # (h, w) relative to imgsz
+        for i in range(nb):
+            ari = ar[self.batch == i]
+            lo, hi = ari.min(), ari.max()
+            if hi < 1:  # all wide: full width, height = hi * width
+                shapes[i] = [hi, 1]
+            elif lo > 1:  # all tall
+                shapes[i] = [1, 1 / lo]
+        self.batch_shapes = (np.ceil(shapes * self.imgsz / self.stride + pad).astype(int) * self.stride)
+
+    def _cache_images(self, kind: str) -> None:
+        if kind not in ("ram", "disk"):
+            raise UserError(f"--cache {kind}: use 'ram' or 'disk'")
+        if kind == "disk":
+            folder = Path(self.npy_files[0]).parent
+            if not os.access(folder, os.W_OK):
+                LOGGER.warning(f"{self.prefix}WARNING: {folder} not writeable, disk cache disabled")
+                self.cache = None
+                return
+        nbytes = 0
+        for i in range(len(self.im_files)):
+            if kind == "ram":
+                self.ims[i] = self.load_image(i)[0]
+                nbytes += self.ims[i].nbytes
+            elif not Path(self.npy_files[i]).exists():
+                np.save(self.npy_files[i], imread(self.im_files[i]), allow_pickle=False)
+        LOGGER.info(f"{self.prefix}Cached images ({kind}{f', {nbytes / 1e9:.2f} GB' if nbytes else ''})")
+
+    def __len__(self) -> int:
+        return len(self.im_files)
+
+    def close_mosaic(self) -> None:
+        """Turn mosaic (and mixup, which rides on it) off for the final epochs."""
+        self.mosaic = False
+
+    # ---- image weights ----
+    def class_weights(self) -> np.ndarray:
+        """Inverse class frequency, normalised to sum 1 (classes never seen get weight of 1 count)."""
+        nc = self.nc if self.nc < 1_000_000 else int(max((lb[:, 0].max() for lb in self.labels if len(lb)),
+                                                          default=0)) + 1
+        counts = np.bincount(np.concatenate([lb[:, 0].astype(int) for lb in self.labels] or [np.zeros(0, int)]),
+                             minlength=nc).astype(float)
+        w = 1 / np.maximum(counts, 1)
+        return w / w.sum()
+
+    def resample_image_weights(self, class_weights: np.ndarray | None = None) -> None:
+        """Draw this epoch's image order with probability ~ sum of its labels' class weights."""
+        cw = self.class_weights() if class_weights is None else np.asarray(class_weights, float)
+        iw = np.array([cw[lb[:, 0].astype(int)].sum() if len(lb) else cw.min() for lb in self.labels])
+        self.indices = np.array(random.choices(range(len(self.im_files)), weights=iw, k=len(self.im_files)))
+
+    # ---- loading ----
+    def load_image(self, i: int) -> tuple[np.ndarray, tuple, tuple]:
+        """BGR image resized so its long side is imgsz -> (img, (h0, w0), (h, w))."""
+        im = self.ims[i]
+        if im is not None:
+            w0, h0 = self.shapes[i]
+            return im, (int(h0), int(w0)), im.shape[:2]
+        if self.cache == "disk" and Path(self.npy_files[i]).exists():
+            im = np.load(self.npy_files[i], allow_pickle=False)
+        else:
+            im = imread(self.im_files[i])
+        h0, w0 = im.shape[:2]
+        r = self.imgsz / max(h0, w0)
+        if r != 1:
+            interp = cv2.INTER_LINEAR if (self.augment or r > 1) else cv2.INTER_AREA
+            im = cv2.resize(im, (max(int(round(w0 * r)), 1), max(int(round(h0 * r)), 1)), interpolation=interp)
+        return im, (h0, w0), im.shape[:2]
+
+    def _load_mosaic(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        idx = [index] + random.choices(range(len(self.im_files)), k=3)
+        random.shuffle(idx)
+        items = [(self.load_image(i)[0], self.labels[i]) for i in idx]
+        img, labels = mosaic4(items, self.imgsz)
+        h = self.hyp
+        border = -(self.imgsz // 2)
+        return random_perspective(img, labels, degrees=h["degrees"], translate=h["translate"], scale=h["scale"],
+                                  shear=h["shear"], perspective=h["perspective"], border=(border, border))
+
+    def __getitem__(self, index: int):
+        index = int(self.indices[index])
+        hyp = self.hyp
+        if self.mosaic and random.random() < hyp["mosaic"]:
+            img, labels = self._load_mosaic(index)
+            shapes = None
+            if random.random() < hyp.get("mixup", 0):
+                img2, labels2 = self._load_mosaic(random.randrange(len(self.im_files)))
+                img, labels = mixup(img, labels, img2, labels2)
+        else:
+            img, (h0, w0), (h, w) = self.load_image(index)
+            shape = self.batch_shapes[self.batch[index]] if self.rect else self.imgsz
+            img, ratio, pad = letterbox(img, shape, auto=False, scaleup=self.augment, stride=self.stride)
+            shapes = ((h0, w0), ((h / h0 * ratio[1], w / w0 * ratio[0]), pad))
+            lb = self.labels[index]
+            labels = np.zeros((len(lb), 5))
+            if len(lb):
+                nw, nh = ratio[0] * w, ratio[1] * h  # resized content size in pixels
+                labels[:, 0] = lb[:, 0]
+                labels[:, 1] = nw * (lb[:, 1] - lb[:, 3] / 2) + pad[0]
+                labels[:, 2] = nh * (lb[:, 2] - lb[:, 4] / 2) + pad[1]
+                labels[:, 3] = nw * (lb[:, 1] + lb[:, 3] / 2) + pad[0]
+                labels[:, 4] = nh * (lb[:, 2] + lb[:, 4] / 2) + pad[1]
+            if self.augment:
+                img, labels = random_perspective(img, labels, degrees=hyp["degrees"], translate=hyp["translate"],
+                                                 scale=hyp["scale"], shear=hyp["shear"],
+                                                 perspective=hyp["perspective"])
+        hh, ww = img.shape[:2]
+        nl = len(labels)
+        out = torch.zeros((nl, 6))
+        if nl:
+            xyxy = labels[:, 1:5].copy()
+            xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, ww)
+            xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, hh)
+            xywhn = np.stack([(xyxy[:, 0] + xyxy[:, 2]) / 2 / ww, (xyxy[:, 1] + xyxy[:, 3]) / 2 / hh,
+                              (xyxy[:, 2] - xyxy[:, 0]) / ww, (xyxy[:, 3] - xyxy[:, 1]) / hh], 1)
+            keep = (xywhn[:, 2] > 1e-3) & (xywhn[:, 3] > 1e-3)  # drop boxes squashed to nothing
+            labels, xywhn = labels[keep], xywhn[keep]
+            nl = len(labels)
+            out = torch.zeros((nl, 6))
+        if self.augment:
+            augment_hsv(img, hyp["hsv_h"], hyp["hsv_s"], hyp["hsv_v"])
+            if random.random() < hyp["flipud"]:
+                img = np.flipud(img)
+                if nl:
+                    xywhn[:, 1] = 1 - xywhn[:, 1]
+            if random.random() < hyp["fliplr"]:
+                img = np.fliplr(img)
+                if nl:
+                    xywhn[:, 0] = 1 - xywhn[:, 0]
+        if nl:
+            out[:, 1] = torch.from_numpy(labels[:, 0].astype(np.float32))
+            out[:, 2:] = torch.from_numpy(xywhn.astype(np.float32))
+        img = np.ascontiguousarray(img[..., ::-1].transpose(2, 0, 1))  # BGR HWC -> RGB CHW
+        return torch.from_numpy(img), out, self.im_files[index], shapes
+
+    @staticmethod
+    def collate_fn(batch):
+        """Stack images; prefix each target row with its image index in the batch."""
+        imgs, labels, paths, shapes = zip(*batch)
+        for i, lb in enumerate(labels):
+            lb[:, 0] = i
+        return torch.stack(imgs, 0), torch.cat(labels, 0), paths, shapes

@@ -1,0 +1,68 @@
+"""DataLoader factory: seeded workers, DistributedSampler under DDP, multi-scale helper."""
+from __future__ import annotations
+
+import math
+import os
+import random
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, distributed
+
+from utils.general import LOGGER
+
+from .augment import random_imgsz
+from .dataset import YOLODataset
+
+
+def seed_worker(worker_id: int) -> None:
+    """Give each worker distinct but reproducible python/numpy seeds derived from torch's per-worker seed."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def create_dataloader(path, imgsz: int, batch_size: int, stride=32, hyp: dict | None = None,
+                      augment: bool = False, cache: str | bool | None = None, pad: float = 0.0,
+                      rect: bool = False, rank: int = -1, workers: int = 0, image_weights: bool = False,
+                      shuffle: bool = False, seed: int = 0, names: list | None = None, nc: int | None = None,
+                      single_cls: bool = False, min_items: int = 0, prefix: str = "") -> tuple[DataLoader, YOLODataset]:
+    """Build (loader, dataset). Batches are (imgs uint8 [B,3,H,W] RGB, targets [N,6], paths, shapes).
+
+    Non-persistent workers are used on purpose: dataset state changed between epochs (close_mosaic,
+    image-weight resampling) reaches the workers at the next epoch.
+    """
+    if isinstance(stride, (torch.Tensor, np.ndarray, list, tuple)):  # e.g. model.stride tensor([8, 16, 32])
+        stride = int(max(float(x) for x in (stride.flatten().tolist() if hasattr(stride, "flatten") else stride)))
+    if rect and shuffle:
+        LOGGER.warning(f"{prefix}WARNING: rect batches are incompatible with shuffle, setting shuffle=False")
+        shuffle = False
+    if image_weights and rank != -1:
+        LOGGER.warning(f"{prefix}WARNING: image weights are not supported with DDP, disabling them")
+        image_weights = False
+    dataset = YOLODataset(path, imgsz, batch_size, augment=augment, hyp=hyp, rect=rect,
+                          image_weights=image_weights, cache=cache, single_cls=single_cls, stride=int(stride),
+                          pad=pad, min_items=min_items, prefix=prefix, nc=nc, names=names)
+    batch_size = min(batch_size, len(dataset))
+    world = int(os.environ.get("WORLD_SIZE", 1)) if rank != -1 else 1
+    nw = min((os.cpu_count() or 1) // max(world, 1), batch_size if batch_size > 1 else 0, int(workers))
+    sampler = None if rank == -1 else distributed.DistributedSampler(dataset, num_replicas=world, rank=rank,
+                                                                     shuffle=shuffle, seed=seed)
+    gen = torch.Generator()
+    gen.manual_seed(6148914691236517205 + seed + max(rank, 0))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, num_workers=nw,
+                        sampler=sampler, pin_memory=torch.cuda.is_available() and nw > 0,
+                        collate_fn=YOLODataset.collate_fn, worker_init_fn=seed_worker, generator=gen,
+                        drop_last=False)
+    return loader, dataset
+
+
+def multi_scale(imgs: torch.Tensor, imgsz: int, stride: int = 32, low: float = 0.5, high: float = 1.5) -> torch.Tensor:
+    """Resize a float batch so its long side is a random stride multiple in [low, high] * imgsz."""
+    sz = random_imgsz(imgsz, stride, low, high)
+    sf = sz / max(imgs.shape[2:])
+    if sf == 1:
+        return imgs
+    ns = [math.ceil(x * sf / stride) * stride for x in imgs.shape[2:]]
+    return F.interpolate(imgs, size=ns, mode="bilinear", align_corners=False)
