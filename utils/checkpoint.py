@@ -36,7 +36,8 @@ def _plain(x: Any) -> Any:
 
 def versions() -> dict:
     import torchvision
-    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "format": FORMAT_VERSION}
+    # str(): torch.__version__ is a TorchVersion, which weights_only loading refuses to unpickle
+    return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__), "format": FORMAT_VERSION}
 
 
 def make_checkpoint(model: nn.Module, *, ema: nn.Module | None = None, updates: int = 0, optimizer=None,

@@ -1,0 +1,82 @@
+"""Device selection and timing helpers shared by the scripts and the engine."""
+from __future__ import annotations
+
+import re
+import time
+from typing import Callable
+
+import torch
+
+from utils.general import LOGGER, UserError
+
+
+def select_device(device: str | int | torch.device | None = "", batch_size: int = 0) -> torch.device:
+    """Turn a --device string into a torch.device, with a clear error when the request cannot be met.
+
+    Accepted: '' / None (first CUDA GPU if any, else CPU), 'cpu', 'mps', '0', '0,1' (first listed GPU is
+    returned; several GPUs are used through torchrun/DDP), 'cuda', 'cuda:1'. With several GPUs the batch size
+    must be a multiple of their number. CUDA_VISIBLE_DEVICES is never modified here: changing it after CUDA
+    has started has no effect and silently misleads.
+    """
+    if isinstance(device, torch.device):
+        return device
+    spec = str(device if device is not None else "").strip().lower().replace(" ", "")
+    spec = spec.removeprefix("cuda:") if spec.startswith("cuda:") else spec
+    if spec in ("", "cuda"):
+        if spec == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {device}: CUDA requested but torch.cuda.is_available() is False "
+                            f"(torch {torch.__version__}); use --device cpu")
+        dev = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+        LOGGER.info(f"Using device {_describe(dev)}")
+        return dev
+    if spec == "cpu":
+        LOGGER.info("Using device CPU")
+        return torch.device("cpu")
+    if spec == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise UserError(f"--device {device}: Apple MPS requested but not available; use --device cpu")
+        return torch.device("mps")
+    if not re.fullmatch(r"\d+(,\d+)*", spec):
+        raise UserError(f"--device {device!r}: expected '', 'cpu', 'mps', a GPU index like 0 or a list like 0,1")
+    ids = [int(x) for x in spec.split(",")]
+    if not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA requested but torch.cuda.is_available() is False "
+                        f"(torch {torch.__version__}); use --device cpu")
+    n = torch.cuda.device_count()
+    bad = [i for i in ids if i >= n]
+    if bad:
+        raise UserError(f"--device {device}: GPU index {bad[0]} does not exist ({n} CUDA device(s) visible)")
+    if len(ids) > 1 and batch_size > 0 and batch_size % len(ids):
+        raise UserError(f"--batch-size {batch_size} must be a multiple of the GPU count {len(ids)}")
+    dev = torch.device(f"cuda:{ids[0]}")
+    LOGGER.info(f"Using device {_describe(dev)}")
+    return dev
+
+
+def _describe(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        p = torch.cuda.get_device_properties(dev)
+        return f"CUDA:{dev.index} ({p.name}, {p.total_memory / 2**20:.0f}MiB)"
+    return dev.type.upper()
+
+
+def time_sync() -> float:
+    """time.time() after waiting for queued CUDA work, so GPU timings are real."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.time()
+
+
+def smart_inference_mode(fn: Callable | None = None):
+    """torch.inference_mode as a decorator (no_grad fallback).
+
+    Do not use it on code that touches a model which later trains (e.g. the trainer's EMA): parameters
+    modified under inference mode cannot be updated in place afterwards. The validator uses no_grad.
+    """
+    ctx = torch.inference_mode if hasattr(torch, "inference_mode") else torch.no_grad
+
+    def decorate(f: Callable) -> Callable:
+        return ctx()(f)
+
+    return decorate(fn) if fn is not None else decorate
+
