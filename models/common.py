@@ -26,6 +26,7 @@ def autopad(k, p=None, d: int = 1):
     return p
 
 
+@torch.no_grad()
 def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """Return one Conv2d (with bias) equal to conv followed by bn in eval mode."""
     fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
@@ -107,6 +108,7 @@ class RepConvN(nn.Module):
     def forward_fuse(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.conv(x))
 
+    @torch.no_grad()
     def fuse(self) -> None:
         """Merge both branches into self.conv (3x3 with bias)."""
         if hasattr(self, "conv"):
