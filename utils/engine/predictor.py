@@ -1,0 +1,402 @@
+"""Detection on images, folders, videos and streams: the `Predictor` Python API and `run(opt)` for detect_dual.py.
+
+The model is loaded once through `Backend` (dual-head models give their main branch). Preprocessing is the
+validation letterbox with minimal rectangular padding; boxes are mapped back to original-image pixels with
+the exact ratio and padding the letterbox used.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from utils.engine.annotate import draw_boxes, save_one_box
+from utils.engine.backend import Backend
+from utils.engine.sources import Frame, LoadSources, is_stream, preprocess_image, read_image
+from utils.engine.tta import forward_augment
+from utils.general import LOGGER, ROOT, UserError, check_img_size, increment_path, scale_boxes, xyxy2xywhn
+from utils.nms import non_max_suppression
+
+
+def _plural(name: str, n: int) -> str:
+    if n == 1:
+        return name
+    return name + ("es" if re.search(r"(s|x|z|ch|sh)$", name) else "s")
+
+
+@dataclass
+class Result:
+    """Detections for one image, in original-image pixels.
+
+    boxes float32 [n,4] xyxy, scores float32 [n], class_ids int64 [n], names: class name of each box.
+    speed: milliseconds spent in pre-process, inference and NMS for this image.
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    class_ids: np.ndarray
+    names: list[str]
+    orig_shape: tuple[int, int]  # (h, w)
+    input_shape: tuple[int, int]  # (h, w) of the letterboxed network input
+    path: str | None = None
+    speed: dict[str, float] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    @property
+    def xyxy(self) -> np.ndarray:
+        return self.boxes
+
+    @property
+    def xywhn(self) -> np.ndarray:
+        """Normalised centre boxes (the --save-txt format)."""
+        h, w = self.orig_shape
+        return xyxy2xywhn(self.boxes.astype(np.float64), w=w, h=h)
+
+    def summary(self) -> str:
+        """'2 circles, 1 star' (classes in id order) or '(no detections)'."""
+        if not len(self):
+            return "(no detections)"
+        parts = []
+        for c in np.unique(self.class_ids):
+            n = int((self.class_ids == c).sum())
+            parts.append(f"{n} {_plural(self.names[int(np.argmax(self.class_ids == c))], n)}")
+        return ", ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python form (JSON-serialisable)."""
+        return {
+            "path": self.path,
+            "orig_shape": list(self.orig_shape),
+            "detections": [{"box": [float(v) for v in b], "score": float(s), "class_id": int(c), "name": n}
+                           for b, s, c, n in zip(self.boxes, self.scores, self.class_ids, self.names)],
+        }
+
+    def txt_lines(self, save_conf: bool = False) -> list[str]:
+        """Lines 'cls xc yc w h [conf]' normalised to the original image."""
+        out = []
+        for c, xywh, s in zip(self.class_ids, self.xywhn, self.scores):
+            vals = (int(c), *(float(v) for v in xywh)) + ((float(s),) if save_conf else ())
+            out.append(" ".join(f"{v:g}" for v in vals))
+        return out
+
+    def plot(self, im0: np.ndarray, line_width: int | None = 3, hide_labels: bool = False,
+             hide_conf: bool = False, class_names: list[str] | None = None) -> np.ndarray:
+        """Annotated copy of the original image."""
+        names = class_names or _names_by_id(self)
+        return draw_boxes(im0.copy(), self.boxes, self.scores, self.class_ids, names, line_width, hide_labels, hide_conf)
+
+
+def _names_by_id(r: Result) -> list[str]:
+    n = int(r.class_ids.max()) + 1 if len(r) else 0
+    names = [str(i) for i in range(n)]
+    for c, name in zip(r.class_ids, r.names):
+        names[int(c)] = name
+    return names
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Predictor:
+    """Load a detector once and run it on single images (`predict`) or as the engine of detect_dual.py.
+
+    imgsz: int or (h, w) upper bound of the network input; each image is letterboxed to fit with minimal
+    (stride-multiple) padding. classes: keep only these class ids. names: override class names.
+    """
+
+    def __init__(self, weights: str | Path | torch.nn.Module, device: str = "", imgsz: int | tuple = 640,
+                 conf_thres: float = 0.25, iou_thres: float = 0.45, max_det: int = 1000,
+                 classes: list[int] | None = None, agnostic: bool = False, half: bool = False,
+                 augment: bool = False, names: list[str] | None = None):
+        from utils.torch_utils import select_device
+        if not 0 <= conf_thres <= 1 or not 0 <= iou_thres <= 1:
+            raise UserError(f"--conf-thres {conf_thres} and --iou-thres {iou_thres} must lie in [0, 1]")
+        if max_det < 1:
+            raise UserError(f"--max-det {max_det}: must be at least 1")
+        self.device = select_device(device) if not isinstance(device, torch.device) else device
+        if half and self.device.type != "cuda":
+            LOGGER.warning("WARNING: --half needs a CUDA device, running in fp32")
+        self.backend = Backend(weights, self.device, half=half, fuse=True)
+        self.stride = int(self.backend.stride)
+        sz = [imgsz] * 2 if isinstance(imgsz, int) else list(imgsz) * (2 if len(imgsz) == 1 else 1)
+        if len(sz) != 2 or min(sz) < 1:
+            raise UserError(f"--imgsz {imgsz}: give one size or two (h w), all positive")
+        self.imgsz = tuple(check_img_size(sz, self.stride))
+        self.conf_thres, self.iou_thres, self.max_det = conf_thres, iou_thres, max_det
+        self.classes = list(classes) if classes is not None else None
+        self.agnostic = agnostic
+        self.names = list(names) if names else list(self.backend.names)
+        self.augment = bool(augment)
+        if self.augment and not self.backend.pt:
+            LOGGER.warning("WARNING: --augment is not supported for this weights format (fixed input shape), ignored")
+            self.augment = False
+        self.dt = [0.0, 0.0, 0.0]  # accumulated seconds: pre-process, inference, NMS
+        self.seen = 0
+
+    @property
+    def has_default_names(self) -> bool:
+        return self.names == [str(i) for i in range(len(self.names))]
+
+    def warmup(self) -> None:
+        self.backend.warmup((1, 3, *self.imgsz))
+
+    def preprocess(self, im0: np.ndarray) -> tuple[torch.Tensor, tuple]:
+        img, ratio_pad = preprocess_image(im0, self.imgsz, self.stride, auto=True)
+        x = torch.from_numpy(img).to(self.device).unsqueeze(0)
+        return x.to(self.backend.dtype) / 255.0, ratio_pad
+
+    @torch.no_grad()
+    def inference(self, x: torch.Tensor) -> torch.Tensor:
+        if self.augment:
+            return forward_augment(lambda im: (self.backend(im), None), x, self.stride)[0]
+        return self.backend(x)
+
+    def postprocess(self, pred: torch.Tensor, input_shape: tuple, im0_shape: tuple, ratio_pad: tuple) -> tuple:
+        det = non_max_suppression(pred, self.conf_thres, self.iou_thres, classes=self.classes,
+                                  agnostic=self.agnostic, max_det=self.max_det)[0]
+        det = det.float().cpu()
+        boxes = scale_boxes(input_shape, det[:, :4].clone(), im0_shape[:2], ratio_pad).numpy().astype(np.float32)
+        return boxes, det[:, 4].numpy().astype(np.float32), det[:, 5].numpy().astype(np.int64)
+
+    def predict(self, image: np.ndarray | str | Path, path: str | None = None) -> Result:
+        """Detect on one BGR image (or an image file). Boxes are xyxy pixels of the original image."""
+        if isinstance(image, (str, Path)):
+            path = str(image)
+            image = read_image(image)
+            if image is None:
+                raise UserError(f"{path}: image not found or unreadable")
+        if not isinstance(image, np.ndarray) or image.ndim not in (2, 3):
+            raise UserError("predict: expected a BGR image array [h, w, 3] or an image path")
+        if image.ndim == 2:
+            image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+        elif image.shape[2] == 4:
+            image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+        t0 = time.perf_counter()
+        x, ratio_pad = self.preprocess(image)
+        _sync(self.device)
+        t1 = time.perf_counter()
+        pred = self.inference(x)
+        _sync(self.device)
+        t2 = time.perf_counter()
+        boxes, scores, cls = self.postprocess(pred, tuple(x.shape[2:]), image.shape[:2], ratio_pad)
+        t3 = time.perf_counter()
+        for i, dt in enumerate((t1 - t0, t2 - t1, t3 - t2)):
+            self.dt[i] += dt
+        self.seen += 1
+        names = [self.names[c] if 0 <= c < len(self.names) else str(c) for c in cls.tolist()]
+        speed = {"preprocess": (t1 - t0) * 1e3, "inference": (t2 - t1) * 1e3, "nms": (t3 - t2) * 1e3}
+        return Result(boxes, scores, cls, names, tuple(image.shape[:2]), tuple(x.shape[2:]), path, speed)
+
+    __call__ = predict
+
+    def speed(self) -> tuple[float, float, float]:
+        """Mean milliseconds per image: pre-process, inference, NMS."""
+        n = max(self.seen, 1)
+        return tuple(t / n * 1e3 for t in self.dt)
+
+
+# ---------------------------------------------------------------- detect_dual.py engine
+
+def default_weights() -> Path:
+    """Newest runs/train/*/weights/best.pt, so `python detect_dual.py` works right after training."""
+    found = sorted((ROOT / "runs" / "train").glob("*/weights/best.pt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise UserError("no --weights given and no trained model in runs/train/*/weights/best.pt "
+                        "(train one with `python train_dual.py` or pass --weights)")
+    return found[-1]
+
+
+def default_source(data: str | Path = "data/shapes.yaml") -> str:
+    from utils.data import load_data_config
+    cfg = load_data_config(data)
+    return str(cfg["val"][0])
+
+
+def _display_available() -> bool:
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        return False
+    return True
+
+
+class _Viewer:
+    """cv2.imshow when a display exists; otherwise one warning and nothing more."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and _display_available()
+        if enabled and not self.enabled:
+            LOGGER.warning("WARNING: --view-img: no display available, not showing images")
+
+    def show(self, name: str, im: np.ndarray, video: bool) -> None:
+        if not self.enabled:
+            return
+        try:
+            cv2.imshow(name, im)
+            cv2.waitKey(1 if video else 500)
+        except cv2.error as e:
+            LOGGER.warning(f"WARNING: --view-img: cv2.imshow failed ({str(e).strip().splitlines()[-1]}), "
+                           "not showing images")
+            self.enabled = False
+
+
+class _VideoSink:
+    """One cv2.VideoWriter per input video, same size and fps, mp4v codec, .mp4 output, written frame by frame."""
+
+    def __init__(self, save_dir: Path):
+        self.save_dir = save_dir
+        self.src: str | None = None
+        self.writer: cv2.VideoWriter | None = None
+        self.used: set[str] = set()
+        self.paths: list[Path] = []
+
+    def _name(self, src: str) -> str:
+        stem = re.sub(r"[^\w.-]+", "_", src) if is_stream(src) else Path(src).stem
+        name, n = f"{stem}.mp4", 2
+        while name in self.used:
+            name, n = f"{stem}{n}.mp4", n + 1
+        self.used.add(name)
+        return name
+
+    def write(self, f: Frame, im: np.ndarray) -> None:
+        if f.path != self.src:
+            self.close()
+            self.src = f.path
+            out = self.save_dir / self._name(f.path)
+            h, w = im.shape[:2]
+            self.writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"mp4v"), f.video.fps, (w, h))
+            if not self.writer.isOpened():
+                LOGGER.warning(f"WARNING: {out}: cannot open video writer (mp4v), video not saved")
+                self.writer = None
+            else:
+                self.paths.append(out)
+        if self.writer is not None:
+            self.writer.write(im)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.release()
+        self.writer, self.src = None, None
+
+
+def _save_image(path: Path, im: np.ndarray) -> None:
+    ok = False
+    try:
+        ok = cv2.imwrite(str(path), im)
+    except cv2.error:
+        ok = False
+    if not ok:  # format cv2 cannot write (e.g. .dng/.pfm): fall back to JPEG
+        cv2.imwrite(str(path.with_suffix(".jpg")), im)
+
+
+def _names_for(predictor: Predictor, data: str | Path | None) -> None:
+    """Weights without class names (0, 1, ...) take them from --data when the class counts agree."""
+    if not predictor.has_default_names or not data:
+        return
+    from utils.data import load_data_config
+    names = load_data_config(data)["names"]
+    if len(names) == len(predictor.names):
+        predictor.names = list(names)
+    else:
+        LOGGER.warning(f"WARNING: {data}: {len(names)} class names but the model has {len(predictor.names)} "
+                       f"classes; using class numbers as names")
+
+
+def run(opt) -> Path:
+    """Run detection as detect_dual.py describes; returns the output folder (runs/detect/exp{N})."""
+    if getattr(opt, "visualize", False):
+        LOGGER.warning("WARNING: --visualize (feature-map plots) is not implemented, ignored")
+    if getattr(opt, "update", False):
+        LOGGER.info("--update: nothing to do (checkpoints of this project hold no optimizer after training)")
+    if getattr(opt, "dnn", False):
+        LOGGER.info("--dnn: ignored (OpenCV DNN backend not used)")
+    source = str(opt.source) if opt.source not in (None, "") else default_source(opt.data)
+    dataset = LoadSources(source, vid_stride=getattr(opt, "vid_stride", 1))  # bad source fails before loading
+    weights = opt.weights or default_weights()
+    if isinstance(weights, (list, tuple)):
+        if len(weights) > 1:
+            LOGGER.warning(f"WARNING: --weights: ensembles are not supported, using {weights[0]} only")
+        weights = weights[0]
+    predictor = Predictor(weights, device=opt.device, imgsz=opt.imgsz, conf_thres=opt.conf_thres,
+                          iou_thres=opt.iou_thres, max_det=opt.max_det, classes=opt.classes,
+                          agnostic=opt.agnostic_nms, half=opt.half, augment=opt.augment)
+    _names_for(predictor, opt.data)
+    names = predictor.names
+    if opt.classes is not None:
+        bad = [c for c in opt.classes if not 0 <= c < len(names)]
+        if bad:
+            raise UserError(f"--classes {bad}: the model has classes 0..{len(names) - 1}")
+
+    save_dir = increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok, mkdir=True)
+    if opt.save_txt:
+        (save_dir / "labels").mkdir(parents=True, exist_ok=True)
+    save_img = not opt.nosave
+    viewer = _Viewer(opt.view_img)
+    sink = _VideoSink(save_dir)
+    predictor.warmup()
+
+    n_labels = 0
+    bar: tqdm | None = None
+    bar_src = None
+    vid_det = 0
+    try:
+        for f in dataset:
+            r = predictor.predict(f.im0, path=f.path)
+            p = Path(f.path)
+            stem = (re.sub(r"[^\w.-]+", "_", f.path) if is_stream(f.path) else p.stem)
+            stem_f = f"{stem}_{f.frame}" if f.is_video else stem
+            if opt.save_txt and len(r):
+                (save_dir / "labels" / f"{stem_f}.txt").write_text("\n".join(r.txt_lines(opt.save_conf)) + "\n")
+                n_labels += 1
+            if opt.save_crop:
+                for box, c in zip(r.boxes, r.class_ids):
+                    save_one_box(box, f.im0, save_dir / "crops" / names[int(c)] / f"{stem_f}.jpg")
+            need_plot = save_img or viewer.enabled
+            im = r.plot(f.im0, opt.line_thickness, opt.hide_labels, opt.hide_conf, names) if need_plot else f.im0
+            shape = "x".join(map(str, r.input_shape))
+            if f.is_video:
+                if f.path != bar_src:
+                    if bar is not None:
+                        bar.close()
+                        LOGGER.info(f"{bar.desc}: {bar.n} frames, {vid_det} detections")
+                    kind = "stream" if is_stream(f.path) else "video"
+                    bar = tqdm(total=f.video.frames or None, desc=f"{kind} {f.index + 1}/{f.count} {f.path}",
+                               unit="frame", file=sys.stderr, leave=False)
+                    bar_src, vid_det = f.path, 0
+                vid_det += len(r)
+                bar.set_postfix_str(f"{shape} {r.summary()}, {r.speed['inference']:.1f}ms", refresh=False)
+                bar.update(1)
+                if save_img:
+                    sink.write(f, im)
+            else:
+                LOGGER.info(f"image {f.index + 1}/{f.count} {f.path}: {shape} {r.summary()}, "
+                            f"{r.speed['inference']:.1f}ms")
+                if save_img:
+                    _save_image(save_dir / p.name, im)
+            viewer.show(f.path, im, f.is_video)
+    finally:
+        if bar is not None:
+            bar.close()
+            LOGGER.info(f"{bar.desc}: {bar.n} frames, {vid_det} detections")
+        sink.close()
+
+    if dataset.skipped:
+        LOGGER.warning(f"WARNING: {len(dataset.skipped)} file(s) skipped: "
+                       + "; ".join(f"{p} ({why})" for p, why in dataset.skipped))
+    t = predictor.speed()
+    LOGGER.info(f"Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape {(1, 3, *predictor.imgsz)}" % t)
+    if opt.save_txt or save_img:
+        extra = f"\n{n_labels} labels saved to {save_dir / 'labels'}" if opt.save_txt else ""
+        LOGGER.info(f"Results saved to {save_dir}{extra}")
+    return save_dir

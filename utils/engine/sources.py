@@ -1,0 +1,236 @@
+"""Inference sources: images, folders, globs, .txt path lists, video files, webcams and network streams.
+
+Everything is read lazily, one image or one frame at a time, so memory stays flat however long a video
+is. Streams and webcams are only opened when iteration reaches them (never at import or construction).
+Preprocessing uses the same `letterbox` as validation, with minimal (rectangular) padding.
+"""
+from __future__ import annotations
+
+import glob
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import cv2
+import numpy as np
+
+from utils.data.augment import letterbox
+from utils.data.verify import IMG_FORMATS
+from utils.general import LOGGER, UserError
+
+VID_FORMATS = {"asf", "avi", "gif", "m4v", "mkv", "mov", "mp4", "mpeg", "mpg", "ts", "webm", "wmv"}
+STREAM_PREFIXES = ("rtsp://", "rtmp://", "http://", "https://")
+
+
+@dataclass
+class VideoInfo:
+    """What a video writer needs to reproduce the input: frame rate, size and (if known) frame count."""
+
+    fps: float
+    w: int
+    h: int
+    frames: int  # 0 when unknown (webcams, streams)
+
+
+@dataclass
+class Frame:
+    """One item of a source: `path` (file, or the stream address), original BGR image `im0`,
+    1-based frame number in the input video (None for images; with vid_stride 2: 1, 3, 5, ...), and the video's `VideoInfo` (None for images)."""
+
+    path: str
+    im0: np.ndarray
+    frame: int | None = None
+    video: VideoInfo | None = None
+    index: int = 0  # position of the file/stream in the source list (0-based)
+    count: int = 1  # number of files/streams in the source list
+
+    def __iter__(self):  # lets callers unpack: path, im0, frame, video = item
+        return iter((self.path, self.im0, self.frame, self.video))
+
+    @property
+    def is_video(self) -> bool:
+        return self.video is not None
+
+
+def is_stream(source: str) -> bool:
+    """Webcam index ('0') or a network address: opened with cv2.VideoCapture, read until it ends."""
+    s = str(source)
+    return s.isnumeric() or s.lower().startswith(STREAM_PREFIXES)
+
+
+def file_kind(path: str | Path) -> str | None:
+    suffix = Path(path).suffix[1:].lower()
+    return "image" if suffix in IMG_FORMATS else "video" if suffix in VID_FORMATS else None
+
+
+def _supported() -> str:
+    return ", ".join(sorted(IMG_FORMATS | VID_FORMATS))
+
+
+def _from_txt(txt: Path) -> list[str]:
+    """A .txt list: one path (or stream address) per line, relative paths resolved from the list's folder."""
+    try:
+        lines = txt.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{txt}: cannot read source list ({e})") from None
+    out = []
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if is_stream(line):
+            out.append(line)
+        else:
+            p = Path(line).expanduser()
+            out.append(str(p if p.is_absolute() else (txt.parent / p)))
+    return out
+
+
+def resolve_source(source: str | Path) -> tuple[list[str], bool]:
+    """Expand a source argument into a list of files/streams; returns (items, explicit).
+
+    explicit is True when the user named the single item directly (then an unreadable item is an error,
+    not a skip). Raises UserError for a missing source or a folder/glob/list with nothing usable.
+    """
+    s = str(source).strip()
+    if not s:
+        raise UserError("--source: empty source")
+    if is_stream(s):
+        return [s], True
+    p = Path(s).expanduser()
+    if any(c in s for c in "*?[") and not p.exists():  # a real file named "a[1].jpg" is not a pattern
+        files = sorted(glob.glob(s, recursive=True))
+        items = [f for f in files if os.path.isfile(f) and file_kind(f)]
+        if not items:
+            raise UserError(f"{s}: no images or videos match this pattern (supported: {_supported()})")
+        return items, False
+    if p.is_dir():
+        items = sorted(str(f) for f in p.iterdir() if f.is_file() and file_kind(f))
+        if not items:
+            raise UserError(f"{p}: folder has no images or videos (supported: {_supported()})")
+        return items, False
+    if not p.exists():
+        raise UserError(f"{p}: source not found")
+    if p.suffix.lower() == ".txt":
+        entries = _from_txt(p)
+        missing = [e for e in entries if not is_stream(e) and not os.path.isfile(e)]
+        for m in missing:
+            LOGGER.warning(f"WARNING: {m}: listed in {p} but not found, skipped")
+        items = [e for e in entries if e not in missing and (is_stream(e) or file_kind(e))]
+        for e in entries:
+            if e not in missing and e not in items:
+                LOGGER.warning(f"WARNING: {e}: unsupported format, skipped (supported: {_supported()})")
+        if not items:
+            raise UserError(f"{p}: source list has no usable images, videos or streams")
+        return items, False
+    if not file_kind(p):
+        raise UserError(f"{p}: unsupported source format '{p.suffix}' (supported: {_supported()})")
+    return [str(p)], True
+
+
+def read_image(path: str | Path) -> np.ndarray | None:
+    """BGR uint8 image or None if unreadable (imdecode copes with non-ASCII paths)."""
+    try:
+        buf = np.fromfile(str(path), dtype=np.uint8)
+    except OSError:
+        return None
+    if not buf.size:
+        return None
+    im = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    return im if im is not None and im.size else None
+
+
+def _video_info(cap: cv2.VideoCapture, stream: bool) -> VideoInfo:
+    fps = cap.get(cv2.CAP_PROP_FPS)
+    fps = fps if math.isfinite(fps) and 0 < fps < 1000 else 30.0
+    w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    n = 0 if stream else max(int(cap.get(cv2.CAP_PROP_FRAME_COUNT)), 0)
+    return VideoInfo(fps=fps, w=w, h=h, frames=n)
+
+
+class LoadSources:
+    """Iterate every image / video frame / stream frame of a source, yielding `Frame`s (unpackable as
+    path, im0, frame, video_info).
+
+    Unreadable files inside a folder, glob or list are reported (file + reason) and skipped and listed in
+    `.skipped`; a directly named file that cannot be read raises UserError. vid_stride > 1 keeps every
+    n-th video frame (the others are grabbed but not decoded).
+    """
+
+    def __init__(self, source: str | Path, vid_stride: int = 1):
+        self.source = str(source)
+        self.items, self.explicit = resolve_source(source)
+        self.vid_stride = max(int(vid_stride), 1)
+        self.skipped: list[tuple[str, str]] = []
+        self.nyield = 0
+        kinds = ["stream" if is_stream(i) else file_kind(i) for i in self.items]
+        self.n_images = kinds.count("image")
+        self.n_videos = kinds.count("video") + kinds.count("stream")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _skip(self, path: str, reason: str) -> None:
+        if self.explicit:
+            raise UserError(f"{path}: {reason}")
+        self.skipped.append((path, reason))
+        LOGGER.warning(f"WARNING: {path}: {reason}, skipped")
+
+    def _frames(self, path: str, index: int) -> Iterator[Frame]:
+        stream = is_stream(path)
+        cap = cv2.VideoCapture(int(path) if path.isnumeric() else path)
+        try:
+            if not cap.isOpened():
+                what = "webcam" if path.isnumeric() else "stream" if stream else "video"
+                self._skip(path, f"cannot open {what}")
+                return
+            info = _video_info(cap, stream)
+            if self.vid_stride > 1 and info.frames:
+                info.frames = (info.frames + self.vid_stride - 1) // self.vid_stride
+            n = pos = 0  # frames yielded, 1-based position in the input video of the last frame read
+            while True:
+                ok, im0 = cap.read()
+                if not ok or im0 is None:
+                    break
+                pos += 1
+                if not n and (info.w, info.h) != (im0.shape[1], im0.shape[0]):
+                    info.w, info.h = im0.shape[1], im0.shape[0]  # trust decoded frames over metadata
+                n += 1
+                yield Frame(path, im0, pos, info, index, len(self.items))
+                for _ in range(self.vid_stride - 1):
+                    if not cap.grab():
+                        return
+                    pos += 1
+            if n == 0:
+                self._skip(path, "no decodable frames")
+        finally:
+            cap.release()
+
+    def __iter__(self) -> Iterator[Frame]:
+        for i, path in enumerate(self.items):
+            if is_stream(path) or file_kind(path) == "video":
+                for f in self._frames(path, i):
+                    self.nyield += 1
+                    yield f
+                continue
+            im0 = read_image(path)
+            if im0 is None:
+                reason = "empty file" if os.path.isfile(path) and os.path.getsize(path) == 0 else "cannot decode image"
+                self._skip(path, reason)
+                continue
+            self.nyield += 1
+            yield Frame(path, im0, None, None, i, len(self.items))
+        if not self.nyield and self.skipped:
+            raise UserError(f"{self.source}: none of the {len(self.items)} files could be read")
+
+
+def preprocess_image(im0: np.ndarray, imgsz: int | tuple, stride: int = 32, auto: bool = True) -> tuple[np.ndarray, tuple]:
+    """Letterbox (shared with validation) + BGR->RGB + HWC->CHW, contiguous uint8.
+
+    Returns (img [3,h,w], ratio_pad ((rh, rw), (padw, padh))) as `scale_boxes` expects.
+    """
+    img, (rw, rh), pad = letterbox(im0, imgsz, auto=auto, stride=stride)
+    img = np.ascontiguousarray(img[..., ::-1].transpose(2, 0, 1))
+    return img, ((rh, rw), pad)
