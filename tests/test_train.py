@@ -1,0 +1,169 @@
+"""Training engine end to end on a tiny generated dataset: artifacts, checkpoints, resume, overfit, DDP."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from utils.data import generate_shapes
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--cfg", "gelan-t.yaml", "--imgsz", "64", "--batch-size", "8", "--workers", "0", "--seed", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    generate_shapes(root / "ds", n_train=24, n_val=8, seed=3)
+    data = root / "tiny.yaml"
+    data.write_text(yaml.safe_dump({"path": str(root / "ds"), "train": "images/train", "val": "images/val",
+                                    "names": ["circle", "rectangle", "triangle", "star", "cross"]}))
+    return data
+
+
+def run_train(args, cwd, timeout=300, env=None):
+    e = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / "train_dual.py"), *args], cwd=cwd, env=e,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_results(path):
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    return rows[0], [r for r in rows[1:] if r]
+
+
+def test_one_epoch_writes_every_artifact(tiny_data, tmp_path):
+    r = run_train([*TINY, "--data", str(tiny_data), "--epochs", "1", "--project", str(tmp_path), "--name", "exp"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "exp"
+    for f in ("opt.yaml", "hyp.yaml", "results.csv", "results.png", "labels.jpg", "train_batch0.jpg",
+              "train_batch1.jpg", "train_batch2.jpg", "weights/last.pt", "weights/best.pt"):
+        assert (run / f).is_file() and (run / f).stat().st_size > 0, f
+    header, rows = read_results(run / "results.csv")
+    assert header == ["epoch", "train/box_loss", "train/cls_loss", "train/dfl_loss", "metrics/precision",
+                      "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95", "val/box_loss", "val/cls_loss",
+                      "val/dfl_loss", "x/lr0", "x/lr1", "x/lr2"]
+    assert [r[0] for r in rows] == ["0"]
+    vals = [float(x) for x in rows[0][1:]]
+    assert all(v == v for v in vals)  # no NaN
+    assert vals[0] > 0 and vals[7] > 0  # real train box loss and real validation box loss
+    last = torch.load(run / "weights/last.pt", weights_only=True)
+    best = torch.load(run / "weights/best.pt", weights_only=True)
+    assert last["optimizer"] is not None and last["epoch"] == 0 and last["names"][0] == "circle"
+    assert best["optimizer"] is None and best["ema"] is None
+    assert all(v.dtype == torch.float16 for v in best["model"].values() if v.is_floating_point())
+    assert "Transferred" not in r.stderr + r.stdout
+    assert not list((run / "weights").glob("*.tmp"))
+    # the trained checkpoint is reloadable into a model that runs
+    from utils.checkpoint import load_model
+    m = load_model(run / "weights/best.pt")
+    y, _ = m(torch.rand(1, 3, 64, 96))
+    assert y.shape[1] == 4 + 5
+
+
+def test_resume_after_interrupt_and_extend(tiny_data, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = [*TINY, "--data", str(tiny_data), "--epochs", "3", "--project", str(tmp_path), "--name", "exp", "--noplots"]
+    p = subprocess.Popen([sys.executable, str(ROOT / "train_dual.py"), *args], cwd=tmp_path, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    csv_path = tmp_path / "exp" / "results.csv"
+    t0 = time.time()
+    while time.time() - t0 < 240 and p.poll() is None:
+        if csv_path.exists() and len(read_results(csv_path)[1]) >= 1:
+            break
+        time.sleep(0.2)
+    if p.poll() is None:
+        p.send_signal(signal.SIGINT)
+    out = p.communicate(timeout=240)[0]
+    assert "Traceback" not in out, out[-3000:]
+    last = tmp_path / "exp" / "weights" / "last.pt"
+    assert last.is_file()
+    ck = torch.load(last, weights_only=True)
+    done = ck["epoch"] + 1
+    assert 0 <= done <= 3
+    if done < 3:
+        r = run_train(["--resume", str(last)], tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+    _, rows = read_results(csv_path)
+    assert [int(r[0]) for r in rows] == [0, 1, 2]
+    # a finished run can be extended
+    r = run_train(["--resume", str(last), "--epochs", "4"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _, rows = read_results(csv_path)
+    assert [int(r[0]) for r in rows] == [0, 1, 2, 3]
+    # resuming a finished run without --epochs is a clear one-line error
+    r = run_train(["--resume", str(last)], tmp_path)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "already finished" in r.stderr
+
+
+def test_overfit_four_images_halves_loss():
+    from models.yolo import DetectionModel
+    from utils.loss import DetectionLoss
+    torch.manual_seed(0)
+    cfg = yaml.safe_load((ROOT / "models/detect/gelan-t.yaml").read_text())
+    cfg["nc"] = 2
+    model = DetectionModel(cfg).train()
+    loss_fn = DetectionLoss(model, {"box": 7.5, "cls": 0.5, "dfl": 1.5})
+    imgs = torch.rand(4, 3, 64, 64) * 0.2
+    targets = torch.tensor([[0, 0, 0.3, 0.3, 0.3, 0.3], [1, 1, 0.6, 0.5, 0.4, 0.5],
+                            [2, 0, 0.5, 0.5, 0.5, 0.5], [3, 1, 0.4, 0.6, 0.3, 0.4]])
+    for t in targets:  # draw the objects so there is something to learn
+        b, c, x, y, w, h = t.tolist()
+        x1, y1, x2, y2 = int((x - w / 2) * 64), int((y - h / 2) * 64), int((x + w / 2) * 64), int((y + h / 2) * 64)
+        imgs[int(b), int(c), y1:y2, x1:x2] = 1.0
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(30):
+        loss, _ = loss_fn(model(imgs), targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_bad_hyp_and_data_are_one_line_errors(tiny_data, tmp_path):
+    hyp = tmp_path / "hyp.yaml"
+    hyp.write_text("lr0: 0.01\n")
+    r = run_train([*TINY, "--data", str(tiny_data), "--hyp", str(hyp), "--epochs", "1", "--project", str(tmp_path)], tmp_path)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("ERROR:")]
+    assert len(errors) == 1 and "missing hyperparameter" in errors[0]
+    r = run_train([*TINY, "--data", str(tmp_path / "nope.yaml"), "--epochs", "1", "--project", str(tmp_path)], tmp_path)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("ERROR:") and "nope.yaml" in r.stderr
+
+
+def test_nonfinite_loss_is_skipped_then_stops(tiny_data, tmp_path):
+    base = [*TINY, "--data", str(tiny_data), "--epochs", "1", "--project", str(tmp_path), "--noplots"]
+    r = run_train([*base, "--name", "skip"], tmp_path, env={"YOLO_INJECT_NONFINITE": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "non-finite loss" in r.stderr + r.stdout
+    base[base.index("--epochs") + 1] = "5"  # 3 batches per epoch: 10 bad steps in a row span epochs
+    r = run_train([*base, "--name", "stop"], tmp_path, env={"YOLO_INJECT_NONFINITE": "0+"})
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "not finite" in r.stderr
+    ck = torch.load(tmp_path / "stop" / "weights" / "last.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_torchrun_two_processes_cpu(tiny_data, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           str(ROOT / "train_dual.py"), *TINY, "--device", "cpu", "--data", str(tiny_data), "--epochs", "1",
+           "--project", str(tmp_path), "--name", "ddp", "--noplots"]
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    runs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir() and p.name.startswith("ddp"))
+    assert runs == ["ddp"]  # one set of artifacts
+    _, rows = read_results(tmp_path / "ddp" / "results.csv")
+    assert len(rows) == 1
+    assert (tmp_path / "ddp" / "weights" / "last.pt").is_file()
