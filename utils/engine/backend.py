@@ -1,50 +1,183 @@
-"""One inference loader for validation, detection and export checks: .pt (this project), .torchscript, .onnx."""
+"""One inference loader for validation, detection and export checks: .pt (this project), .torchscript, .onnx.
+
+Every format takes float images [B,3,H,W] in 0..1 and returns y [B, 4+nc, A] (main branch of dual models).
+Exported files are traced at one input size (their anchor grid is a constant): `fixed_imgsz` is then (h, w)
+and callers should letterbox to exactly that size (validator: no rect batches). Smaller inputs are padded
+at the bottom/right (box coordinates stay valid); larger ones are refused.
+"""
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from utils.checkpoint import load_model
-from utils.general import UserError
+from utils.general import LOGGER, UserError
+
+PAD_VALUE = 114 / 255.0  # letterbox grey
+
+
+def _json(s, default=None):
+    try:
+        return json.loads(s)
+    except (TypeError, ValueError):
+        return default
 
 
 class Backend:
-    """Callable model wrapper: float images [B,3,H,W] in 0..1 -> predictions [B, 4+nc, A] (main branch)."""
+    """Callable model wrapper: float images [B,3,H,W] in 0..1 -> predictions [B, 4+nc, A] (main branch).
+
+    Attributes: stride (int), names, nc, pt (PyTorch module), jit, onnx, model (nn.Module / ScriptModule or
+    None), device, dtype, fixed_imgsz ((h, w) for exported files, else None), fixed_batch (int or None).
+    """
 
     def __init__(self, weights: str | Path | nn.Module, device: str | torch.device = "cpu", half: bool = False,
                  fuse: bool = True):
         self.device = torch.device(device)
         self.half = bool(half) and self.device.type == "cuda"
         self.model: nn.Module | None = None
+        self.session = None
+        self.jit = self.onnx = False
+        self.fixed_imgsz: tuple[int, int] | None = None
+        self.fixed_batch: int | None = None
+        self.metadata: dict = {}
+        self._input_dtype = np.float32
         if isinstance(weights, nn.Module):
             self.model = weights
             self.weights = None
         else:
             self.weights = Path(weights)
             suffix = self.weights.suffix.lower()
+            if suffix not in (".pt", ".torchscript", ".onnx"):
+                raise UserError(f"{weights}: unsupported weights format '{suffix}' (use .pt, .torchscript or .onnx)")
+            if not self.weights.is_file():
+                raise UserError(f"{weights}: weights file not found")
             if suffix == ".pt":
                 self.model = load_model(self.weights, self.device, fuse=fuse)
+            elif suffix == ".torchscript":
+                self._load_torchscript()
             else:
-                raise UserError(f"{weights}: unsupported weights format '{suffix}' (use .pt, .torchscript or .onnx)")
-        if self.model is not None:
+                self._load_onnx()
+        if self.model is not None and not self.jit:
             self.model.to(self.device).eval()
             if self.half:
                 self.model.half()
             self.stride = int(max(self.model.stride))
             self.names = list(getattr(self.model, "names", [str(i) for i in range(self.model.nc)]))
             self.nc = self.model.nc
-        self.pt = self.model is not None
+        self.pt = self.model is not None and not self.jit
+
+    # ---- loaders of exported files
+    def _set_meta(self, meta: dict) -> None:
+        """stride / names / nc / imgsz from export metadata (missing names -> class indices)."""
+        self.metadata = meta
+        self.stride = int(meta.get("stride", 32))
+        names = meta.get("names")
+        nc = int(meta.get("nc", len(names) if names else 0))
+        self.names = [str(n) for n in names] if names else [str(i) for i in range(nc)]
+        self.nc = nc or len(self.names)
+        imgsz = meta.get("imgsz")
+        if imgsz:
+            self.fixed_imgsz = (int(imgsz[0]), int(imgsz[-1]))
+
+    def _load_torchscript(self) -> None:
+        extra = {"config.txt": ""}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit deprecation notice
+                self.model = torch.jit.load(str(self.weights), map_location=self.device, _extra_files=extra)
+        except Exception as e:
+            raise UserError(f"{self.weights}: not a loadable TorchScript file ({str(e).splitlines()[0][:120]})") from None
+        self.jit = True
+        self.model.eval()
+        meta = _json(extra["config.txt"], {}) or {}
+        if not meta:
+            LOGGER.warning(f"WARNING: {self.weights}: no export metadata (config.txt); class names unknown, stride 32")
+        self._set_meta(meta)
+        if meta.get("half") and self.device.type == "cuda":
+            self.half = True
+        elif meta.get("half"):
+            raise UserError(f"{self.weights}: exported in fp16, which needs a CUDA device")
+
+    def _load_onnx(self) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise UserError(f"{self.weights}: running .onnx files needs onnxruntime (pip install onnxruntime)") from None
+        providers = ["CPUExecutionProvider"]
+        if self.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        try:
+            self.session = ort.InferenceSession(str(self.weights), providers=providers)
+        except Exception as e:
+            raise UserError(f"{self.weights}: not a loadable ONNX model ({str(e).splitlines()[0][:120]})") from None
+        self.onnx = True
+        raw = self.session.get_modelmeta().custom_metadata_map or {}
+        meta = {k: _json(v, v) for k, v in raw.items()}
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        shape = list(inp.shape)
+        if len(shape) == 4 and isinstance(shape[2], int) and isinstance(shape[3], int):
+            meta["imgsz"] = [shape[2], shape[3]]
+        else:
+            meta.pop("imgsz", None)  # dynamic spatial axes
+        self.fixed_batch = shape[0] if shape and isinstance(shape[0], int) else None
+        if "float16" in inp.type:
+            self._input_dtype = np.float16
+        if not raw:
+            LOGGER.warning(f"WARNING: {self.weights}: no export metadata; class names unknown, stride 32")
+        self._set_meta(meta)
 
     @property
     def dtype(self) -> torch.dtype:
         return torch.float16 if self.half else torch.float32
 
+    # ---- inference
+    def _fit(self, im: torch.Tensor) -> torch.Tensor:
+        """Pad a smaller image batch at the bottom/right to the fixed export size (coordinates unchanged)."""
+        if self.fixed_imgsz is None or tuple(im.shape[-2:]) == self.fixed_imgsz:
+            return im
+        h, w = im.shape[-2:]
+        fh, fw = self.fixed_imgsz
+        if h > fh or w > fw:
+            raise UserError(f"{self.weights}: exported for {fh}x{fw} input, got {h}x{w}; "
+                            f"letterbox to exactly {fh}x{fw} (--imgsz {fh} {fw}, no rectangular batches) or re-export")
+        return F.pad(im, (0, fw - w, 0, fh - h), value=PAD_VALUE)
+
+    def _run_onnx(self, im: torch.Tensor) -> torch.Tensor:
+        x = im.detach().cpu().numpy().astype(self._input_dtype, copy=False)
+        b = x.shape[0]
+        fb = self.fixed_batch
+        if fb is None or fb == b:
+            y = self.session.run(self.output_names[:1], {self.input_name: x})[0]
+        else:  # fixed batch size: run in chunks of fb, zero-padding the last one
+            outs = []
+            for s in range(0, b, fb):
+                chunk = x[s:s + fb]
+                n = chunk.shape[0]
+                if n < fb:
+                    chunk = np.concatenate([chunk, np.zeros((fb - n, *chunk.shape[1:]), chunk.dtype)], 0)
+                outs.append(self.session.run(self.output_names[:1], {self.input_name: chunk})[0][:n])
+            y = np.concatenate(outs, 0)
+        return torch.from_numpy(np.ascontiguousarray(y)).to(self.device).float()
+
     @torch.no_grad()
     def __call__(self, im: torch.Tensor) -> torch.Tensor:
+        if self.onnx:
+            return self._run_onnx(self._fit(im))
+        im = self._fit(im) if self.jit else im
         out = self.model(im.to(self.device, self.dtype))
-        return out[0] if isinstance(out, (tuple, list)) else out
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        return out.float() if self.jit else out
 
     def warmup(self, imgsz: tuple = (1, 3, 64, 64)) -> None:
-        self(torch.zeros(*imgsz))
+        shape = list(imgsz)
+        if self.fixed_imgsz is not None:
+            shape[-2:] = self.fixed_imgsz
+        self(torch.zeros(*shape, device=self.device))
