@@ -24,7 +24,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
                    help="file/folder/glob/.txt list/video/webcam index/URL (default: val images of --data)")
     p.add_argument("--data", type=str, default=str(ROOT / "data" / "shapes.yaml"),
                    help="dataset YAML, used for class names when the weights have none")
-    p.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=[640],
+    p.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=None,
                    help="inference size: one value or h w")
     p.add_argument("--conf-thres", type=float, default=0.25, help="confidence threshold")
     p.add_argument("--iou-thres", type=float, default=0.45, help="NMS IoU threshold")

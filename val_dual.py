@@ -25,7 +25,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weights", nargs="+", type=str, default=None,
                    help="model .pt file(s); several = ensemble (default: newest runs/train/*/weights/best.pt)")
     p.add_argument("--batch-size", type=int, default=32, help="batch size")
-    p.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="inference size (pixels)")
+    p.add_argument("--imgsz", "--img", "--img-size", type=int, default=None,
+                   help="inference size in pixels (default: the size the weights were trained or exported at, else 640)")
     p.add_argument("--conf-thres", type=float, default=0.001, help="confidence threshold")
     p.add_argument("--iou-thres", type=float, default=0.7, help="NMS IoU threshold")
     p.add_argument("--max-det", type=int, default=300, help="maximum detections per image")

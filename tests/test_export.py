@@ -164,3 +164,31 @@ def test_detect_dual_runs_on_onnx(mmqa, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     saved = sorted(p.name for p in (tmp_path / "runs" / "exp").glob("*.jpg"))
     assert saved == ["im0.jpg", "im1.jpg"]
+
+
+def test_val_dual_runs_on_exported_files_at_their_size(mmqa, tmp_path):
+    """Exported files have one input size: validation must letterbox to it (no rect batches)."""
+    from utils.data import generate_shapes
+    from utils.engine.validator import run_validation
+    import yaml
+    generate_shapes(tmp_path / "ds", n_train=2, n_val=5, seed=1, nc=3)
+    data = tmp_path / "d.yaml"
+    data.write_text(yaml.safe_dump({"path": str(tmp_path / "ds"), "train": "images/train", "val": "images/val",
+                                    "names": NAMES}))
+    _, out = mmqa
+    results = {}
+    for fmt in ("onnx", "torchscript"):
+        r = run_validation(data=str(data), weights=str(out[fmt]), batch_size=4, workers=0,
+                           project=str(tmp_path / "val"), name=fmt, plots=False)
+        results[fmt] = (r["map50"], r["map"])
+        assert all(np.isfinite(v) for v in results[fmt])
+    assert results["onnx"] == pytest.approx(results["torchscript"], abs=1e-3)
+
+
+def test_default_inference_size_is_the_training_size(tmp_path):
+    torch.manual_seed(0)
+    model = DetectionModel("gelan-t", nc=3)
+    w = save_checkpoint(make_checkpoint(model, names=NAMES, opt={"imgsz": 96}), tmp_path / "w.pt")
+    assert Backend(w).default_imgsz() == 96
+    w2 = save_checkpoint(make_checkpoint(model, names=NAMES), tmp_path / "w2.pt")
+    assert Backend(w2).default_imgsz() == 640

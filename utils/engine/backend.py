@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.checkpoint import load_model
+from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.general import LOGGER, UserError
 
 PAD_VALUE = 114 / 255.0  # letterbox grey
@@ -46,6 +46,7 @@ class Backend:
         self.fixed_imgsz: tuple[int, int] | None = None
         self.fixed_batch: int | None = None
         self.metadata: dict = {}
+        self.train_imgsz: int | None = None  # image size the .pt checkpoint was trained at
         self._input_dtype = np.float32
         if isinstance(weights, nn.Module):
             self.model = weights
@@ -58,7 +59,11 @@ class Backend:
             if not self.weights.is_file():
                 raise UserError(f"{weights}: weights file not found")
             if suffix == ".pt":
-                self.model = load_model(self.weights, self.device, fuse=fuse)
+                ck = load_checkpoint(self.weights)
+                self.model = model_from_checkpoint(ck).to(self.device).eval()
+                if fuse:
+                    self.model.fuse()
+                self.train_imgsz = (ck.get("opt") or {}).get("imgsz")
             elif suffix == ".torchscript":
                 self._load_torchscript()
             else:
@@ -71,6 +76,14 @@ class Backend:
             self.names = list(getattr(self.model, "names", [str(i) for i in range(self.model.nc)]))
             self.nc = self.model.nc
         self.pt = self.model is not None and not self.jit
+
+    def default_imgsz(self, fallback: int = 640) -> int:
+        """Inference size when the user gave none: the export size, else the training size, else fallback."""
+        if self.fixed_imgsz:
+            return int(min(self.fixed_imgsz))
+        if isinstance(self.train_imgsz, int) and self.train_imgsz > 0:
+            return self.train_imgsz
+        return fallback
 
     # ---- loaders of exported files
     def _set_meta(self, meta: dict) -> None:

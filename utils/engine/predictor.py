@@ -117,7 +117,7 @@ class Predictor:
     (stride-multiple) padding. classes: keep only these class ids. names: override class names.
     """
 
-    def __init__(self, weights: str | Path | torch.nn.Module, device: str = "", imgsz: int | tuple = 640,
+    def __init__(self, weights: str | Path | torch.nn.Module, device: str = "", imgsz: int | tuple | None = None,
                  conf_thres: float = 0.25, iou_thres: float = 0.45, max_det: int = 1000,
                  classes: list[int] | None = None, agnostic: bool = False, half: bool = False,
                  augment: bool = False, names: list[str] | None = None):
@@ -131,6 +131,11 @@ class Predictor:
             LOGGER.warning("WARNING: --half needs a CUDA device, running in fp32")
         self.backend = Backend(weights, self.device, half=half, fuse=True)
         self.stride = int(self.backend.stride)
+        fixed = self.backend.fixed_imgsz
+        if fixed:  # exported files run at their export size only
+            imgsz = tuple(fixed)
+        elif not imgsz:  # default: the size the checkpoint was trained at, else 640
+            imgsz = self.backend.default_imgsz()
         sz = [imgsz] * 2 if isinstance(imgsz, int) else list(imgsz) * (2 if len(imgsz) == 1 else 1)
         if len(sz) != 2 or min(sz) < 1:
             raise UserError(f"--imgsz {imgsz}: give one size or two (h w), all positive")
@@ -154,7 +159,7 @@ class Predictor:
         self.backend.warmup((1, 3, *self.imgsz))
 
     def preprocess(self, im0: np.ndarray) -> tuple[torch.Tensor, tuple]:
-        img, ratio_pad = preprocess_image(im0, self.imgsz, self.stride, auto=True)
+        img, ratio_pad = preprocess_image(im0, self.imgsz, self.stride, auto=self.backend.fixed_imgsz is None)
         x = torch.from_numpy(img).to(self.device).unsqueeze(0)
         return x.to(self.backend.dtype) / 255.0, ratio_pad
 

@@ -370,7 +370,7 @@ def _coco_check(anno_json, pred_json: Path, dataloader, save_dir: Path, names, c
 
 
 def run_validation(data: str | Path = "data/shapes.yaml", weights: Sequence[str | Path] | str | None = None,
-                   batch_size: int = 32, imgsz: int = 640, conf_thres: float = 0.001, iou_thres: float = 0.7,
+                   batch_size: int = 32, imgsz: int | None = None, conf_thres: float = 0.001, iou_thres: float = 0.7,
                    max_det: int = 300, task: str = "val", device: str = "", workers: int = 8,
                    single_cls: bool = False, augment: bool = False, verbose: bool = False, save_txt: bool = False,
                    save_hybrid: bool = False, save_conf: bool = False, save_json: bool = False,
@@ -401,6 +401,10 @@ def run_validation(data: str | Path = "data/shapes.yaml", weights: Sequence[str 
     if not single_cls and model.nc != nc:
         raise UserError(f"{weights[0]}: model has {model.nc} classes but {cfg['yaml_file']} has nc={nc}; "
                         f"pass matching --data (or --single-cls)")
+    fixed = getattr(backends[0], "fixed_imgsz", None)
+    if fixed and imgsz and imgsz != min(fixed):
+        LOGGER.warning(f"WARNING: {weights[0]} was exported at {fixed[0]}x{fixed[1]}; validating at that size")
+    imgsz = backends[0].default_imgsz() if (fixed or not imgsz) else imgsz
     imgsz = check_img_size(imgsz, model.stride)
     split = "val" if task == "speed" else task
     if not cfg.get(split):
@@ -409,7 +413,7 @@ def run_validation(data: str | Path = "data/shapes.yaml", weights: Sequence[str 
     if save_txt:
         (save_dir / "labels").mkdir(parents=True, exist_ok=True)
     model.warmup((1, 3, imgsz, imgsz))
-    pad, rect = (0.0, False) if task == "speed" else (0.5, True)
+    pad, rect = (0.0, False) if (task == "speed" or fixed) else (0.5, True)  # exported files: one fixed size
     loader, _ = create_dataloader(cfg[split], imgsz, batch_size, model.stride, pad=pad, rect=rect, workers=workers,
                                   names=cfg["names"], nc=cfg["nc"], single_cls=single_cls, min_items=min_items,
                                   prefix=f"{task}: ")
