@@ -226,6 +226,7 @@ def test_ram_and_disk_cache_give_same_images(tmp_path):
     plain = YOLODataset(tmp_path / "images", imgsz=64, nc=3)
     ram = YOLODataset(tmp_path / "images", imgsz=64, nc=3, cache="ram")
     disk = YOLODataset(tmp_path / "images", imgsz=64, nc=3, cache="disk")
-    assert len(list((tmp_path / "images").glob("*.npy"))) == 3
+    assert not list(tmp_path.rglob("images/*.npy"))  # never written next to the images
+    assert len(list(Path(disk.cache_file).with_suffix(".npy-cache").glob("*.npy"))) == 3
     for i in range(3):
         assert torch.equal(plain[i][0], ram[i][0]) and torch.equal(plain[i][0], disk[i][0])

@@ -62,7 +62,10 @@ def increment_path(path: str | Path, exist_ok: bool = False, mkdir: bool = False
             n += 1
         path = path.with_name(f"{stem}{n}")
     if mkdir:
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # e.g. a parent is a regular file, read-only or full disk
+            raise UserError(f"{path}: cannot create output folder ({e.strerror or e})") from None
     return path
 
 

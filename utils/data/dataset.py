@@ -2,6 +2,7 @@
 and RAM/disk image caching."""
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import random
@@ -75,10 +76,27 @@ class YOLODataset(Dataset):
         if image_weights:
             self.resample_image_weights()
         self.ims: list = [None] * n  # RAM cache of resized images
-        self.npy_files = [str(Path(f).with_suffix(".npy")) for f in self.im_files]
+        self.npy_files = self._npy_paths()
         self.cache = (cache if isinstance(cache, str) else ("ram" if cache else None))
         if self.cache:
             self._cache_images(self.cache.lower())
+
+    def _npy_paths(self) -> list[str]:
+        """Disk-cache files live in one folder beside the split's label cache, never beside the images.
+
+        Why: images may be listed from read-only or foreign folders; the name carries a hash of the image's
+        path, size and mtime, so same-named images from different folders and edited images never collide.
+        """
+        folder = Path(self.cache_file).with_suffix(".npy-cache")
+        out = []
+        for f in self.im_files:
+            try:
+                st = os.stat(f)
+                key = f"{f}|{st.st_size}|{st.st_mtime_ns}"
+            except OSError:
+                key = f
+            out.append(str(folder / f"{Path(f).stem}_{hashlib.sha1(key.encode()).hexdigest()[:12]}.npy"))
+        return out
 
     def _subset(self, keep: list[int]) -> None:
         self.im_files = [self.im_files[i] for i in keep]
@@ -108,7 +126,12 @@ class YOLODataset(Dataset):
             raise UserError(f"--cache {kind}: use 'ram' or 'disk'")
         if kind == "disk":
             folder = Path(self.npy_files[0]).parent
-            if not os.access(folder, os.W_OK):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                writeable = os.access(folder, os.W_OK)
+            except OSError:
+                writeable = False
+            if not writeable:
                 LOGGER.warning(f"{self.prefix}WARNING: {folder} not writeable, disk cache disabled")
                 self.cache = None
                 return
@@ -118,7 +141,15 @@ class YOLODataset(Dataset):
                 self.ims[i] = self.load_image(i)[0]
                 nbytes += self.ims[i].nbytes
             elif not Path(self.npy_files[i]).exists():
-                np.save(self.npy_files[i], imread(self.im_files[i]), allow_pickle=False)
+                tmp = f"{self.npy_files[i]}.tmp{os.getpid()}.npy"  # atomic: a killed run leaves no half file
+                try:
+                    np.save(tmp, imread(self.im_files[i]), allow_pickle=False)
+                    os.replace(tmp, self.npy_files[i])
+                except OSError as e:
+                    Path(tmp).unlink(missing_ok=True)
+                    LOGGER.warning(f"{self.prefix}WARNING: disk cache disabled, cannot write {tmp} ({e.strerror or e})")
+                    self.cache = None
+                    return
         LOGGER.info(f"{self.prefix}Cached images ({kind}{f', {nbytes / 1e9:.2f} GB' if nbytes else ''})")
 
     def __len__(self) -> int:

@@ -210,8 +210,15 @@ def _files_hash(files: list[str], nc: int) -> str:
     return h.hexdigest()
 
 
-def cache_path_for(label_files: list[str]) -> Path:
-    """labels/train/x.txt -> labels/train.cache (next to the label folder)."""
+def cache_path_for(label_files: list[str], paths=None) -> Path:
+    """labels/train/x.txt -> labels/train.cache (next to the label folder).
+
+    A split given as a .txt image list may point anywhere (outside the dataset): its cache goes next to
+    the .txt file instead, so files listed from other folders are only ever read, never written beside.
+    """
+    first = (paths if isinstance(paths, (list, tuple)) else [paths])[0] if paths is not None else None
+    if first is not None and Path(first).is_file() and Path(first).suffix.lower() == ".txt":
+        return Path(first).with_suffix(".cache")
     return Path(label_files[0]).parent.with_suffix(".cache")
 
 
@@ -265,7 +272,7 @@ def scan_dataset(paths, nc: int, prefix: str = "", use_cache: bool = True) -> di
     im_files, list_msgs = collect_image_files(paths)
     label_files = img2label_paths(im_files)
     want = _files_hash(im_files + label_files, nc)
-    cpath = cache_path_for(label_files)
+    cpath = cache_path_for(label_files, paths)
     cache = load_cache(cpath, want) if use_cache else None
     from_cache = cache is not None
     if cache is None:
@@ -276,7 +283,7 @@ def scan_dataset(paths, nc: int, prefix: str = "", use_cache: bool = True) -> di
         for r in recs:
             msgs += r["msgs"]
         if orphans:
-            msgs.append(f"{prefix}{len(orphans)} label files have no image, e.g. {orphans[0]}")
+            msgs.append(f"{len(orphans)} label files have no image, e.g. {orphans[0]}")  # prefix added when logged
         cache = {"version": CACHE_VERSION, "hash": want, "records": recs, "msgs": msgs}
         if use_cache:
             save_cache(cpath, cache, prefix)

@@ -215,8 +215,11 @@ class Trainer:
         accumulate = max(round(nbs / batch), 1)
         hyp["weight_decay"] *= batch * accumulate / nbs
         if self.main:
-            (self.save_dir / "hyp.yaml").write_text(yaml.safe_dump(hyp, sort_keys=False))
-            (self.save_dir / "opt.yaml").write_text(yaml.safe_dump(_plain_opt(opt), sort_keys=False))
+            try:
+                (self.save_dir / "hyp.yaml").write_text(yaml.safe_dump(hyp, sort_keys=False))
+                (self.save_dir / "opt.yaml").write_text(yaml.safe_dump(_plain_opt(opt), sort_keys=False))
+            except OSError as e:
+                raise UserError(f"{self.save_dir}: cannot write run files ({e.strerror or e})") from None
             LOGGER.info("hyperparameters: " + ", ".join(f"{k}={v}" for k, v in hyp.items()))
 
         optimizer = build_optimizer(self.model, opt.optimizer, hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
@@ -457,11 +460,14 @@ def _append_results(path: Path, epoch: int, train_losses: list, r: dict, lrs: li
     new = not path.exists()
     row = [epoch, *train_losses, r["mp"], r["mr"], r["map50"], r["map"], r.get("box", 0.0), r.get("cls", 0.0),
            r.get("dfl", 0.0), *lrs]
-    with open(path, "a", newline="") as f:
-        w = csv.writer(f)
-        if new:
-            w.writerow(RESULT_COLUMNS)
-        w.writerow([row[0]] + [f"{float(x):.6g}" for x in row[1:]])
+    try:
+        with open(path, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(RESULT_COLUMNS)
+            w.writerow([row[0]] + [f"{float(x):.6g}" for x in row[1:]])
+    except OSError as e:
+        raise UserError(f"{path}: cannot append results ({e.strerror or e})") from None
 
 
 def train(opt: argparse.Namespace) -> dict:
