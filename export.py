@@ -4,9 +4,11 @@
     python export.py --weights best.pt --include reparam        # -> best-gelan.pt (single head, same outputs)
 
 Exported files sit next to the weights (.torchscript / .onnx) and return y [B, 4+nc, A] (xywh pixels +
-class scores; the main branch for dual-head models). They are traced at one input size (--imgsz; the anchor
-grid is a constant), so feed letterboxed images of exactly that size; --dynamic makes only the batch
-size dynamic. Class names, stride, nc and imgsz are stored in the file and read back by utils/engine/backend.py.
+class scores; the main branch for dual-head models). By default they are fixed to one input size
+(--imgsz), so feed letterboxed images of exactly that size. With --dynamic the batch size and the input
+height/width are dynamic (any multiple of the stride 32; the anchor grid is computed from the input
+shape), so rectangular minimal-padding batches work as with .pt. Class names, stride, nc, imgsz and
+dynamic_hw are stored in the file and read back by utils/engine/backend.py.
 """
 from __future__ import annotations
 
@@ -72,7 +74,8 @@ def single_head(model: nn.Module) -> nn.Module:
 def metadata(model: nn.Module, imgsz: tuple, batch: int, dynamic: bool, half: bool, weights: Path) -> dict:
     names = [str(n) for n in getattr(model, "names", [])] or [str(i) for i in range(model.nc)]
     return {"stride": int(max(model.stride)), "names": names, "nc": int(model.nc), "imgsz": [int(imgsz[0]), int(imgsz[1])],
-            "batch": int(batch), "dynamic": bool(dynamic), "half": bool(half), "task": "detect",
+            "batch": int(batch), "dynamic": bool(dynamic), "dynamic_hw": bool(dynamic),  # dynamic_hw: any H, W
+            "half": bool(half), "task": "detect",
             "model": str(model.yaml.get("yaml_file", "")), "source": weights.name}
 
 
@@ -90,7 +93,8 @@ def export_onnx(model: nn.Module, im: torch.Tensor, f: Path, meta: dict, opset: 
         import onnx
     except ImportError:
         raise UserError("export.py: --include onnx needs the onnx package (pip install onnx onnxruntime)") from None
-    axes = {"images": {0: "batch"}, "output0": {0: "batch"}} if dynamic else None
+    # dynamic: batch and image height/width (any multiple of the stride); the anchor count follows the size
+    axes = {"images": {0: "batch", 2: "height", 3: "width"}, "output0": {0: "batch", 2: "anchors"}} if dynamic else None
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (im,), str(f), dynamo=False, opset_version=opset, do_constant_folding=True,
@@ -189,8 +193,12 @@ def run(weights: str | Path, include: tuple = ("torchscript",), imgsz: tuple | l
             LOGGER.info(f"ONNX (opset {opset}): saved {f} ({f.stat().st_size / 1e6:.1f} MB)")
             if not half:
                 _onnx_check(f, model, im)
-    LOGGER.info(f"Export done for input [{batch_size}, 3, {h}, {w}]{' (dynamic batch)' if dynamic else ''}; "
-                f"run with: python detect_dual.py --weights <file> --imgsz {h} {w}")
+    if dynamic:
+        LOGGER.info(f"Export done, traced at [{batch_size}, 3, {h}, {w}] with dynamic batch and height/width "
+                    f"(multiples of {stride}); run with: python detect_dual.py --weights <file> --imgsz <size>")
+    else:
+        LOGGER.info(f"Export done for input [{batch_size}, 3, {h}, {w}]; "
+                    f"run with: python detect_dual.py --weights <file> --imgsz {h} {w}")
     return out
 
 
@@ -200,7 +208,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--include", nargs="+", default=["torchscript"], help=f"formats: {', '.join(FORMATS)}")
     p.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=[640], help="input size: h [w]")
     p.add_argument("--batch-size", type=int, default=1, help="batch size of the traced input")
-    p.add_argument("--dynamic", action="store_true", help="ONNX: dynamic batch axis (spatial size stays fixed)")
+    p.add_argument("--dynamic", action="store_true",
+                   help="dynamic batch and height/width (multiples of the stride), ONNX and TorchScript")
     p.add_argument("--half", action="store_true", help="FP16 export (CUDA only)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset version")
     p.add_argument("--simplify", action="store_true", help="ONNX: simplify with onnxsim if it is installed")

@@ -116,7 +116,9 @@ class MultiQueryAttentionLayerWithDownSampling(nn.Module):
             out = out.reshape(b, nh, L, vd)                             # [B, h, L, v]
 
         out = out.transpose(2, 3).reshape(b, nh * vd, hq, wq)           # channel = head*v + j
-        if (hq, wq) != (h, w):
+        # only query pooling changes the grid; decided from the static strides while tracing so an exported
+        # graph keeps the resize for every input size (bilinear to the same size is the identity)
+        if max(self.query_strides) > 1 and (torch.jit.is_tracing() or (hq, wq) != (h, w)):
             out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
         return self.output_proj(out)                                     # [B, C, H, W]
 

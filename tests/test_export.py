@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -192,3 +193,89 @@ def test_default_inference_size_is_the_training_size(tmp_path):
     assert Backend(w).default_imgsz() == 96
     w2 = save_checkpoint(make_checkpoint(model, names=NAMES), tmp_path / "w2.pt")
     assert Backend(w2).default_imgsz() == 640
+
+
+# ---- --dynamic: batch AND height/width dynamic (anchor grid computed from the input shape)
+DYN = 64  # square export size; the checks below run at other, non-square sizes
+
+
+def _n_anchors(h: int, w: int) -> int:
+    """Anchor count of a stride 8/16/32 head, counted independently of make_anchors."""
+    return sum((h // s) * (w // s) for s in (8, 16, 32))
+
+
+@pytest.fixture(scope="module")
+def mmqa_dynamic(tmp_path_factory):
+    """yolov9-t-MMQA (dual head + Mobile MQA, nc=3) exported with --dynamic at 64x64."""
+    d = tmp_path_factory.mktemp("mmqa_dyn")
+    torch.manual_seed(1)
+    model = _perturbed(DetectionModel("yolov9-t-MMQA", nc=3), seed=3)
+    model.names = NAMES
+    w = save_checkpoint(make_checkpoint(model, names=NAMES), d / "best.pt")
+    out = export.main(["--weights", str(w), "--include", "onnx", "torchscript", "--dynamic",
+                       "--imgsz", str(DYN), str(DYN)])
+    return model, w, out
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 64, 96), (2, 3, 96, 64), (2, 3, 128, 64)])
+def test_dynamic_onnx_runs_at_other_sizes(mmqa_dynamic, shape):
+    model, _, out = mmqa_dynamic
+    sess = ort.InferenceSession(str(out["onnx"]), providers=["CPUExecutionProvider"])
+    inp, outp = sess.get_inputs()[0], sess.get_outputs()[0]
+    assert inp.shape[0] == "batch" and inp.shape[1] == 3 and inp.shape[2:] == ["height", "width"]
+    assert outp.shape[0] == "batch" and outp.shape[2] == "anchors"
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+    y = sess.run(None, {"images": x.numpy()})[0]
+    b, _, h, w = shape
+    assert y.shape == (b, 4 + 3, _n_anchors(h, w))
+    _close(torch.from_numpy(y), _reference(model, x))
+
+
+def test_dynamic_metadata_and_backend(mmqa_dynamic, tmp_path):
+    model, w, out = mmqa_dynamic
+    props = {p.key: json.loads(p.value) for p in onnx.load(str(out["onnx"])).metadata_props}
+    assert props["dynamic"] is True and props["dynamic_hw"] is True and props["imgsz"] == [DYN, DYN]
+    for fmt in ("onnx", "torchscript"):
+        b = Backend(out[fmt])
+        assert b.fixed_imgsz is None and b.fixed_batch is None  # like .pt: rect batches, minimal padding
+        assert b.names == NAMES and b.stride == 32 and b.default_imgsz() == DYN
+        b.warmup((1, 3, 96, 64))
+        for shape in ((1, 3, 64, 96), (2, 3, 96, 64)):
+            x = torch.rand(*shape)
+            y = b(x)
+            assert y.shape == (shape[0], 7, _n_anchors(*shape[2:]))
+            _close(y, _reference(model, x))
+    # a file exported without --dynamic keeps its one size (copy: the export would overwrite best.onnx)
+    shutil.copy(w, tmp_path / "fixed.pt")
+    fixed = export.run(tmp_path / "fixed.pt", include=("onnx",), imgsz=(DYN, DYN))["onnx"]
+    assert Backend(fixed).fixed_imgsz == (DYN, DYN)
+
+
+def test_dynamic_onnx_validates_like_pt(mmqa_dynamic, tmp_path, monkeypatch):
+    """A dynamic ONNX file is validated with rect batches at the requested size, like the .pt it came from."""
+    from utils.data import generate_shapes
+    from utils.engine.validator import run_validation
+    import yaml
+    generate_shapes(tmp_path / "ds", n_train=2, n_val=5, seed=2, nc=3)
+    data = tmp_path / "d.yaml"
+    data.write_text(yaml.safe_dump({"path": str(tmp_path / "ds"), "train": "images/train", "val": "images/val",
+                                    "names": NAMES}))
+    _, w, out = mmqa_dynamic
+    seen: list = []
+    call = Backend.__call__
+
+    def spy(self, im):
+        seen.append(tuple(im.shape[-2:]))
+        return call(self, im)
+
+    monkeypatch.setattr(Backend, "__call__", spy)
+    res, shapes = {}, {}
+    for key, f in (("pt", w), ("onnx", out["onnx"])):
+        seen.clear()
+        r = run_validation(data=str(data), weights=str(f), batch_size=4, imgsz=96, workers=0,
+                           project=str(tmp_path / "val"), name=key, plots=False)
+        res[key], shapes[key] = (r["map50"], r["map"]), list(seen)
+    assert shapes["onnx"] == shapes["pt"]  # same letterboxed batch shapes as .pt (warmup included)
+    assert (DYN, DYN) not in shapes["onnx"]  # not forced to the export size ...
+    assert any(h != w for h, w in shapes["onnx"])  # ... and rectangular batches were used
+    assert res["onnx"] == pytest.approx(res["pt"], abs=1e-3)

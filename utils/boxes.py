@@ -20,12 +20,14 @@ def make_anchors(feats: Sequence[Tensor], strides: Sequence[float] | Tensor,
     ref = feats[0]
     points, stride_list = [], []
     for feat, s in zip(feats, strides):
-        h, w = int(feat.shape[-2]), int(feat.shape[-1])
+        # no int(): under tracing/ONNX export the sizes stay symbolic, so the grid follows the input size
+        h, w = feat.shape[-2], feat.shape[-1]
         xs = torch.arange(w, device=ref.device, dtype=ref.dtype) + offset
         ys = torch.arange(h, device=ref.device, dtype=ref.dtype) + offset
         gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-        points.append(torch.stack((gx.reshape(-1), gy.reshape(-1)), dim=-1))
-        stride_list.append(torch.full((h * w, 1), float(s), device=ref.device, dtype=ref.dtype))
+        pts = torch.stack((gx.reshape(-1), gy.reshape(-1)), dim=-1)
+        points.append(pts)
+        stride_list.append(torch.full_like(pts[:, :1], float(s)))
     return torch.cat(points, 0), torch.cat(stride_list, 0)
 
 

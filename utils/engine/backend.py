@@ -1,9 +1,11 @@
 """One inference loader for validation, detection and export checks: .pt (this project), .torchscript, .onnx.
 
 Every format takes float images [B,3,H,W] in 0..1 and returns y [B, 4+nc, A] (main branch of dual models).
-Exported files are traced at one input size (their anchor grid is a constant): `fixed_imgsz` is then (h, w)
-and callers should letterbox to exactly that size (validator: no rect batches). Smaller inputs are padded
-at the bottom/right (box coordinates stay valid); larger ones are refused.
+Files exported without --dynamic take one input size: `fixed_imgsz` is then (h, w) and callers should
+letterbox to exactly that size (validator: no rect batches). Smaller inputs are padded at the bottom/right
+(box coordinates stay valid); larger ones are refused. Files exported with --dynamic (metadata
+'dynamic_hw': true, or an ONNX input with symbolic height/width) take any multiple of the stride:
+`fixed_imgsz` is None, as for .pt, so rect batches and minimal-padding letterbox are used.
 """
 from __future__ import annotations
 
@@ -81,6 +83,9 @@ class Backend:
         """Inference size when the user gave none: the export size, else the training size, else fallback."""
         if self.fixed_imgsz:
             return int(min(self.fixed_imgsz))
+        imgsz = self.metadata.get("imgsz")  # dynamic export: the size it was traced at
+        if isinstance(imgsz, (list, tuple)) and imgsz and all(isinstance(v, int) and v > 0 for v in imgsz):
+            return int(max(imgsz))
         if isinstance(self.train_imgsz, int) and self.train_imgsz > 0:
             return self.train_imgsz
         return fallback
@@ -95,7 +100,7 @@ class Backend:
         self.names = [str(n) for n in names] if names else [str(i) for i in range(nc)]
         self.nc = nc or len(self.names)
         imgsz = meta.get("imgsz")
-        if imgsz:
+        if imgsz and not meta.get("dynamic_hw"):
             self.fixed_imgsz = (int(imgsz[0]), int(imgsz[-1]))
 
     def _load_torchscript(self) -> None:
@@ -137,9 +142,10 @@ class Backend:
         self.output_names = [o.name for o in self.session.get_outputs()]
         shape = list(inp.shape)
         if len(shape) == 4 and isinstance(shape[2], int) and isinstance(shape[3], int):
-            meta["imgsz"] = [shape[2], shape[3]]
+            meta["imgsz"] = [shape[2], shape[3]]  # the graph's input shape is the truth
+            meta["dynamic_hw"] = False
         else:
-            meta.pop("imgsz", None)  # dynamic spatial axes
+            meta["dynamic_hw"] = True  # symbolic height/width: any multiple of the stride
         self.fixed_batch = shape[0] if shape and isinstance(shape[0], int) else None
         if "float16" in inp.type:
             self._input_dtype = np.float16
