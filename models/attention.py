@@ -28,7 +28,9 @@ class MultiQueryAttentionLayerWithDownSampling(nn.Module):
 
     key_dim and value_dim are per head. Two numerically equal paths: SDPA (fused kernel, no
     [B, h, L, P] matrix) for training/inference, and explicit matmuls (`explicit = True`) that
-    ONNX/TorchScript export can trace.
+    ONNX/TorchScript export can trace. Note: with dropout > 0 in training, PyTorch's CPU SDPA falls
+    back to its math kernel, which does materialise the matrix (measured); keep dropout 0 at high
+    resolution.
     """
 
     explicit_default = False  # set True (e.g. by export) to force the explicit path in every instance
