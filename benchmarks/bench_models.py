@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.memory import mem_baseline, mem_peak_growth  # noqa: E402
+
 BASE_MODELS = ["yolov9-t", "yolov9-t-MMQA", "yolov9-c", "gelan-c", "yolov9-c-MMQARepNCSPELAN4", "yolov9-c-MMQA-P4P5"]
 FIELDS = ["model", "imgsz", "params", "gflops_640", "thop_gflops_640", "attention_gflops_640", "latency_ms", "latency_runs",
           "peak_mib", "train_img_s", "train_batch", "train_peak_mib", "load"]
@@ -39,46 +41,6 @@ def default_models() -> list[str]:
     """The base list plus every other *MMQA* YAML shipped in models/detect."""
     extra = sorted(p.stem for p in (ROOT / "models" / "detect").glob("*MMQA*.yaml") if p.stem not in BASE_MODELS)
     return BASE_MODELS + extra
-
-
-def _maxrss_mib() -> float:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def _status_mib(key: str) -> float | None:
-    """VmRSS / VmHWM of this process from /proc (None where /proc is unavailable)."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def mem_baseline() -> float:
-    """Start a peak-memory window: release freed heap, reset the kernel's high-water mark, return RSS now.
-
-    Without the reset, ru_maxrss would still hold earlier peaks (model construction, imports) and hide a
-    smaller forward's peak.
-    """
-    import ctypes
-    import gc
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        return _status_mib("VmRSS") or _maxrss_mib()
-    except OSError:
-        return _maxrss_mib()  # fallback: growth beyond the earlier high-water mark (a lower bound)
-
-
-def mem_peak_growth(base: float) -> float:
-    """Peak RSS since mem_baseline() minus the RSS at that point, in MiB."""
-    hwm = _status_mib("VmHWM")
-    return (hwm if hwm is not None else _maxrss_mib()) - base
 
 
 def _load() -> float:

@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.memory import mem_baseline, mem_peak_growth  # noqa: E402
+
 FLASH_HINT = "flash"  # CPU fused kernel: aten::_scaled_dot_product_flash_attention_for_cpu in torch 2.x
 MATERIALISING_OPS = ("aten::_scaled_dot_product_attention_math", "aten::bmm", "aten::baddbmm",
                      "aten::matmul", "aten::softmax", "aten::_softmax", "aten::_safe_softmax")
@@ -37,46 +39,6 @@ MATERIALISING_OPS = ("aten::_scaled_dot_product_attention_math", "aten::bmm", "a
 
 def _ints(s: str) -> list[int]:
     return [int(v) for v in str(s).split(",") if v.strip()]
-
-
-def _maxrss_mib() -> float:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def _status_mib(key: str) -> float | None:
-    """VmRSS / VmHWM of this process from /proc (None where /proc is unavailable)."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def mem_baseline() -> float:
-    """Start a peak-memory window: release freed heap, reset the kernel's high-water mark, return RSS now.
-
-    Without the reset, ru_maxrss would still hold earlier peaks (model construction, imports) and hide a
-    smaller forward's peak.
-    """
-    import ctypes
-    import gc
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        return _status_mib("VmRSS") or _maxrss_mib()
-    except OSError:
-        return _maxrss_mib()  # fallback: growth beyond the earlier high-water mark (a lower bound)
-
-
-def mem_peak_growth(base: float) -> float:
-    """Peak RSS since mem_baseline() minus the RSS at that point, in MiB."""
-    hwm = _status_mib("VmHWM")
-    return (hwm if hwm is not None else _maxrss_mib()) - base
 
 
 def _build(cfg: dict):
@@ -186,7 +148,7 @@ def check_report(res: dict) -> tuple[bool, list[str]]:
         ok &= bool(fused) and not bad
         lines.append(f"{phase}: fused kernels {fused or 'NONE'}; materialising ops {bad or 'none'}")
         top = sorted(ops.items(), key=lambda kv: -kv[1]["self_cpu_ms"])[:6]
-        lines.append(f"  top ops by self CPU: " + ", ".join(f"{k} {v['self_cpu_ms']:.0f} ms" for k, v in top))
+        lines.append("  top ops by self CPU: " + ", ".join(f"{k} {v['self_cpu_ms']:.0f} ms" for k, v in top))
     lines.append(f"SDPA vs explicit, same weights: max |diff| {res['max_abs_diff']:.2e} "
                  f"(output scale {res['ref_scale']:.2e})")
     return ok, lines

@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # allow `python models/yolo.py`
 from models import common  # noqa: E402
 from models.attention import MultiQueryAttentionLayerWithDownSampling  # noqa: E402
 from models.common import (ELAN1, SPPELAN, ADown, AConv, CBFuse, CBLinear, Concat, Conv, MMQARepNCSPELAN4,  # noqa: E402
-                           RepConvN, RepNCSPELAN4, Silence)
+                           RepConvN, RepNCSPELAN4)
 from models.heads import DDetect, DualDDetect  # noqa: E402
 from utils.general import LOGGER, UserError, make_divisible  # noqa: E402
 

@@ -3,7 +3,6 @@ and RAM/disk image caching."""
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import random
 from pathlib import Path
