@@ -21,7 +21,6 @@ import csv
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.memory import mem_baseline, mem_peak_growth  # noqa: E402
+from benchmarks.harness import mem_baseline, mem_peak_growth, run_worker as _run_worker  # noqa: E402
+
+
+def run_worker(kind: str, cfg: dict, timeout: float) -> dict:
+    return _run_worker(__file__, kind, cfg, timeout)
 
 BASE_MODELS = ["yolov9-t", "yolov9-t-MMQA", "yolov9-c", "gelan-c", "yolov9-c-MMQARepNCSPELAN4", "yolov9-c-MMQA-P4P5"]
 FIELDS = ["model", "imgsz", "params", "gflops_640", "thop_gflops_640", "attention_gflops_640", "latency_ms", "latency_runs",
@@ -119,25 +122,6 @@ def worker_train(cfg: dict) -> dict:
     dt = time.perf_counter() - t0
     return {"train_img_s": b * cfg["steps"] / dt, "train_peak_mib": mem_peak_growth(base),
             "train_batch": b, "finite": all(map(lambda v: v == v and abs(v) < float("inf"), losses))}
-
-
-def run_worker(kind: str, cfg: dict, timeout: float) -> dict:
-    """Run this file with --_worker in a fresh interpreter and parse its RESULT line."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", kind, json.dumps(cfg)]
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    if cfg.get("omp_passive"):
-        # OpenMP threads that spin while waiting starve each other when the CPUs are shared
-        # (measured here: yolov9-t @320 13 s instead of 0.45 s at load 8 on 2 cores); workers must not spin.
-        env["OMP_WAIT_POLICY"] = "PASSIVE"
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(ROOT))
-    except subprocess.TimeoutExpired:
-        return {"error": f"timeout after {timeout:.0f}s"}
-    for line in reversed(r.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
-    return {"error": f"rc={r.returncode}: {tail[0][:200]}"}
 
 
 def read_rows(path: Path) -> list[dict]:
