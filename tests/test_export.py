@@ -17,6 +17,7 @@ from models.yolo import DetectionModel
 from utils.checkpoint import make_checkpoint, save_checkpoint
 from utils.engine.backend import Backend
 from utils.general import ROOT
+from helpers import perturb_bn
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -25,23 +26,7 @@ H, W = 64, 96  # non-square export size
 NAMES = ["red", "green", "blue"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _perturbed(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model.eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -58,7 +43,7 @@ def mmqa(tmp_path_factory):
     """yolov9-t-MMQA (dual head + Mobile MQA) checkpoint exported to all three formats at 64x96."""
     d = tmp_path_factory.mktemp("mmqa")
     torch.manual_seed(0)
-    model = _perturbed(DetectionModel("yolov9-t-MMQA", nc=3))
+    model = perturb_bn(DetectionModel("yolov9-t-MMQA", nc=3))
     model.names = NAMES
     w = save_checkpoint(make_checkpoint(model, names=NAMES), d / "best.pt")
     out = export.main(["--weights", str(w), "--include", "torchscript", "onnx", "reparam", "--imgsz", str(H), str(W)])
@@ -116,7 +101,7 @@ def test_backend_loads_exports(mmqa):
 
 def test_dual_graph_export_dynamic_batch(tmp_path):
     """yolov9-t exported as its dual-head graph (no re-parameterisation; fused): main-branch output."""
-    model = _perturbed(DetectionModel("yolov9-t", nc=2), seed=1)
+    model = perturb_bn(DetectionModel("yolov9-t", nc=2), seed=1)
     model.names = ["a", "b"]
     ref = _reference(model, x := torch.rand(2, 3, H, W))  # unfused PyTorch reference
     with torch.no_grad():
@@ -135,7 +120,7 @@ def test_dual_graph_export_dynamic_batch(tmp_path):
 
 
 def test_gelan_export(tmp_path):
-    model = _perturbed(DetectionModel("gelan-t", nc=2), seed=2)
+    model = perturb_bn(DetectionModel("gelan-t", nc=2), seed=2)
     w = save_checkpoint(make_checkpoint(model, names=["x", "y"]), tmp_path / "gelan.pt")
     out = export.run(w, include=("onnx", "torchscript"), imgsz=(W, H))  # 96 x 64 (h x w)
     x = torch.rand(2, 3, W, H)
@@ -209,7 +194,7 @@ def mmqa_dynamic(tmp_path_factory):
     """yolov9-t-MMQA (dual head + Mobile MQA, nc=3) exported with --dynamic at 64x64."""
     d = tmp_path_factory.mktemp("mmqa_dyn")
     torch.manual_seed(1)
-    model = _perturbed(DetectionModel("yolov9-t-MMQA", nc=3), seed=3)
+    model = perturb_bn(DetectionModel("yolov9-t-MMQA", nc=3), seed=3)
     model.names = NAMES
     w = save_checkpoint(make_checkpoint(model, names=NAMES), d / "best.pt")
     out = export.main(["--weights", str(w), "--include", "onnx", "torchscript", "--dynamic",

@@ -8,31 +8,12 @@ import torch.nn as nn
 from models.yolo import DetectionModel, load_model_yaml
 from utils.general import UserError
 from utils.reparam import gelan_yaml_for, layer_map, main_branch, offset_map, reparameterize
+from helpers import perturb_bn
 
 SCALES = "tsmce"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Many small convolutions: one intra-op thread avoids OpenMP contention on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def perturb(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BatchNorm statistics and affine terms, so equal outputs mean equal weights were moved."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
-    return model.eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _table(d: dict) -> list:
@@ -97,7 +78,7 @@ def _main_branch(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def test_yolov9_t_checkpoint_to_gelan_t(tmp_path):
     from utils.checkpoint import load_checkpoint, load_model, make_checkpoint, save_checkpoint
     from utils.reparam import main
-    dual = perturb(DetectionModel("yolov9-t", nc=5))
+    dual = perturb_bn(DetectionModel("yolov9-t", nc=5))
     dual.names = list("abcde")
     w = save_checkpoint(make_checkpoint(dual, names=dual.names), tmp_path / "best.pt")
     out = main(["--weights", str(w), "--out", str(tmp_path / "gelan.pt")])  # cfg picked from yaml_file
@@ -117,7 +98,7 @@ def test_yolov9_t_checkpoint_to_gelan_t(tmp_path):
 
 
 def test_yolov9_c_mmqa_p4p5_to_gelan():
-    dual = perturb(DetectionModel("yolov9-c-MMQA-P4P5", nc=2), seed=1)
+    dual = perturb_bn(DetectionModel("yolov9-c-MMQA-P4P5", nc=2), seed=1)
     gelan = reparameterize(dual)
     assert gelan.yaml["yaml_file"] == "gelan-c-MMQA-P4P5.yaml"
     assert type(gelan.model[6]).__name__ == "MMQARepNCSPELAN4" and type(gelan.model[8]).__name__ == "MMQARepNCSPELAN4"

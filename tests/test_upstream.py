@@ -8,36 +8,20 @@ import zipfile
 
 import pytest
 import torch
-import torch.nn as nn
 
 from models.yolo import DetectionModel
 from utils.checkpoint import load_checkpoint, load_model
 from utils.general import UserError
 from utils.upstream import convert, main, safe_load
+from helpers import perturb_bn
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _perturbed(model: nn.Module, seed: int) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def dual():
-    m = _perturbed(DetectionModel("yolov9-t", nc=4), 0)
+    m = perturb_bn(DetectionModel("yolov9-t", nc=4), 0)
     m.names = ["cat", "dog", "car", "bus"]
     return m
 
