@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.harness import mem_baseline, mem_peak_growth, run_worker as _run_worker  # noqa: E402
+from benchmarks.harness import mem_baseline, mem_peak_growth, random_targets, run_worker as _run_worker  # noqa: E402
 
 
 def run_worker(kind: str, cfg: dict, timeout: float) -> dict:
@@ -99,13 +99,7 @@ def worker_train(cfg: dict) -> dict:
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     b, s = cfg["batch"], cfg["imgsz"]
     imgs = torch.rand(b, 3, s, s)
-    g = torch.Generator().manual_seed(0)
-    n_per = 4
-    idx = torch.arange(b).repeat_interleave(n_per).float()
-    cls = torch.randint(0, model.nc, (b * n_per,), generator=g).float()
-    wh = 0.05 + 0.4 * torch.rand(b * n_per, 2, generator=g)
-    xy = wh / 2 + (1 - wh) * torch.rand(b * n_per, 2, generator=g)
-    targets = torch.cat([idx[:, None], cls[:, None], xy, wh], 1)
+    targets = random_targets(b, model.nc)
     base = mem_baseline()
 
     def step() -> float:

@@ -70,3 +70,15 @@ def run_worker(script: str | Path, kind: str, cfg: dict, timeout: float) -> dict
             return json.loads(line[7:])
     tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
     return {"error": f"rc={r.returncode}: {tail[0][:200]}"}
+
+
+def random_targets(batch: int, nc: int, per_image: int = 4, seed: int = 0):
+    """[batch * per_image, 6] training targets (image, class, xc, yc, w, h), normalised boxes inside the image."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    n = batch * per_image
+    idx = torch.arange(batch).repeat_interleave(per_image).float()
+    cls = torch.randint(0, nc, (n,), generator=g).float()
+    wh = 0.05 + 0.4 * torch.rand(n, 2, generator=g)
+    xy = wh / 2 + (1 - wh) * torch.rand(n, 2, generator=g)
+    return torch.cat([idx[:, None], cls[:, None], xy, wh], 1)

@@ -72,9 +72,10 @@ class ModelEMA:
         self.updates += 1
         d = self.decay(self.updates)
         msd = unwrap(model).state_dict()
-        for k, v in self.ema.state_dict().items():
-            if v.dtype.is_floating_point:
-                v.mul_(d).add_(msd[k].detach(), alpha=1 - d)
+        pairs = [(v, msd[k].detach()) for k, v in self.ema.state_dict().items() if v.dtype.is_floating_point]
+        if pairs:  # one fused multi-tensor kernel instead of ~2 launches per tensor (matters on GPU)
+            ema_t, model_t = zip(*pairs)
+            torch._foreach_lerp_(list(ema_t), list(model_t), 1 - d)  # ema = d * ema + (1 - d) * model
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -1,0 +1,224 @@
+"""GPU cost of the model zoo under AMP: forward latency at 640 (batch 1 and 16), peak CUDA memory,
+which SDPA kernel runs (forward and backward), and AMP training images/s at 640 batch 8.
+
+Why: on a GPU the faithful Mobile MQA model's 2.1 TFLOPs of attention per image land on fused
+flash/memory-efficient kernels; this script shows what that costs next to yolov9-c and the cheap
+variants, and proves which kernel ran (torch.profiler op names), measured side by side in one process.
+
+Latency = median of CUDA-event-timed forwards of the fused eval model after warm-up (fp32 weights,
+fp16 autocast = AMP). Peak MiB = torch.cuda.max_memory_allocated during the timed forwards minus the
+memory held before them (weights and input). Training = AMP forward + DetectionLoss + backward +
+GradScaler SGD step on random images and targets.
+
+Usage (needs a CUDA device):
+    python benchmarks/bench_gpu.py [--models yolov9-c,...] [--train-models ...] [--md out.md] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.harness import random_targets  # noqa: E402
+
+LATENCY_MODELS = ["yolov9-c", "gelan-c", "yolov9-c-MMQARepNCSPELAN4", "yolov9-c-MMQA-P4P5", "yolov9-c-MMQA-P4P5-kv4",
+                  "yolov9-c-MMQA-P3P4P5", "yolov9-t", "yolov9-t-MMQA"]
+TRAIN_MODELS = ["yolov9-c", "yolov9-c-MMQARepNCSPELAN4", "yolov9-c-MMQA-P4P5"]
+SEED = "yolov9-c-MMQARepNCSPELAN4"
+
+
+def _build(name: str, device, train: bool = False):
+    import torch
+    from models.yolo import DetectionModel
+    torch.manual_seed(0)
+    model = DetectionModel(f"{name}.yaml").to(device)
+    return model.train() if train else model.eval().fuse()
+
+
+def _set_explicit(model, on: bool) -> None:
+    from models.attention import MultiQueryAttentionLayerWithDownSampling as MQA
+    for m in model.modules():
+        if isinstance(m, MQA):
+            m.explicit = True if on else None
+
+
+def forward_cost(model, batch: int, imgsz: int, amp: bool, warmup: int, runs: int) -> dict:
+    """Median CUDA-event latency (ms) and peak activation memory (MiB) of repeated forwards."""
+    import torch
+    x = torch.rand(batch, 3, imgsz, imgsz, device=next(model.parameters()).device)
+    times = []
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+        for _ in range(warmup):
+            model(x)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        held = torch.cuda.memory_allocated()
+        for _ in range(runs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            model(x)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    return {"ms": statistics.median(times), "peak_mib": (torch.cuda.max_memory_allocated() - held) / 2**20,
+            "runs": runs}
+
+
+def train_cost(model, batch: int, imgsz: int, warmup: int, steps: int) -> dict:
+    """AMP training images/s and peak memory (MiB, weights included) of a full optimizer step."""
+    import torch
+    from utils.loss import DetectionLoss
+    device = next(model.parameters()).device
+    loss_fn = DetectionLoss(model, {"box": 7.5, "cls": 0.5, "dfl": 1.5})
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    scaler = torch.amp.GradScaler("cuda")
+    imgs = torch.rand(batch, 3, imgsz, imgsz, device=device)
+    targets = random_targets(batch, model.nc).to(device)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss, _ = loss_fn(model(imgs), targets)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        step()
+    end.record()
+    end.synchronize()
+    return {"img_s": batch * steps / (start.elapsed_time(end) / 1000), "peak_mib": torch.cuda.max_memory_allocated() / 2**20,
+            "batch": batch, "steps": steps, "step": step}
+
+
+def sdpa_ops(fn) -> dict:
+    """Profiler names of the SDPA ops and attention CUDA kernels that one call of fn executes."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+    events = prof.key_averages()
+    ops = sorted({e.key for e in events if e.key.startswith("aten::") and ("scaled_dot_product" in e.key or "attention" in e.key)})
+    kernels = sorted({e.key for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")
+                      and any(h in e.key.lower() for h in ("flash", "fmha", "attention", "attn"))})
+    return {"ops": ops, "kernels": [k[:90] for k in kernels]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="GPU AMP latency, memory, SDPA kernels and training img/s of the zoo")
+    ap.add_argument("--models", default=",".join(LATENCY_MODELS), help="comma list for the latency table")
+    ap.add_argument("--train-models", default=",".join(TRAIN_MODELS), help="comma list for training img/s")
+    ap.add_argument("--imgsz", type=int, default=640)
+    ap.add_argument("--batches", default="1,16", help="inference batch sizes")
+    ap.add_argument("--train-batch", type=int, default=8)
+    ap.add_argument("--runs", type=int, default=30, help="timed forwards per cell (batch 1; fewer for larger batches)")
+    ap.add_argument("--device", default="0")
+    ap.add_argument("--md", default="", help="write the tables as markdown")
+    ap.add_argument("--json", default="", help="write the raw numbers as JSON")
+    opt = ap.parse_args(argv)
+
+    import torch
+    from utils.general import LOGGER, UserError
+    if not torch.cuda.is_available():
+        raise UserError("bench_gpu.py needs a CUDA device (torch.cuda.is_available() is False)")
+    device = torch.device(f"cuda:{opt.device}" if opt.device.isdigit() else opt.device)
+    torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions
+    batches = [int(b) for b in opt.batches.split(",") if b]
+    env = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(device),
+           "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
+    LOGGER.info(f"{env}")
+    out: dict = {"env": env, "latency": [], "train": [], "kernels": {}}
+
+    for name in [m for m in opt.models.split(",") if m]:
+        model = _build(name, device)
+        row = {"model": name}
+        for b in batches:
+            runs = opt.runs if b == 1 else max(opt.runs // 2, 5)
+            row[f"amp_b{b}"] = forward_cost(model, b, opt.imgsz, True, warmup=5, runs=runs)
+        row["fp32_b1"] = forward_cost(model, 1, opt.imgsz, False, warmup=3, runs=max(opt.runs // 2, 5))
+        if name == SEED:
+            x = torch.rand(1, 3, opt.imgsz, opt.imgsz, device=device)
+            with torch.inference_mode():
+                with torch.autocast("cuda", dtype=torch.float16):
+                    out["kernels"]["inference AMP"] = sdpa_ops(lambda: model(x))
+                out["kernels"]["inference fp32"] = sdpa_ops(lambda: model(x))
+            _set_explicit(model, True)  # the materialising reference, same weights
+            try:
+                row["explicit_amp_b1"] = forward_cost(model, 1, opt.imgsz, True, warmup=2, runs=5)
+            except torch.OutOfMemoryError:
+                row["explicit_amp_b1"] = "out of memory"
+            _set_explicit(model, False)
+        out["latency"].append(row)
+        LOGGER.info(json.dumps(row))
+        del model
+        torch.cuda.empty_cache()
+
+    for name in [m for m in opt.train_models.split(",") if m]:
+        model = _build(name, device, train=True)
+        res = train_cost(model, opt.train_batch, opt.imgsz, warmup=3, steps=10)
+        step = res.pop("step")
+        if name == SEED:
+            out["kernels"]["training step AMP"] = sdpa_ops(step)
+        out["train"].append({"model": name, **res})
+        LOGGER.info(json.dumps(out["train"][-1]))
+        del model, step
+        torch.cuda.empty_cache()
+
+    lines = format_md(out, opt.imgsz, batches)
+    print("\n".join(lines))
+    if opt.md:
+        Path(opt.md).parent.mkdir(parents=True, exist_ok=True)
+        Path(opt.md).write_text("\n".join(lines) + "\n")
+    if opt.json:
+        Path(opt.json).write_text(json.dumps(out, indent=1, default=str))
+
+
+def format_md(out: dict, imgsz: int, batches: list[int]) -> list[str]:
+    env = out["env"]
+    base = next((r for r in out["latency"] if r["model"] == "yolov9-c"), None)
+    lines = [f"# Model zoo on GPU ({env['device']}, {env['date']})", "",
+             f"torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}; fused eval models, fp32 weights, "
+             f"AMP = fp16 autocast; latency = median CUDA-event time after warm-up; peak MiB = CUDA memory allocated "
+             f"beyond weights and input during the forwards.", "",
+             "| model | " + " | ".join(f"AMP ms b{b} @{imgsz} | peak MiB b{b}" for b in batches)
+             + f" | fp32 ms b1 | x yolov9-c (AMP b1) | x yolov9-c (AMP b{batches[-1]}) |",
+             "|---|" + "---:|" * (2 * len(batches) + 3)]
+    for r in out["latency"]:
+        cells = []
+        for b in batches:
+            c = r[f"amp_b{b}"]
+            cells += [f"{c['ms']:.1f}", f"{c['peak_mib']:.0f}"]
+        ratio = [f"{r[f'amp_b{b}']['ms'] / base[f'amp_b{b}']['ms']:.2f}" if base else "-" for b in (1, batches[-1])]
+        lines.append(f"| {r['model']} | " + " | ".join(cells) + f" | {r['fp32_b1']['ms']:.1f} | " + " | ".join(ratio) + " |")
+    for r in out["latency"]:
+        e = r.get("explicit_amp_b1")
+        if isinstance(e, dict):
+            lines += ["", f"{r['model']} with the materialising (explicit matmul) attention, AMP b1: {e['ms']:.1f} ms, "
+                      f"peak {e['peak_mib']:.0f} MiB (fused SDPA: {r['amp_b1']['ms']:.1f} ms, {r['amp_b1']['peak_mib']:.0f} MiB)."]
+        elif e:
+            lines += ["", f"{r['model']} with the materialising attention, AMP b1: {e}."]
+    if out["train"]:
+        lines += ["", f"## AMP training @{imgsz}", "", "| model | batch | img/s | peak MiB |", "|---|---:|---:|---:|"]
+        lines += [f"| {t['model']} | {t['batch']} | {t['img_s']:.1f} | {t['peak_mib']:.0f} |" for t in out["train"]]
+    if out["kernels"]:
+        lines += ["", "## SDPA kernels that ran (torch.profiler)", ""]
+        for k, v in out["kernels"].items():
+            lines.append(f"- {k}: ops {', '.join(v['ops']) or '-'}; CUDA kernels {', '.join(v['kernels'][:4]) or '-'}")
+    return lines
+
+
+if __name__ == "__main__":
+    from utils.general import cli
+    cli(main)()
