@@ -23,6 +23,20 @@ def _strided_dw(c: int, k: int, s: int) -> nn.Sequential:
     )
 
 
+def _packed(t: torch.Tensor) -> torch.Tensor:
+    """t with row-major strides on every dim, size-1 dims included.
+
+    `.contiguous()` leaves a size-1 dim's stride as it was (e.g. 1 for a 1x1 key map); CUDA's
+    memory-efficient SDPA checks the alignment of every stride and then finds no kernel (seen on an H200:
+    'cutlassF: no kernel found to launch!' for a single key/value token).
+    """
+    want, acc = [], 1
+    for n in reversed(t.shape):
+        want.append(acc)
+        acc *= n
+    return t if tuple(reversed(want)) == t.stride() else t.clone(memory_format=torch.contiguous_format)
+
+
 class MultiQueryAttentionLayerWithDownSampling(nn.Module):
     """Mobile MQA. Input and output are [B, C, H, W] for any H, W and batch size.
 
@@ -113,7 +127,7 @@ class MultiQueryAttentionLayerWithDownSampling(nn.Module):
             out = torch.matmul(attn, v)                                 # [B, h, L, v]
         else:
             # one shared K/V head: fold the heads into the query length -> [B, 1, h*L, k]
-            out = F.scaled_dot_product_attention(q.reshape(b, 1, nh * L, kd), k, v,
+            out = F.scaled_dot_product_attention(_packed(q.reshape(b, 1, nh * L, kd)), _packed(k), _packed(v),
                                                  dropout_p=p_drop, scale=self.scale)
             out = out.reshape(b, nh, L, vd)                             # [B, h, L, v]
 

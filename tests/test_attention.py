@@ -172,3 +172,26 @@ def test_attention_flops_formula():
     assert m.attention_flops(20, 30) == 2 * 8 * 600 * 150 * (48 + 40)
     m2 = MQA(64, 8, 48, 40, 2, 2, 1)
     assert m2.attention_flops(20, 30) == 2 * 8 * 150 * 600 * (48 + 40)
+
+
+@pytest.mark.parametrize("size,kv,qs", [((1, 1), 1, (1, 1)), ((4, 4), 4, (1, 1)), ((2, 3), 8, (2, 2)), ((6, 10), 2, (1, 1))])
+def test_sdpa_inputs_have_row_major_strides(monkeypatch, size, kv, qs):
+    """CUDA's memory-efficient kernel rejects misaligned strides, even on size-1 dims (1x1 key map, one
+    query token): every tensor handed to SDPA must be laid out row-major, and the result stays exact."""
+    torch.manual_seed(0)
+    m = MQA(16, 4, 8, 8, *qs, kv).eval()
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append([(t.shape, t.stride()) for t in (q, k, v)])
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    x = torch.randn(2, 16, *size)
+    out = m(x)
+    assert seen, "SDPA path not taken"
+    for shape, stride in seen[0]:
+        want = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+        assert stride == want, (shape, stride)
+    assert _rel_err(out, reference_mqa(m, x)) < 1e-5
