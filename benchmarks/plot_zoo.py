@@ -4,8 +4,12 @@ Why: a picture of the speed/accuracy trade-off that includes the honest attentio
 (columns model, mAP50) the y axis is mAP50; without one it falls back to true GFLOPs at 640, so the plot
 is useful before any training has finished.
 
+With --gpu-json (bench_gpu.py's JSON) a second panel puts the same y against GPU AMP time per image
+at the largest batch measured there, where the GPU rather than Python's per-layer overhead sets the pace.
+
 Usage:
-    python benchmarks/plot_zoo.py --csv benchmarks/results/models.csv [--map map.csv] [--imgsz 640] [--out zoo.png]
+    python benchmarks/plot_zoo.py --csv benchmarks/results/models.csv [--map map.csv] [--imgsz 640]
+        [--gpu-json benchmarks/results/bench_gpu.json] [--out zoo.png]
 """
 from __future__ import annotations
 
@@ -58,11 +62,38 @@ def collect(bench_rows: list[dict], map_rows: list[dict] | None, imgsz: int) -> 
     return pts
 
 
+def gpu_points(path: Path, y_of: dict) -> tuple[list[tuple[str, float, float]], str]:
+    """(model, GPU AMP ms per image at the largest batch, y) from bench_gpu.py's JSON."""
+    import json
+    from utils.general import UserError
+    try:
+        rows = json.loads(path.read_text())["latency"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: not a bench_gpu.py JSON ({e})") from None
+    batches = sorted(int(k[5:]) for k in rows[0] if k.startswith("amp_b")) if rows else [1]
+    b = batches[-1]
+    pts = [(r["model"], r[f"amp_b{b}"]["ms"] / b, y_of[r["model"]]) for r in rows if r["model"] in y_of]
+    return pts, f"GPU AMP ms per image, batch {b} @640 ({path.stem}, log)"
+
+
+def _scatter(ax, points: list[tuple[str, float, float]], colours: dict) -> None:
+    """One colour per model (same in every panel), squares = convolution-only, circles = Mobile MQA;
+    a legend instead of point labels, which overlap where models cost about the same."""
+    for name, lat, y in sorted(points, key=lambda p: (-p[2], p[1])):
+        ax.scatter(lat, y, s=45, marker="o" if "MMQA" in name else "s", color=colours[name], label=name,
+                   edgecolors="black", linewidths=0.4)
+    ax.set_xscale("log")
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower right", framealpha=0.9)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Plot accuracy (or GFLOPs) vs CPU latency of the model zoo")
     ap.add_argument("--csv", default=str(ROOT / "benchmarks" / "results" / "models.csv"), help="bench_models.py CSV")
     ap.add_argument("--map", default="", help="optional CSV with columns model, mAP50")
     ap.add_argument("--imgsz", type=int, default=640, help="which latency column (image size) to plot")
+    ap.add_argument("--gpu-json", default="", help="optional bench_gpu.py JSON: adds a GPU panel")
+    ap.add_argument("--y-label", default="", help="y axis label (default: mAP50 or GFLOPs)")
     ap.add_argument("--out", default="zoo.png", help="PNG path")
     opt = ap.parse_args(argv)
 
@@ -77,19 +108,20 @@ def main(argv: list[str] | None = None) -> None:
     if not pts:
         raise UserError(f"{opt.csv}: no model has a latency at imgsz {opt.imgsz}"
                         + (" and an mAP50 in " + opt.map if opt.map else " and GFLOPs"))
-    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
-    for i, (name, lat, y) in enumerate(sorted(pts, key=lambda p: (p[1], p[2]))):
-        mmqa = "MMQA" in name
-        ax.scatter(lat, y, s=40, marker="o" if mmqa else "s", color="tab:red" if mmqa else "tab:blue")
-        # stagger labels vertically so that models with near-equal latency stay readable
-        ax.annotate(name, (lat, y), textcoords="offset points", xytext=(5, 4 + 9 * (i % 4)), fontsize=7)
-    ax.set_xscale("log")
-    if not maps:
-        ax.set_yscale("log")  # GFLOPs span 10x-100x between tiny and attention-heavy models
-    ax.set_xlabel(f"CPU latency, batch 1 @{opt.imgsz} (ms, log)")
-    ax.set_ylabel("mAP50" if maps else "true GFLOPs @640 (attention included)")
-    ax.set_title("Model zoo: " + ("accuracy" if maps else "cost") + " vs CPU latency (red = Mobile MQA)")
-    ax.grid(True, alpha=0.3, which="both")
+    panels = [(pts, f"CPU latency, batch 1 @{opt.imgsz} (ms, log)")]
+    if opt.gpu_json:
+        gpts, glabel = gpu_points(Path(opt.gpu_json), {p[0]: p[2] for p in pts})
+        panels.append((gpts, glabel))
+    cmap = plt.get_cmap("tab20")
+    colours = {name: cmap(i % 20) for i, name in enumerate(sorted({p[0] for pp, _ in panels for p in pp}))}
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5.5), dpi=120, squeeze=False)
+    for ax, (points, xlabel) in zip(axes[0], panels):
+        _scatter(ax, points, colours)
+        if not maps:
+            ax.set_yscale("log")  # GFLOPs span 10x-100x between tiny and attention-heavy models
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(opt.y_label or ("mAP50" if maps else "true GFLOPs @640 (attention included)"))
+    axes[0][0].set_title("Model zoo: " + ("accuracy" if maps else "cost") + " vs latency (circles = Mobile MQA)")
     fig.tight_layout()
     Path(opt.out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(opt.out)

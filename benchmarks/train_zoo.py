@@ -7,7 +7,10 @@ The reported epoch is the one best.pt keeps (highest fitness 0.1 * mAP50 + 0.9 *
 Usage:
     python benchmarks/train_zoo.py [--models yolov9-t,...] [--epochs 20 --imgsz 128 --batch-size 16]
         [--device 0] [--jobs 4] [--timeout 3600] [--csv benchmarks/results/zoo_map.csv] [--md zoo_map.md]
-On 2 CPU cores the c-scale models take hours each; on one GPU the default list takes a few minutes.
+    python benchmarks/train_zoo.py --collect runs/zooA,runs/zooB [--at-epoch 15] --csv ... --md ...
+--collect trains nothing: it reads finished (or stopped) runs from one or more project folders and
+reports each model's mean over them; --at-epoch compares every model at the same epoch of the schedule,
+for runs stopped early. On 2 CPU cores the c-scale models take hours each; on one GPU, minutes.
 """
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ if str(ROOT) not in sys.path:
 ZOO = ["yolov9-t", "yolov9-t-MMQA", "gelan-t", "gelan-t-MMQA", "yolov9-c", "gelan-c", "yolov9-c-MMQARepNCSPELAN4",
        "yolov9-c-MMQA-P4P5", "yolov9-c-MMQA-P4P5-kv4", "yolov9-c-MMQA-P3P4P5", "gelan-c-MMQA-P4P5",
        "gelan-c-MMQARepNCSPELAN4"]
-FIELDS = ["model", "mAP50", "mAP50-95", "best_epoch", "epochs_done", "epochs", "imgsz", "batch", "wall_s", "status"]
+FIELDS = ["model", "mAP50", "mAP50-95", "best_epoch", "epochs_done", "epochs", "imgsz", "batch", "wall_s", "status",
+          "runs", "mAP50_runs", "mAP50-95_runs"]
 
 
 def prepare(data: str) -> None:
@@ -45,21 +49,38 @@ def command(name: str, opt: argparse.Namespace) -> list[str]:
             "--project", opt.project, "--name", name, "--exist-ok"]
 
 
-def best_row(results_csv: Path) -> dict:
-    """The epoch best.pt keeps, from a run's results.csv (empty dict if there is none yet)."""
+def best_row(results_csv: Path, at_epoch: int | None = None) -> dict:
+    """The epoch best.pt keeps (or epoch at_epoch), from a run's results.csv; no metrics if that epoch is missing."""
     if not results_csv.is_file():
         return {}
     with results_csv.open(newline="") as f:
         rows = [{k.strip(): v for k, v in r.items()} for r in csv.DictReader(f)]
-    if not rows:
-        return {}
+    if at_epoch is not None:
+        picked = [r for r in rows if int(r["epoch"]) == at_epoch]
+    else:
+        picked = [max(rows, key=lambda r: 0.1 * float(r["metrics/mAP_0.5"]) + 0.9 * float(r["metrics/mAP_0.5:0.95"]))] \
+            if rows else []
+    if not picked:
+        return {"epochs_done": len(rows)}
+    r = picked[0]
+    return {"mAP50": float(r["metrics/mAP_0.5"]), "mAP50-95": float(r["metrics/mAP_0.5:0.95"]),
+            "best_epoch": int(r["epoch"]), "epochs_done": len(rows)}
 
-    def fit(r: dict) -> float:
-        return 0.1 * float(r["metrics/mAP_0.5"]) + 0.9 * float(r["metrics/mAP_0.5:0.95"])
 
-    best = max(rows, key=fit)
-    return {"mAP50": float(best["metrics/mAP_0.5"]), "mAP50-95": float(best["metrics/mAP_0.5:0.95"]),
-            "best_epoch": int(best["epoch"]), "epochs_done": len(rows)}
+def collect(projects: list[str], models: list[str], at_epoch: int | None) -> list[dict]:
+    """Each model's metrics averaged over the project folders that hold a run of it (per-run values kept)."""
+    out = []
+    for m in models:
+        runs = [best_row(Path(p) / m / "results.csv", at_epoch) for p in projects]
+        runs = [r for r in runs if "mAP50" in r]
+        if not runs:
+            continue
+        mean = {k: sum(r[k] for r in runs) / len(runs) for k in ("mAP50", "mAP50-95")}
+        out.append({"model": m, **mean, "best_epoch": "/".join(str(r["best_epoch"]) for r in runs),
+                    "epochs_done": "/".join(str(r["epochs_done"]) for r in runs), "runs": len(runs),
+                    "mAP50_runs": "/".join(f"{r['mAP50']:.3f}" for r in runs),
+                    "mAP50-95_runs": "/".join(f"{r['mAP50-95']:.3f}" for r in runs), "status": "collected"})
+    return out
 
 
 def run_all(models: list[str], opt: argparse.Namespace) -> list[dict]:
@@ -88,7 +109,7 @@ def run_all(models: list[str], opt: argparse.Namespace) -> list[dict]:
             status = "timeout" if timed_out and proc.returncode != 0 else ("ok" if proc.returncode == 0 else
                                                                          f"exit {proc.returncode}")
             done[name] = {"model": name, "wall_s": round(time.time() - t0), "status": status,
-                          **best_row(project / name / "results.csv")}
+                          **best_row(project / name / "results.csv", opt.at_epoch)}
             LOGGER.info(f"finished {name}: {done[name]}")
             del running[name]
         if time.time() > t_end:
@@ -113,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--project", default="runs/zoo")
     ap.add_argument("--csv", default="", help="write the table as CSV (columns model, mAP50, ... for plot_zoo.py)")
     ap.add_argument("--md", default="", help="write the table as markdown")
+    ap.add_argument("--at-epoch", type=int, default=None, help="report this epoch (0-based) instead of best.pt's")
+    ap.add_argument("--collect", default="", help="comma list of project folders to read instead of training")
     opt = ap.parse_args(argv)
 
     models = [m for m in opt.models.split(",") if m]
@@ -120,20 +143,27 @@ def main(argv: list[str] | None = None) -> None:
     missing = [m for m in models if not (ROOT / "models" / "detect" / f"{m}.yaml").is_file()]
     if missing:
         raise UserError(f"unknown model(s): {', '.join(missing)} (no models/detect/<name>.yaml)")
-    prepare(opt.data)
-    rows = run_all(models, opt)
-    lines = [f"| model | mAP50 | mAP50-95 | best epoch | epochs run | wall s | status |", "|---|---:|---:|---:|---:|---:|---|"]
+    if opt.collect:
+        rows = collect([p for p in opt.collect.split(",") if p], models, opt.at_epoch)
+        if not rows:
+            raise UserError(f"{opt.collect}: no results.csv with the requested epoch for any model")
+    else:
+        prepare(opt.data)
+        rows = run_all(models, opt)
+    which = f"epoch {opt.at_epoch}" if opt.at_epoch is not None else "epoch"
+    lines = [f"| model | mAP50 | mAP50-95 | {which} | epochs run | runs (mAP50) | wall s | status |",
+             "|---|---:|---:|---:|---:|---|---:|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r.get('mAP50', float('nan')):.3f} | {r.get('mAP50-95', float('nan')):.3f} | "
-                     f"{r.get('best_epoch', '-')} | {r.get('epochs_done', 0)}/{opt.epochs} | {r.get('wall_s', '-')} | "
-                     f"{r['status']} |")
+                     f"{r.get('best_epoch', '-')} | {r.get('epochs_done', 0)} | {r.get('mAP50_runs', '-')} | "
+                     f"{r.get('wall_s', '-')} | {r['status']} |")
     print("\n".join(lines))
     if opt.csv:
         Path(opt.csv).parent.mkdir(parents=True, exist_ok=True)
         with open(opt.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
             w.writeheader()
-            w.writerows(rows)
+            w.writerows([{k: f"{v:.4f}" if isinstance(v, float) else v for k, v in r.items()} for r in rows])
     if opt.md:
         Path(opt.md).write_text(f"Same schedule for every model: {opt.data}, {opt.epochs} epochs, {opt.imgsz} px, "
                                 f"batch {opt.batch_size}, seed 0, data YAML train_defaults otherwise.\n\n"
