@@ -166,8 +166,7 @@ class DetectionModel(nn.Module):
             for _ in range(3):
                 m(copy.copy(x) if isinstance(x, list) else x)
         dt = (time.perf_counter() - t) / 3 * 1000
-        im = x[-1] if isinstance(x, list) else x
-        gflops = layer_gflops(m, im)
+        gflops = layer_gflops(m, x)
         LOGGER.info(f"{m.i:>4}{dt:12.2f} ms{gflops:12.3f} GFLOPs  {m.type}")
 
     def fuse(self) -> "DetectionModel":
@@ -225,12 +224,13 @@ def thop_gflops(model: nn.Module, imgsz: int | tuple = 640) -> float:
     return macs * 2 / 1e9 * (h / s) * (w / s)
 
 
-def layer_gflops(m: nn.Module, x: torch.Tensor) -> float:
-    """True GFLOPs of one layer at the given input (thop for convs + formula for attention)."""
+def layer_gflops(m: nn.Module, x: torch.Tensor | list) -> float:
+    """True GFLOPs of one layer at the given input, a tensor or the list a Concat/head takes (thop for
+    convs + formula for attention)."""
     att = 0
     for a in m.modules():
         if isinstance(a, MultiQueryAttentionLayerWithDownSampling):
-            h, w = x.shape[-2:]
+            h, w = (x[0] if isinstance(x, list) else x).shape[-2:]
             att += a.attention_flops(h, w)  # MMQA blocks keep resolution until attention
     try:
         import thop

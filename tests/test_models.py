@@ -173,3 +173,25 @@ def test_unknown_module_is_a_user_error(tmp_path):
 def test_mqa_layers_present_in_variants(built):
     for name, n in (("yolov9-t-MMQA", 4), ("yolov9-c-MMQA-P4P5", 4), ("yolov9-c-MMQARepNCSPELAN4", 8)):
         assert sum(isinstance(m, MQA) for m in built(name).modules()) == n
+
+
+def test_profile_rows_add_up_to_the_summary_total(monkeypatch):
+    """--profile: every layer's GFLOPs (the list-input head and Concat rows too) sum to the model total."""
+    import models.yolo as yolo
+    rows = []
+    real = yolo.layer_gflops
+
+    def spy(m, x):
+        rows.append((m.type, real(m, x)))
+        return rows[-1][1]
+
+    monkeypatch.setattr(yolo, "layer_gflops", spy)
+    model = yolo.DetectionModel("yolov9-t-MMQA.yaml").eval()
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 64, 64), profile=True)
+    assert len(rows) == len(model.model)
+    head_type, head_gflops = rows[-1]
+    assert head_type == "DualDDetect" and head_gflops > 0
+    total = yolo.model_info(model, imgsz=64)
+    assert total["attention_gflops"] > 0
+    assert abs(sum(g for _, g in rows) - total["gflops"]) < 0.01 * total["gflops"]
