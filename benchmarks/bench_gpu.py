@@ -12,6 +12,7 @@ GradScaler SGD step on random images and targets.
 
 Usage (needs a CUDA device):
     python benchmarks/bench_gpu.py [--models yolov9-c,...] [--train-models ...] [--md out.md] [--json out.json]
+        [--csv out.csv]
 """
 from __future__ import annotations
 
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="0")
     ap.add_argument("--md", default="", help="write the tables as markdown")
     ap.add_argument("--json", default="", help="write the raw numbers as JSON")
+    ap.add_argument("--csv", default="", help="write one row per model and measurement as CSV")
     opt = ap.parse_args(argv)
 
     import torch
@@ -183,6 +185,25 @@ def main(argv: list[str] | None = None) -> None:
         Path(opt.md).write_text("\n".join(lines) + "\n")
     if opt.json:
         Path(opt.json).write_text(json.dumps(out, indent=1, default=str))
+    if opt.csv:
+        write_csv(out, Path(opt.csv))
+
+
+def write_csv(out: dict, path: Path) -> None:
+    """Flat rows: model, measurement (amp_b1, amp_b16, fp32_b1, explicit_amp_b1, train_amp), ms or img/s, peak MiB."""
+    import csv
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["model", "measurement", "ms", "img_s", "peak_mib", "batch", "device", "date"])
+        env = out["env"]
+        for r in out["latency"]:
+            for k, v in r.items():
+                if isinstance(v, dict):
+                    batch = int(k.rsplit("_b", 1)[1])
+                    w.writerow([r["model"], k, f"{v['ms']:.3f}", "", f"{v['peak_mib']:.1f}", batch, env["device"], env["date"]])
+        for t in out["train"]:
+            w.writerow([t["model"], "train_amp", "", f"{t['img_s']:.2f}", f"{t['peak_mib']:.1f}", t["batch"],
+                        env["device"], env["date"]])
 
 
 def format_md(out: dict, imgsz: int, batches: list[int]) -> list[str]:

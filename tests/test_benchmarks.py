@@ -1,0 +1,66 @@
+"""Benchmark reporting code: the zoo accuracy table and the plot must report what the runs contain."""
+import csv
+import json
+
+import pytest
+
+from benchmarks import plot_zoo, train_zoo
+
+COLS = ["epoch", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95"]
+
+
+def _run(project, model, rows):
+    d = project / model
+    d.mkdir(parents=True)
+    with open(d / "results.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([f"{c:>20}" for c in COLS])  # padded like upstream results.csv headers
+        w.writerows(rows)
+
+
+def test_collect_best_epoch_at_epoch_and_mean_over_runs(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _run(a, "m1", [(0, 0.2, 0.1), (1, 0.6, 0.3), (2, 0.7, 0.2)])  # fitness: epoch 1 (0.33) beats epoch 2 (0.25)
+    _run(b, "m1", [(0, 0.4, 0.2), (1, 0.8, 0.5)])
+    _run(a, "m2", [(0, 0.5, 0.25)])  # too short for --at-epoch 1
+    best = train_zoo.collect([str(a), str(b)], ["m1", "m2"], None)
+    assert best[0]["model"] == "m1" and best[0]["best_epoch"] == "1/1"
+    assert best[0]["mAP50"] == pytest.approx((0.6 + 0.8) / 2) and best[0]["mAP50_runs"] == "0.600/0.800"
+    assert best[1]["mAP50"] == pytest.approx(0.5) and best[1]["runs"] == 1
+    at0 = train_zoo.collect([str(a), str(b)], ["m1", "m2"], 0)
+    assert at0[0]["mAP50-95"] == pytest.approx(0.15) and at0[0]["epochs_done"] == "3/2"
+    at1 = train_zoo.collect([str(a), str(b)], ["m1", "m2"], 1)
+    assert [r["model"] for r in at1] == ["m1"]  # m2 never reached epoch 1: left out, not zero
+
+
+def test_collect_cli_writes_csv_that_plot_zoo_reads(tmp_path):
+    proj = tmp_path / "zoo"
+    _run(proj, "yolov9-t", [(0, 0.3, 0.1), (1, 0.5, 0.3)])
+    _run(proj, "yolov9-t-MMQA", [(0, 0.4, 0.2), (1, 0.6, 0.35)])
+    out = tmp_path / "map.csv"
+    train_zoo.main(["--collect", str(proj), "--models", "yolov9-t,yolov9-t-MMQA", "--at-epoch", "1", "--csv", str(out)])
+    rows = list(csv.DictReader(open(out)))
+    assert [(r["model"], float(r["mAP50"])) for r in rows] == [("yolov9-t", 0.5), ("yolov9-t-MMQA", 0.6)]
+
+    bench = tmp_path / "models.csv"
+    with open(bench, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["model", "imgsz", "latency_ms", "gflops_640"])
+        w.writerows([("yolov9-t", 640, 276, 16.5), ("yolov9-t-MMQA", 640, 409, 17.3), ("gelan-c", 640, 1366, 103.5)])
+    gpu = tmp_path / "gpu.json"
+    gpu.write_text(json.dumps({"latency": [{"model": "yolov9-t", "amp_b1": {"ms": 30.0}, "amp_b16": {"ms": 32.0}},
+                                           {"model": "yolov9-t-MMQA", "amp_b1": {"ms": 40.0}, "amp_b16": {"ms": 48.0}}]}))
+    assert plot_zoo.collect(list(csv.DictReader(open(bench))), rows, 640) == [("yolov9-t", 276.0, 0.5),
+                                                                             ("yolov9-t-MMQA", 409.0, 0.6)]
+    pts, label = plot_zoo.gpu_points(gpu, {"yolov9-t": 0.5, "yolov9-t-MMQA": 0.6})
+    assert pts == [("yolov9-t", 2.0, 0.5), ("yolov9-t-MMQA", 3.0, 0.6)] and "batch 16" in label
+    png = tmp_path / "zoo.png"
+    plot_zoo.main(["--csv", str(bench), "--map", str(out), "--gpu-json", str(gpu), "--out", str(png)])
+    import matplotlib.image as mpimg
+    assert mpimg.imread(png).shape[1] > mpimg.imread(png).shape[0]  # two panels side by side
+
+
+def test_collect_without_runs_is_one_clear_error(tmp_path, capsys):
+    from utils.general import UserError
+    with pytest.raises(UserError, match="no results.csv"):
+        train_zoo.main(["--collect", str(tmp_path / "none")])
