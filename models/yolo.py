@@ -209,6 +209,14 @@ def attention_gflops(model: nn.Module, imgsz: int | tuple = 640) -> float:
     return total / 1e9
 
 
+def _has_thop() -> bool:
+    try:
+        import thop  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
 def thop_gflops(model: nn.Module, imgsz: int | tuple = 640) -> float:
     """thop's convolution GFLOPs at imgsz (2 x MACs), scaled from a small probe like upstream; 0 if thop is missing."""
     try:
@@ -257,8 +265,12 @@ def model_info(model: DetectionModel, verbose: bool = False, imgsz: int | tuple 
     model.train(was_training)
     name = Path(model.yaml.get("yaml_file", "model")).stem
     size = imgsz if isinstance(imgsz, int) else f"{imgsz[0]}x{imgsz[1]}"
-    LOGGER.info(f"{name} summary: {n_l} layers, {n_p} parameters, {n_g} gradients, {conv + att:.1f} GFLOPs "
-                f"(at {size}: convolutions {conv:.1f} as thop counts + attention matmuls {att:.1f})")
+    if _has_thop():
+        LOGGER.info(f"{name} summary: {n_l} layers, {n_p} parameters, {n_g} gradients, {conv + att:.1f} GFLOPs "
+                    f"(at {size}: convolutions {conv:.1f} as thop counts + attention matmuls {att:.1f})")
+    else:  # say so rather than print a convolution count of 0
+        LOGGER.info(f"{name} summary: {n_l} layers, {n_p} parameters, {n_g} gradients, GFLOPs n/a (thop not "
+                    f"installed: pip install thop; attention matmuls alone {att:.1f} at {size})")
     return {"layers": n_l, "parameters": n_p, "gradients": n_g, "gflops": conv + att,
             "thop_gflops": conv, "attention_gflops": att}
 

@@ -195,3 +195,20 @@ def test_profile_rows_add_up_to_the_summary_total(monkeypatch):
     total = yolo.model_info(model, imgsz=64)
     assert total["attention_gflops"] > 0
     assert abs(sum(g for _, g in rows) - total["gflops"]) < 0.01 * total["gflops"]
+
+
+def test_summary_without_thop_says_na_not_zero(built, caplog, monkeypatch):
+    """A missing optional counter must not print a convolution count of 0 GFLOPs."""
+    import builtins
+    real_import = builtins.__import__
+
+    def no_thop(name, *a, **kw):
+        if name == "thop":
+            raise ImportError("no thop")
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_thop)
+    caplog.set_level("INFO")
+    info = model_info(built("yolov9-t-MMQA"), imgsz=64)
+    assert info["thop_gflops"] == 0 and info["attention_gflops"] > 0
+    assert "GFLOPs n/a (thop not installed" in caplog.text and " 0.0 GFLOPs" not in caplog.text
