@@ -230,3 +230,14 @@ def test_ram_and_disk_cache_give_same_images(tmp_path):
     assert len(list(Path(disk.cache_file).with_suffix(".npy-cache").glob("*.npy"))) == 3
     for i in range(3):
         assert torch.equal(plain[i][0], ram[i][0]) and torch.equal(plain[i][0], disk[i][0])
+
+
+def test_copy_paste_in_hyp_is_reported_not_silently_ignored(tmp_path, caplog):
+    make_rect_dataset(tmp_path, n=3)
+    caplog.set_level("WARNING")
+    YOLODataset(tmp_path / "images", imgsz=64, augment=True, hyp={"copy_paste": 0.3}, nc=3, prefix="train: ")
+    assert "copy_paste=0.3 is ignored" in caplog.text
+    caplog.clear()
+    YOLODataset(tmp_path / "images", imgsz=64, augment=False, hyp={"copy_paste": 0.3}, nc=3)  # validation: no noise
+    YOLODataset(tmp_path / "images", imgsz=64, augment=True, hyp={"copy_paste": 0.0}, nc=3)
+    assert "copy_paste" not in caplog.text

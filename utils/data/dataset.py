@@ -67,6 +67,9 @@ class YOLODataset(Dataset):
         if n == 0:
             raise UserError(f"{path}: no images left after filtering")
         self.mosaic = augment and not rect and self.hyp.get("mosaic", 0) > 0
+        if augment and float(self.hyp.get("copy_paste", 0) or 0) > 0:
+            LOGGER.warning(f"{prefix}WARNING: hyp copy_paste={self.hyp['copy_paste']} is ignored: segment copy-paste "
+                           f"is not implemented here (polygon labels are trained as boxes)")
         self.indices = np.arange(n)
         self.batch = np.floor(np.arange(n) / batch_size).astype(int)
         self.batch_shapes = None
