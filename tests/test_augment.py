@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from utils.data import YOLODataset, create_dataloader, letterbox, multi_scale, random_imgsz
-from utils.data.augment import augment_hsv, mosaic4, random_perspective
+from utils.data.augment import augment_hsv, copy_paste, mosaic4, random_perspective
 from utils.general import scale_boxes, xywh2xyxy
 
 BG = (30, 30, 30)
@@ -232,12 +232,71 @@ def test_ram_and_disk_cache_give_same_images(tmp_path):
         assert torch.equal(plain[i][0], ram[i][0]) and torch.equal(plain[i][0], disk[i][0])
 
 
-def test_copy_paste_in_hyp_is_reported_not_silently_ignored(tmp_path, caplog):
+def test_copy_paste_without_polygons_says_it_has_no_effect(tmp_path, caplog):
     make_rect_dataset(tmp_path, n=3)
-    caplog.set_level("WARNING")
+    caplog.set_level("INFO")
     YOLODataset(tmp_path / "images", imgsz=64, augment=True, hyp={"copy_paste": 0.3}, nc=3, prefix="train: ")
-    assert "copy_paste=0.3 is ignored" in caplog.text
+    assert "copy_paste=0.3 has no effect: no polygon labels" in caplog.text
     caplog.clear()
     YOLODataset(tmp_path / "images", imgsz=64, augment=False, hyp={"copy_paste": 0.3}, nc=3)  # validation: no noise
     YOLODataset(tmp_path / "images", imgsz=64, augment=True, hyp={"copy_paste": 0.0}, nc=3)
     assert "copy_paste" not in caplog.text
+
+
+RED, GREY = (0, 0, 255), (90, 90, 90)
+
+
+def _triangle_image(w=100, h=60, pts=((10, 10), (40, 10), (10, 50))):
+    img = np.full((h, w, 3), GREY, np.uint8)
+    poly = np.array(pts, np.float32)
+    cv2.fillPoly(img, [poly.astype(np.int32)], RED)
+    seg = poly / np.array([w, h], np.float32)
+    x1, y1 = seg.min(0)
+    x2, y2 = seg.max(0)
+    labels = np.array([[3, (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1]], np.float32)
+    return img, labels, [seg]
+
+
+def test_copy_paste_mirrors_the_object_and_its_box():
+    img, labels, segs = _triangle_image()
+    out, lb = copy_paste(img, labels, segs, p=1.0)
+    assert lb.shape == (2, 5) and lb[1, 0] == 3
+    np.testing.assert_allclose(lb[1, 1:], [1 - labels[0, 1], *labels[0, 2:]], atol=1e-6)
+    assert (out[:, :50] == img[:, :50]).all()  # the original half is untouched
+    red = np.all(np.abs(out[:, 50:].astype(int) - RED) < 40, axis=2)
+    ys, xs = np.nonzero(red)
+    pasted = np.array([xs.min() + 50, ys.min(), xs.max() + 51, ys.max() + 1]) / [100, 60, 100, 60]
+    want = np.array([lb[1, 1] - lb[1, 3] / 2, lb[1, 2] - lb[1, 4] / 2, lb[1, 1] + lb[1, 3] / 2, lb[1, 2] + lb[1, 4] / 2])
+    np.testing.assert_allclose(pasted, want, atol=0.02)  # pixels of the pasted copy fill its box
+    assert red.sum() == pytest.approx(np.all(img == RED, axis=2).sum(), rel=0.1)  # same object size, not a rectangle
+
+
+def test_copy_paste_skips_mirrors_that_cover_an_existing_box():
+    img, labels, segs = _triangle_image(pts=((40, 10), (60, 10), (50, 50)))  # centred: its mirror overlaps it
+    out, lb = copy_paste(img, labels, segs, p=1.0)
+    assert len(lb) == 1 and (out == img).all()
+    img, labels, segs = _triangle_image()
+    out, lb = copy_paste(img, labels, [None], p=1.0)  # a box row has nothing to cut out
+    assert len(lb) == 1 and (out == img).all()
+
+
+def test_polygon_labels_reach_the_mosaic_through_copy_paste(tmp_path):
+    """Polygon rows are kept (aligned with boxes, duplicates removed) and copy_paste=1 doubles the objects."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    for i in range(6):
+        img, labels, segs = _triangle_image()
+        cv2.imwrite(str(tmp_path / "images" / f"{i}.png"), img)
+        row = "0 " + " ".join(f"{v:.6f}" for v in segs[0].flatten())
+        (tmp_path / "labels" / f"{i}.txt").write_text(row + "\n" + row + "\n" + "1 0.9 0.9 0.1 0.1\n")
+    hyp = {"degrees": 0, "translate": 0, "scale": 0, "shear": 0, "fliplr": 0, "hsv_h": 0, "hsv_s": 0, "hsv_v": 0}
+    counts = {}
+    for cp in (0.0, 1.0):
+        ds = YOLODataset(tmp_path / "images", imgsz=128, augment=True, hyp={**hyp, "copy_paste": cp}, nc=2)
+        segs = ds.segments(0)
+        assert ds.polygons == [True] * 6 and len(ds.labels[0]) == 2 and segs[0].shape == (3, 2) and segs[1] is None
+        random.seed(0)
+        counts[cp] = sum(int((ds[i % 6][1][:, 1] == 0).sum()) for i in range(24))
+    assert counts[1.0] >= 1.5 * counts[0.0] > 0
+    (tmp_path / "labels" / "0.txt").write_text("1 0.5 0.5 0.2 0.2\n")  # edited after the scan: not trusted
+    assert ds.segments(0) is None

@@ -180,6 +180,41 @@ def mosaic4(items: list[tuple[np.ndarray, np.ndarray]], imgsz: int) -> tuple[np.
     return canvas, labels
 
 
+def copy_paste(img: np.ndarray, labels: np.ndarray, segments: list, p: float) -> tuple[np.ndarray, np.ndarray]:
+    """Segment copy-paste (Ghiasi et al. 2021, as upstream YOLOv9 applies it): a random share p of the
+    polygon-labelled objects is mirrored left-right and pasted into the same image, unless the mirrored box
+    would cover 30% or more of a box already there. Pixels come from the object's own polygon mask.
+
+    labels [n, 5] cls xc yc w h normalised; segments: one [k, 2] normalised array (or None) per label.
+    Returns a new image and labels with the pasted objects appended.
+    """
+    cand = [i for i, s in enumerate(segments) if s is not None and len(s) >= 3]
+    k = round(p * len(cand))
+    if k == 0:
+        return img, labels
+    h, w = img.shape[:2]
+    mask = np.zeros((h, w), np.uint8)
+    boxes = np.concatenate([labels[:, 1:3] - labels[:, 3:5] / 2, labels[:, 1:3] + labels[:, 3:5] / 2], 1)
+    added = []
+    for i in random.sample(cand, k):
+        x1, y1, x2, y2 = boxes[i]
+        new = np.array([1 - x2, y1, 1 - x1, y2])
+        inter = (np.clip(np.minimum(boxes[:, 2], new[2]) - np.maximum(boxes[:, 0], new[0]), 0, None)
+                 * np.clip(np.minimum(boxes[:, 3], new[3]) - np.maximum(boxes[:, 1], new[1]), 0, None))
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) + 1e-9
+        if (inter / area >= 0.30).any():
+            continue
+        poly = segments[i] * np.array([w, h])
+        poly[:, 0] = w - poly[:, 0]
+        cv2.fillPoly(mask, [np.round(poly).astype(np.int32)], 255)
+        boxes = np.concatenate([boxes, new[None]], 0)
+        added.append([labels[i, 0], (new[0] + new[2]) / 2, labels[i, 2], labels[i, 3], labels[i, 4]])
+    if not added:
+        return img, labels
+    img = np.where(mask[..., None] > 0, cv2.flip(img, 1), img)
+    return img, np.concatenate([labels, np.array(added, labels.dtype)], 0)
+
+
 def mixup(img: np.ndarray, labels: np.ndarray, img2: np.ndarray, labels2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Blend two same-size images (ratio ~ Beta(32, 32)) and keep both label sets."""
     r = np.random.beta(32.0, 32.0)

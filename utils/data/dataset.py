@@ -15,8 +15,8 @@ from torch.utils.data import Dataset
 
 from utils.general import LOGGER, UserError
 
-from .augment import augment_hsv, letterbox, mixup, mosaic4, random_perspective
-from .verify import scan_dataset
+from .augment import augment_hsv, copy_paste, letterbox, mixup, mosaic4, random_perspective
+from .verify import parse_label_file, scan_dataset
 
 DEFAULT_HYP = dict(hsv_h=0.015, hsv_s=0.7, hsv_v=0.4, degrees=0.0, translate=0.1, scale=0.9, shear=0.0,
                    perspective=0.0, flipud=0.0, fliplr=0.5, mosaic=1.0, mixup=0.15)
@@ -56,6 +56,7 @@ class YOLODataset(Dataset):
         self.counts, self.cache_file = scan["counts"], scan["cache_file"]
         self.im_files, self.label_files = scan["im_files"], scan["label_files"]
         self.labels, self.shapes = scan["labels"], scan["shapes"]  # shapes: (w, h)
+        self.polygons = scan["polygons"]  # which label files hold polygon rows (copy-paste reads them)
         if single_cls:
             for lb in self.labels:
                 lb[:, 0] = 0
@@ -67,9 +68,9 @@ class YOLODataset(Dataset):
         if n == 0:
             raise UserError(f"{path}: no images left after filtering")
         self.mosaic = augment and not rect and self.hyp.get("mosaic", 0) > 0
-        if augment and float(self.hyp.get("copy_paste", 0) or 0) > 0:
-            LOGGER.warning(f"{prefix}WARNING: hyp copy_paste={self.hyp['copy_paste']} is ignored: segment copy-paste "
-                           f"is not implemented here (polygon labels are trained as boxes)")
+        if self.mosaic and float(self.hyp.get("copy_paste", 0) or 0) > 0 and not any(self.polygons):
+            LOGGER.info(f"{prefix}copy_paste={self.hyp['copy_paste']} has no effect: no polygon labels "
+                        f"(segment copy-paste needs 'cls x1 y1 x2 y2 ...' rows)")
         self.indices = np.arange(n)
         self.batch = np.floor(np.arange(n) / batch_size).astype(int)
         self.batch_shapes = None
@@ -100,10 +101,20 @@ class YOLODataset(Dataset):
             out.append(str(folder / f"{Path(f).stem}_{hashlib.sha1(key.encode()).hexdigest()[:12]}.npy"))
         return out
 
+    def segments(self, i: int) -> list | None:
+        """Polygon points of image i's labels ([k, 2] normalised, None for box rows), re-read from its label
+        file; None if the file changed since the scan (rows no longer match the cached boxes)."""
+        lb, _, _, fatal, segs = parse_label_file(self.label_files[i], self.nc)
+        mine = self.labels[i]
+        if fatal or len(segs) != len(mine) or not np.allclose(lb[:, 1:], mine[:, 1:], atol=1e-5):
+            return None
+        return segs
+
     def _subset(self, keep: list[int]) -> None:
         self.im_files = [self.im_files[i] for i in keep]
         self.label_files = [self.label_files[i] for i in keep]
         self.labels = [self.labels[i] for i in keep]
+        self.polygons = [self.polygons[i] for i in keep]
         self.shapes = self.shapes[keep]
 
     def _set_rect(self, batch_size: int, pad: float) -> None:
@@ -198,9 +209,16 @@ class YOLODataset(Dataset):
     def _load_mosaic(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         idx = [index] + random.choices(range(len(self.im_files)), k=3)
         random.shuffle(idx)
-        items = [(self.load_image(i)[0], self.labels[i]) for i in idx]
-        img, labels = mosaic4(items, self.imgsz)
         h = self.hyp
+        p_cp = float(h.get("copy_paste", 0) or 0)
+        items = []
+        for i in idx:
+            im, lb = self.load_image(i)[0], self.labels[i]
+            segs = self.segments(i) if p_cp > 0 and self.polygons[i] else None
+            if segs:
+                im, lb = copy_paste(im, lb, segs, p_cp)
+            items.append((im, lb))
+        img, labels = mosaic4(items, self.imgsz)
         border = -(self.imgsz // 2)
         return random_perspective(img, labels, degrees=h["degrees"], translate=h["translate"], scale=h["scale"],
                                   shear=h["shear"], perspective=h["perspective"], border=(border, border))

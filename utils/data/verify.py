@@ -19,7 +19,7 @@ from PIL import Image
 from utils.general import LOGGER, UserError
 
 IMG_FORMATS = {"bmp", "dng", "jpeg", "jpg", "mpo", "png", "tif", "tiff", "webp", "pfm"}
-CACHE_VERSION = "yolo-mqa-labels-1"
+CACHE_VERSION = "yolo-mqa-labels-2"  # 2: records say which label files hold polygons
 COORD_TOL = 0.02  # normalised overshoot that is clipped silently-ish (logged) instead of rejecting the image
 FLOAT_TOL = 1e-4  # overshoot from rounding coordinates to text: clipped without a message
 MIN_IMG_SIDE = 10
@@ -115,49 +115,54 @@ def _check_image(im_file: str) -> tuple[int, int]:
     return size
 
 
-def parse_label_file(lb_file: str, nc: int) -> tuple[np.ndarray, int, list[str], str | None]:
-    """Parse one label file -> (labels [n,5] cls xc yc w h, duplicates removed, repair notes, fatal reason).
+def parse_label_file(lb_file: str, nc: int) -> tuple[np.ndarray, int, list[str], str | None, list]:
+    """Parse one label file -> (labels [n,5] cls xc yc w h, duplicates removed, repair notes, fatal reason,
+    segments).
 
-    Polygon rows (cls x1 y1 x2 y2 ...) become their bounding box. A fatal reason means the image is dropped:
-    a partly wrong label file would teach the model that real objects are background.
+    Polygon rows (cls x1 y1 x2 y2 ...) become their bounding box; their points ([k, 2], clipped to [0, 1])
+    are returned in segments, aligned with the label rows (None for a box row; [] when the file has no
+    polygon), for segment copy-paste. They are not cached: a COCO-size polygon cache would be gigabytes. A fatal reason means the image is dropped: a partly wrong label file would
+    teach the model that real objects are background.
     """
     notes: list[str] = []
     empty = np.zeros((0, 5), np.float32)
     try:
         text = Path(lb_file).read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        return empty, 0, notes, "label file is not UTF-8 text"
-    rows = []
+        return empty, 0, notes, "label file is not UTF-8 text", []
+    rows, segs = [], []
     for ln, line in enumerate(text.splitlines(), 1):
         parts = line.split()
         if not parts:
             continue
         n = len(parts)
         if n != 5 and (n < 7 or n % 2 == 0):
-            return empty, 0, notes, f"line {ln}: {n} columns (need 5 for a box or an odd number >= 7 for a polygon)"
+            return empty, 0, notes, f"line {ln}: {n} columns (need 5 for a box or an odd number >= 7 for a polygon)", []
         try:
             vals = [float(v) for v in parts]
         except ValueError:
-            return empty, 0, notes, f"line {ln}: non-numeric value"
+            return empty, 0, notes, f"line {ln}: non-numeric value", []
         if not all(math.isfinite(v) for v in vals):
-            return empty, 0, notes, f"line {ln}: NaN or inf value"
+            return empty, 0, notes, f"line {ln}: NaN or inf value", []
         c = vals[0]
         if c != int(c):
-            return empty, 0, notes, f"line {ln}: class id {parts[0]} is not an integer"
+            return empty, 0, notes, f"line {ln}: class id {parts[0]} is not an integer", []
         if c < 0 or c >= nc:
-            return empty, 0, notes, f"line {ln}: class id {int(c)} outside 0..{nc - 1}"
+            return empty, 0, notes, f"line {ln}: class id {int(c)} outside 0..{nc - 1}", []
         if n == 5:
             xc, yc, w, h = vals[1:]
             if w < 0 or h < 0:
-                return empty, 0, notes, f"line {ln}: negative box size"
+                return empty, 0, notes, f"line {ln}: negative box size", []
             x1, y1, x2, y2 = xc - w / 2, yc - h / 2, xc + w / 2, yc + h / 2
+            seg = None
         else:
             xy = np.array(vals[1:], np.float64).reshape(-1, 2)
+            seg = xy.clip(0, 1).astype(np.float32)
             x1, y1 = xy.min(0)
             x2, y2 = xy.max(0)
         lo, hi = min(x1, y1), max(x2, y2)
         if lo < -COORD_TOL or hi > 1 + COORD_TOL:
-            return empty, 0, notes, f"line {ln}: coordinates outside [0, 1] (min {lo:.3f}, max {hi:.3f})"
+            return empty, 0, notes, f"line {ln}: coordinates outside [0, 1] (min {lo:.3f}, max {hi:.3f})", []
         if lo < 0 or hi > 1:
             if lo < -FLOAT_TOL or hi > 1 + FLOAT_TOL:  # beyond text rounding noise: worth telling
                 notes.append(f"line {ln}: clipped a small overshoot outside [0, 1]")
@@ -166,15 +171,17 @@ def parse_label_file(lb_file: str, nc: int) -> tuple[np.ndarray, int, list[str],
             notes.append(f"line {ln}: removed a zero-size box")
             continue
         rows.append([c, (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1])
+        segs.append(seg)
     if not rows:
-        return empty, 0, notes, None
+        return empty, 0, notes, None, []
     lb = np.array(rows, np.float32)
     _, idx = np.unique(lb, axis=0, return_index=True)
     n_dup = len(lb) - len(idx)
     if n_dup:
-        lb = lb[np.sort(idx)]
+        idx = np.sort(idx)
+        lb, segs = lb[idx], [segs[i] for i in idx]
         notes.append(f"removed {n_dup} duplicate label rows")
-    return lb, n_dup, notes, None
+    return lb, n_dup, notes, None, (segs if any(x is not None for x in segs) else [])
 
 
 def verify_image_label(im_file: str, lb_file: str, nc: int) -> dict:
@@ -189,12 +196,12 @@ def verify_image_label(im_file: str, lb_file: str, nc: int) -> dict:
     if not os.path.isfile(lb_file):
         rec.update(status="background", label="missing")
         return rec
-    lb, n_dup, notes, fatal = parse_label_file(lb_file, nc)
+    lb, n_dup, notes, fatal, segs = parse_label_file(lb_file, nc)
     if fatal:
         rec["msgs"].append(f"{lb_file}: image dropped, {fatal}")
         return rec
     rec["msgs"] += [f"{lb_file}: {n}" for n in notes]
-    rec.update(labels=lb.round(6).tolist(), dup=n_dup, status="ok" if len(lb) else "background",
+    rec.update(labels=lb.round(6).tolist(), polygons=bool(segs), dup=n_dup, status="ok" if len(lb) else "background",
                label="ok" if len(lb) else "empty")
     return rec
 
@@ -309,6 +316,7 @@ def scan_dataset(paths, nc: int, prefix: str = "", use_cache: bool = True) -> di
         "im_files": [r["im_file"] for r in good],
         "label_files": img2label_paths([r["im_file"] for r in good]),
         "labels": [np.array(r["labels"], np.float32).reshape(-1, 5) for r in good],
+        "polygons": [bool(r.get("polygons")) for r in good],  # points are re-read on demand (copy-paste)
         "shapes": np.array([r["shape"] for r in good], np.int64).reshape(-1, 2),
         "counts": counts,
         "msgs": list(dict.fromkeys(cache["msgs"])),
