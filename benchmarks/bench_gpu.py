@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import statistics
 import sys
@@ -41,13 +42,6 @@ def _build(name: str, device, train: bool = False):
     torch.manual_seed(0)
     model = DetectionModel(f"{name}.yaml").to(device)
     return model.train() if train else model.eval().fuse()
-
-
-def _set_explicit(model, on: bool) -> None:
-    from models.attention import MultiQueryAttentionLayerWithDownSampling as MQA
-    for m in model.modules():
-        if isinstance(m, MQA):
-            m.explicit = True if on else None
 
 
 def forward_cost(model, batch: int, imgsz: int, amp: bool, warmup: int, runs: int) -> dict:
@@ -154,14 +148,16 @@ def main(argv: list[str] | None = None) -> None:
             x = torch.rand(1, 3, opt.imgsz, opt.imgsz, device=device)
             with torch.inference_mode():
                 with torch.autocast("cuda", dtype=torch.float16):
-                    out["kernels"]["inference AMP"] = sdpa_ops(lambda: model(x))
-                out["kernels"]["inference fp32"] = sdpa_ops(lambda: model(x))
-            _set_explicit(model, True)  # the materialising reference, same weights
+                    out["kernels"]["inference AMP"] = sdpa_ops(functools.partial(model, x))
+                out["kernels"]["inference fp32"] = sdpa_ops(functools.partial(model, x))
+            from models.attention import MultiQueryAttentionLayerWithDownSampling as MQA
+            MQA.explicit_default = True  # the materialising reference, same weights
             try:
                 row["explicit_amp_b1"] = forward_cost(model, 1, opt.imgsz, True, warmup=2, runs=5)
             except torch.OutOfMemoryError:
                 row["explicit_amp_b1"] = "out of memory"
-            _set_explicit(model, False)
+            finally:
+                MQA.explicit_default = False
         out["latency"].append(row)
         LOGGER.info(json.dumps(row))
         del model

@@ -58,7 +58,8 @@ def best_row(results_csv: Path, at_epoch: int | None = None) -> dict:
     if at_epoch is not None:
         picked = [r for r in rows if int(r["epoch"]) == at_epoch]
     else:
-        picked = [max(rows, key=lambda r: 0.1 * float(r["metrics/mAP_0.5"]) + 0.9 * float(r["metrics/mAP_0.5:0.95"]))] \
+        from utils.metrics import fitness
+        picked = [max(rows, key=lambda r: fitness([0, 0, float(r["metrics/mAP_0.5"]), float(r["metrics/mAP_0.5:0.95"])]))] \
             if rows else []
     if not picked:
         return {"epochs_done": len(rows)}

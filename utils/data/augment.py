@@ -12,6 +12,8 @@ import random
 import cv2
 import numpy as np
 
+from utils.general import xywh2xyxy
+
 
 def letterbox(img: np.ndarray, new_shape: int | tuple = 640, color: tuple = (114, 114, 114), auto: bool = False,
               scaleup: bool = True, stride: int = 32) -> tuple[np.ndarray, tuple, tuple]:
@@ -194,7 +196,7 @@ def copy_paste(img: np.ndarray, labels: np.ndarray, segments: list, p: float) ->
         return img, labels
     h, w = img.shape[:2]
     mask = np.zeros((h, w), np.uint8)
-    boxes = np.concatenate([labels[:, 1:3] - labels[:, 3:5] / 2, labels[:, 1:3] + labels[:, 3:5] / 2], 1)
+    boxes = xywh2xyxy(labels[:, 1:5])
     added = []
     for i in random.sample(cand, k):
         x1, y1, x2, y2 = boxes[i]

@@ -121,15 +121,20 @@ def parse_label_file(lb_file: str, nc: int) -> tuple[np.ndarray, int, list[str],
 
     Polygon rows (cls x1 y1 x2 y2 ...) become their bounding box; their points ([k, 2], clipped to [0, 1])
     are returned in segments, aligned with the label rows (None for a box row; [] when the file has no
-    polygon), for segment copy-paste. They are not cached: a COCO-size polygon cache would be gigabytes. A fatal reason means the image is dropped: a partly wrong label file would
-    teach the model that real objects are background.
+    polygon), for segment copy-paste; they are not cached (a COCO-size polygon cache would be gigabytes).
+    A fatal reason means the image is dropped: a partly wrong label file would teach the model that real
+    objects are background.
     """
     notes: list[str] = []
     empty = np.zeros((0, 5), np.float32)
+
+    def fail(reason: str) -> tuple:
+        return empty, 0, notes, reason, []
+
     try:
         text = Path(lb_file).read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        return empty, 0, notes, "label file is not UTF-8 text", []
+        return fail("label file is not UTF-8 text")
     rows, segs = [], []
     for ln, line in enumerate(text.splitlines(), 1):
         parts = line.split()
@@ -137,22 +142,22 @@ def parse_label_file(lb_file: str, nc: int) -> tuple[np.ndarray, int, list[str],
             continue
         n = len(parts)
         if n != 5 and (n < 7 or n % 2 == 0):
-            return empty, 0, notes, f"line {ln}: {n} columns (need 5 for a box or an odd number >= 7 for a polygon)", []
+            return fail(f"line {ln}: {n} columns (need 5 for a box or an odd number >= 7 for a polygon)")
         try:
             vals = [float(v) for v in parts]
         except ValueError:
-            return empty, 0, notes, f"line {ln}: non-numeric value", []
+            return fail(f"line {ln}: non-numeric value")
         if not all(math.isfinite(v) for v in vals):
-            return empty, 0, notes, f"line {ln}: NaN or inf value", []
+            return fail(f"line {ln}: NaN or inf value")
         c = vals[0]
         if c != int(c):
-            return empty, 0, notes, f"line {ln}: class id {parts[0]} is not an integer", []
+            return fail(f"line {ln}: class id {parts[0]} is not an integer")
         if c < 0 or c >= nc:
-            return empty, 0, notes, f"line {ln}: class id {int(c)} outside 0..{nc - 1}", []
+            return fail(f"line {ln}: class id {int(c)} outside 0..{nc - 1}")
         if n == 5:
             xc, yc, w, h = vals[1:]
             if w < 0 or h < 0:
-                return empty, 0, notes, f"line {ln}: negative box size", []
+                return fail(f"line {ln}: negative box size")
             x1, y1, x2, y2 = xc - w / 2, yc - h / 2, xc + w / 2, yc + h / 2
             seg = None
         else:
@@ -162,7 +167,7 @@ def parse_label_file(lb_file: str, nc: int) -> tuple[np.ndarray, int, list[str],
             x2, y2 = xy.max(0)
         lo, hi = min(x1, y1), max(x2, y2)
         if lo < -COORD_TOL or hi > 1 + COORD_TOL:
-            return empty, 0, notes, f"line {ln}: coordinates outside [0, 1] (min {lo:.3f}, max {hi:.3f})", []
+            return fail(f"line {ln}: coordinates outside [0, 1] (min {lo:.3f}, max {hi:.3f})")
         if lo < 0 or hi > 1:
             if lo < -FLOAT_TOL or hi > 1 + FLOAT_TOL:  # beyond text rounding noise: worth telling
                 notes.append(f"line {ln}: clipped a small overshoot outside [0, 1]")
