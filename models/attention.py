@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-BN_EPS, BN_MOMENTUM = 1e-3, 0.03  # YOLOv9's BatchNorm settings, used everywhere in the model
+from models.norm import BN_EPS, BN_MOMENTUM, fuse_conv_bn
 
 
 def _strided_dw(c: int, k: int, s: int) -> nn.Sequential:
@@ -140,7 +140,6 @@ class MultiQueryAttentionLayerWithDownSampling(nn.Module):
 
     def fuse(self) -> None:
         """Fold the depthwise-conv BatchNorms of the key/value paths into their convs."""
-        from models.common import fuse_conv_bn
         for name in ("key_down", "value_down"):
             seq = getattr(self, name)
             if isinstance(seq, nn.Sequential) and len(seq) == 2:

@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.attention import BN_EPS, BN_MOMENTUM, MultiQueryAttentionLayerWithDownSampling
+from models.attention import MultiQueryAttentionLayerWithDownSampling
+from models.norm import BN_EPS, BN_MOMENTUM, fuse_conv_bn
 
 __all__ = [
     "Conv", "AConv", "ADown", "RepConvN", "RepNBottleneck", "RepNCSP", "RepNCSPELAN4", "ELAN1", "SPPELAN",
@@ -24,19 +25,6 @@ def autopad(k, p=None, d: int = 1):
     if p is None:
         p = k // 2 if isinstance(k, int) else [x // 2 for x in k]
     return p
-
-
-@torch.no_grad()
-def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    """Return one Conv2d (with bias) equal to conv followed by bn in eval mode."""
-    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                      conv.dilation, conv.groups, bias=True).requires_grad_(False).to(conv.weight.device)
-    std = (bn.running_var + bn.eps).sqrt()
-    scale = bn.weight / std
-    fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
-    b = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    fused.bias.copy_((b - bn.running_mean) * scale + bn.bias)
-    return fused
 
 
 class Conv(nn.Module):

@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-import export
+import export as export_cli
+from utils.deploy import export
 from models.yolo import DetectionModel
 from utils.checkpoint import make_checkpoint, save_checkpoint
 from utils.engine.backend import Backend
@@ -46,7 +47,7 @@ def mmqa(tmp_path_factory):
     model = perturb_bn(DetectionModel("yolov9-t-MMQA", nc=3))
     model.names = NAMES
     w = save_checkpoint(make_checkpoint(model, names=NAMES), d / "best.pt")
-    out = export.main(["--weights", str(w), "--include", "torchscript", "onnx", "reparam", "--imgsz", str(H), str(W)])
+    out = export_cli.main(["--weights", str(w), "--include", "torchscript", "onnx", "reparam", "--imgsz", str(H), str(W)])
     return model, out
 
 
@@ -197,7 +198,7 @@ def mmqa_dynamic(tmp_path_factory):
     model = perturb_bn(DetectionModel("yolov9-t-MMQA", nc=3), seed=3)
     model.names = NAMES
     w = save_checkpoint(make_checkpoint(model, names=NAMES), d / "best.pt")
-    out = export.main(["--weights", str(w), "--include", "onnx", "torchscript", "--dynamic",
+    out = export_cli.main(["--weights", str(w), "--include", "onnx", "torchscript", "--dynamic",
                        "--imgsz", str(DYN), str(DYN)])
     return model, w, out
 

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from models.yolo import DetectionModel, load_model_yaml
 from utils.general import UserError
-from utils.reparam import gelan_yaml_for, layer_map, main_branch, offset_map, reparameterize
+from utils.deploy.reparam import gelan_yaml_for, layer_map, main_branch, offset_map, reparameterize
 from helpers import perturb_bn
 
 SCALES = "tsmce"
@@ -77,7 +77,7 @@ def _main_branch(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def test_yolov9_t_checkpoint_to_gelan_t(tmp_path):
     from utils.checkpoint import load_checkpoint, load_model, make_checkpoint, save_checkpoint
-    from utils.reparam import main
+    from utils.deploy.reparam import main
     dual = perturb_bn(DetectionModel("yolov9-t", nc=5))
     dual.names = list("abcde")
     w = save_checkpoint(make_checkpoint(dual, names=dual.names), tmp_path / "best.pt")

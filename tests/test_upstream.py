@@ -12,7 +12,7 @@ import torch
 from models.yolo import DetectionModel
 from utils.checkpoint import load_checkpoint, load_model
 from utils.general import UserError
-from utils.upstream import convert, main, safe_load
+from utils.deploy.upstream import convert, main, safe_load
 from helpers import perturb_bn
 
 

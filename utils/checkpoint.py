@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from models.yolo import DetectionModel
 from utils.general import LOGGER, UserError
 
 FORMAT_VERSION = 1
@@ -130,7 +131,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as e:  # unpickling refused, truncated or not a torch file
         msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise UserError(f"{path}: not a loadable checkpoint of this project ({msg}). Upstream YOLOv9 .pt files "
-                        f"pickle code: convert them with `python -m utils.upstream --weights {path}`") from None
+                        f"pickle code: convert them with `python -m utils.deploy.upstream --weights {path}`") from None
     if not isinstance(ck, dict) or "model_yaml" not in ck or "model" not in ck:
         raise UserError(f"{path}: not a checkpoint of this project (no model_yaml/model entries)")
     return ck
@@ -138,7 +139,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def model_from_checkpoint(ck: dict, use_ema: bool = True) -> nn.Module:
     """Rebuild the DetectionModel from the YAML dict and load the (EMA) weights in fp32."""
-    from models.yolo import DetectionModel
     state = ck["ema"] if use_ema and ck.get("ema") else ck["model"]
     model = DetectionModel(ck["model_yaml"], ch=ck["model_yaml"].get("ch", 3))
     missing, unexpected = model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()},

@@ -184,13 +184,13 @@ def ap_per_class(tp, conf, pred_cls, target_cls, plot: bool = False, save_dir: s
     fp_best = np.round(tp_best / (p + eps) - tp_best)
 
     if plot and nc:
-        from utils import plot_metrics
+        from utils import plots
         label_names = [_name(names, int(c)) for c in classes]
         save_dir = Path(save_dir or ".")
-        plot_metrics.plot_pr_curve(RECALL_THRESHOLDS, pr_curve, ap[:, 0], save_dir / "PR_curve.png", label_names)
-        plot_metrics.plot_mc_curve(px, f1_curve, save_dir / "F1_curve.png", label_names, ylabel="F1")
-        plot_metrics.plot_mc_curve(px, p_curve, save_dir / "P_curve.png", label_names, ylabel="Precision")
-        plot_metrics.plot_mc_curve(px, r_curve, save_dir / "R_curve.png", label_names, ylabel="Recall")
+        plots.plot_pr_curve(RECALL_THRESHOLDS, pr_curve, ap[:, 0], save_dir / "PR_curve.png", label_names)
+        plots.plot_mc_curve(px, f1_curve, save_dir / "F1_curve.png", label_names, ylabel="F1")
+        plots.plot_mc_curve(px, p_curve, save_dir / "P_curve.png", label_names, ylabel="Precision")
+        plots.plot_mc_curve(px, r_curve, save_dir / "R_curve.png", label_names, ylabel="Recall")
     return APResult(p=p, r=r, f1=f1, ap=ap, ap_class=classes.astype(int), tp=tp_best, fp=fp_best,
                     conf_best=float(px[best]))
 
@@ -256,10 +256,10 @@ class ConfusionMatrix:
 
     def plot(self, normalize: bool = True, save_dir: str | Path = "", names: Sequence[str] | dict = ()) -> Path:
         """Write confusion_matrix.png (columns normalised to 1 when normalize) into save_dir."""
-        from utils import plot_metrics
+        from utils import plots
         labels = [_name(names, i) for i in range(self.nc)] + ["background"]
         out = Path(save_dir) / "confusion_matrix.png"
-        plot_metrics.plot_confusion_matrix(self.matrix, labels, out, normalize=normalize)
+        plots.plot_confusion_matrix(self.matrix, labels, out, normalize=normalize)
         return out
 
 

@@ -7,7 +7,7 @@ layer by layer (module type, arguments, inputs) against the target GELAN YAML, s
 MMQA variants and for custom YAMLs.
 
 Usage:
-    python -m utils.reparam --weights best.pt [--cfg gelan-c.yaml] [--out gelan.pt]
+    python -m utils.deploy.reparam --weights best.pt [--cfg gelan-c.yaml] [--out gelan.pt]
 """
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from utils.general import LOGGER, UserError
+from models.yolo import CFG_DIR, DetectionModel, load_model_yaml
+from utils.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
+from utils.general import LOGGER, UserError, cli
 
 INPUT = None  # marker for "the network input image" in resolved layer inputs
 
@@ -154,7 +156,6 @@ def layer_map(dual: dict, gelan: dict) -> list[int]:
 
 def find_gelan_cfg(dual: dict) -> dict:
     """Shipped GELAN YAML for a dual YAML (yolov9-c -> gelan-c), else one synthesised from the main branch."""
-    from models.yolo import CFG_DIR, load_model_yaml
     name = str(dual.get("yaml_file", ""))
     if name.startswith("yolov9"):
         cand = CFG_DIR / name.replace("yolov9", "gelan", 1)
@@ -188,7 +189,6 @@ def convert_state_dict(state: dict, dual: dict, gelan: dict) -> dict:
 
 
 def _gelan_dict(dual_model: nn.Module, cfg: str | Path | dict | None) -> dict:
-    from models.yolo import load_model_yaml
     dual = dual_model.yaml
     if cfg is None:
         g = find_gelan_cfg(dual)
@@ -207,7 +207,6 @@ def reparameterize(model: nn.Module, cfg: str | Path | dict | None = None) -> nn
     cfg: the GELAN YAML (path, name or dict); None picks it from the model's yaml_file (yolov9-c -> gelan-c),
     or synthesises it from the main branch.
     """
-    from models.yolo import DetectionModel
     if not getattr(model, "is_dual", False):
         raise UserError(f"{model.yaml.get('yaml_file', 'model')}: already a single-head model; nothing to re-parameterise")
     g = _gelan_dict(model, cfg)
@@ -228,7 +227,6 @@ def reparameterize(model: nn.Module, cfg: str | Path | dict | None = None) -> nn
 def reparam_checkpoint(weights: str | Path, cfg: str | Path | dict | None = None,
                        out: str | Path | None = None) -> Path:
     """Convert a dual-head checkpoint of this project into a gelan checkpoint; returns the written path."""
-    from utils.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
     weights = Path(weights)
     ck = load_checkpoint(weights)
     src = ck["ema"] if ck.get("ema") else ck["model"]
@@ -258,5 +256,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    from utils.general import cli
     cli(main)()

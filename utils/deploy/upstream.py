@@ -7,7 +7,7 @@ only tensor/storage rebuild functions and a few plain builtins are resolved; mod
 stand-ins that merely keep their attribute dict; every other global is refused before anything runs.
 
 Usage:
-    python -m utils.upstream --weights yolov9-c.pt --out yolov9-c-converted.pt [--cfg yolov9-c.yaml]
+    python -m utils.deploy.upstream --weights yolov9-c.pt --out yolov9-c-converted.pt [--cfg yolov9-c.yaml]
 """
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from utils.general import LOGGER, UserError
+from models.yolo import DetectionModel, load_model_yaml
+from utils.checkpoint import make_checkpoint, save_checkpoint
+from utils.general import LOGGER, UserError, cli
 
 # torch.<Name>Storage classes as written by torch.save -> element dtype
 _STORAGE_DTYPES = {
@@ -71,7 +73,7 @@ _stub_classes: dict[str, type] = {}
 def _stub_class(module: str, name: str) -> type:
     key = f"{module}.{name}"
     if key not in _stub_classes:
-        _stub_classes[key] = type(name, (Stub,), {"_qualname": key, "__module__": "utils.upstream.stubs"})
+        _stub_classes[key] = type(name, (Stub,), {"_qualname": key, "__module__": "utils.deploy.upstream.stubs"})
     return _stub_classes[key]
 
 
@@ -246,8 +248,6 @@ def _plain_names(names: Any, nc: int) -> list[str]:
 
 def convert(weights: str | Path, out: str | Path | None = None, cfg: str | Path | None = None) -> Path:
     """Upstream .pt -> this project's checkpoint; verified by a strict load into DetectionModel."""
-    from models.yolo import DetectionModel, load_model_yaml
-    from utils.checkpoint import make_checkpoint, save_checkpoint
     weights = Path(weights)
     ck = safe_load(weights)
     if _is_stub(ck):  # a bare pickled model instead of a checkpoint dict
@@ -313,5 +313,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    from utils.general import cli
     cli(main)()

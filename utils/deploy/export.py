@@ -1,0 +1,191 @@
+"""Export engine: TorchScript / ONNX files with metadata, and the GELAN re-parameterisation step.
+
+Exported files return y [B, 4+nc, A] (xywh pixels + class scores; the main branch for dual-head models).
+By default they are fixed to one input size; with dynamic=True batch, height and width are dynamic (any
+multiple of the stride; the anchor grid follows the input). Class names, stride, nc, imgsz and dynamic_hw
+are stored in the file and read back by utils/engine/backend.py.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from models.attention import MultiQueryAttentionLayerWithDownSampling as MQA
+from utils.checkpoint import load_checkpoint, load_model
+from utils.deploy.reparam import reparam_checkpoint, reparameterize
+from utils.general import LOGGER, UserError, check_img_size
+from utils.torch_utils import select_device
+
+FORMATS = ("torchscript", "onnx", "reparam")
+
+
+@contextlib.contextmanager
+def export_mode(model: nn.Module):
+    """Eval mode, head returns only y, MQA uses its explicit (traceable) math; all restored afterwards."""
+    head, was_training = model.head, model.training
+    old_export, old_explicit = head.__dict__.get("export"), MQA.explicit_default
+    model.eval()
+    head.export = True
+    MQA.explicit_default = True
+    try:
+        yield model
+    finally:
+        MQA.explicit_default = old_explicit
+        if old_export is None:
+            del head.export
+        else:
+            head.export = old_export
+        model.train(was_training)
+
+
+def single_head(model: nn.Module) -> nn.Module:
+    """Dual-head model -> its GELAN form for export (smaller graph, same main-branch output); else unchanged."""
+    if not getattr(model, "is_dual", False):
+        return model
+    try:
+        gelan = reparameterize(model).eval()
+    except UserError as e:
+        LOGGER.warning(f"WARNING: exporting the dual-head graph (main branch output); re-parameterisation failed: {e}")
+        return model
+    p = next(model.parameters())
+    x = torch.rand(1, 3, 64, 64, device=p.device, dtype=p.dtype)
+    with torch.no_grad():
+        ok = torch.allclose(model.eval()(x)[0], gelan(x)[0], atol=1e-4, rtol=1e-4)
+    if not ok:
+        LOGGER.warning("WARNING: re-parameterised outputs differ; exporting the dual-head graph (main branch output)")
+        return model
+    return gelan
+
+
+def metadata(model: nn.Module, imgsz: tuple, batch: int, dynamic: bool, half: bool, weights: Path) -> dict:
+    names = [str(n) for n in getattr(model, "names", [])] or [str(i) for i in range(model.nc)]
+    return {"stride": int(max(model.stride)), "names": names, "nc": int(model.nc), "imgsz": [int(imgsz[0]), int(imgsz[1])],
+            "batch": int(batch), "dynamic": bool(dynamic), "dynamic_hw": bool(dynamic),  # dynamic_hw: any H, W
+            "half": bool(half), "task": "detect",
+            "model": str(model.yaml.get("yaml_file", "")), "source": weights.name}
+
+
+def export_torchscript(model: nn.Module, im: torch.Tensor, f: Path, meta: dict) -> Path:
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ts = torch.jit.trace(model, im, strict=False, check_trace=False)
+    ts.save(str(f), _extra_files={"config.txt": json.dumps(meta)})
+    return f
+
+
+def export_onnx(model: nn.Module, im: torch.Tensor, f: Path, meta: dict, opset: int = 17, dynamic: bool = False,
+                simplify: bool = False) -> Path:
+    try:
+        import onnx
+    except ImportError:
+        raise UserError("export.py: --include onnx needs the onnx package (pip install onnx onnxruntime)") from None
+    # dynamic: batch and image height/width (any multiple of the stride); the anchor count follows the size
+    axes = {"images": {0: "batch", 2: "height", 3: "width"}, "output0": {0: "batch", 2: "anchors"}} if dynamic else None
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (im,), str(f), dynamo=False, opset_version=opset, do_constant_folding=True,
+                          input_names=["images"], output_names=["output0"], dynamic_axes=axes)
+    m = onnx.load(str(f))
+    onnx.checker.check_model(m)
+    if simplify:
+        try:
+            import onnxsim
+            m, ok = onnxsim.simplify(m)
+            if not ok:
+                LOGGER.warning("WARNING: onnxsim could not validate the simplified model; kept it anyway")
+        except ImportError:
+            LOGGER.warning("WARNING: --simplify ignored: onnxsim is not installed")
+    del m.metadata_props[:]
+    for k, v in meta.items():
+        p = m.metadata_props.add()
+        p.key, p.value = k, json.dumps(v)
+    onnx.save(m, str(f))
+    return f
+
+
+def _onnx_check(f: Path, model: nn.Module, im: torch.Tensor) -> None:
+    """Log the max difference between onnxruntime and PyTorch on the export input (skipped without onnxruntime)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return
+    sess = ort.InferenceSession(str(f), providers=["CPUExecutionProvider"])
+    x = torch.rand_like(im)
+    y = sess.run(None, {"images": x.cpu().numpy()})[0]
+    with torch.no_grad():
+        ref = model(x).float().cpu().numpy()
+    LOGGER.info(f"ONNX check: max |onnxruntime - torch| = {abs(y - ref).max():.2e}")
+
+
+def run(weights: str | Path, include: tuple = ("torchscript",), imgsz: tuple | list | int = (640, 640),
+        batch_size: int = 1, dynamic: bool = False, half: bool = False, opset: int = 17, simplify: bool = False,
+        device: str = "cpu", fuse: bool = True) -> dict[str, Path]:
+    """Export `weights` to each format in include; returns {format: written path}."""
+    weights = Path(weights)
+    include = [x.lower() for x in include]
+    bad = [x for x in include if x not in FORMATS]
+    if bad:
+        raise UserError(f"export.py: unknown --include {bad} (choose from {', '.join(FORMATS)})")
+    if weights.suffix != ".pt":
+        raise UserError(f"{weights}: export needs a .pt checkpoint of this project")
+    dev = select_device(device) if not isinstance(device, torch.device) else device
+    if half and dev.type != "cuda":
+        LOGGER.warning("WARNING: --half needs a CUDA device; exporting in fp32")
+        half = False
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: must be at least 1")
+    sz = [imgsz] * 2 if isinstance(imgsz, int) else list(imgsz) * (2 if len(imgsz) == 1 else 1)
+    if len(sz) != 2 or min(sz) < 1:
+        raise UserError(f"--imgsz {imgsz}: give one size or two (h w), all positive")
+
+    out: dict[str, Path] = {}
+    if "reparam" in include:
+        rows = load_checkpoint(weights)["model_yaml"]
+        if str((rows["backbone"] + rows["head"])[-1][2]) == "DualDDetect":
+            out["reparam"] = reparam_checkpoint(weights)
+        else:
+            LOGGER.warning(f"WARNING: {weights} is already single-head; --include reparam skipped")
+    targets = [x for x in include if x != "reparam"]
+    if not targets:
+        return out
+
+    model = load_model(out.get("reparam", weights), dev, fuse=False)
+    model = single_head(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if fuse:
+        with torch.no_grad():
+            model.fuse()
+    stride = int(max(model.stride))
+    h, w = check_img_size(sz, stride)
+    im = torch.zeros(batch_size, 3, h, w, device=dev)
+    if half:
+        model, im = model.half(), im.half()
+    meta = metadata(model, (h, w), batch_size, dynamic, half, weights)
+    with export_mode(model):
+        with torch.no_grad():
+            for _ in range(2):
+                model(im)  # dry runs
+        if "torchscript" in targets:
+            out["torchscript"] = export_torchscript(model, im, weights.with_suffix(".torchscript"), meta)
+            LOGGER.info(f"TorchScript: saved {out['torchscript']} ({out['torchscript'].stat().st_size / 1e6:.1f} MB)")
+        if "onnx" in targets:
+            f = export_onnx(model, im, weights.with_suffix(".onnx"), meta, opset, dynamic, simplify)
+            out["onnx"] = f
+            LOGGER.info(f"ONNX (opset {opset}): saved {f} ({f.stat().st_size / 1e6:.1f} MB)")
+            if not half:
+                _onnx_check(f, model, im)
+    if dynamic:
+        LOGGER.info(f"Export done, traced at [{batch_size}, 3, {h}, {w}] with dynamic batch and height/width "
+                    f"(multiples of {stride}); run with: python detect_dual.py --weights <file> --imgsz <size>")
+    else:
+        LOGGER.info(f"Export done for input [{batch_size}, 3, {h}, {w}]; "
+                    f"run with: python detect_dual.py --weights <file> --imgsz {h} {w}")
+    return out
+
+
