@@ -49,6 +49,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="(set by torchrun; read from LOCAL_RANK)")
     p.add_argument("--min-items", type=int, default=0, help="drop training images with fewer labels")
     p.add_argument("--close-mosaic", type=int, default=None, help="disable mosaic for the final N epochs")
+    p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
+                   help="write TensorBoard event files into the run folder (--no-tensorboard: off)")
     opt = p.parse_args(argv)
     if not opt.cfg and not opt.weights and not opt.resume:
         opt.cfg = "yolov9-t-MMQA.yaml"
@@ -57,8 +59,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
 
 @cli
 def main(argv: list[str] | None = None) -> dict:
+    from utils.engine.config import TrainConfig
     from utils.engine.trainer import train
-    return train(parse_opt(argv))
+    return train(TrainConfig.from_args(parse_opt(argv)))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from utils.general import LOGGER, cli  # noqa: E402
+from utils.checkpoint import find_newest  # noqa: E402
+from utils.general import cli  # noqa: E402
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,19 +52,13 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _default_weights() -> list[str] | None:
-    found = sorted((ROOT / "runs" / "train").glob("*/weights/best.pt"), key=lambda p: p.stat().st_mtime)
-    return [str(found[-1])] if found else None
-
-
 def main(argv: list[str] | None = None) -> dict:
     opt = parse_opt(argv)
     if not opt.weights:
-        opt.weights = _default_weights()
-        if opt.weights:
-            LOGGER.info(f"Using newest weights {opt.weights[0]}")
+        opt.weights = [str(find_newest("train/*/weights/best.pt", "--weights"))]
+    from utils.engine.config import ValJob
     from utils.engine.validator import run_validation
-    return run_validation(**vars(opt))
+    return run_validation(ValJob.from_args(opt))
 
 
 if __name__ == "__main__":

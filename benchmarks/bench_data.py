@@ -48,7 +48,7 @@ def main() -> None:
     rows = []
     for sz in opt.sizes:
         for nw in opt.workers:
-            rows.append((sz, nw, bench(data["train"], data["nc"], sz, nw, opt.batch_size, opt.batches, hyp)))
+            rows.append((sz, nw, bench(data.train, data.nc, sz, nw, opt.batch_size, opt.batches, hyp)))
     print(f"\n{'imgsz':>6} {'workers':>8} {'images/s':>10}   (mosaic {hyp.get('mosaic')}, mixup {hyp.get('mixup')}, "
           f"batch {opt.batch_size})")
     for sz, nw, ips in rows:

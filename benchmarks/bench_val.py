@@ -68,26 +68,26 @@ def main() -> None:
 
     device = select_device(opt.device)
     data = load_data_config(opt.data)
-    files, _ = collect_image_files(data["val"])
+    files, _ = collect_image_files(data.val)
     files = files[:opt.images] if opt.images else files
     if opt.weights:
         model = Backend(opt.weights, device=device)
     else:
         torch.manual_seed(0)
-        m = DetectionModel(opt.cfg, nc=data["nc"])
-        m.names = data["names"]
+        m = DetectionModel(opt.cfg, nc=data.nc)
+        m.names = data.names
         model = Backend(m.fuse(), device=device)
     LOGGER.setLevel(logging.ERROR)  # keep the validator's table out of the benchmark output
     rows = []
     for sz in opt.imgsz:
         loader, _ = create_dataloader(files, sz, opt.batch_size, model.stride, pad=0.5, rect=True, workers=0,
-                                      names=data["names"], nc=data["nc"])
+                                      names=data.names, nc=data.nc)
         model.warmup((1, 3, sz, sz))
         t0 = time.perf_counter()
-        r = validate(model, loader, names=data["names"], plots=False, training=False)
+        r = validate(model, loader, names=data.names, plots=False, training=False)
         wall = time.perf_counter() - t0
-        rows.append((f"val {sz}", r["seen"] / wall, *r["speed"], r["metrics_ms"]))
-        nms_ms, met_ms, ndet = dense_nms_and_metrics(data["nc"], sz)
+        rows.append((f"val {sz}", r.seen / wall, *r.speed, r.metrics_ms))
+        nms_ms, met_ms, ndet = dense_nms_and_metrics(data.nc, sz)
         rows.append((f"dense {sz} ({ndet:.0f} det/img)", float("nan"), float("nan"), float("nan"), nms_ms, met_ms))
     LOGGER.setLevel(logging.INFO)
     name = Path(opt.weights).name if opt.weights else f"{opt.cfg} (random init)"

@@ -39,7 +39,7 @@ def prepare(data: str) -> None:
     from utils.data.verify import scan_dataset
     cfg = load_data_config(data)
     for split in ("train", "val"):
-        scan_dataset(cfg[split], cfg["nc"], prefix=f"{split}: ")
+        scan_dataset(cfg[split], cfg.nc, prefix=f"{split}: ")
 
 
 def command(name: str, opt: argparse.Namespace) -> list[str]:

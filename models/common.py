@@ -81,12 +81,11 @@ class RepConvN(nn.Module):
     default_act = nn.SiLU()
 
     def __init__(self, c1: int, c2: int, k: int = 3, s: int = 1, p: int = 1, g: int = 1, d: int = 1,
-                 act=True, bn: bool = False, deploy: bool = False):
+                 act=True):
         super().__init__()
         assert k == 3 and p == 1
         self.g, self.c1, self.c2 = g, c1, c2
         self.act = self.default_act if act is True else act if isinstance(act, nn.Module) else nn.Identity()
-        self.bn = None
         self.conv1 = Conv(c1, c2, k, s, p=p, g=g, act=False)
         self.conv2 = Conv(c1, c2, 1, s, p=(p - k // 2), g=g, act=False)
 

@@ -29,9 +29,9 @@ def test_basic_and_names_dict(tmp_path):
     f = write_yaml(tmp_path / "d.yaml", f"path: {tmp_path}\ntrain: images/train\nval: images/val\n"
                                         "names:\n  0: cat\n  1: dog\nnc: 2\n")
     d = load_data_config(f)
-    assert d["names"] == ["cat", "dog"] and d["nc"] == 2
-    assert d["train"] == [tmp_path / "images" / "train"] and d["test"] is None
-    assert d["path"] == tmp_path and d["yaml_file"] == str(f)
+    assert d.names == ["cat", "dog"] and d.nc == 2
+    assert d.train == [tmp_path / "images" / "train"] and d.test is None
+    assert d.path == tmp_path and d.yaml_file == str(f)
 
 
 def test_key_variants_relative_to_yaml_and_lists(tmp_path):
@@ -42,14 +42,14 @@ def test_key_variants_relative_to_yaml_and_lists(tmp_path):
     f = write_yaml(tmp_path / "d.yaml", "train: [images/train, images/extra]\nvalidation: list.txt\n"
                                         "class_list: [a, b, c]\nclass_num: 3\n")
     d = load_data_config(f)
-    assert d["train"] == [tmp_path / "images" / "train", tmp_path / "images" / "extra"]
-    assert d["val"] == [tmp_path / "list.txt"] and d["names"] == ["a", "b", "c"]
+    assert d.train == [tmp_path / "images" / "train", tmp_path / "images" / "extra"]
+    assert d.val == [tmp_path / "list.txt"] and d.names == ["a", "b", "c"]
     # split relative to `path` first, then to the YAML's folder
     sub = tmp_path / "root"
     make_split(sub, "train")
     f2 = write_yaml(tmp_path / "d2.yaml", "path: root\ntrain: images/train\nval: images/val\nnames: [x]\n")
     d2 = load_data_config(f2)
-    assert d2["train"] == [sub / "images" / "train"] and d2["val"] == [tmp_path / "images" / "val"]
+    assert d2.train == [sub / "images" / "train"] and d2.val == [tmp_path / "images" / "val"]
 
 
 @pytest.mark.parametrize("text,match", [
@@ -84,7 +84,7 @@ def test_download_is_never_executed(tmp_path):
     make_split(tmp_path, "train")
     make_split(tmp_path, "val")
     d = load_data_config(f)  # data present: download key simply ignored
-    assert "download" not in d and d["download_ignored"] and not marker.exists()
+    assert d.download_ignored and not marker.exists()
 
 
 def test_synthetic_generated_when_missing(tmp_path, monkeypatch):
@@ -99,7 +99,7 @@ def test_synthetic_generated_when_missing(tmp_path, monkeypatch):
                                         "synthetic: shapes\nnames: [circle, rectangle, triangle, star, cross]\n")
     d = load_data_config(f)
     assert calls == [tmp_path / "gen" / "shapes"]
-    assert len(list(d["train"][0].glob("*.jpg"))) == 6 and len(list(d["val"][0].glob("*.jpg"))) == 3
+    assert len(list(d.train[0].glob("*.jpg"))) == 6 and len(list(d.val[0].glob("*.jpg"))) == 3
     load_data_config(f)
     assert len(calls) == 1  # second load reuses the generated set
 

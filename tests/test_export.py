@@ -167,7 +167,7 @@ def test_val_dual_runs_on_exported_files_at_their_size(mmqa, tmp_path):
     for fmt in ("onnx", "torchscript"):
         r = run_validation(data=str(data), weights=str(out[fmt]), batch_size=4, workers=0,
                            project=str(tmp_path / "val"), name=fmt, plots=False)
-        results[fmt] = (r["map50"], r["map"])
+        results[fmt] = (r.map50, r.map)
         assert all(np.isfinite(v) for v in results[fmt])
     assert results["onnx"] == pytest.approx(results["torchscript"], abs=1e-3)
 
@@ -260,7 +260,7 @@ def test_dynamic_onnx_validates_like_pt(mmqa_dynamic, tmp_path, monkeypatch):
         seen.clear()
         r = run_validation(data=str(data), weights=str(f), batch_size=4, imgsz=96, workers=0,
                            project=str(tmp_path / "val"), name=key, plots=False)
-        res[key], shapes[key] = (r["map50"], r["map"]), list(seen)
+        res[key], shapes[key] = (r.map50, r.map), list(seen)
     assert shapes["onnx"] == shapes["pt"]  # same letterboxed batch shapes as .pt (warmup included)
     assert (DYN, DYN) not in shapes["onnx"]  # not forced to the export size ...
     assert any(h != w for h, w in shapes["onnx"])  # ... and rectangular batches were used

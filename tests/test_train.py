@@ -141,17 +141,80 @@ def test_bad_hyp_and_data_are_one_line_errors(tiny_data, tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith("ERROR:") and "nope.yaml" in r.stderr
 
 
-def test_nonfinite_loss_is_skipped_then_stops(tiny_data, tmp_path):
-    base = [*TINY, "--data", str(tiny_data), "--epochs", "1", "--project", str(tmp_path), "--noplots"]
-    r = run_train([*base, "--name", "skip"], tmp_path, env={"YOLO_INJECT_NONFINITE": "1"})
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "non-finite loss" in r.stderr + r.stdout
+def _train_in_process(args):
+    import train_dual
+    from utils.engine.config import TrainConfig
+    from utils.engine.trainer import Trainer
+    trainer = Trainer(TrainConfig.from_args(train_dual.parse_opt([str(a) for a in args])))
+    return trainer, trainer.run()
+
+
+def _nan_at(monkeypatch, bad):
+    """Make the training loss NaN at the training steps (counted from 0) for which bad(step) is true."""
+    from utils.engine import trainer as trainer_mod
+    real = trainer_mod.DetectionLoss
+    steps = iter(range(10**6))
+
+    class NaNLoss(real):
+        def __call__(self, preds, targets):
+            loss, items = super().__call__(preds, targets)
+            if torch.is_grad_enabled() and bad(next(steps)):  # training steps only, not validation
+                loss = loss * float("nan")
+            return loss, items
+    monkeypatch.setattr(trainer_mod, "DetectionLoss", NaNLoss)
+
+
+def test_nonfinite_loss_is_skipped_then_stops(tiny_data, tmp_path, monkeypatch, caplog):
+    from utils.general import UserError
+    base = [*TINY, "--data", tiny_data, "--epochs", "1", "--project", tmp_path, "--noplots"]
+    _nan_at(monkeypatch, lambda step: step == 1)
+    _train_in_process([*base, "--name", "skip"])
+    assert "non-finite loss" in caplog.text
     base[base.index("--epochs") + 1] = "5"  # 3 batches per epoch: 10 bad steps in a row span epochs
-    r = run_train([*base, "--name", "stop"], tmp_path, env={"YOLO_INJECT_NONFINITE": "0+"})
-    assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert "not finite" in r.stderr
+    _nan_at(monkeypatch, lambda step: True)
+    with pytest.raises(UserError, match="not finite"):
+        _train_in_process([*base, "--name", "stop"])
     ck = torch.load(tmp_path / "stop" / "weights" / "last.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def test_weight_decay_is_never_rescaled_by_resume(tiny_data, tmp_path):
+    """hyp.yaml and checkpoints keep the file's weight_decay; the optimizer gets the batch-scaled value."""
+    from utils.engine.trainer import load_hyp
+    wd = load_hyp("hyp.scratch-high.yaml")["weight_decay"]
+    scaled = wd * 8 * 8 / 64  # batch 8, accumulate round(64 / 8) = 8, nominal 64
+    args = [*TINY, "--data", tiny_data, "--epochs", "1", "--project", tmp_path, "--name", "exp", "--noplots",
+            "--noval"]
+    trainer, _ = _train_in_process(args)
+    last = tmp_path / "exp" / "weights" / "last.pt"
+    for epochs in (2, 3):  # resume twice
+        trainer, _ = _train_in_process(["--resume", last, "--epochs", epochs])
+        assert trainer.optimizer.param_groups[1]["weight_decay"] == pytest.approx(scaled)
+        assert trainer.hyp["weight_decay"] == wd
+        assert torch.load(last, weights_only=True)["hyp"]["weight_decay"] == wd
+        assert yaml.safe_load((tmp_path / "exp" / "hyp.yaml").read_text())["weight_decay"] == wd
+    assert trainer.cfg.epochs == 3 and trainer.cfg.resume == str(last)
+
+
+def test_train_config_is_read_only_and_resume_makes_a_new_one(tmp_path):
+    import dataclasses
+    from utils.engine.config import TrainConfig
+    from utils.general import UserError
+    cfg = TrainConfig.from_args({"epochs": 5, "device": "cpu", "freeze": [3]})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.epochs = 6
+    path = tmp_path / "exp" / "weights" / "last.pt"
+    resumed = TrainConfig(device="cuda", workers=2).for_resume({**cfg.as_dict(), "batch_size": 4}, path)
+    assert resumed is not cfg and cfg.device == "cpu" and cfg.resume == ""
+    assert (resumed.device, resumed.workers, resumed.epochs, resumed.batch_size) == ("cuda", 2, 5, 4)
+    assert resumed.save_dir == str(tmp_path / "exp") and resumed.freeze == (3,)
+    filled = TrainConfig().with_defaults({"epochs": 7})
+    assert (filled.epochs, filled.imgsz, filled.batch_size) == (7, 640, 16)
+    assert TrainConfig(epochs=2).with_defaults({"epochs": 7}).epochs == 2  # the command line wins
+    with pytest.raises(UserError, match="optimizer"):
+        TrainConfig.from_args({"optimizer": "Lion"})
+    with pytest.raises(UserError, match="unknown key"):
+        TrainConfig().with_defaults({"epoch": 3})
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
@@ -167,3 +230,28 @@ def test_torchrun_two_processes_cpu(tiny_data, tmp_path):
     _, rows = read_results(tmp_path / "ddp" / "results.csv")
     assert len(rows) == 1
     assert (tmp_path / "ddp" / "weights" / "last.pt").is_file()
+
+
+def test_tensorboard_events_match_results_csv(tiny_data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    _train_in_process([*TINY, "--data", tiny_data, "--epochs", "2", "--project", tmp_path, "--name", "tb"])
+    run = tmp_path / "tb"
+    assert list(run.glob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    header, rows = read_results(run / "results.csv")
+    tags = set(acc.Tags()["scalars"])
+    assert set(header[1:]) | {"metrics/fitness"} == tags
+    for col_i, tag in enumerate(header[1:], start=1):
+        events = acc.Scalars(tag)
+        assert [e.step for e in events] == [0, 1]
+        for e, row in zip(events, rows):
+            assert e.value == pytest.approx(float(row[col_i]), rel=1e-5, abs=1e-9), tag
+    fit = [e.value for e in acc.Scalars("metrics/fitness")]
+    assert fit == pytest.approx([0.1 * float(r[6]) + 0.9 * float(r[7]) for r in rows], rel=1e-5, abs=1e-9)
+    images = set(acc.Tags()["images"])
+    assert {"train_batch0", "val_batch0_labels", "val_batch0_pred", "PR_curve"} <= images
+    # --no-tensorboard writes no event file
+    _train_in_process([*TINY, "--data", tiny_data, "--epochs", "1", "--project", tmp_path, "--name", "off",
+                       "--no-tensorboard", "--noplots"])
+    assert not list((tmp_path / "off").glob("events.out.tfevents.*"))

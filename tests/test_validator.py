@@ -51,7 +51,7 @@ def test_rect_batches_match_single_image_letterbox(dataset, model):
     root, _ = dataset
     loader = _loader(root, batch_size=7)  # one rect batch holding every aspect ratio
     out = validate(model, loader, names=NAMES, conf_thres=0.002, plots=False, return_predictions=True)
-    preds = out["predictions"]
+    preds = out.predictions
     assert len(preds) == 7
 
     # the rect rule, independently: all images are wide -> width imgsz, height = max(h/w) * imgsz, + 0.5 stride pad
@@ -88,14 +88,14 @@ def test_val_dual_end_to_end(dataset, model, tmp_path):
                          "--device", "cpu", "--workers", "0", "--project", str(tmp_path / "runs"), "--name", "exp",
                          "--save-txt", "--save-conf"])
     save_dir = tmp_path / "runs" / "exp"
-    assert out["save_dir"] == save_dir
+    assert out.save_dir == save_dir
     for name in ("confusion_matrix.png", "PR_curve.png", "F1_curve.png", "P_curve.png", "R_curve.png",
                  "val_batch0_labels.jpg", "val_batch0_pred.jpg", "val_batch1_labels.jpg", "val_batch1_pred.jpg"):
         assert (save_dir / name).is_file(), name
     for k in ("mp", "mr", "map50", "map", "box", "cls", "dfl", "fitness"):
-        assert math.isfinite(out[k]), k
-    assert len(out["maps"]) == len(NAMES) and len(out["speed"]) == 3
-    assert out["ap_table"][0]["cls"] == "all" and out["seen"] == 7
+        assert math.isfinite(getattr(out, k)), k
+    assert len(out.maps) == len(NAMES) and len(out.speed) == 3
+    assert out.ap_table[0]["cls"] == "all" and out.seen == 7
     lines = [ln.split() for f in (save_dir / "labels").glob("*.txt") for ln in f.read_text().splitlines()]
     assert lines and all(len(ln) == 6 for ln in lines)
     vals = np.array([[float(v) for v in ln[1:5]] for ln in lines])
@@ -114,10 +114,10 @@ def test_val_dual_end_to_end(dataset, model, tmp_path):
 def test_real_validation_losses(dataset, model):
     root, _ = dataset
     out = validate(model, _loader(root), names=NAMES, loss_fn=DetectionLoss(model), plots=False)
-    assert out["box"] > 0 and out["cls"] > 0 and out["dfl"] > 0
+    assert out.box > 0 and out.cls > 0 and out.dfl > 0
     assert not model.training
     zero = validate(model, _loader(root), names=NAMES, loss_fn=DetectionLoss(model), compute_loss=False, plots=False)
-    assert zero["box"] == zero["cls"] == zero["dfl"] == 0.0
+    assert zero.box == zero.cls == zero.dfl == 0.0
 
 
 class ReplayModel(nn.Module):
@@ -173,11 +173,11 @@ def test_perfect_predictions_score_one(dataset, tmp_path):
     root, _ = dataset
     fake = ReplayModel(_predictions_from_targets(_loader(root), len(NAMES)))
     out = validate(fake, _loader(root), names=NAMES, save_dir=tmp_path, plots=True)
-    assert out["map50"] == pytest.approx(1.0) and out["map"] == pytest.approx(1.0)
-    assert out["mp"] == pytest.approx(1.0) and out["mr"] == pytest.approx(1.0)
-    assert np.allclose(out["maps"], 1.0)
-    cm = out["confusion_matrix"]
-    assert cm[:-1, :-1].trace() == cm.sum() == out["nt"].sum()
+    assert out.map50 == pytest.approx(1.0) and out.map == pytest.approx(1.0)
+    assert out.mp == pytest.approx(1.0) and out.mr == pytest.approx(1.0)
+    assert np.allclose(out.maps, 1.0)
+    cm = out.confusion_matrix
+    assert cm[:-1, :-1].trace() == cm.sum() == out.nt.sum()
 
 
 def test_save_json_agrees_with_pycocotools(dataset, tmp_path):
@@ -193,15 +193,15 @@ def test_save_json_agrees_with_pycocotools(dataset, tmp_path):
     assert dets and {"image_id", "category_id", "bbox", "score"} <= set(dets[0])
     assert all(d["image_id"] in img_ids and len(d["bbox"]) == 4 and d["bbox"][2] >= 0 for d in dets)
     assert {d["category_id"] for d in dets} <= {c["id"] for c in gt["categories"]}
-    assert 0.2 < out["map_ours"] < 0.95  # a non-trivial case
-    assert out["map"] == pytest.approx(out["map_ours"], abs=0.002)
-    assert out["map50"] == pytest.approx(out["map50_ours"], abs=0.002)
+    assert 0.2 < out.map_ours < 0.95  # a non-trivial case
+    assert out.map == pytest.approx(out.map_ours, abs=0.002)
+    assert out.map50 == pytest.approx(out.map50_ours, abs=0.002)
 
     # 'auto' writes the same GT from the loader's dataset (ids independent of the rect order)
     fake = ReplayModel(_predictions_from_targets(_loader(root), len(NAMES), noise=0.06, fp=6, miss=0.15, seed=1))
     auto = validate(fake, _loader(root), names=NAMES, save_dir=tmp_path / "auto", plots=False, save_json=True,
                     max_det=100, anno_json="auto")
-    assert auto["map"] == pytest.approx(out["map"], abs=1e-9)
+    assert auto.map == pytest.approx(out.map, abs=1e-9)
 
 
 def test_tta_maps_boxes_back_to_input_pixels():

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from models.yolo import DetectionModel
-from utils.general import LOGGER, UserError
+from utils.general import LOGGER, ROOT, UserError
 
 FORMAT_VERSION = 1
 
@@ -176,3 +176,14 @@ def transfer_weights(model: nn.Module, state: dict, exclude: tuple = ()) -> int:
     model.load_state_dict(keep, strict=False)
     LOGGER.info(f"Transferred {len(keep)}/{len(own)} items from pretrained weights")
     return len(keep)
+
+
+def find_newest(pattern: str, flag: str, root: Path = ROOT / "runs") -> Path:
+    """The most recently written file matching `pattern` under runs/ (e.g. 'train/*/weights/best.pt'), so
+    `python val_dual.py`, `detect_dual.py` and `train_dual.py --resume` work right after training."""
+    found = sorted(Path(root).glob(pattern), key=os.path.getmtime)
+    if not found:
+        raise UserError(f"{flag}: no {Path(root) / pattern} found; train a model with `python train_dual.py` "
+                        f"or pass the path")
+    LOGGER.info(f"Using the newest {found[-1]}")
+    return found[-1]

@@ -10,6 +10,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from utils.data import DataConfig, load_data_config, scan_dataset
 from utils.general import UserError
 
 _COCO_UNUSED_IDS = {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}
@@ -147,21 +148,20 @@ def image_id_map(im_files: Sequence[str | Path]) -> dict[str, int]:
     return dict(zip(files, make_image_ids(files)))
 
 
-def is_coco_data(data: dict) -> bool:
+def is_coco_data(data: DataConfig) -> bool:
     """True for COCO-style data (80 COCO names, or 'coco' in the YAML path): use the 80->91 id mapping."""
-    names = list(data.get("names") or [])
-    return names == COCO80_NAMES or "coco" in str(data.get("yaml_file", "")).lower()
+    return list(data.names) == COCO80_NAMES or "coco" in str(data.yaml_file).lower()
 
 
-def find_annotations(data: dict) -> Path | None:
+def find_annotations(data: DataConfig) -> Path | None:
     """The COCO GT JSON a data YAML provides: `coco_json:` (relative to the dataset root) or the standard
     <path>/annotations/instances_val2017.json; None when absent."""
     root = Path(data.get("path") or ".")
     if data.get("coco_json"):
-        p = Path(str(data["coco_json"])).expanduser()
+        p = Path(str(data.coco_json)).expanduser()
         p = p if p.is_absolute() else root / p
         if not p.is_file():
-            raise UserError(f"{data.get('yaml_file', 'data')}: coco_json not found: {p}")
+            raise UserError(f"{data.yaml_file}: coco_json not found: {p}")
         return p
     p = root / "annotations" / "instances_val2017.json"
     return p if p.is_file() else None
@@ -169,16 +169,14 @@ def find_annotations(data: dict) -> Path | None:
 
 def gt_from_data(data_yaml: str | Path, split: str = "val", out: str | Path = "gt.json") -> Path:
     """Write a COCO GT JSON for a YOLO split of a data YAML (same image ids the validator writes)."""
-    from utils.data import load_data_config, scan_dataset
-
     cfg = load_data_config(data_yaml)
-    if not cfg.get(split):
-        raise UserError(f"{cfg['yaml_file']}: no '{split}' split")
-    scan = scan_dataset(cfg[split], cfg["nc"], f"{split}: ")
+    if not cfg.split(split):
+        raise UserError(f"{cfg.yaml_file}: no '{split}' split")
+    scan = scan_dataset(cfg.split(split), cfg.nc, f"{split}: ")
     files = list(scan["im_files"])
     ids = image_id_map(files)
     class_map = coco80_to_coco91_class() if is_coco_data(cfg) else None
-    gt = yolo_labels_to_coco_gt(files, scan["shapes"], scan["labels"], cfg["names"], class_map,
+    gt = yolo_labels_to_coco_gt(files, scan["shapes"], scan["labels"], cfg.names, class_map,
                                 image_ids=[ids[str(f)] for f in files])
     return save_json(gt, out)
 

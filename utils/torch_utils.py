@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Callable
 
 import torch
 
@@ -65,18 +64,3 @@ def time_sync() -> float:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
     return time.time()
-
-
-def smart_inference_mode(fn: Callable | None = None):
-    """torch.inference_mode as a decorator (no_grad fallback).
-
-    Do not use it on code that touches a model which later trains (e.g. the trainer's EMA): parameters
-    modified under inference mode cannot be updated in place afterwards. The validator uses no_grad.
-    """
-    ctx = torch.inference_mode if hasattr(torch, "inference_mode") else torch.no_grad
-
-    def decorate(f: Callable) -> Callable:
-        return ctx()(f)
-
-    return decorate(fn) if fn is not None else decorate
-

@@ -1,6 +1,7 @@
 """Data YAML loading: resolve split paths, names/nc, synthetic datasets; never execute `download:`."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,28 @@ SPLITS = ("train", "val", "test")
 # Key spellings other tools use -> ours
 KEY_ALIASES = {"validation": "val", "valid": "val", "class_list": "names", "class_names": "names",
                "class_num": "nc", "num_classes": "nc", "testing": "test"}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """A data YAML, resolved once: split paths exist, names and nc agree. Read-only."""
+
+    yaml_file: str
+    path: Path
+    train: list[Path]
+    val: list[Path]
+    test: list[Path] | None
+    names: list[str]
+    train_defaults: dict = field(default_factory=dict)  # e.g. epochs/imgsz for a short bundled run
+    coco_json: str | None = None
+    download_ignored: bool = False  # a `download:` key was present and (as always) not executed
+
+    @property
+    def nc(self) -> int:
+        return len(self.names)
+
+    def split(self, name: str) -> list[Path] | None:
+        return {"train": self.train, "val": self.val, "test": self.test}[name]
 
 
 def _find_yaml(path: str | Path) -> Path:
@@ -100,8 +123,8 @@ def _download_hint(download: Any, yaml_file: Path, missing: Path) -> str:
             f"({kind}: {hint!r}); fetch the data yourself and place it so the train/val paths exist")
 
 
-def load_data_config(path: str | Path) -> dict:
-    """Read a data YAML into {path, train, val, test (list[Path]|None), names, nc, yaml_file, ...}.
+def load_data_config(path: str | Path) -> DataConfig:
+    """Read and check a data YAML.
 
     Key variants from other tools (validation, class_list, class_num) are accepted. A whitelisted
     `synthetic:` generator (e.g. 'shapes') creates the dataset when its folders are missing.
@@ -138,19 +161,22 @@ def load_data_config(path: str | Path) -> dict:
             LOGGER.info(f"Generating synthetic '{synth}' dataset into {root} (first use, no download)...")
             SYNTHETIC_GENERATORS[synth](root)
 
-    out: dict[str, Any] = {k: v for k, v in data.items() if k not in ("download",)}
+    splits: dict[str, list[Path] | None] = {}
     for key in SPLITS:
         try:
-            out[key] = _resolve_split(data.get(key), root, yaml_dir, key, yaml_file)
+            splits[key] = _resolve_split(data.get(key), root, yaml_dir, key, yaml_file)
         except UserError:
             if "download" in data and key != "test":
                 raise UserError(_download_hint(data["download"], yaml_file, root)) from None
             if key == "test":
                 LOGGER.warning(f"WARNING: {yaml_file}: test split not found, ignoring it")
-                out[key] = None
+                splits[key] = None
                 continue
             raise
-    out.update(path=root, names=names, nc=len(names), yaml_file=str(yaml_file))
-    if "download" in data:
-        out["download_ignored"] = True
-    return out
+    defaults = data.get("train_defaults") or {}
+    if not isinstance(defaults, dict):
+        raise UserError(f"{yaml_file}: train_defaults must be a mapping (e.g. epochs: 20)")
+    coco_json = data.get("coco_json")
+    return DataConfig(yaml_file=str(yaml_file), path=root, train=splits["train"], val=splits["val"],
+                      test=splits["test"], names=names, train_defaults=dict(defaults),
+                      coco_json=str(coco_json) if coco_json else None, download_ignored="download" in data)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from utils.checkpoint import find_newest
 from utils.engine.annotate import draw_boxes, save_one_box
 from utils.engine.backend import Backend
 from utils.engine.sources import Frame, LoadSources, is_stream, preprocess_image, read_image
@@ -215,19 +216,10 @@ class Predictor:
 
 # ---------------------------------------------------------------- detect_dual.py engine
 
-def default_weights() -> Path:
-    """Newest runs/train/*/weights/best.pt, so `python detect_dual.py` works right after training."""
-    found = sorted((ROOT / "runs" / "train").glob("*/weights/best.pt"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise UserError("no --weights given and no trained model in runs/train/*/weights/best.pt "
-                        "(train one with `python train_dual.py` or pass --weights)")
-    return found[-1]
-
-
 def default_source(data: str | Path = "data/shapes.yaml") -> str:
     from utils.data import load_data_config
     cfg = load_data_config(data)
-    return str(cfg["val"][0])
+    return str(cfg.val[0])
 
 
 def _display_available() -> bool:
@@ -310,7 +302,7 @@ def _names_for(predictor: Predictor, data: str | Path | None) -> None:
     if not predictor.has_default_names or not data:
         return
     from utils.data import load_data_config
-    names = load_data_config(data)["names"]
+    names = load_data_config(data).names
     if len(names) == len(predictor.names):
         predictor.names = list(names)
     else:
@@ -328,7 +320,7 @@ def run(opt) -> Path:
         LOGGER.info("--dnn: ignored (OpenCV DNN backend not used)")
     source = str(opt.source) if opt.source not in (None, "") else default_source(opt.data)
     dataset = LoadSources(source, vid_stride=getattr(opt, "vid_stride", 1))  # bad source fails before loading
-    weights = opt.weights or default_weights()
+    weights = opt.weights or find_newest("train/*/weights/best.pt", "--weights")
     if isinstance(weights, (list, tuple)):
         if len(weights) > 1:
             LOGGER.warning(f"WARNING: --weights: ensembles are not supported, using {weights[0]} only")

@@ -1,7 +1,9 @@
 """The training engine behind train_dual.py: dual-head (YOLOv9) and single-head (GELAN) models alike.
 
-Epoch loop: warmup -> forward -> TAL loss -> accumulate to nominal batch 64 -> clipped step -> EMA; then
-validation of the EMA model with real losses, results.csv, checkpoints (atomic), early stopping.
+Read it as its phases: `setup` (config, model, optimizer, schedule, loaders, DDP), `train_epoch` (the step
+loop: warmup, forward, TAL loss, non-finite guard, accumulation to the nominal batch, clipped step, EMA),
+`end_epoch` (validation of the EMA model with real losses, results.csv, checkpoints, early stop) and
+`finish` (final validation of best.pt, plots). Extra concerns attach as callbacks (see `Callback`).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import random
 import signal
 import time
 from pathlib import Path
+from typing import Protocol, Sequence
 
 import numpy as np
 import torch
@@ -21,13 +24,17 @@ import yaml
 from tqdm import tqdm
 
 from models.yolo import DetectionModel
-from utils.checkpoint import (load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint,
-                              strip_checkpoint, transfer_weights)
+from utils.checkpoint import (find_newest, load_checkpoint, make_checkpoint, model_from_checkpoint,
+                              save_checkpoint, strip_checkpoint, transfer_weights)
 from utils.data import create_dataloader, load_data_config, multi_scale
+from utils.engine.config import TrainConfig
 from utils.engine.optim import ModelEMA, build_optimizer, lr_lambda, unwrap
+from utils.engine.tensorboard import TensorBoardLogger
+from utils.engine.validator import ValOptions, ValResult, Validator
 from utils.general import LOGGER, ROOT, UserError, check_img_size, increment_path
 from utils.loss import DetectionLoss
-from utils.metrics import fitness as metrics_fitness
+from utils.plots import plot_images, plot_labels, plot_results
+from utils.torch_utils import select_device
 
 RESULT_COLUMNS = ["epoch", "train/box_loss", "train/cls_loss", "train/dfl_loss", "metrics/precision",
                   "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95", "val/box_loss", "val/cls_loss",
@@ -35,8 +42,7 @@ RESULT_COLUMNS = ["epoch", "train/box_loss", "train/cls_loss", "train/dfl_loss",
 HYP_KEYS = ("lr0", "lrf", "momentum", "weight_decay", "warmup_epochs", "warmup_momentum", "warmup_bias_lr",
             "box", "cls", "dfl")
 MAX_NONFINITE = 10  # consecutive non-finite losses before the run stops
-DEFAULTS = {"epochs": 100, "imgsz": 640, "batch_size": 16, "close_mosaic": 0,
-            "hyp": str(ROOT / "data" / "hyps" / "hyp.scratch-high.yaml")}  # upstream defaults when neither flag nor data YAML says
+GRAD_CLIP = 10.0
 
 
 def _env_int(name: str, default: int) -> int:
@@ -46,19 +52,12 @@ def _env_int(name: str, default: int) -> int:
 LOCAL_RANK, RANK, WORLD_SIZE = _env_int("LOCAL_RANK", -1), _env_int("RANK", -1), _env_int("WORLD_SIZE", 1)
 
 
-def fitness(results: dict) -> float:
-    return float(metrics_fitness(np.array([[results["mp"], results["mr"], results["map50"], results["map"]]]))[0])
+class Callback(Protocol):
+    """Optional hooks; implement any subset. Called on global rank 0 only."""
 
-
-def _injected_nonfinite(ni: int) -> bool:
-    """Test hook: YOLO_INJECT_NONFINITE='3,7' or '5+' makes the loss at those iterations NaN."""
-    spec = os.environ.get("YOLO_INJECT_NONFINITE", "")
-    for part in filter(None, spec.split(",")):
-        if part.endswith("+") and ni >= int(part[:-1]):
-            return True
-        if part.isdigit() and ni == int(part):
-            return True
-    return False
+    def on_train_start(self, trainer: "Trainer") -> None: ...
+    def on_epoch_end(self, trainer: "Trainer", epoch: int, row: dict) -> None: ...
+    def on_train_end(self, trainer: "Trainer", result: ValResult | None) -> None: ...
 
 
 def load_hyp(path: str | Path) -> dict:
@@ -82,107 +81,122 @@ def load_hyp(path: str | Path) -> dict:
     return {k: float(v) for k, v in hyp.items()}
 
 
-def find_last_checkpoint(search: Path = ROOT / "runs") -> Path:
-    found = sorted(Path(search).glob("**/last.pt"), key=os.path.getmtime)
-    if not found:
-        raise UserError(f"--resume: no last.pt found under {search}; pass the checkpoint path")
-    return found[-1]
-
-
-def select_device(device: str = "") -> torch.device:
-    """'' (auto), 'cpu', '0', '0,1', 'cuda:0' -> torch.device (this process's GPU under torchrun)."""
-    from utils.torch_utils import select_device as _sel
-    return _sel(device)
+def resolve_config(cfg: TrainConfig) -> tuple[TrainConfig, dict | None]:
+    """(the run's final config, the checkpoint being resumed or None). Never edits `cfg`."""
+    if not cfg.resume:
+        return cfg, None
+    path = find_newest("**/last.pt", "--resume") if cfg.resume == "last" else Path(cfg.resume)
+    ck = load_checkpoint(path)
+    if ck.get("optimizer") is None:
+        raise UserError(f"{path}: stripped checkpoint (no optimizer state); it cannot be resumed")
+    new = cfg.for_resume(ck.get("opt") or {}, path)
+    if ck["epoch"] + 1 >= (new.epochs or 0):
+        raise UserError(f"{path}: run already finished {ck['epoch'] + 1} epochs; "
+                        f"extend it with --resume {path} --epochs N (N > {ck['epoch'] + 1})")
+    LOGGER.info(f"Resuming training from {path} at epoch {ck['epoch'] + 1} of {new.epochs}")
+    return new, ck
 
 
 class Trainer:
-    def __init__(self, opt: argparse.Namespace):
-        self.opt = opt
-        self.stop_requested = False
+    def __init__(self, cfg: TrainConfig | argparse.Namespace, callbacks: Sequence[Callback] = ()):
+        self.cfg = cfg if isinstance(cfg, TrainConfig) else TrainConfig.from_args(cfg)
+        self.callbacks = [TensorBoardLogger()] * self.cfg.tensorboard + list(callbacks)
         self.main = RANK in (-1, 0)
+        self.stop_requested = False
 
-    # ------------------------------------------------------------------ setup
-    def _resolve_resume(self) -> dict | None:
-        opt = self.opt
-        if not opt.resume:
-            return None
-        path = Path(opt.resume) if isinstance(opt.resume, str) and opt.resume not in ("True", "") else find_last_checkpoint()
-        ck = load_checkpoint(path)
-        if ck.get("optimizer") is None:
-            raise UserError(f"{path}: stripped checkpoint (no optimizer state); it cannot be resumed")
-        saved = dict(ck.get("opt") or {})
-        new_epochs = opt.epochs
-        keep = {k: getattr(opt, k) for k in ("device", "workers", "exist_ok") if hasattr(opt, k)}
-        for k, v in saved.items():
-            setattr(opt, k, v)
-        opt.__dict__.update(keep)
-        opt.resume, opt.weights = str(path), str(path)
-        if new_epochs is not None:
-            opt.epochs = int(new_epochs)
-        opt.save_dir = str(path.parent.parent)
-        if ck["epoch"] + 1 >= opt.epochs:
-            raise UserError(f"{path}: run already finished {ck['epoch'] + 1} epochs; "
-                            f"extend it with --resume {path} --epochs N (N > {ck['epoch'] + 1})")
-        LOGGER.info(f"Resuming training from {path} at epoch {ck['epoch'] + 1} of {opt.epochs}")
-        return ck
-
-    def _setup(self) -> None:
-        opt = self.opt
-        self.ckpt = self._resolve_resume()
-        self.device = select_device(opt.device)
-        if LOCAL_RANK != -1:
-            if self.device.type == "cuda":
-                torch.cuda.set_device(LOCAL_RANK)
-                self.device = torch.device("cuda", LOCAL_RANK)
-            if not dist.is_initialized():
-                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        self.data = load_data_config(opt.data)
-        defaults = {**DEFAULTS, **(self.data.get("train_defaults") or {})}
-        for k, v in defaults.items():
-            if getattr(opt, k, None) is None:
-                setattr(opt, k, v)
-        if not Path(opt.hyp).is_absolute() and not Path(opt.hyp).exists():
-            opt.hyp = str(ROOT / opt.hyp)
-        self.hyp = dict(self.ckpt["hyp"]) if self.ckpt else load_hyp(opt.hyp)
-        names = ["item"] if opt.single_cls else list(self.data["names"])
-        self.names, self.nc = names, len(names)
+    # ================================================================== setup
+    def setup(self) -> None:
+        cfg, self.ckpt = resolve_config(self.cfg)
+        self.device = self._init_device(cfg.device)
+        self.data = load_data_config(cfg.data)
+        cfg = cfg.with_defaults(self.data.train_defaults)
         if not self.ckpt:
-            opt.save_dir = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok))
-        self.save_dir = Path(opt.save_dir)
-        self.wdir = self.save_dir / "weights"
-        if self.main:
-            try:
-                self.wdir.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise UserError(f"{self.save_dir}: cannot create run folder ({e.strerror})") from None
-        seed = int(opt.seed) + 1 + max(RANK, 0)
+            cfg = cfg.replace(save_dir=str(increment_path(Path(cfg.project) / cfg.name, exist_ok=cfg.exist_ok)))
+        self.cfg = cfg
+        self.hyp = dict(self.ckpt["hyp"]) if self.ckpt else load_hyp(cfg.hyp)
+        self.names = ["item"] if cfg.single_cls else list(self.data.names)
+        self.save_dir, self.wdir = Path(cfg.save_dir), Path(cfg.save_dir) / "weights"
+        self._write_run_files()
+        seed = cfg.seed + 1 + max(RANK, 0)
         random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+        self.model = self._build_model()
+        self._build_optimization()
+        self._build_loaders()
+        self.loss_fn = DetectionLoss(unwrap(self.model), self.hyp)
 
-    def _build_model(self) -> None:
-        opt = self.opt
+    def _init_device(self, spec: str) -> torch.device:
+        device = select_device(spec)
+        if LOCAL_RANK != -1:
+            if device.type == "cuda":
+                torch.cuda.set_device(LOCAL_RANK)
+                device = torch.device("cuda", LOCAL_RANK)
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return device
+
+    def _write_run_files(self) -> None:
+        if not self.main:
+            return
+        try:
+            self.wdir.mkdir(parents=True, exist_ok=True)
+            (self.save_dir / "hyp.yaml").write_text(yaml.safe_dump(self.hyp, sort_keys=False))
+            (self.save_dir / "opt.yaml").write_text(yaml.safe_dump(self.cfg.as_dict(), sort_keys=False))
+        except OSError as e:
+            raise UserError(f"{self.save_dir}: cannot write run files ({e.strerror or e})") from None
+        LOGGER.info("hyperparameters: " + ", ".join(f"{k}={v}" for k, v in self.hyp.items()))
+
+    def _build_model(self) -> nn.Module:
+        cfg, nc = self.cfg, len(self.names)
         if self.ckpt:
             model = model_from_checkpoint(self.ckpt, use_ema=False)
-        elif opt.weights:
-            ck = load_checkpoint(opt.weights)
-            cfg = opt.cfg or ck["model_yaml"]
-            model = DetectionModel(cfg, nc=self.nc)
-            exclude = ("anchor",) if (opt.cfg or ck["model_yaml"].get("nc") == self.nc) else ()
+        elif cfg.weights:
+            ck = load_checkpoint(cfg.weights)
+            model = DetectionModel(cfg.cfg or ck["model_yaml"], nc=nc)
+            exclude = ("anchor",) if (cfg.cfg or ck["model_yaml"].get("nc") == nc) else ()
             transfer_weights(model, {k: v.float() for k, v in (ck.get("ema") or ck["model"]).items()}, exclude)
         else:
-            model = DetectionModel(opt.cfg, nc=self.nc)
+            model = DetectionModel(cfg.cfg, nc=nc)
         model.names = self.names
-        freeze = [f"model.{x}." for x in (opt.freeze if len(opt.freeze) > 1 else range(opt.freeze[0]))]
+        freeze = [f"model.{x}." for x in (cfg.freeze if len(cfg.freeze) > 1 else range(cfg.freeze[0]))]
         for k, p in model.named_parameters():
             if any(k.startswith(f) for f in freeze):
                 p.requires_grad_(False)
         if freeze:
             LOGGER.info(f"Froze {len(freeze)} layer(s)")
-        self.model = model.to(self.device)
-        gs = max(int(model.stride.max()), 32)
-        self.gs = gs
-        self.imgsz = check_img_size(opt.imgsz, gs)
+        self.gs = max(int(model.stride.max()), 32)
+        self.imgsz = check_img_size(cfg.imgsz, self.gs)
         if self.main:
             model.info(imgsz=self.imgsz)
+        return model.to(self.device)
+
+    def _build_optimization(self) -> None:
+        """Optimizer, LR schedule, EMA, AMP scaler, resumed state, then SyncBN/DDP wrapping."""
+        cfg, hyp = self.cfg, self.hyp
+        self.nbs = int(hyp.get("nbs", 64))  # nominal batch size (optional hyp key; upstream fixes 64)
+        self.accumulate = max(round(self.nbs / cfg.batch_size), 1)
+        decay = hyp["weight_decay"] * cfg.batch_size * self.accumulate / self.nbs  # scaled here, never stored
+        self.optimizer = build_optimizer(self.model, cfg.optimizer, hyp["lr0"], hyp["momentum"], decay)
+        self.lf = lr_lambda(cfg.schedule, cfg.epochs, hyp["lrf"])
+        self.ema = ModelEMA(self.model) if self.main else None
+        self.start_epoch, self.best_fitness = 0, 0.0
+        if self.ckpt:
+            self.optimizer.load_state_dict(self.ckpt["optimizer"])
+            if self.ema and self.ckpt.get("ema"):
+                self.ema.ema.load_state_dict({k: v.float() if v.is_floating_point() else v
+                                              for k, v in self.ckpt["ema"].items()})
+                self.ema.updates = int(self.ckpt.get("updates", 0))
+            self.start_epoch, self.best_fitness = self.ckpt["epoch"] + 1, float(self.ckpt.get("best_fitness", 0.0))
+        for g in self.optimizer.param_groups:
+            g.setdefault("initial_lr", g["lr"])
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=self.lf,
+                                                           last_epoch=self.start_epoch - 1)
+        if cfg.sync_bn and LOCAL_RANK != -1:
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.amp = self._amp_ok()
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        if LOCAL_RANK != -1:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[LOCAL_RANK] if self.device.type == "cuda" else None)
 
     def _amp_ok(self) -> bool:
         """Offline AMP check on this very model: fp16 autocast output must match fp32 closely."""
@@ -198,208 +212,201 @@ class Trainer:
             with torch.autocast("cuda", dtype=torch.float16):
                 b = m(im)[0].float()
         m.train(was)
-        ok = bool(torch.isfinite(b).all()) and torch.allclose(a[:, :4], b[:, :4], atol=0.5 * max(1.0, float(a[:, :4].abs().max()) * 0.01))
+        tol = 0.5 * max(1.0, float(a[:, :4].abs().max()) * 0.01)
+        ok = bool(torch.isfinite(b).all()) and torch.allclose(a[:, :4], b[:, :4], atol=tol)
         LOGGER.info(f"AMP checks {'passed' if ok else 'failed, training in fp32'}")
         return ok
 
-    # ------------------------------------------------------------------ main loop
-    def run(self) -> dict:
-        self._setup()
-        self._build_model()
-        opt, hyp, device = self.opt, self.hyp, self.device
-        cuda = device.type == "cuda"
-        nbs = int(hyp.get("nbs", 64))  # nominal batch size (optional hyp key; upstream fixes 64)
-        batch = int(opt.batch_size)
-        per_rank = max(batch // WORLD_SIZE, 1)
-        accumulate = max(round(nbs / batch), 1)
-        hyp["weight_decay"] *= batch * accumulate / nbs
+    def _build_loaders(self) -> None:
+        cfg, data = self.cfg, self.data
+        per_rank = max(cfg.batch_size // WORLD_SIZE, 1)
+        common = dict(cache=cfg.cache, workers=cfg.workers, names=data.names, nc=data.nc, single_cls=cfg.single_cls)
+        self.train_loader, self.dataset = create_dataloader(
+            data.train, self.imgsz, per_rank, self.gs, hyp=self.hyp, augment=True, rect=cfg.rect, rank=LOCAL_RANK,
+            image_weights=cfg.image_weights, shuffle=not cfg.rect, seed=cfg.seed, min_items=cfg.min_items,
+            prefix="train: ", **common)
+        self.val_loader = None
         if self.main:
-            try:
-                (self.save_dir / "hyp.yaml").write_text(yaml.safe_dump(hyp, sort_keys=False))
-                (self.save_dir / "opt.yaml").write_text(yaml.safe_dump(_plain_opt(opt), sort_keys=False))
-            except OSError as e:
-                raise UserError(f"{self.save_dir}: cannot write run files ({e.strerror or e})") from None
-            LOGGER.info("hyperparameters: " + ", ".join(f"{k}={v}" for k, v in hyp.items()))
+            self.val_loader, _ = create_dataloader(data.val, self.imgsz, per_rank * 2, self.gs, hyp=self.hyp,
+                                                   augment=False, rect=True, rank=-1, pad=0.5, prefix="val: ", **common)
+            if not self.ckpt and not cfg.noplots:
+                labels = np.concatenate(self.dataset.labels, 0) if self.dataset.labels else np.zeros((0, 5))
+                plot_labels(labels, self.names, self.save_dir)
+        self.nb = len(self.train_loader)
+        self.nw = max(round(self.hyp["warmup_epochs"] * self.nb), 100)  # warmup iterations
 
-        optimizer = build_optimizer(self.model, opt.optimizer, hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
-        kind = "cos" if opt.cos_lr else "flat-cos" if opt.flat_cos_lr else "fixed" if opt.fixed_lr else "linear"
-        lf = lr_lambda(kind, opt.epochs, hyp["lrf"])
-        ema = ModelEMA(self.model) if self.main else None
-        start_epoch, best_fitness = 0, 0.0
-        if self.ckpt:
-            optimizer.load_state_dict(self.ckpt["optimizer"])
-            if ema and self.ckpt.get("ema"):
-                ema.ema.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in self.ckpt["ema"].items()})
-                ema.updates = int(self.ckpt.get("updates", 0))
-            start_epoch, best_fitness = self.ckpt["epoch"] + 1, float(self.ckpt.get("best_fitness", 0.0))
-        for g in optimizer.param_groups:
-            g.setdefault("initial_lr", g["lr"])
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lf, last_epoch=start_epoch - 1)
-
-        if opt.sync_bn and LOCAL_RANK != -1:
-            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        amp = self._amp_ok()
-        scaler = torch.amp.GradScaler("cuda", enabled=amp)
-        model = self.model
-        if LOCAL_RANK != -1:
-            model = nn.parallel.DistributedDataParallel(model, device_ids=[LOCAL_RANK] if cuda else None)
-
-        prefix = "train: "
-        train_loader, dataset = create_dataloader(
-            self.data["train"], self.imgsz, per_rank, self.gs, hyp=hyp, augment=True, cache=opt.cache,
-            rect=opt.rect, rank=LOCAL_RANK, workers=opt.workers, image_weights=opt.image_weights,
-            shuffle=not opt.rect, seed=opt.seed, names=self.data["names"], nc=self.data["nc"],
-            single_cls=opt.single_cls, min_items=opt.min_items, prefix=prefix)
-        val_loader = None
+    # ================================================================== the run
+    def run(self) -> ValResult | None:
+        self.setup()
+        cfg = self.cfg
+        self.csv_path = self.save_dir / "results.csv"
         if self.main:
-            val_loader, _ = create_dataloader(
-                self.data["val"], self.imgsz, per_rank * 2, self.gs, hyp=hyp, augment=False, cache=opt.cache,
-                rect=True, rank=-1, workers=opt.workers, pad=0.5, names=self.data["names"], nc=self.data["nc"],
-                single_cls=opt.single_cls, prefix="val: ")
-            if not self.ckpt and not opt.noplots:
-                from utils.plots import plot_labels
-                plot_labels(np.concatenate(dataset.labels, 0) if dataset.labels else np.zeros((0, 5)),
-                            self.names, self.save_dir)
-        loss_fn = DetectionLoss(unwrap(model), hyp)
-        nb = len(train_loader)
-        nw = max(round(hyp["warmup_epochs"] * nb), 100)
-        last_opt_step = -1
-        close_at = opt.epochs - opt.close_mosaic
-        csv_path = self.save_dir / "results.csv"
-        if self.main:
-            _truncate_results(csv_path, start_epoch)
-        stopper = EarlyStopping(opt.patience, best_fitness=best_fitness)
-        nonfinite = 0
-        results: dict = {}
+            _truncate_results(self.csv_path, self.start_epoch)
+        self.stopper = EarlyStopping(cfg.patience, best_fitness=self.best_fitness)
+        self.nonfinite, self.last_opt_step, self.last_result = 0, -1, None
         prev_handler = signal.signal(signal.SIGINT, self._on_sigint) if self.main else None
-        LOGGER.info(f"Image sizes {self.imgsz} train, {self.imgsz} val; {len(dataset)} train images, "
-                    f"batch {batch} (accumulate {accumulate} -> nominal {nbs})\nLogging results to {self.save_dir}\n"
-                    f"Starting training for {opt.epochs} epochs...")
-        t0 = time.time()
-        epoch = start_epoch
+        LOGGER.info(f"Image sizes {self.imgsz} train, {self.imgsz} val; {len(self.dataset)} train images, "
+                    f"batch {cfg.batch_size} (accumulate {self.accumulate} -> nominal {self.nbs})\n"
+                    f"Logging results to {self.save_dir}\nStarting training for {cfg.epochs} epochs...")
+        self._emit("on_train_start", self)
+        t0, epoch = time.time(), self.start_epoch
         try:
-            for epoch in range(start_epoch, opt.epochs):
-                model.train()
-                if epoch >= close_at and dataset.mosaic:
-                    LOGGER.info("Closing dataloader mosaic")
-                    dataset.close_mosaic()
-                if opt.image_weights and results.get("maps") is not None:
-                    cw = dataset.class_weights() * (1 - np.asarray(results["maps"])) ** 2 / max(self.nc, 1)
-                    dataset.resample_image_weights(cw)
-                if LOCAL_RANK != -1:
-                    train_loader.sampler.set_epoch(epoch)
-                mloss = torch.zeros(3, device=device)
-                n_seen = 0
-                optimizer.zero_grad()
-                LOGGER.info(("\n" + "%11s" * 7) % ("Epoch", "GPU_mem", "box_loss", "cls_loss", "dfl_loss", "Instances", "Size"))
-                pbar = enumerate(train_loader)
-                if self.main:
-                    pbar = tqdm(pbar, total=nb, bar_format="{l_bar}{bar:10}{r_bar}")
-                for i, (imgs, targets, paths, _) in pbar:
-                    ni = i + nb * epoch
-                    imgs = imgs.to(device, non_blocking=True).float() / 255
-                    if ni <= nw:
-                        xi = [0, nw]
-                        accumulate = max(1, round(np.interp(ni, xi, [1, nbs / batch])))
-                        for j, x in enumerate(optimizer.param_groups):
-                            x["lr"] = float(np.interp(ni, xi, [hyp["warmup_bias_lr"] if j == 0 else 0.0,
-                                                               x["initial_lr"] * lf(epoch)]))
-                            if "momentum" in x:
-                                x["momentum"] = float(np.interp(ni, xi, [hyp["warmup_momentum"], hyp["momentum"]]))
-                    if opt.multi_scale:
-                        imgs = multi_scale(imgs, self.imgsz, self.gs)
-                    with torch.autocast("cuda", enabled=amp):
-                        pred = model(imgs)
-                        loss, items = loss_fn(pred, targets.to(device))
-                    if _injected_nonfinite(ni):
-                        loss = loss * float("nan")
-                    finite = torch.isfinite(loss).to(torch.float32)
-                    if LOCAL_RANK != -1:
-                        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-                    if finite.item() == 0:
-                        nonfinite += 1
-                        optimizer.zero_grad()
-                        LOGGER.warning(f"WARNING: non-finite loss at epoch {epoch} batch {i} ({paths[0]} ...), step skipped "
-                                       f"({nonfinite}/{MAX_NONFINITE} in a row)")
-                        if nonfinite >= MAX_NONFINITE:
-                            if self.main:
-                                self._save(ema, optimizer, epoch - 1, best_fitness, "last.pt")
-                            raise UserError(f"training stopped: the loss was not finite for {MAX_NONFINITE} steps in a row "
-                                            f"(try a lower lr0, check labels); last checkpoint kept at {self.wdir / 'last.pt'}")
-                        continue
-                    nonfinite = 0
-                    scaler.scale(loss).backward()
-                    if ni - last_opt_step >= accumulate:
-                        scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
-                        scaler.step(optimizer)
-                        scaler.update()
-                        optimizer.zero_grad()
-                        if ema:
-                            ema.update(model)
-                        last_opt_step = ni
-                    if self.main:
-                        mloss = (mloss * n_seen + items) / (n_seen + 1)
-                        n_seen += 1
-                        mem = f"{torch.cuda.memory_reserved() / 1e9 if cuda else 0:.3g}G"
-                        pbar.set_description(("%11s" * 2 + "%11.4g" * 5) % (
-                            f"{epoch}/{opt.epochs - 1}", mem, *mloss.tolist(), targets.shape[0], imgs.shape[-1]))
-                        if ni < 3 and not opt.noplots:
-                            from utils.plots import plot_images
-                            plot_images(imgs, targets, paths, self.save_dir / f"train_batch{ni}.jpg", names=self.names)
-                    if self.stop_requested:
-                        raise KeyboardInterrupt
-                lrs = [x["lr"] for x in optimizer.param_groups]
-                scheduler.step()
-                stop = False
-                if self.main:
-                    final = epoch + 1 == opt.epochs
-                    if not opt.noval or final:
-                        results = self._validate(ema.ema, val_loader, loss_fn, plots=False)
-                    else:
-                        results = {"mp": 0.0, "mr": 0.0, "map50": 0.0, "map": 0.0, "box": 0.0, "cls": 0.0, "dfl": 0.0}
-                    fi = fitness(results)
-                    if fi > best_fitness:
-                        best_fitness = fi
-                    _append_results(csv_path, epoch, mloss.tolist(), results, lrs)
-                    if not opt.nosave or final:
-                        self._save(ema, optimizer, epoch, best_fitness, "last.pt")
-                        if best_fitness == fi:
-                            self._save(ema, optimizer, epoch, best_fitness, "best.pt")
-                        if opt.save_period > 0 and (epoch + 1) % opt.save_period == 0:
-                            self._save(ema, optimizer, epoch, best_fitness, f"epoch{epoch}.pt")
-                    stop = stopper(epoch, fi)
-                if LOCAL_RANK != -1:
-                    flag = [stop]
-                    dist.broadcast_object_list(flag, 0)
-                    stop = flag[0]
-                if stop:
+            for epoch in range(self.start_epoch, cfg.epochs):
+                mloss = self.train_epoch(epoch)
+                if self.end_epoch(epoch, mloss):
                     break
         except KeyboardInterrupt:
             if self.main:
-                self._save(ema, optimizer, epoch - 1, best_fitness, "last.pt")
+                self._save(epoch - 1, "last.pt")
                 LOGGER.info(f"\nInterrupted: saved {self.wdir / 'last.pt'}; continue with "
                             f"python train_dual.py --resume {self.wdir / 'last.pt'}")
             raise SystemExit(130)
         finally:
             if prev_handler is not None:
                 signal.signal(signal.SIGINT, prev_handler)
+        LOGGER.info(f"\n{epoch - self.start_epoch + 1} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
+        return self.finish()
 
+    # ================================================================== one epoch
+    def train_epoch(self, epoch: int) -> list[float]:
+        """Train one epoch; returns the mean (box, cls, dfl) training losses."""
+        cfg, model = self.cfg, self.model
+        model.train()
+        if epoch >= cfg.epochs - cfg.close_mosaic and self.dataset.mosaic:
+            LOGGER.info("Closing dataloader mosaic")
+            self.dataset.close_mosaic()
+        if cfg.image_weights and self.last_result is not None:
+            cw = self.dataset.class_weights() * (1 - np.asarray(self.last_result.maps)) ** 2 / max(len(self.names), 1)
+            self.dataset.resample_image_weights(cw)
+        if LOCAL_RANK != -1:
+            self.train_loader.sampler.set_epoch(epoch)
+        mloss, n_seen = torch.zeros(3, device=self.device), 0
+        self.optimizer.zero_grad()
+        LOGGER.info(("\n" + "%11s" * 7) % ("Epoch", "GPU_mem", "box_loss", "cls_loss", "dfl_loss", "Instances", "Size"))
+        batches = enumerate(self.train_loader)
+        pbar = tqdm(batches, total=self.nb, bar_format="{l_bar}{bar:10}{r_bar}") if self.main else batches
+        for i, (imgs, targets, paths, _) in pbar:
+            ni = i + self.nb * epoch
+            imgs = imgs.to(self.device, non_blocking=True).float() / 255
+            items = self.train_step(ni, epoch, imgs, targets, paths)
+            if items is not None and self.main:
+                mloss = (mloss * n_seen + items) / (n_seen + 1)
+                n_seen += 1
+                mem = f"{torch.cuda.memory_reserved() / 1e9 if self.device.type == 'cuda' else 0:.3g}G"
+                pbar.set_description(("%11s" * 2 + "%11.4g" * 5) % (
+                    f"{epoch}/{cfg.epochs - 1}", mem, *mloss.tolist(), targets.shape[0], imgs.shape[-1]))
+                if ni < 3 and not cfg.noplots:
+                    plot_images(imgs, targets, paths, self.save_dir / f"train_batch{ni}.jpg", names=self.names)
+            if self.stop_requested:
+                raise KeyboardInterrupt
+        self.lrs = [x["lr"] for x in self.optimizer.param_groups]
+        self.scheduler.step()
+        return mloss.tolist()
+
+    def train_step(self, ni: int, epoch: int, imgs: torch.Tensor, targets: torch.Tensor,
+                   paths: Sequence[str]) -> torch.Tensor | None:
+        """Forward + loss + backward; an optimizer step every `accumulate` batches. None if the step was skipped."""
+        if ni <= self.nw:
+            self._warmup(ni, epoch)
+        if self.cfg.multi_scale:
+            imgs = multi_scale(imgs, self.imgsz, self.gs)
+        with torch.autocast("cuda", enabled=self.amp):
+            pred = self.model(imgs)
+            loss, items = self.loss_fn(pred, targets.to(self.device))
+        if not self._loss_is_finite(loss, epoch, ni, paths):
+            return None
+        self.scaler.scale(loss).backward()
+        if ni - self.last_opt_step >= self.accumulate:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=GRAD_CLIP)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad()
+            if self.ema:
+                self.ema.update(self.model)
+            self.last_opt_step = ni
+        return items
+
+    def _warmup(self, ni: int, epoch: int) -> None:
+        """Ramp accumulation, LRs (bias from warmup_bias_lr, others from 0) and momentum over nw iterations."""
+        hyp, xi = self.hyp, [0, self.nw]
+        self.accumulate = max(1, round(np.interp(ni, xi, [1, self.nbs / self.cfg.batch_size])))
+        for j, g in enumerate(self.optimizer.param_groups):
+            g["lr"] = float(np.interp(ni, xi, [hyp["warmup_bias_lr"] if j == 0 else 0.0, g["initial_lr"] * self.lf(epoch)]))
+            if "momentum" in g:
+                g["momentum"] = float(np.interp(ni, xi, [hyp["warmup_momentum"], hyp["momentum"]]))
+
+    def _loss_is_finite(self, loss: torch.Tensor, epoch: int, ni: int, paths: Sequence[str]) -> bool:
+        """Skip non-finite steps on every rank together; stop after MAX_NONFINITE in a row."""
+        finite = torch.isfinite(loss).to(torch.float32)
+        if LOCAL_RANK != -1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() == 1:
+            self.nonfinite = 0
+            return True
+        self.nonfinite += 1
+        self.optimizer.zero_grad()
+        LOGGER.warning(f"WARNING: non-finite loss at epoch {epoch} batch {ni - self.nb * epoch} ({paths[0]} ...), "
+                       f"step skipped ({self.nonfinite}/{MAX_NONFINITE} in a row)")
+        if self.nonfinite >= MAX_NONFINITE:
+            if self.main:
+                self._save(epoch - 1, "last.pt")
+            raise UserError(f"training stopped: the loss was not finite for {MAX_NONFINITE} steps in a row "
+                            f"(try a lower lr0, check labels); last checkpoint kept at {self.wdir / 'last.pt'}")
+        return False
+
+    # ================================================================== end of epoch
+    def end_epoch(self, epoch: int, mloss: list[float]) -> bool:
+        """Validate, log, save, early-stop. Returns True when training should stop (same on every rank)."""
+        stop = False
         if self.main:
-            LOGGER.info(f"\n{epoch - start_epoch + 1} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
+            cfg = self.cfg
+            final = epoch + 1 == cfg.epochs
+            result = self._validate(self.ema.ema) if (not cfg.noval or final) else ValResult.empty(len(self.names))
+            self.last_result = result
+            fi = result.fitness
+            self.best_fitness = max(self.best_fitness, fi)
+            row = _append_results(self.csv_path, epoch, mloss, result, self.lrs)
+            if not cfg.nosave or final:
+                self._save(epoch, "last.pt")
+                if self.best_fitness == fi:
+                    self._save(epoch, "best.pt")
+                if cfg.save_period > 0 and (epoch + 1) % cfg.save_period == 0:
+                    self._save(epoch, f"epoch{epoch}.pt")
+            self._emit("on_epoch_end", self, epoch, row)
+            stop = self.stopper(epoch, fi)
+        if LOCAL_RANK != -1:
+            flag = [stop]
+            dist.broadcast_object_list(flag, 0)
+            stop = flag[0]
+        return stop
+
+    # ================================================================== finish
+    def finish(self) -> ValResult | None:
+        """Strip best.pt, validate it with plots, draw results.png; tear down DDP."""
+        result = self.last_result
+        if self.main:
             best = self.wdir / "best.pt"
             if best.exists():
                 strip_checkpoint(best)
                 LOGGER.info(f"\nValidating {best}...")
-                results = self._validate(model_from_checkpoint(load_checkpoint(best)).to(device), val_loader, loss_fn,
-                                         plots=not opt.noplots, verbose=True)
-            if not opt.noplots:
-                from utils.plots import plot_results
-                plot_results(csv_path)
+                model = model_from_checkpoint(load_checkpoint(best)).to(self.device)
+                result = self._validate(model, plots=not self.cfg.noplots, verbose=True)
+            if not self.cfg.noplots:
+                plot_results(self.csv_path)
             LOGGER.info(f"Results saved to {self.save_dir}")
+            self._emit("on_train_end", self, result)
         if LOCAL_RANK != -1 and dist.is_initialized():
             dist.destroy_process_group()
-        return results
+        return result
+
+    # ================================================================== helpers
+    def _emit(self, event: str, *args) -> None:
+        if self.main:
+            for cb in self.callbacks:
+                fn = getattr(cb, event, None)
+                if fn is not None:
+                    fn(*args)
 
     def _on_sigint(self, signum, frame) -> None:
         if self.stop_requested:  # second Ctrl-C: stop now
@@ -407,15 +414,16 @@ class Trainer:
         self.stop_requested = True
         LOGGER.info("\nStopping after this batch (Ctrl-C again to stop at once)...")
 
-    def _validate(self, model: nn.Module, loader, loss_fn, plots: bool, verbose: bool = False) -> dict:
-        from utils.engine.validator import validate
-        return validate(model, loader, names=self.names, loss_fn=loss_fn, save_dir=self.save_dir, plots=plots,
-                        verbose=verbose, single_cls=self.opt.single_cls, half=False)
+    def _validate(self, model: nn.Module, plots: bool = False, verbose: bool = False) -> ValResult:
+        opts = ValOptions(single_cls=self.cfg.single_cls, save_dir=self.save_dir, plots=plots, verbose=verbose,
+                          training=True)
+        return Validator(opts, names=self.names, loss_fn=self.loss_fn).run(model, self.val_loader)
 
-    def _save(self, ema: ModelEMA | None, optimizer, epoch: int, best_fitness: float, name: str) -> None:
+    def _save(self, epoch: int, name: str) -> None:
+        ema = self.ema
         ck = make_checkpoint(unwrap(self.model), ema=ema.ema if ema else None, updates=ema.updates if ema else 0,
-                             optimizer=optimizer, epoch=epoch, best_fitness=best_fitness, opt=_plain_opt(self.opt),
-                             hyp=self.hyp, names=self.names)
+                             optimizer=self.optimizer, epoch=epoch, best_fitness=self.best_fitness,
+                             opt=self.cfg.as_dict(), hyp=self.hyp, names=self.names)
         save_checkpoint(ck, self.wdir / name)
 
 
@@ -436,10 +444,6 @@ class EarlyStopping:
         return stop
 
 
-def _plain_opt(opt: argparse.Namespace) -> dict:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opt).items()}
-
-
 def _truncate_results(path: Path, start_epoch: int) -> None:
     """On resume, drop rows of epochs that will be trained again (no duplicates, no gaps)."""
     if not path.exists():
@@ -455,19 +459,20 @@ def _truncate_results(path: Path, start_epoch: int) -> None:
     os.replace(tmp, path)
 
 
-def _append_results(path: Path, epoch: int, train_losses: list, r: dict, lrs: list) -> None:
-    new = not path.exists()
-    row = [epoch, *train_losses, r["mp"], r["mr"], r["map50"], r["map"], r.get("box", 0.0), r.get("cls", 0.0),
-           r.get("dfl", 0.0), *lrs]
+def _append_results(path: Path, epoch: int, train_losses: list, r: ValResult, lrs: list) -> dict:
+    """Append one results.csv row; returns it as {column: value} (what callbacks log)."""
+    values = [*train_losses, r.mp, r.mr, r.map50, r.map, r.box, r.cls, r.dfl, *lrs]
+    row = dict(zip(RESULT_COLUMNS, [epoch, *(float(v) for v in values)]))
     try:
         with open(path, "a", newline="") as f:
             w = csv.writer(f)
-            if new:
+            if not path.stat().st_size:
                 w.writerow(RESULT_COLUMNS)
-            w.writerow([row[0]] + [f"{float(x):.6g}" for x in row[1:]])
+            w.writerow([epoch] + [f"{float(x):.6g}" for x in values])
     except OSError as e:
         raise UserError(f"{path}: cannot append results ({e.strerror or e})") from None
+    return row
 
 
-def train(opt: argparse.Namespace) -> dict:
-    return Trainer(opt).run()
+def train(opt: TrainConfig | argparse.Namespace, callbacks: Sequence[Callback] = ()) -> ValResult | None:
+    return Trainer(opt, callbacks).run()

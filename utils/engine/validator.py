@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Sequence
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -20,25 +22,18 @@ from torchvision.ops import batched_nms
 from tqdm import tqdm
 
 from utils import coco
+from utils.data import create_dataloader, load_data_config
 from utils.engine.backend import Backend
+from utils.engine.config import ValJob, ValOptions
 from utils.engine.tta import forward_augment
-from utils.general import LOGGER, UserError, increment_path, scale_boxes, xywh2xyxy, xyxy2xywh
+from utils.general import LOGGER, UserError, check_img_size, increment_path, scale_boxes, xywh2xyxy, xyxy2xywh
 from utils.metrics import ConfusionMatrix, ap_per_class, fitness, match_predictions
 from utils.nms import non_max_suppression
+from utils.plots import plot_images
 from utils.torch_utils import select_device, time_sync
 
 HEADER = ("%22s" + "%11s" * 6) % ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
 ROW = "%22s" + "%11i" * 2 + "%11.3g" * 4
-
-
-class Results(dict):
-    """The validation result dict; keys are also attributes (so `metrics.fitness(results)` works)."""
-
-    def __getattr__(self, k):
-        try:
-            return self[k]
-        except KeyError:
-            raise AttributeError(k) from None
 
 
 class Ensemble:
@@ -131,210 +126,275 @@ def _output_to_target(preds: list[Tensor], max_per_image: int = 15) -> Tensor:
     return torch.cat(rows, 0) if rows else torch.zeros((0, 7))
 
 
-@torch.no_grad()
-def validate(model, dataloader, *, names: Sequence[str] | dict | None = None, conf_thres: float = 0.001,
-             iou_thres: float = 0.7, max_det: int = 300, single_cls: bool = False, augment: bool = False,
-             loss_fn=None, half: bool = False, save_dir: str | Path | None = None, plots: bool = True,
-             verbose: bool = False, save_txt: bool = False, save_hybrid: bool = False, save_conf: bool = False,
-             save_json: bool = False, is_coco: bool = False, compute_loss: bool = True,
-             anno_json: str | Path | None = None, training: bool | None = None,
-             return_predictions: bool = False) -> Results:
-    """Validate `model` on `dataloader` and return a Results dict.
+@dataclass
+class ValResult:
+    """One validation's numbers; results.csv, TensorBoard and the console all read this."""
 
-    model: torch DetectionModel (e.g. the trainer's EMA; eval-mode (y, feats) gives real losses through
-    loss_fn), a Backend or an Ensemble. anno_json: COCO GT file for pycocotools when save_json; 'auto' writes
-    one from the YOLO labels (save_dir/gt.json) so any dataset can be cross-checked. save_hybrid merges GT
-    boxes into the SAVED txt/json only (like upstream's autolabelling); unlike upstream the metrics always
-    use the model's own detections, so mAP is never inflated by GT. training: None = infer (torch module
-    means the trainer is calling: no per-class table unless verbose, no speed line).
+    mp: float = 0.0
+    mr: float = 0.0
+    map50: float = 0.0
+    map: float = 0.0
+    box: float = 0.0
+    cls: float = 0.0
+    dfl: float = 0.0
+    maps: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per-class mAP50-95
+    nt: np.ndarray = field(default_factory=lambda: np.zeros(0, int))  # instances per class
+    seen: int = 0
+    speed: tuple = (0.0, 0.0, 0.0)  # pre-process, inference, NMS ms per image
+    metrics_ms: float = 0.0  # matching + AP per image
+    ap_table: list = field(default_factory=list)
+    save_dir: Path | None = None
+    confusion_matrix: np.ndarray | None = None
+    map_ours: float | None = None  # set when pycocotools ran: map/map50 are then pycocotools' values
+    map50_ours: float | None = None
+    coco_json: str | None = None
+    predictions: dict | None = None  # {path: [n, 6] original pixels} with return_predictions
 
-    Returns keys mp, mr, map50, map, box, cls, dfl, fitness, maps (per-class mAP50-95, len nc), nt
-    (instances per class), seen, speed (pre, inference, NMS ms/img), metrics_ms (matching + AP per img),
-    ap_table (list of row dicts), results (mp, mr, map50, map, box, cls, dfl), confusion_matrix (when
-    plots), save_dir, and when pycocotools ran: map_ours/map50_ours with
-    map/map50 replaced by pycocotools' values; with return_predictions, predictions {path: [n,6] original px}.
-    """
-    is_backend = isinstance(model, (Backend, Ensemble))
-    training = (not is_backend) if training is None else training
-    names = list(names.values()) if isinstance(names, dict) else list(names or getattr(model, "names", []) or [])
-    if not names:
-        ds_names = getattr(dataloader.dataset, "names", None)
-        names = list(ds_names) if ds_names else ["0"]
-    nc = 1 if single_cls else len(names)
-    save_dir = Path(save_dir) if save_dir is not None else None
-    if (save_txt or save_json or save_hybrid) and save_dir is None:
-        raise UserError("validate: save_txt/save_hybrid/save_json need a save_dir")
-    plots = plots and save_dir is not None
-    save_txt = save_txt or save_hybrid
-    if save_dir is not None:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        if save_txt:
-            (save_dir / "labels").mkdir(parents=True, exist_ok=True)
+    @classmethod
+    def empty(cls, nc: int) -> "ValResult":
+        return cls(maps=np.zeros(nc), nt=np.zeros(nc, int))
 
-    device = _model_device(model)
-    was_training = model.training if isinstance(model, nn.Module) else None
-    halved = False
-    if is_backend:
-        half = model.dtype == torch.float16
-    else:
-        half = half and device.type == "cuda"
-        model.eval()
-        if half:
-            model.half()
-            halved = True
-    want_loss = compute_loss and loss_fn is not None
-    forward = _make_forward(model, want_loss)
-    stride = _model_stride(model)
+    @property
+    def fitness(self) -> float:
+        return float(fitness(self))
 
-    iouv = torch.linspace(0.5, 0.95, 10)
-    cm = ConfusionMatrix(nc=nc)
-    loss = torch.zeros(3, device=device)
-    dt = [0.0, 0.0, 0.0]
-    dt_metrics = 0.0  # matching + AP (includes txt/json writing), reported as metrics_ms
-    seen = 0
-    stats: list[tuple] = []
-    img_per_cls = np.zeros(nc, dtype=np.int64)
-    jdict: list[dict] = []
-    id_map = coco.image_id_map(getattr(dataloader.dataset, "im_files", [])) if save_json else {}
-    class_map = coco.coco80_to_coco91_class() if is_coco else None
-    predictions: dict[str, Tensor] = {}
-    nb_total = len(dataloader)
 
-    pbar = tqdm(dataloader, desc=HEADER, total=nb_total, bar_format="{l_bar}{bar:10}{r_bar}")
-    for batch_i, (im, targets, paths, shapes) in enumerate(pbar):
+@dataclass
+class _Stats:
+    """What matching accumulates over the images; plain tensors so ranks can gather and merge them."""
+
+    nc: int
+    correct: list = field(default_factory=list)
+    conf: list = field(default_factory=list)
+    pred_cls: list = field(default_factory=list)
+    target_cls: list = field(default_factory=list)
+    img_per_cls: np.ndarray = None
+    seen: int = 0
+
+    def __post_init__(self):
+        if self.img_per_cls is None:
+            self.img_per_cls = np.zeros(self.nc, dtype=np.int64)
+
+    def add(self, correct: Tensor, conf: Tensor, pred_cls: Tensor, target_cls: Tensor) -> None:
+        self.correct.append(correct.cpu())
+        self.conf.append(conf.cpu())
+        self.pred_cls.append(pred_cls.cpu())
+        self.target_cls.append(target_cls.cpu())
+
+    def arrays(self) -> list[np.ndarray]:
+        if not self.correct:
+            return []
+        return [torch.cat(x, 0).numpy() for x in (self.correct, self.conf, self.pred_cls, self.target_cls)]
+
+
+class Validator:
+    """options -> per-batch inference + matching -> summary (a ValResult)."""
+
+    def __init__(self, options: ValOptions | None = None, names: Sequence[str] | dict | None = None,
+                 loss_fn: Callable | None = None):
+        self.opt = options or ValOptions()
+        self.names_arg, self.loss_fn = names, loss_fn
+
+    @torch.no_grad()
+    def run(self, model, dataloader) -> ValResult:
+        """model: a torch DetectionModel (e.g. the trainer's EMA; its eval-mode (y, feats) give real losses
+        through loss_fn), a Backend or an Ensemble."""
+        self._prepare(model, dataloader)
+        try:
+            pbar = tqdm(dataloader, desc=HEADER, total=len(dataloader), bar_format="{l_bar}{bar:10}{r_bar}")
+            for batch_i, batch in enumerate(pbar):
+                self._batch(batch_i, batch)
+            return self._summary(dataloader)
+        finally:
+            self._restore(model)
+
+    # ---- setup
+    def _prepare(self, model, dataloader) -> None:
+        opt = self.opt
+        if (opt.save_txt or opt.save_json or opt.save_hybrid) and opt.save_dir is None:
+            raise UserError("validate: save_txt/save_hybrid/save_json need a save_dir")
+        self.is_backend = isinstance(model, (Backend, Ensemble))
+        self.training = (not self.is_backend) if opt.training is None else opt.training
+        names = self.names_arg
+        names = list(names.values()) if isinstance(names, dict) else list(names or getattr(model, "names", []) or [])
+        self.names = names or list(getattr(dataloader.dataset, "names", None) or ["0"])
+        self.nc = 1 if opt.single_cls else len(self.names)
+        self.plots = opt.plots and opt.save_dir is not None
+        self.save_txt = opt.save_txt or opt.save_hybrid
+        if opt.save_dir is not None:
+            (opt.save_dir / "labels" if self.save_txt else opt.save_dir).mkdir(parents=True, exist_ok=True)
+        self.device = _model_device(model)
+        self.was_training = model.training if isinstance(model, nn.Module) else None
+        self.halved = False
+        if self.is_backend:
+            self.half = model.dtype == torch.float16
+        else:
+            self.half = opt.half and self.device.type == "cuda"
+            model.eval()
+            if self.half:
+                model.half()
+                self.halved = True
+        self.want_loss = opt.compute_loss and self.loss_fn is not None
+        self.forward = _make_forward(model, self.want_loss)
+        self.stride = _model_stride(model)
+        self.iouv = torch.linspace(0.5, 0.95, 10)
+        self.cm = ConfusionMatrix(nc=self.nc)
+        self.loss = torch.zeros(3, device=self.device)
+        self.dt = [0.0, 0.0, 0.0]
+        self.dt_metrics = 0.0  # matching + AP (includes txt/json writing), reported as metrics_ms
+        self.stats = _Stats(self.nc)
+        self.jdict: list[dict] = []
+        self.id_map = coco.image_id_map(getattr(dataloader.dataset, "im_files", [])) if opt.save_json else {}
+        self.class_map = coco.coco80_to_coco91_class() if opt.is_coco else None
+        self.predictions: dict[str, Tensor] = {}
+        self.last_shape = (0, 0)
+
+    def _restore(self, model) -> None:
+        if isinstance(model, nn.Module):
+            if self.halved:
+                model.float()
+            if self.was_training:
+                model.train()
+
+    # ---- one batch
+    def _batch(self, batch_i: int, batch) -> None:
+        im, targets, paths, shapes = batch
+        opt = self.opt
         t1 = time_sync()
-        im = im.to(device, non_blocking=True)
-        im = (im.half() if half else im.float()) / 255
-        targets = targets.to(device)
-        nb, _, height, width = im.shape
+        im = im.to(self.device, non_blocking=True)
+        im = (im.half() if self.half else im.float()) / 255
+        targets = targets.to(self.device)
+        height, width = im.shape[2:]
+        self.last_shape = (height, width)
         t2 = time_sync()
-        dt[0] += t2 - t1
-
-        y, feats = forward_augment(forward, im, stride) if augment else forward(im)
-        if batch_i == 0 and not single_cls and y.shape[1] - 4 != nc:
-            raise UserError(f"validate: the model predicts {y.shape[1] - 4} classes but the data has {nc}")
+        y, feats = forward_augment(self.forward, im, self.stride) if opt.augment else self.forward(im)
+        if batch_i == 0 and not opt.single_cls and y.shape[1] - 4 != self.nc:
+            raise UserError(f"validate: the model predicts {y.shape[1] - 4} classes but the data has {self.nc}")
         t3 = time_sync()
-        dt[1] += t3 - t2
-        if want_loss and feats is not None:
-            loss += loss_fn(feats, targets)[1].to(device).float()
-
-        scale = torch.tensor((width, height, width, height), device=device, dtype=torch.float32)
+        if self.want_loss and feats is not None:
+            self.loss += self.loss_fn(feats, targets)[1].to(self.device).float()
         t4 = time_sync()
-        preds = non_max_suppression(y, conf_thres, iou_thres, multi_label=True, agnostic=single_cls,
-                                    max_det=max_det)
+        preds = non_max_suppression(y, opt.conf_thres, opt.iou_thres, multi_label=True, agnostic=opt.single_cls,
+                                    max_det=opt.max_det)
         t5 = time_sync()
-        dt[2] += t5 - t4
-
+        for i, dt in enumerate((t2 - t1, t3 - t2, t5 - t4)):
+            self.dt[i] += dt
         for si, pred in enumerate(preds):
-            labels = targets[targets[:, 0] == si, 1:].float()
-            nl, npr = labels.shape[0], pred.shape[0]
-            path = Path(paths[si])
-            if shapes[si] is not None:
-                shape, ratio_pad = shapes[si][0], shapes[si][1]
-            else:  # no letterbox record (should not happen for val loaders): treat input as original
-                shape, ratio_pad = (height, width), ((1.0, 1.0), (0.0, 0.0))
-            seen += 1
-            correct = torch.zeros(npr, len(iouv), dtype=torch.bool)
+            shape_info = shapes[si] if shapes[si] is not None else ((height, width), ((1.0, 1.0), (0.0, 0.0)))
+            self._image(pred, targets[targets[:, 0] == si, 1:].float(), Path(paths[si]), (height, width), shape_info)
+        self.dt_metrics += time.time() - t5
+        if self.plots and batch_i < 3:
+            plot_images(im, targets, paths, opt.save_dir / f"val_batch{batch_i}_labels.jpg", names=self.names)
+            plot_images(im, _output_to_target(preds), paths, opt.save_dir / f"val_batch{batch_i}_pred.jpg",
+                        names=self.names)
+
+    def _image(self, pred: Tensor, labels: Tensor, path: Path, input_hw: tuple, shape_info: tuple) -> None:
+        """Match one image's detections to its labels, both in original-image pixels; write its outputs."""
+        opt, stats = self.opt, self.stats
+        shape, ratio_pad = shape_info
+        height, width = input_hw
+        scale = torch.tensor((width, height, width, height), device=self.device, dtype=torch.float32)
+        nl, npr = labels.shape[0], pred.shape[0]
+        stats.seen += 1
+        correct = torch.zeros(npr, len(self.iouv), dtype=torch.bool)
+        if nl:
+            tbox = scale_boxes(input_hw, xywh2xyxy(labels[:, 1:5]) * scale, shape, ratio_pad)
+            labelsn = torch.cat((labels[:, :1], tbox), 1)
+            stats.img_per_cls[np.unique(labels[:, 0].long().cpu().numpy().clip(0, self.nc - 1))] += 1
+        else:
+            labelsn = torch.zeros((0, 5), device=self.device)
+        predn = pred.clone().float()
+        if opt.single_cls:
+            predn[:, 5] = 0
+        scale_boxes(input_hw, predn[:, :4], shape, ratio_pad)
+        if opt.return_predictions:
+            self.predictions[str(path)] = predn.cpu()
+        if self.plots:
+            self.cm.process_batch(predn if npr else None, labelsn)
+        if npr == 0:
             if nl:
-                tbox = scale_boxes((height, width), xywh2xyxy(labels[:, 1:5]) * scale, shape, ratio_pad)
-                labelsn = torch.cat((labels[:, :1], tbox), 1)
-                img_per_cls[np.unique(labels[:, 0].long().cpu().numpy().clip(0, nc - 1))] += 1
-            else:
-                labelsn = torch.zeros((0, 5), device=device)
-            predn = pred.clone().float()
-            if single_cls:
-                predn[:, 5] = 0
-            scale_boxes((height, width), predn[:, :4], shape, ratio_pad)
-            if return_predictions:
-                predictions[str(path)] = predn.cpu()
-            if plots:
-                cm.process_batch(predn if npr else None, labelsn)
-            if npr == 0:
-                if nl:
-                    stats.append((correct, torch.zeros(0), torch.zeros(0), labels[:, 0].cpu()))
-                continue
-            if nl:
-                correct = match_cpu(predn, labelsn, iouv)
-            stats.append((correct, predn[:, 4].cpu(), predn[:, 5].cpu(), labels[:, 0].cpu()))
+                stats.add(correct, torch.zeros(0), torch.zeros(0), labels[:, 0])
+            return
+        if nl:
+            correct = match_cpu(predn, labelsn, self.iouv)
+        stats.add(correct, predn[:, 4], predn[:, 5], labels[:, 0])
+        if self.save_txt or opt.save_json:
+            self._save_outputs(pred, predn, labels, path, input_hw, shape_info, scale)
 
-            saved = predn
-            if save_hybrid:
-                gt_in = xywh2xyxy(labels[:, 1:5]) * scale
-                hyb = _hybrid(pred.float(), gt_in, labels[:, 0], iou_thres, max_det)
-                saved = scale_boxes((height, width), hyb.clone(), shape, ratio_pad) if len(hyb) else hyb
-                if single_cls:
-                    saved[:, 5] = 0
-            if save_txt:
-                _save_txt(saved, save_conf, shape, save_dir / "labels" / f"{path.stem}.txt")
-            if save_json:
-                image_id = id_map.get(str(path), int(path.stem) if path.stem.isnumeric() else path.stem)
-                coco.detections_to_coco(saved, image_id, class_map, jdict)
+    def _save_outputs(self, pred: Tensor, predn: Tensor, labels: Tensor, path: Path, input_hw: tuple,
+                      shape_info: tuple, scale: Tensor) -> None:
+        opt = self.opt
+        shape, ratio_pad = shape_info
+        saved = predn
+        if opt.save_hybrid:
+            gt_in = xywh2xyxy(labels[:, 1:5]) * scale
+            hyb = _hybrid(pred.float(), gt_in, labels[:, 0], opt.iou_thres, opt.max_det)
+            saved = scale_boxes(input_hw, hyb.clone(), shape, ratio_pad) if len(hyb) else hyb
+            if opt.single_cls:
+                saved[:, 5] = 0
+        if self.save_txt:
+            _save_txt(saved, opt.save_conf, shape, opt.save_dir / "labels" / f"{path.stem}.txt")
+        if opt.save_json:
+            image_id = self.id_map.get(str(path), int(path.stem) if path.stem.isnumeric() else path.stem)
+            coco.detections_to_coco(saved, image_id, self.class_map, self.jdict)
 
-        dt_metrics += time.time() - t5
-        if plots and batch_i < 3:
-            from utils.plots import plot_images
-            plot_images(im, targets, paths, save_dir / f"val_batch{batch_i}_labels.jpg", names=names)
-            plot_images(im, _output_to_target(preds), paths, save_dir / f"val_batch{batch_i}_pred.jpg", names=names)
+    # ---- summary
+    def _summary(self, dataloader) -> ValResult:
+        opt, nc, names, seen = self.opt, self.nc, self.names, self.stats.seen
+        cat = self.stats.arrays()
+        tcls = cat[3].astype(int) if cat else np.zeros(0, int)
+        nt = np.bincount(tcls.clip(0, nc - 1), minlength=nc) if len(tcls) else np.zeros(nc, int)
+        t6 = time.time()
+        res = ap_per_class(*cat, plot=self.plots, save_dir=opt.save_dir, names=names) if cat else None
+        mp, mr, map50, map_ = res.mean_results() if res is not None else (0.0, 0.0, 0.0, 0.0)
+        maps = res.maps(nc) if res is not None else np.zeros(nc)
+        self.dt_metrics += time.time() - t6 if not self.plots else 0.0  # curve plotting is not metrics time
+        ap_table = self._log_table(res, nt, mp, mr, map50, map_)
+        speed = tuple(x / max(seen, 1) * 1e3 for x in self.dt)
+        if not self.training:
+            imgsz = getattr(dataloader.dataset, "imgsz", self.last_shape[0])
+            shape = (getattr(dataloader, "batch_size", None) or 1, 3, imgsz, imgsz)
+            LOGGER.info(f"Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape {shape}" % speed)
+        if self.plots:
+            self.cm.plot(save_dir=opt.save_dir, names=names)
+        lossv = (self.loss.cpu() / max(len(dataloader), 1)).tolist()
+        out = ValResult(mp=mp, mr=mr, map50=map50, map=map_, box=lossv[0], cls=lossv[1], dfl=lossv[2], maps=maps,
+                        nt=nt, seen=seen, speed=speed, metrics_ms=self.dt_metrics / max(seen, 1) * 1e3,
+                        ap_table=ap_table, save_dir=opt.save_dir,
+                        confusion_matrix=self.cm.matrix if self.plots else None,
+                        predictions=self.predictions if opt.return_predictions else None)
+        if opt.save_json and opt.save_dir is not None:
+            pred_json = coco.save_json(self.jdict, opt.save_dir / "predictions.json")
+            LOGGER.info(f"Saved {len(self.jdict)} detections to {pred_json}")
+            if opt.anno_json is not None:
+                _coco_check(opt.anno_json, pred_json, dataloader, opt.save_dir, names, self.class_map, self.id_map, out)
+        return out
 
-    # ---- metrics ----
-    cat = [torch.cat(x, 0).cpu().numpy() for x in zip(*stats)] if stats else []
-    tcls = cat[3].astype(int) if cat else np.zeros(0, int)
-    nt = np.bincount(tcls.clip(0, nc - 1), minlength=nc) if len(tcls) else np.zeros(nc, int)
-    t6 = time.time()
-    if cat:
-        res = ap_per_class(cat[0], cat[1], cat[2], cat[3], plot=plots, save_dir=save_dir, names=names)
-        mp, mr, map50, map_ = res.mean_results()
-        maps = res.maps(nc)
-    else:
-        res, mp, mr, map50, map_, maps = None, 0.0, 0.0, 0.0, 0.0, np.zeros(nc)
-    dt_metrics += time.time() - t6 if not plots else 0.0  # curve plotting is not metrics time
-
-    LOGGER.info(ROW % ("all", seen, nt.sum(), mp, mr, map50, map_))
-    if nt.sum() == 0:
-        LOGGER.warning(f"WARNING: no labels found in the {'val' if training else 'validation'} set, "
-                       f"cannot compute metrics without labels")
-    ap_table = [dict(cls="all", images=seen, instances=int(nt.sum()), p=mp, r=mr, map50=map50, map=map_)]
-    if res is not None:
+    def _log_table(self, res, nt: np.ndarray, mp: float, mr: float, map50: float, map_: float) -> list[dict]:
+        seen, nc, names = self.stats.seen, self.nc, self.names
+        LOGGER.info(ROW % ("all", seen, nt.sum(), mp, mr, map50, map_))
+        if nt.sum() == 0:
+            LOGGER.warning(f"WARNING: no labels found in the {'val' if self.training else 'validation'} set, "
+                           f"cannot compute metrics without labels")
+        table = [dict(cls="all", images=seen, instances=int(nt.sum()), p=mp, r=mr, map50=map50, map=map_)]
+        if res is None:
+            return table
         for i, c in enumerate(res.ap_class):
             p, r, ap50, ap = res.class_result(i)
-            ap_table.append(dict(cls=names[c] if c < len(names) else str(c), images=int(img_per_cls[c])
-                                 if c < nc else 0, instances=int(nt[c]) if c < nc else 0, p=p, r=r, map50=ap50,
-                                 map=ap))
-        if (verbose or (nc < 50 and not training)) and nc > 1:
-            for row in ap_table[1:]:
+            table.append(dict(cls=names[c] if c < len(names) else str(c),
+                              images=int(self.stats.img_per_cls[c]) if c < nc else 0,
+                              instances=int(nt[c]) if c < nc else 0, p=p, r=r, map50=ap50, map=ap))
+        if (self.opt.verbose or (nc < 50 and not self.training)) and nc > 1:
+            for row in table[1:]:
                 LOGGER.info(ROW % (row["cls"], row["images"], row["instances"], row["p"], row["r"], row["map50"],
                                    row["map"]))
+        return table
 
-    speed = tuple(x / max(seen, 1) * 1e3 for x in dt)
-    if not training:
-        imgsz = getattr(dataloader.dataset, "imgsz", height if nb_total else 0)
-        shape = (getattr(dataloader, "batch_size", None) or 1, 3, imgsz, imgsz)
-        LOGGER.info(f"Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape {shape}" % speed)
-    if plots:
-        cm.plot(save_dir=save_dir, names=names)
 
-    out = Results(mp=mp, mr=mr, map50=map50, map=map_)
-    lossv = (loss.cpu() / max(nb_total, 1)).tolist()
-    out.update(box=lossv[0], cls=lossv[1], dfl=lossv[2], maps=maps, nt=nt, seen=seen, speed=speed,
-               metrics_ms=dt_metrics / max(seen, 1) * 1e3,
-               ap_table=ap_table, save_dir=save_dir, confusion_matrix=cm.matrix if plots else None)
-
-    if save_json and save_dir is not None:
-        pred_json = coco.save_json(jdict, save_dir / "predictions.json")
-        LOGGER.info(f"Saved {len(jdict)} detections to {pred_json}")
-        if anno_json is not None:
-            out.update(_coco_check(anno_json, pred_json, dataloader, save_dir, names, class_map, id_map, out))
-
-    out["fitness"] = float(fitness(out))
-    out["results"] = (out["mp"], out["mr"], out["map50"], out["map"], *lossv)
-    if return_predictions:
-        out["predictions"] = predictions
-    if isinstance(model, nn.Module):
-        if halved:
-            model.float()
-        if was_training:
-            model.train()
-    return out
+def validate(model, dataloader, *, names: Sequence[str] | dict | None = None, loss_fn: Callable | None = None,
+             **options) -> ValResult:
+    """Shorthand for Validator(ValOptions(**options), names, loss_fn).run(model, dataloader)."""
+    return Validator(ValOptions(**options), names=names, loss_fn=loss_fn).run(model, dataloader)
 
 
 def match_cpu(predn: Tensor, labelsn: Tensor, iouv: Tensor) -> Tensor:
@@ -342,13 +402,14 @@ def match_cpu(predn: Tensor, labelsn: Tensor, iouv: Tensor) -> Tensor:
     return match_predictions(predn.cpu(), labelsn.cpu(), iouv).cpu()
 
 
-def _coco_check(anno_json, pred_json: Path, dataloader, save_dir: Path, names, class_map, id_map, ours) -> dict:
+def _coco_check(anno_json, pred_json: Path, dataloader, save_dir: Path, names, class_map, id_map,
+                ours: ValResult) -> None:
     """Evaluate predictions.json with pycocotools; its mAPs replace ours (kept as *_ours)."""
     try:
-        import pycocotools  # noqa: F401
+        import pycocotools  # noqa: F401  (optional extra)
     except ImportError:
         LOGGER.warning("WARNING: pycocotools not installed (pip install pycocotools): skipping the COCO check")
-        return {}
+        return
     if str(anno_json) == "auto":
         ds = dataloader.dataset
         files = list(ds.im_files)
@@ -364,68 +425,46 @@ def _coco_check(anno_json, pred_json: Path, dataloader, save_dir: Path, names, c
         raise
     except Exception as e:  # pycocotools' own errors (bad ids, etc.): report and keep ours
         LOGGER.warning(f"WARNING: pycocotools unable to run: {e}")
-        return {}
-    LOGGER.info(f"pycocotools: mAP50-95 {map_:.4f}, mAP50 {map50:.4f} (ours {ours['map']:.4f}, {ours['map50']:.4f})")
-    return dict(map_ours=ours["map"], map50_ours=ours["map50"], map=map_, map50=map50, coco_json=str(anno_json))
+        return
+    LOGGER.info(f"pycocotools: mAP50-95 {map_:.4f}, mAP50 {map50:.4f} (ours {ours.map:.4f}, {ours.map50:.4f})")
+    ours.map_ours, ours.map50_ours, ours.map, ours.map50 = ours.map, ours.map50, map_, map50
+    ours.coco_json = str(anno_json)
 
 
-def run_validation(data: str | Path = "data/shapes.yaml", weights: Sequence[str | Path] | str | None = None,
-                   batch_size: int = 32, imgsz: int | None = None, conf_thres: float = 0.001, iou_thres: float = 0.7,
-                   max_det: int = 300, task: str = "val", device: str = "", workers: int = 8,
-                   single_cls: bool = False, augment: bool = False, verbose: bool = False, save_txt: bool = False,
-                   save_hybrid: bool = False, save_conf: bool = False, save_json: bool = False,
-                   project: str | Path = "runs/val", name: str = "exp", exist_ok: bool = False, half: bool = False,
-                   min_items: int = 0, plots: bool = True, **_ignored) -> Results:
-    """What val_dual.py does: load weights (several = ensemble), build the rect val loader, validate."""
-    from utils.data import create_dataloader, load_data_config
-    from utils.general import check_img_size
-
-    if not weights:
-        raise UserError("val_dual.py: --weights is required (a .pt checkpoint written by train_dual.py)")
-    weights = [weights] if isinstance(weights, (str, Path)) else list(weights)
-    for w in weights:
-        if not Path(w).is_file():
-            raise UserError(f"{w}: weights file not found")
-    if task not in ("val", "test", "speed"):
-        raise UserError(f"--task {task}: use val, test or speed")
-    if task == "speed":  # upstream: speed benchmark at deployment thresholds, nothing saved
-        conf_thres, iou_thres, save_json, plots = 0.25, 0.45, False, False
-    save_txt = save_txt or save_hybrid
-    dev = select_device(device, batch_size)
-    cfg = load_data_config(data)
-    backends = [Backend(w, device=dev, half=half, fuse=True) for w in weights]
+def run_validation(job: ValJob | None = None, **kwargs) -> ValResult:
+    """What val_dual.py does: load weights (several = ensemble), build the rect val loader, validate.
+    Pass a ValJob or its fields as keywords."""
+    job = job or ValJob.from_args(kwargs)
+    weights = list(job.weights)
+    dev = select_device(job.device, job.batch_size)
+    cfg = load_data_config(job.data)
+    backends = [Backend(w, device=dev, half=job.half, fuse=True) for w in weights]
     model = backends[0] if len(backends) == 1 else Ensemble(backends)
     if len(backends) > 1:
         LOGGER.info(f"Ensemble of {len(backends)} models: {', '.join(str(w) for w in weights)}")
-    nc = 1 if single_cls else cfg["nc"]
-    if not single_cls and model.nc != nc:
-        raise UserError(f"{weights[0]}: model has {model.nc} classes but {cfg['yaml_file']} has nc={nc}; "
+    nc = 1 if job.single_cls else cfg.nc
+    if not job.single_cls and model.nc != nc:
+        raise UserError(f"{weights[0]}: model has {model.nc} classes but {cfg.yaml_file} has nc={nc}; "
                         f"pass matching --data (or --single-cls)")
     fixed = getattr(backends[0], "fixed_imgsz", None)
-    if fixed and imgsz and imgsz != min(fixed):
+    if fixed and job.imgsz and job.imgsz != min(fixed):
         LOGGER.warning(f"WARNING: {weights[0]} was exported at {fixed[0]}x{fixed[1]}; validating at that size")
-    imgsz = backends[0].default_imgsz() if (fixed or not imgsz) else imgsz
+    imgsz = backends[0].default_imgsz() if (fixed or not job.imgsz) else job.imgsz
     imgsz = check_img_size(imgsz, model.stride)
-    split = "val" if task == "speed" else task
-    if not cfg.get(split):
-        raise UserError(f"{cfg['yaml_file']}: no '{split}' split")
-    save_dir = increment_path(Path(project) / name, exist_ok=exist_ok, mkdir=True)
-    if save_txt:
-        (save_dir / "labels").mkdir(parents=True, exist_ok=True)
+    split = "val" if job.task == "speed" else job.task
+    if not cfg.split(split):
+        raise UserError(f"{cfg.yaml_file}: no '{split}' split")
+    save_dir = increment_path(Path(job.project) / job.name, exist_ok=job.exist_ok, mkdir=True)
     model.warmup((1, 3, imgsz, imgsz))
-    pad, rect = (0.0, False) if (task == "speed" or fixed) else (0.5, True)  # exported files: one fixed size
-    loader, _ = create_dataloader(cfg[split], imgsz, batch_size, model.stride, pad=pad, rect=rect, workers=workers,
-                                  names=cfg["names"], nc=cfg["nc"], single_cls=single_cls, min_items=min_items,
-                                  prefix=f"{task}: ")
-    is_coco = coco.is_coco_data(cfg)
-    anno = coco.find_annotations(cfg) if save_json else None
-    if save_json and anno is None:
-        anno = "auto"
-    out = validate(model, loader, names=cfg["names"], conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det,
-                   single_cls=single_cls, augment=augment, half=half, save_dir=save_dir, plots=plots,
-                   verbose=verbose, save_txt=save_txt, save_hybrid=save_hybrid, save_conf=save_conf,
-                   save_json=save_json, is_coco=is_coco, anno_json=anno, training=False)
-    if save_txt:
+    pad, rect = (0.0, False) if (job.task == "speed" or fixed) else (0.5, True)  # exported files: one fixed size
+    loader, _ = create_dataloader(cfg.split(split), imgsz, job.batch_size, model.stride, pad=pad, rect=rect,
+                                  workers=job.workers, names=cfg.names, nc=cfg.nc, single_cls=job.single_cls,
+                                  min_items=job.min_items, prefix=f"{job.task}: ")
+    anno = (coco.find_annotations(cfg) or "auto") if job.options.save_json else None
+    options = dataclasses.replace(job.options, save_dir=save_dir, is_coco=coco.is_coco_data(cfg), anno_json=anno,
+                                  training=False)
+    out = Validator(options, names=cfg.names).run(model, loader)
+    if options.save_txt or options.save_hybrid:
         n = len(list((save_dir / "labels").glob("*.txt")))
         LOGGER.info(f"{n} labels saved to {save_dir / 'labels'}")
     LOGGER.info(f"Results saved to {save_dir}")

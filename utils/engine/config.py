@@ -1,0 +1,202 @@
+"""Typed, read-only run settings: built once from the command line (or a Python call), checked there.
+
+Resume never edits a config: `TrainConfig.for_resume` returns a new one from the checkpoint's saved options
+plus the few flags a user may change on resume. Data-YAML defaults (`train_defaults:`) fill only the
+settings the command line left unset.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from utils.general import ROOT, UserError
+
+DEFAULT_HYP = str(ROOT / "data" / "hyps" / "hyp.scratch-high.yaml")
+# upstream's defaults, used when neither a flag nor the data YAML's train_defaults says otherwise
+UPSTREAM_DEFAULTS = {"epochs": 100, "imgsz": 640, "batch_size": 16, "close_mosaic": 0, "hyp": DEFAULT_HYP}
+RESUME_KEEPS = ("device", "workers", "exist_ok")  # flags a resumed run takes from the new command line
+OPTIMIZERS = ("SGD", "Adam", "AdamW")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run is told. Unset values (None) are filled by `with_defaults`."""
+
+    data: str = "data/shapes.yaml"
+    cfg: str = ""
+    weights: str = ""
+    hyp: str | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    imgsz: int | None = None
+    rect: bool = False
+    resume: str = ""  # checkpoint path being resumed ('' = fresh run)
+    nosave: bool = False
+    noval: bool = False
+    noplots: bool = False
+    cache: str | None = None
+    image_weights: bool = False
+    device: str = ""
+    multi_scale: bool = False
+    single_cls: bool = False
+    optimizer: str = "SGD"
+    sync_bn: bool = False
+    workers: int = 8
+    project: str = "runs/train"
+    name: str = "exp"
+    exist_ok: bool = False
+    cos_lr: bool = False
+    flat_cos_lr: bool = False
+    fixed_lr: bool = False
+    patience: int = 100
+    freeze: tuple[int, ...] = (0,)
+    save_period: int = -1
+    seed: int = 0
+    min_items: int = 0
+    close_mosaic: int | None = None
+    tensorboard: bool = True  # event files in the run folder (rank 0)
+    save_dir: str = ""  # the run folder, decided once by the trainer (or taken from a resumed checkpoint)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace | Mapping[str, Any] | None = None, **overrides: Any) -> "TrainConfig":
+        """From train_dual.py's namespace (or a dict); unknown keys (compatibility flags) are ignored."""
+        raw = dict(vars(args) if isinstance(args, argparse.Namespace) else (args or {}))
+        raw.update(overrides)
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in raw.items() if k in known}
+        resume = kw.get("resume", "")
+        kw["resume"] = "" if resume in (False, None, "", "False") else ("last" if resume in (True, "True") else str(resume))
+        if "freeze" in kw:
+            kw["freeze"] = tuple(int(x) for x in (kw["freeze"] if isinstance(kw["freeze"], (list, tuple)) else [kw["freeze"]]))
+        for k in ("data", "cfg", "weights", "hyp", "project", "save_dir"):
+            if isinstance(kw.get(k), Path):
+                kw[k] = str(kw[k])
+        return cls(**kw).checked()
+
+    def checked(self) -> "TrainConfig":
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"--optimizer {self.optimizer}: choose from {', '.join(OPTIMIZERS)}")
+        for k in ("epochs", "batch_size", "imgsz"):
+            v = getattr(self, k)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise UserError(f"--{k.replace('_', '-')} {v}: must be a positive integer")
+        if self.workers < 0:
+            raise UserError(f"--workers {self.workers}: must be >= 0")
+        if sum((self.cos_lr, self.flat_cos_lr, self.fixed_lr)) > 1:
+            raise UserError("--cos-lr, --flat-cos-lr and --fixed-lr exclude each other: pick one")
+        return self
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes).checked()
+
+    def with_defaults(self, train_defaults: Mapping[str, Any]) -> "TrainConfig":
+        """Fill unset values: data YAML's train_defaults first, then upstream's defaults."""
+        known = {f.name for f in fields(self)}
+        bad = sorted(set(train_defaults) - known)
+        if bad:
+            raise UserError(f"data YAML train_defaults: unknown key(s) {', '.join(bad)}")
+        merged = {**UPSTREAM_DEFAULTS, **train_defaults}
+        fill = {k: v for k, v in merged.items() if getattr(self, k) is None}
+        out = self.replace(**fill)
+        hyp = Path(out.hyp)
+        if not hyp.is_absolute() and not hyp.exists() and (ROOT / hyp).exists():
+            out = out.replace(hyp=str(ROOT / hyp))
+        return out
+
+    def for_resume(self, saved: Mapping[str, Any], path: Path) -> "TrainConfig":
+        """The config of a resumed run: the checkpoint's options, this command line's device/workers/exist_ok,
+        and --epochs when given (to extend a finished run)."""
+        base = TrainConfig.from_args(dict(saved))
+        keep = {k: getattr(self, k) for k in RESUME_KEEPS}
+        if self.epochs is not None:
+            keep["epochs"] = self.epochs
+        return base.replace(**keep, resume=str(path), weights=str(path), save_dir=str(path.parent.parent))
+
+    @property
+    def schedule(self) -> str:
+        return "cos" if self.cos_lr else "flat-cos" if self.flat_cos_lr else "fixed" if self.fixed_lr else "linear"
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values for opt.yaml and checkpoints."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class ValOptions:
+    """How to validate. save_hybrid merges GT boxes into the SAVED txt/json only (like upstream's
+    autolabelling); the metrics always use the model's own detections, so mAP is never inflated by GT.
+    anno_json: a COCO GT file for the pycocotools check of save_json ('auto' writes one from the labels).
+    training: None = infer (a torch module means the trainer is calling: no per-class table unless
+    verbose, no speed line)."""
+
+    conf_thres: float = 0.001
+    iou_thres: float = 0.7
+    max_det: int = 300
+    single_cls: bool = False
+    augment: bool = False
+    half: bool = False
+    save_dir: Path | None = None
+    plots: bool = True
+    verbose: bool = False
+    save_txt: bool = False
+    save_hybrid: bool = False
+    save_conf: bool = False
+    save_json: bool = False
+    is_coco: bool = False
+    compute_loss: bool = True
+    anno_json: str | Path | None = None
+    training: bool | None = None
+    return_predictions: bool = False
+
+    def __post_init__(self):
+        if self.save_dir is not None and not isinstance(self.save_dir, Path):
+            object.__setattr__(self, "save_dir", Path(self.save_dir))
+
+
+
+@dataclass(frozen=True)
+class ValJob:
+    """What val_dual.py is asked: which weights on which data split, and how to validate (`options`)."""
+
+    weights: tuple[str, ...]
+    data: str = "data/shapes.yaml"
+    batch_size: int = 32
+    imgsz: int | None = None
+    task: str = "val"
+    device: str = ""
+    workers: int = 8
+    project: str = "runs/val"
+    name: str = "exp"
+    exist_ok: bool = False
+    half: bool = False
+    single_cls: bool = False
+    min_items: int = 0
+    options: ValOptions = None  # type: ignore[assignment]  # always set by from_args
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace | Mapping[str, Any]) -> "ValJob":
+        """From val_dual.py's namespace or keywords; the validation options among them become `options`."""
+        raw = dict(vars(args) if isinstance(args, argparse.Namespace) else args)
+        weights = raw.get("weights")
+        if not weights:
+            raise UserError("val_dual.py: --weights is required (a .pt checkpoint written by train_dual.py)")
+        weights = (weights,) if isinstance(weights, (str, Path)) else tuple(weights)
+        for w in weights:
+            if not Path(w).is_file():
+                raise UserError(f"{w}: weights file not found")
+        task = raw.get("task", "val")
+        if task not in ("val", "test", "speed"):
+            raise UserError(f"--task {task}: use val, test or speed")
+        job_keys = {f.name for f in fields(cls)} - {"weights", "options"}
+        opt_keys = {f.name for f in fields(ValOptions)} - {"save_dir", "is_coco", "anno_json", "training"}
+        opts = {k: v for k, v in raw.items() if k in opt_keys}
+        opts["half"] = raw.get("half", False)
+        opts["single_cls"] = raw.get("single_cls", False)
+        if task == "speed":  # upstream: speed benchmark at deployment thresholds, nothing saved
+            opts.update(conf_thres=0.25, iou_thres=0.45, save_json=False, plots=False)
+        options = ValOptions(**opts)  # save_dir is decided when the job runs
+        job = {k: v for k, v in raw.items() if k in job_keys}
+        return cls(weights=tuple(str(w) for w in weights), options=options, **job)
