@@ -269,3 +269,161 @@ def test_bad_tracker_yaml_is_one_clear_error(tmp_path, text, msg):
 def _write(p: Path, text: str) -> Path:
     p.write_text(text)
     return p
+
+
+# ---------------------------------------------------------------- sequences, outputs, detect_dual.py
+
+def _result(boxes: np.ndarray, path: str):
+    from utils.engine.predictor import Result
+    n = len(boxes)
+    return Result(np.asarray(boxes, np.float32).reshape(-1, 4), np.full(n, 0.9, np.float32), np.zeros(n, np.int64),
+                  ["circle"] * n, (H, W), (H, W), path)
+
+
+def test_sequence_tracker_resets_per_source(tmp_path):
+    """Video b after video a: ids restart at 1 and b's first frame is confirmed at once (no state carried
+    over, which would leave b's new boxes tentative with ids 4, 5); one MOT file per video, frames from 1."""
+    from utils.engine.sources import Frame, VideoInfo
+    from utils.engine.tracking import SequenceTracker
+    seq = SequenceTracker(None, tmp_path)
+    a_boxes = np.array([[10, 10, 50, 50], [100, 100, 150, 150], [300, 50, 340, 90]], float)
+    b_boxes = np.array([[400, 300, 450, 350], [200, 200, 260, 240]], float)
+    info = VideoInfo(30.0, W, H, 0)
+    for i in range(3):
+        r = seq.step(Frame("a.mp4", None, i + 1, info), _result(a_boxes + 2 * i, "a.mp4"))
+        assert sorted(r.track_ids.tolist()) == [1, 2, 3]
+    outs = [seq.step(Frame("b.mp4", None, i + 1, info), _result(b_boxes + i, "b.mp4")) for i in range(2)]
+    seq.close()
+    assert [o.track_ids.tolist() for o in outs] == [[1, 2], [1, 2]]
+    assert [p.name for p in seq.files] == ["a.txt", "b.txt"]
+    rows = np.loadtxt(tmp_path / "mot" / "b.txt", delimiter=",")
+    assert rows.shape == (4, 10) and rows[:, 0].tolist() == [1, 1, 2, 2]
+    np.testing.assert_allclose(rows[:2, 2:6], [[400, 300, 50, 50], [200, 200, 60, 40]])  # x, y, w, h pixels
+    assert (rows[:, 7:] == -1).all() and np.allclose(rows[:, 6], 0.9)
+    # image folders are sequences too: frame numbers count the images of each folder
+    seq = SequenceTracker(None, tmp_path / "imgs")
+    for d in ("s1", "s1", "s2"):
+        seq.step(Frame(f"{d}/x.jpg", None, None, None), _result(a_boxes, f"{d}/x.jpg"))
+    seq.close()
+    assert [np.loadtxt(p, delimiter=",", ndmin=2)[:, 0].max() for p in seq.files] == [2, 1]
+
+
+def test_track_ids_set_box_colour_and_label():
+    from utils.engine.annotate import colors, draw_boxes
+    im = np.zeros((120, 160, 3), np.uint8)
+    out = draw_boxes(im, np.array([[10, 40, 150, 110]]), np.array([0.8]), np.array([0]), ["circle"], 3,
+                     hide_labels=True, track_ids=np.array([7]))
+    assert tuple(int(v) for v in out[80, 150]) == colors(7) != colors(0)  # right edge: the id's colour
+    tag = out[5:40, 10:80]  # the 'id:7' tag above the box is drawn although labels are hidden
+    assert (tag == colors(7)).all(-1).sum() > 100 and (tag == 255).all(-1).sum() > 10  # fill + white text
+    r = _result(np.array([[0, 0, 64, 48]]), "x")
+    r.track_ids = np.array([5])
+    assert r.txt_lines(save_conf=True) == ["0 0.05 0.05 0.1 0.1 0.9 5"]
+    assert r.to_dict()["detections"][0]["track_id"] == 5
+
+
+def _write_video(path: Path, n: int, w: int, h: int, phase: int = 0) -> Path:
+    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10, (w, h))
+    for i in range(n):
+        im = np.full((h, w, 3), 70, np.uint8)
+        cv2.circle(im, (16 + 6 * i, 30 + phase), 12, (0, 200, 255), -1)
+        cv2.rectangle(im, (w - 30 - 5 * i, 52), (w - 8 - 5 * i, 80), (255, 80, 0), -1)
+        vw.write(im)
+    vw.release()
+    return path
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    """Seeded tiny gelan-t whose class biases put its boxes at score ~0.73 (above the new-track threshold);
+    untrained, so the boxes barely depend on the image: this checks the --track plumbing and file formats,
+    tracking quality is scored by motmetrics above."""
+    from models.yolo import DetectionModel
+    from utils.checkpoint import make_checkpoint, save_checkpoint
+    torch.manual_seed(0)
+    model = DetectionModel("gelan-t.yaml", nc=2)
+    g = torch.Generator().manual_seed(1)
+    for box, cls in zip(model.head.cv2, model.head.cv3):
+        box[-1].bias.data = torch.randn(box[-1].bias.shape, generator=g) * 3
+        cls[-1].bias.data[:] = 1.0
+    return save_checkpoint(make_checkpoint(model, names=["circle", "square"]), tmp_path_factory.mktemp("w") / "t.pt")
+
+
+def _opt(weights, source, project, *extra):
+    import detect_dual
+    return detect_dual.parse_opt(["--weights", str(weights), "--source", str(source), "--imgsz", "128",
+                                  "--max-det", "20", "--device", "cpu", "--project", str(project), *extra])
+
+
+def test_detect_dual_track_end_to_end(weights, tmp_path, caplog):
+    """Two videos in one run: annotated videos, labels rows 'cls xc yc w h conf id' that agree with the
+    MOT rows of the same frame, one MOT file per video with ids restarting at 1."""
+    torch.set_num_threads(1)
+    from utils.engine.predictor import run
+    src = tmp_path / "src"
+    src.mkdir()
+    sizes = {"a": (16, 128, 96), "b": (10, 96, 128)}
+    for name, (n, w, h) in sizes.items():
+        _write_video(src / f"{name}.mp4", n, w, h)
+    with caplog.at_level(logging.INFO, logger="yolov9mqa"):
+        save_dir = run(_opt(weights, src, tmp_path / "runs", "--track", "--save-txt", "--save-conf"))
+    assert "MOT file" in caplog.text
+    for name, (n, w, h) in sizes.items():
+        cap = cv2.VideoCapture(str(save_dir / f"{name}.mp4"))
+        frames = 0
+        while cap.read()[0]:
+            frames += 1
+        assert frames == n
+        mot = np.loadtxt(save_dir / "mot" / f"{name}.txt", delimiter=",", ndmin=2)
+        assert mot.shape[1] == 10 and len(mot) and (mot[:, 7:] == -1).all()
+        assert set(mot[:, 0].astype(int)) <= set(range(1, n + 1)) and mot[:, 0].min() == 1
+        ids = mot[:, 1].astype(int)
+        assert ids.min() == 1 and (mot[:, 1] == ids).all()
+        assert ((mot[:, 2] >= -0.01) & (mot[:, 2] + mot[:, 4] <= w + 0.01)).all()
+        assert ((mot[:, 3] >= -0.01) & (mot[:, 3] + mot[:, 5] <= h + 0.01)).all()
+        for fr in sorted(set(mot[:, 0].astype(int))):
+            rows = np.loadtxt(save_dir / "labels" / f"{name}_{fr}.txt", ndmin=2)
+            assert rows.shape[1] == 7  # cls xc yc w h conf id
+            m = mot[mot[:, 0] == fr]
+            lab = {int(r[6]): (r[1] * w - r[3] * w / 2, r[2] * h - r[4] * h / 2, r[3] * w, r[4] * h, r[5]) for r in rows}
+            assert sorted(lab) == sorted(m[:, 1].astype(int).tolist())
+            for r in m:
+                np.testing.assert_allclose(lab[int(r[1])], r[2:7], atol=0.05)
+
+
+def test_predictor_track_api_and_still_image(weights, tmp_path, caplog):
+    torch.set_num_threads(1)
+    from utils.engine.predictor import Predictor, run
+    p = Predictor(weights, device="cpu", imgsz=128, conf_thres=0.25, max_det=20)
+    vid = _write_video(tmp_path / "v.mp4", 6, 128, 96)
+    results = list(p.track(vid))
+    assert len(results) == 6 and all(r.track_ids is not None and len(r.track_ids) == len(r) for r in results)
+    assert results[0].track_ids.tolist() == list(range(1, len(results[0]) + 1)) and len(results[0])
+    assert p.conf_thres == 0.25  # restored after tracking at the tracker's low threshold
+    # each track() call has its own tracker: the same video again gives the same ids, not continued ones
+    again = list(p.track(vid))
+    assert [r.track_ids.tolist() for r in again] == [r.track_ids.tolist() for r in results]
+
+    img = tmp_path / "one.jpg"
+    cv2.imwrite(str(img), np.full((96, 128, 3), 70, np.uint8))
+    with caplog.at_level(logging.INFO, logger="yolov9mqa"):
+        only = list(p.track(img))
+        save_dir = run(_opt(weights, img, tmp_path / "runs", "--track", "--save-txt"))
+    assert len(only) == 1 and only[0].track_ids is None
+    assert caplog.text.count("tracking needs a sequence") == 2
+    rows = np.loadtxt(save_dir / "labels" / "one.txt", ndmin=2)
+    assert rows.shape[1] == 5 and not (save_dir / "mot").exists()  # plain detection rows
+
+
+def test_cli_bad_tracker_yaml_one_error_line(weights, tmp_path, capsys):
+    import detect_dual
+    bad = _write(tmp_path / "bt.yaml", "track_buffer: 30\nnew_trak_thresh: 0.6\n")
+    vid = _write_video(tmp_path / "v.mp4", 3, 128, 96)
+    with pytest.raises(SystemExit) as e:
+        detect_dual.main(["--weights", str(weights), "--source", str(vid), "--tracker", str(bad),
+                          "--project", str(tmp_path / "runs")])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("ERROR:")]
+    assert len(lines) == 1 and "new_trak_thresh" in lines[0] and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
