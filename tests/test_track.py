@@ -193,6 +193,29 @@ def test_assign_prefers_one_good_match_over_two_poor_ones():
     assert assign(np.zeros((0, 3)), 0.5) == ([], [], [0, 1, 2])
 
 
+def test_assign_matches_brute_force():
+    """On random small matrices the matching cost equals the best of all partial matchings enumerated
+    (objective: matched costs + thresh / 2 per unmatched row and column, pairs above thresh forbidden)."""
+    import itertools
+    from utils.engine.tracker import assign
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        n, m, thr = int(rng.integers(1, 5)), int(rng.integers(1, 5)), float(rng.uniform(0.3, 0.9))
+        cost = rng.uniform(0, 1, (n, m))
+
+        def total(pairs):
+            return sum(cost[i, j] for i, j in pairs) + thr / 2 * (n + m - 2 * len(pairs))
+
+        best = min(total([(i, j) for i, j in enumerate(choice) if j is not None])
+                   for choice in itertools.product([None, *range(m)], repeat=n)
+                   if len({j for j in choice if j is not None}) == sum(j is not None for j in choice)
+                   and all(j is None or cost[i, j] <= thr for i, j in enumerate(choice)))
+        matches, un_r, un_c = assign(cost, thr)
+        assert total(matches) == pytest.approx(best)
+        assert sorted(un_r + [i for i, _ in matches]) == list(range(n))
+        assert sorted(un_c + [j for _, j in matches]) == list(range(m))
+
+
 # ---------------------------------------------------------------- tracker behaviour
 
 def _box(x: float, y: float = 50.0, s: float = 40.0) -> np.ndarray:
@@ -385,7 +408,8 @@ def test_detect_dual_track_end_to_end(weights, tmp_path, caplog):
             rows = np.loadtxt(save_dir / "labels" / f"{name}_{fr}.txt", ndmin=2)
             assert rows.shape[1] == 7  # cls xc yc w h conf id
             m = mot[mot[:, 0] == fr]
-            lab = {int(r[6]): (r[1] * w - r[3] * w / 2, r[2] * h - r[4] * h / 2, r[3] * w, r[4] * h, r[5]) for r in rows}
+            lab = {int(r[6]): (r[1] * w - r[3] * w / 2, r[2] * h - r[4] * h / 2, r[3] * w, r[4] * h, r[5])
+                   for r in rows}
             assert sorted(lab) == sorted(m[:, 1].astype(int).tolist())
             for r in m:
                 np.testing.assert_allclose(lab[int(r[1])], r[2:7], atol=0.05)

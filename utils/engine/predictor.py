@@ -97,8 +97,8 @@ class Result:
              hide_conf: bool = False, class_names: list[str] | None = None) -> np.ndarray:
         """Annotated copy of the original image."""
         names = class_names or _names_by_id(self)
-        return draw_boxes(im0.copy(), self.boxes, self.scores, self.class_ids, names, line_width, hide_labels, hide_conf,
-                          self.track_ids)
+        return draw_boxes(im0.copy(), self.boxes, self.scores, self.class_ids, names, line_width, hide_labels,
+                          hide_conf, self.track_ids)
 
 
 def _names_by_id(r: Result) -> list[str]:
