@@ -437,6 +437,17 @@ def test_predictor_track_api_and_still_image(weights, tmp_path, caplog):
     assert caplog.text.count("tracking needs a sequence") == 2
     rows = np.loadtxt(save_dir / "labels" / "one.txt", ndmin=2)
     assert rows.shape[1] == 5 and not (save_dir / "mot").exists()  # plain detection rows
+    # an image folder is one sequence: frames 1..3 in name order, rows 'cls xc yc w h id' without --save-conf
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(frames / f"f{i}.png"), np.full((96, 128, 3), 70 + 10 * i, np.uint8))
+    save_dir = run(_opt(weights, frames, tmp_path / "runs", "--track", "--save-txt"))
+    mot = np.loadtxt(save_dir / "mot" / "frames.txt", delimiter=",", ndmin=2)
+    assert sorted(set(mot[:, 0].astype(int))) == [1, 2, 3]
+    for i in range(3):
+        rows = np.loadtxt(save_dir / "labels" / f"f{i}.txt", ndmin=2)
+        assert rows.shape[1] == 6 and sorted(rows[:, 5]) == sorted(mot[mot[:, 0] == i + 1, 1])
 
 
 def test_cli_bad_tracker_yaml_one_error_line(weights, tmp_path, capsys):
