@@ -159,7 +159,7 @@ NEW, TRACKED, LOST, REMOVED = range(4)
 class Track:
     """One object hypothesis: Kalman state, last score/class, and bookkeeping (id is 0 until confirmed)."""
 
-    __slots__ = ("mean", "cov", "score", "cls", "id", "state", "last_frame", "start_frame", "hits", "det_index")
+    __slots__ = ("mean", "cov", "score", "cls", "id", "state", "last_frame", "start_frame", "det_index")
 
     def __init__(self, mean: np.ndarray, cov: np.ndarray, score: float, cls: int, frame: int, det_index: int):
         self.mean, self.cov = mean, cov
@@ -167,7 +167,6 @@ class Track:
         self.id = 0
         self.state = NEW
         self.last_frame = self.start_frame = frame
-        self.hits = 1
         self.det_index = det_index  # index of the detection matched on last_frame
 
     @property
@@ -287,7 +286,6 @@ class ByteTracker:
                 t.mean, t.cov = m, c
                 t.score, t.cls, t.det_index = float(scores[d]), int(cls[d]), int(d)
                 t.last_frame = self.frame
-                t.hits += 1
                 if t.state == LOST:
                     t.state = TRACKED  # re-found: keeps its id
         return un_t, idx[un_d]
@@ -323,13 +321,12 @@ class ByteTracker:
         for i in un_r:
             rest[i].state = LOST
         # 3) tentative tracks (seen once) <-> confident detections nobody claimed: a second hit confirms them
-        before = {id(t): t.last_frame for t in tentative}
         un_n, high_left = self._match(tentative, high_left, boxes, scores, cls, c.new_match_thresh, c.fuse_score)
-        for t in tentative:
-            if t.last_frame != before[id(t)]:
+        for i, t in enumerate(tentative):
+            if i in un_n:
+                t.state = REMOVED
+            else:
                 self._confirm(t)
-        for i in un_n:
-            tentative[i].state = REMOVED
         # 4) leftover confident detections start tracks (confirmed at once on a sequence's first frame)
         starts = high_left[scores[high_left] >= c.new_track_thresh]
         if len(starts):
