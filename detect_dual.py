@@ -2,6 +2,8 @@
 
     python detect_dual.py --weights runs/train/exp/weights/best.pt --source path/to/images_or_video
 Outputs (annotated images/videos, --save-txt labels, --save-crop crops) go to runs/detect/exp{N}.
+    python detect_dual.py --weights best.pt --source video.mp4 --track --save-txt
+adds track ids (labels rows 'cls xc yc w h [conf] id') and one MOTChallenge file per video in mot/.
 """
 from __future__ import annotations
 
@@ -49,6 +51,11 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--half", action="store_true", help="FP16 inference (CUDA only)")
     p.add_argument("--dnn", action="store_true", help="ignored (kept for upstream compatibility)")
     p.add_argument("--vid-stride", type=int, default=1, help="video frame-rate stride")
+    p.add_argument("--track", action="store_true",
+                   help="track objects across frames (videos, streams, image folders): ids on boxes, "
+                        "--save-txt rows end with the id, MOTChallenge files in mot/")
+    p.add_argument("--tracker", type=str, default=None,
+                   help="tracker YAML (implies --track; default data/trackers/bytetrack.yaml settings)")
     return p.parse_args(argv)
 
 

@@ -54,13 +54,22 @@ def box_text(name: str, conf: float, hide_labels: bool = False, hide_conf: bool 
 
 
 def draw_boxes(im: np.ndarray, boxes: np.ndarray, scores: np.ndarray, class_ids: np.ndarray, names: list[str],
-               line_width: int | None = 3, hide_labels: bool = False, hide_conf: bool = False) -> np.ndarray:
-    """Draw all boxes (xyxy pixels of `im`) on `im` in place; `names` indexed by class id."""
+               line_width: int | None = 3, hide_labels: bool = False, hide_conf: bool = False,
+               track_ids: np.ndarray | None = None) -> np.ndarray:
+    """Draw all boxes (xyxy pixels of `im`) on `im` in place; `names` indexed by class id.
+
+    With track_ids the colour follows the track id (stable per object across frames) and the tag starts
+    with 'id:<n>' (shown even with hide_labels, since the id is the point of tracking).
+    """
     ann = Annotator(im, line_width)
-    for box, conf, c in zip(boxes, scores, class_ids):
+    tids = [None] * len(boxes) if track_ids is None else track_ids
+    for box, conf, c, tid in zip(boxes, scores, class_ids, tids):
         c = int(c)
         name = names[c] if 0 <= c < len(names) else str(c)
-        ann.box_label(box, box_text(name, float(conf), hide_labels, hide_conf), colors(c))
+        text = box_text(name, float(conf), hide_labels, hide_conf)
+        if tid is not None:
+            text = f"id:{int(tid)} {text}".rstrip()
+        ann.box_label(box, text, colors(c if tid is None else int(tid)))
     return ann.result()
 
 

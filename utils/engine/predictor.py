@@ -12,7 +12,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import cv2
 import numpy as np
@@ -23,6 +23,7 @@ from utils.checkpoint import find_newest
 from utils.engine.annotate import draw_boxes, save_one_box
 from utils.engine.backend import Backend
 from utils.engine.sources import Frame, LoadSources, is_stream, preprocess_image, read_image
+from utils.engine.tracking import SEQUENCE_HINT, SequenceTracker, is_single_image, tracker_for_run
 from utils.engine.tta import forward_augment
 from utils.general import LOGGER, ROOT, UserError, check_img_size, increment_path, scale_boxes, xyxy2xywhn
 from utils.nms import non_max_suppression
@@ -50,6 +51,7 @@ class Result:
     input_shape: tuple[int, int]  # (h, w) of the letterboxed network input
     path: str | None = None
     speed: dict[str, float] = field(default_factory=dict)
+    track_ids: np.ndarray | None = None  # int64 [n] from Predictor.track / --track; None for plain detection
 
     def __len__(self) -> int:
         return len(self.boxes)
@@ -76,18 +78,20 @@ class Result:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python form (JSON-serialisable)."""
-        return {
-            "path": self.path,
-            "orig_shape": list(self.orig_shape),
-            "detections": [{"box": [float(v) for v in b], "score": float(s), "class_id": int(c), "name": n}
-                           for b, s, c, n in zip(self.boxes, self.scores, self.class_ids, self.names)],
-        }
+        dets = [{"box": [float(v) for v in b], "score": float(s), "class_id": int(c), "name": n}
+                for b, s, c, n in zip(self.boxes, self.scores, self.class_ids, self.names)]
+        if self.track_ids is not None:
+            for d, t in zip(dets, self.track_ids):
+                d["track_id"] = int(t)
+        return {"path": self.path, "orig_shape": list(self.orig_shape), "detections": dets}
 
     def txt_lines(self, save_conf: bool = False) -> list[str]:
-        """Lines 'cls xc yc w h [conf]' normalised to the original image."""
+        """Lines 'cls xc yc w h [conf] [track_id]' (box normalised to the original image; id when tracking)."""
         out = []
-        for c, xywh, s in zip(self.class_ids, self.xywhn, self.scores):
+        tids = [None] * len(self) if self.track_ids is None else self.track_ids.tolist()
+        for c, xywh, s, t in zip(self.class_ids, self.xywhn, self.scores, tids):
             vals = (int(c), *(float(v) for v in xywh)) + ((float(s),) if save_conf else ())
+            vals += (t,) if t is not None else ()
             out.append(" ".join(f"{v:g}" for v in vals))
         return out
 
@@ -95,7 +99,8 @@ class Result:
              hide_conf: bool = False, class_names: list[str] | None = None) -> np.ndarray:
         """Annotated copy of the original image."""
         names = class_names or _names_by_id(self)
-        return draw_boxes(im0.copy(), self.boxes, self.scores, self.class_ids, names, line_width, hide_labels, hide_conf)
+        return draw_boxes(im0.copy(), self.boxes, self.scores, self.class_ids, names, line_width, hide_labels,
+                          hide_conf, self.track_ids)
 
 
 def _names_by_id(r: Result) -> list[str]:
@@ -207,6 +212,34 @@ class Predictor:
         return Result(boxes, scores, cls, names, tuple(image.shape[:2]), tuple(x.shape[2:]), path, speed)
 
     __call__ = predict
+
+    def track(self, source: str | Path, tracker: Any = None, vid_stride: int = 1) -> Iterator[Result]:
+        """Detect and track on a video, stream or image folder, yielding one Result (with track_ids) per frame.
+
+        Tracker state is per sequence (reset when the video/stream/folder changes). Detection runs at
+        min(conf_thres, track_low_thresh) so the tracker sees its low-score candidates; a Result holds only
+        boxes that belong to a confirmed track. A single still image is detected plainly (track_ids None).
+        tracker: a tracker YAML path/name, a TrackerConfig, or None for the defaults.
+        """
+        dataset = LoadSources(source, vid_stride=vid_stride)
+        seq = SequenceTracker(tracker)
+        single = is_single_image(dataset)
+        if single:
+            LOGGER.warning(f"WARNING: {source}: {SEQUENCE_HINT}; running plain detection")
+        conf = self.conf_thres
+        try:
+            for f in dataset:
+                if single:
+                    yield self.predict(f.im0, path=f.path)
+                    continue
+                self.conf_thres = min(conf, seq.cfg.track_low_thresh)
+                try:
+                    r = self.predict(f.im0, path=f.path)
+                finally:
+                    self.conf_thres = conf
+                yield seq.step(f, r)
+        finally:
+            seq.close()
 
     def speed(self) -> tuple[float, float, float]:
         """Mean milliseconds per image: pre-process, inference, NMS."""
@@ -320,12 +353,14 @@ def run(opt) -> Path:
         LOGGER.info("--dnn: ignored (OpenCV DNN backend not used)")
     source = str(opt.source) if opt.source not in (None, "") else default_source(opt.data)
     dataset = LoadSources(source, vid_stride=getattr(opt, "vid_stride", 1))  # bad source fails before loading
+    track_cfg = tracker_for_run(opt, dataset)  # None unless --track on a sequence
     weights = opt.weights or find_newest("train/*/weights/best.pt", "--weights")
     if isinstance(weights, (list, tuple)):
         if len(weights) > 1:
             LOGGER.warning(f"WARNING: --weights: ensembles are not supported, using {weights[0]} only")
         weights = weights[0]
-    predictor = Predictor(weights, device=opt.device, imgsz=opt.imgsz, conf_thres=opt.conf_thres,
+    conf = opt.conf_thres if track_cfg is None else min(opt.conf_thres, track_cfg.track_low_thresh)
+    predictor = Predictor(weights, device=opt.device, imgsz=opt.imgsz, conf_thres=conf,
                           iou_thres=opt.iou_thres, max_det=opt.max_det, classes=opt.classes,
                           agnostic=opt.agnostic_nms, half=opt.half, augment=opt.augment)
     _names_for(predictor, opt.data)
@@ -341,6 +376,7 @@ def run(opt) -> Path:
     save_img = not opt.nosave
     viewer = _Viewer(opt.view_img)
     sink = _VideoSink(save_dir)
+    seq = SequenceTracker(track_cfg, save_dir) if track_cfg is not None else None
     predictor.warmup()
 
     n_labels = 0
@@ -350,6 +386,8 @@ def run(opt) -> Path:
     try:
         for f in dataset:
             r = predictor.predict(f.im0, path=f.path)
+            if seq is not None:
+                r = seq.step(f, r)
             p = Path(f.path)
             stem = (re.sub(r"[^\w.-]+", "_", f.path) if is_stream(f.path) else p.stem)
             stem_f = f"{stem}_{f.frame}" if f.is_video else stem
@@ -387,6 +425,8 @@ def run(opt) -> Path:
             bar.close()
             LOGGER.info(f"{bar.desc}: {bar.n} frames, {vid_det} detections")
         sink.close()
+        if seq is not None:
+            seq.close()
 
     if dataset.skipped:
         LOGGER.warning(f"WARNING: {len(dataset.skipped)} file(s) skipped: "
