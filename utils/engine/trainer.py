@@ -139,6 +139,9 @@ class Trainer:
             return
         try:
             self.wdir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"{self.save_dir}: cannot create run folder ({e.strerror or e})") from None
+        try:
             (self.save_dir / "hyp.yaml").write_text(yaml.safe_dump(self.hyp, sort_keys=False))
             (self.save_dir / "opt.yaml").write_text(yaml.safe_dump(self.cfg.as_dict(), sort_keys=False))
         except OSError as e:
