@@ -9,7 +9,7 @@ import torch
 
 from utils.data import YOLODataset, create_dataloader, letterbox, multi_scale, random_imgsz
 from utils.data.augment import augment_hsv, copy_paste, mosaic4, random_perspective
-from utils.general import scale_boxes, xywh2xyxy
+from utils.boxes import scale_boxes, xywh2xyxy
 
 BG = (30, 30, 30)
 

@@ -88,10 +88,10 @@ def test_bad_inputs_outcomes(messy, caplog):
     ds = YOLODataset(messy / "images" / "train", imgsz=64, nc=3)
     c = ds.counts
     dropped = {"zero", "trunc", "notimg", *BAD_LABELS}
-    assert c["corrupt"] == len(dropped) == 12
-    assert c["images"] == 10 and len(ds) == 10
-    assert c["backgrounds"] == 2 and c["missing_labels"] == 1 and c["empty_labels"] == 1
-    assert c["duplicates"] == 1
+    assert c.corrupt == len(dropped) == 12
+    assert c.images == 10 and len(ds) == 10
+    assert c.backgrounds == 2 and c.missing_labels == 1 and c.empty_labels == 1
+    assert c.duplicates == 1
     stems = {Path(f).stem for f in ds.im_files}
     assert stems == {"good", "overshoot", "dup", "empty", "missing", "poly", "exif", "gray", "rgba", "deep"}
     text = caplog.text
@@ -134,33 +134,33 @@ def test_bad_inputs_outcomes(messy, caplog):
 def test_cache_hit_and_invalidation(messy):
     src = messy / "images" / "train"
     first = scan_dataset(src, 3)
-    assert not first["from_cache"]
-    cache_file = Path(first["cache_file"])
+    assert not first.from_cache
+    cache_file = Path(first.cache_file)
     assert cache_file == messy / "labels" / "train.cache" and cache_file.is_file()
     cache = json.loads(cache_file.read_text())  # plain data, readable without executing anything
     assert cache["version"] == CACHE_VERSION
     second = scan_dataset(src, 3)
-    assert second["from_cache"] and second["counts"] == first["counts"]
+    assert second.from_cache and second.counts == first.counts
     # a changed label file invalidates
     f = messy / "labels" / "train" / "good.txt"
     f.write_text("1 0.5 0.5 0.2 0.2\n0 0.2 0.2 0.1 0.1\n")
     third = scan_dataset(src, 3)
-    assert not third["from_cache"]
-    assert len(third["labels"][third["im_files"].index(str(src.resolve() / "good.jpg"))]) == 2
+    assert not third.from_cache
+    assert len(third.labels[third.im_files.index(str(src.resolve() / "good.jpg"))]) == 2
     # a different nc invalidates (class range checks depend on it)
-    assert not scan_dataset(src, 5)["from_cache"]
-    assert scan_dataset(src, 5)["counts"]["corrupt"] == 12 - 1  # class 3 now valid
+    assert not scan_dataset(src, 5).from_cache
+    assert scan_dataset(src, 5).counts.corrupt == 12 - 1  # class 3 now valid
     # a stale version or garbage cache is rebuilt, not trusted
     cache = json.loads(cache_file.read_text())
     cache["version"] = "old"
     cache_file.write_text(json.dumps(cache))
-    assert not scan_dataset(src, 5)["from_cache"]
+    assert not scan_dataset(src, 5).from_cache
     cache_file.write_text("\x00garbage")
-    assert not scan_dataset(src, 5)["from_cache"]
-    assert scan_dataset(src, 5)["from_cache"]
+    assert not scan_dataset(src, 5).from_cache
+    assert scan_dataset(src, 5).from_cache
     # a new image invalidates
     write_img(src / "new.png")
-    assert not scan_dataset(src, 5)["from_cache"]
+    assert not scan_dataset(src, 5).from_cache
 
 
 def test_unwritable_cache_only_warns(tmp_path, caplog):
@@ -169,7 +169,7 @@ def test_unwritable_cache_only_warns(tmp_path, caplog):
     write_label(root, "a", GOOD)
     (root / "labels" / "train.cache").mkdir()  # the cache path cannot be written as a file
     out = scan_dataset(root / "images" / "train", 1)
-    assert len(out["im_files"]) == 1
+    assert len(out.im_files) == 1
     assert "cache not saved" in caplog.text
     assert not list((root / "labels").glob("train.cache.tmp*"))
 
@@ -195,7 +195,7 @@ def test_txt_list_and_label_paths(tmp_path):
     lst = root / "list.txt"
     lst.write_text("images/train/a.png\n./images/val/b.png\n\nimages/train/a.png\n")
     out = scan_dataset(lst, 1)
-    assert out["im_files"] == sorted([str(a.resolve()), str(b.resolve())])
+    assert out.im_files == sorted([str(a.resolve()), str(b.resolve())])
     assert img2label_paths(["/d/images/x/images/y.jpg"]) == ["/d/images/x/labels/y.txt"]
     assert img2label_paths(["/d/x/y.png"]) == ["/d/x/y.txt"]
 

@@ -12,7 +12,7 @@ import random
 import cv2
 import numpy as np
 
-from utils.general import xywh2xyxy
+from utils.boxes import box_ioa, polygon_box_in_image, xywh2xyxy, xywhn2xyxy
 
 
 def letterbox(img: np.ndarray, new_shape: int | tuple = 640, color: tuple = (114, 114, 114), auto: bool = False,
@@ -62,38 +62,6 @@ def box_candidates(before: np.ndarray, after: np.ndarray, wh_thr: float = 2, ar_
     w2, h2 = after[2] - after[0], after[3] - after[1]
     ar = np.maximum(w2 / (h2 + eps), h2 / (w2 + eps))
     return (w2 > wh_thr) & (h2 > wh_thr) & (w2 * h2 / (w1 * h1 + eps) > area_thr) & (ar < ar_thr)
-
-
-def polygon_box_in_image(poly: np.ndarray, width: float, height: float) -> np.ndarray:
-    """Bounding box (xyxy) of the part of a convex polygon [k, 2] inside the image (Sutherland-Hodgman).
-
-    A rotated box cut by the image edge is tighter than clipping the rotated box's own bounding box.
-    Returns a zero-area box when nothing is inside.
-    """
-    pts = poly.astype(np.float64)
-    lo, hi = pts.min(0), pts.max(0)
-    if lo[0] >= 0 and lo[1] >= 0 and hi[0] <= width and hi[1] <= height:  # fully inside: nothing to clip
-        return np.concatenate([lo, hi])
-    for axis, limit, keep_below in ((0, 0.0, False), (0, width, True), (1, 0.0, False), (1, height, True)):
-        if not len(pts):
-            break
-        v = pts[:, axis] - limit
-        inside = v <= 0 if keep_below else v >= 0
-        out = []
-        for i in range(len(pts)):
-            j = (i + 1) % len(pts)
-            if inside[i]:
-                out.append(pts[i])
-            if inside[i] != inside[j]:  # edge crosses the clip line
-                t = v[i] / (v[i] - v[j])
-                out.append(pts[i] + t * (pts[j] - pts[i]))
-        pts = np.array(out).reshape(-1, 2)
-    if not len(pts):
-        return np.zeros(4)
-    box = np.array([pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max(), pts[:, 1].max()])
-    box[[0, 2]] = box[[0, 2]].clip(0, width)
-    box[[1, 3]] = box[[1, 3]].clip(0, height)
-    return box
 
 
 def random_perspective(img: np.ndarray, labels: np.ndarray, degrees: float = 10, translate: float = 0.1,
@@ -172,10 +140,7 @@ def mosaic4(items: list[tuple[np.ndarray, np.ndarray]], imgsz: int) -> tuple[np.
         if len(lb):
             xy = np.empty((len(lb), 5), np.float64)
             xy[:, 0] = lb[:, 0]
-            xy[:, 1] = w * (lb[:, 1] - lb[:, 3] / 2) + padw
-            xy[:, 2] = h * (lb[:, 2] - lb[:, 4] / 2) + padh
-            xy[:, 3] = w * (lb[:, 1] + lb[:, 3] / 2) + padw
-            xy[:, 4] = h * (lb[:, 2] + lb[:, 4] / 2) + padh
+            xy[:, 1:] = xywhn2xyxy(lb[:, 1:5], w, h, padw, padh)
             out.append(xy)
     labels = np.concatenate(out, 0) if out else np.zeros((0, 5))
     labels[:, 1:] = labels[:, 1:].clip(0, 2 * s)
@@ -201,10 +166,7 @@ def copy_paste(img: np.ndarray, labels: np.ndarray, segments: list, p: float) ->
     for i in random.sample(cand, k):
         x1, y1, x2, y2 = boxes[i]
         new = np.array([1 - x2, y1, 1 - x1, y2])
-        inter = (np.clip(np.minimum(boxes[:, 2], new[2]) - np.maximum(boxes[:, 0], new[0]), 0, None)
-                 * np.clip(np.minimum(boxes[:, 3], new[3]) - np.maximum(boxes[:, 1], new[1]), 0, None))
-        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) + 1e-9
-        if (inter / area >= 0.30).any():
+        if (box_ioa(new[None], boxes) >= 0.30).any():
             continue
         poly = segments[i] * np.array([w, h])
         poly[:, 0] = w - poly[:, 0]

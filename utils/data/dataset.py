@@ -13,6 +13,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from utils.boxes import xywhn2xyxy, xyxy2xywhn
 from utils.general import LOGGER, UserError
 
 from .augment import augment_hsv, copy_paste, letterbox, mixup, mosaic4, random_perspective
@@ -53,10 +54,10 @@ class YOLODataset(Dataset):
         self.names = list(names) if names else None
         self.nc = int(nc) if nc is not None else (len(self.names) if self.names else 1_000_000)
         scan = scan_dataset(path, self.nc, prefix)
-        self.counts, self.cache_file = scan["counts"], scan["cache_file"]
-        self.im_files, self.label_files = scan["im_files"], scan["label_files"]
-        self.labels, self.shapes = scan["labels"], scan["shapes"]  # shapes: (w, h)
-        self.polygons = scan["polygons"]  # which label files hold polygon rows (copy-paste reads them)
+        self.counts, self.cache_file = scan.counts, scan.cache_file
+        self.im_files, self.label_files = scan.im_files, scan.label_files
+        self.labels, self.shapes = scan.labels, scan.shapes  # shapes: (w, h)
+        self.polygons = scan.polygons  # which label files hold polygon rows (copy-paste reads them)
         if single_cls:
             for lb in self.labels:
                 lb[:, 0] = 0
@@ -104,11 +105,12 @@ class YOLODataset(Dataset):
     def segments(self, i: int) -> list | None:
         """Polygon points of image i's labels ([k, 2] normalised, None for box rows), re-read from its label
         file; None if the file changed since the scan (rows no longer match the cached boxes)."""
-        lb, _, _, fatal, segs = parse_label_file(self.label_files[i], self.nc)
+        parsed = parse_label_file(self.label_files[i], self.nc)
         mine = self.labels[i]
-        if fatal or len(segs) != len(mine) or not np.allclose(lb[:, 1:], mine[:, 1:], atol=1e-5):
+        if (parsed.error or len(parsed.segments) != len(mine)
+                or not np.allclose(parsed.labels[:, 1:], mine[:, 1:], atol=1e-5)):
             return None
-        return segs
+        return parsed.segments
 
     def _subset(self, keep: list[int]) -> None:
         self.im_files = [self.im_files[i] for i in keep]
@@ -242,10 +244,7 @@ class YOLODataset(Dataset):
             if len(lb):
                 nw, nh = ratio[0] * w, ratio[1] * h  # resized content size in pixels
                 labels[:, 0] = lb[:, 0]
-                labels[:, 1] = nw * (lb[:, 1] - lb[:, 3] / 2) + pad[0]
-                labels[:, 2] = nh * (lb[:, 2] - lb[:, 4] / 2) + pad[1]
-                labels[:, 3] = nw * (lb[:, 1] + lb[:, 3] / 2) + pad[0]
-                labels[:, 4] = nh * (lb[:, 2] + lb[:, 4] / 2) + pad[1]
+                labels[:, 1:] = xywhn2xyxy(lb[:, 1:5], nw, nh, pad[0], pad[1])
             if self.augment:
                 img, labels = random_perspective(img, labels, degrees=hyp["degrees"], translate=hyp["translate"],
                                                  scale=hyp["scale"], shear=hyp["shear"],
@@ -254,11 +253,7 @@ class YOLODataset(Dataset):
         nl = len(labels)
         out = torch.zeros((nl, 6))
         if nl:
-            xyxy = labels[:, 1:5].copy()
-            xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, ww)
-            xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, hh)
-            xywhn = np.stack([(xyxy[:, 0] + xyxy[:, 2]) / 2 / ww, (xyxy[:, 1] + xyxy[:, 3]) / 2 / hh,
-                              (xyxy[:, 2] - xyxy[:, 0]) / ww, (xyxy[:, 3] - xyxy[:, 1]) / hh], 1)
+            xywhn = xyxy2xywhn(labels[:, 1:5], ww, hh, clip=True)
             keep = (xywhn[:, 2] > 1e-3) & (xywhn[:, 3] > 1e-3)  # drop boxes squashed to nothing
             labels, xywhn = labels[keep], xywhn[keep]
             nl = len(labels)

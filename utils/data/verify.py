@@ -11,6 +11,7 @@ import json
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -115,21 +116,32 @@ def _check_image(im_file: str) -> tuple[int, int]:
     return size
 
 
-def parse_label_file(lb_file: str, nc: int) -> tuple[np.ndarray, int, list[str], str | None, list]:
-    """Parse one label file -> (labels [n,5] cls xc yc w h, duplicates removed, repair notes, fatal reason,
-    segments).
+@dataclass
+class LabelFile:
+    """One parsed label file. `error` set means the image is unusable (a row cannot be interpreted); otherwise
+    `labels` holds the repaired rows (possibly none) and `messages` say what was repaired."""
 
-    Polygon rows (cls x1 y1 x2 y2 ...) become their bounding box; their points ([k, 2], clipped to [0, 1])
-    are returned in segments, aligned with the label rows (None for a box row; [] when the file has no
-    polygon), for segment copy-paste; they are not cached (a COCO-size polygon cache would be gigabytes).
-    A fatal reason means the image is dropped: a partly wrong label file would teach the model that real
-    objects are background.
+    labels: np.ndarray  # [n, 5] float32: cls, xc, yc, w, h (normalised)
+    # per row: polygon [k, 2] normalised, or None for a box row; [] when the file holds no polygon at all
+    segments: list = field(default_factory=list)
+    n_duplicates: int = 0
+    messages: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+def parse_label_file(lb_file: str, nc: int) -> LabelFile:
+    """Parse one label file: boxes (cls xc yc w h) and polygons (cls x1 y1 x2 y2 ...), duplicates removed.
+
+    Polygon rows become their bounding box; their points ([k, 2], clipped to [0, 1]) come back in `segments`,
+    aligned with the label rows, for the polygon-aware augmentation. They are not cached (a COCO-size polygon
+    cache would be gigabytes). An error means the image is dropped: a partly wrong label file would teach the
+    model that real objects are background.
     """
     notes: list[str] = []
     empty = np.zeros((0, 5), np.float32)
 
-    def fail(reason: str) -> tuple:
-        return empty, 0, notes, reason, []
+    def fail(reason: str) -> LabelFile:
+        return LabelFile(empty, messages=notes, error=reason)
 
     try:
         text = Path(lb_file).read_text(encoding="utf-8")
@@ -178,7 +190,7 @@ def parse_label_file(lb_file: str, nc: int) -> tuple[np.ndarray, int, list[str],
         rows.append([c, (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1])
         segs.append(seg)
     if not rows:
-        return empty, 0, notes, None, []
+        return LabelFile(empty, messages=notes)
     lb = np.array(rows, np.float32)
     _, idx = np.unique(lb, axis=0, return_index=True)
     n_dup = len(lb) - len(idx)
@@ -186,7 +198,7 @@ def parse_label_file(lb_file: str, nc: int) -> tuple[np.ndarray, int, list[str],
         idx = np.sort(idx)
         lb, segs = lb[idx], [segs[i] for i in idx]
         notes.append(f"removed {n_dup} duplicate label rows")
-    return lb, n_dup, notes, None, (segs if any(x is not None for x in segs) else [])
+    return LabelFile(lb, segs if any(x is not None for x in segs) else [], n_dup, notes)
 
 
 def verify_image_label(im_file: str, lb_file: str, nc: int) -> dict:
@@ -201,13 +213,14 @@ def verify_image_label(im_file: str, lb_file: str, nc: int) -> dict:
     if not os.path.isfile(lb_file):
         rec.update(status="background", label="missing")
         return rec
-    lb, n_dup, notes, fatal, segs = parse_label_file(lb_file, nc)
-    if fatal:
-        rec["msgs"].append(f"{lb_file}: image dropped, {fatal}")
+    parsed = parse_label_file(lb_file, nc)
+    if parsed.error:
+        rec["msgs"].append(f"{lb_file}: image dropped, {parsed.error}")
         return rec
-    rec["msgs"] += [f"{lb_file}: {n}" for n in notes]
-    rec.update(labels=lb.round(6).tolist(), polygons=bool(segs), dup=n_dup, status="ok" if len(lb) else "background",
-               label="ok" if len(lb) else "empty")
+    lb = parsed.labels
+    rec["msgs"] += [f"{lb_file}: {n}" for n in parsed.messages]
+    rec.update(labels=lb.round(6).tolist(), polygons=bool(parsed.segments), dup=parsed.n_duplicates,
+               status="ok" if len(lb) else "background", label="ok" if len(lb) else "empty")
     return rec
 
 
@@ -275,12 +288,36 @@ def _orphan_labels(im_files: list[str], label_files: list[str]) -> list[str]:
     return out
 
 
-def scan_dataset(paths, nc: int, prefix: str = "", use_cache: bool = True) -> dict:
-    """Collect, verify (or load from cache) and summarise a split.
+@dataclass
+class ScanCounts:
+    """What the verification found in one split."""
 
-    Returns {'im_files', 'label_files', 'labels' (list of [n,5] float32), 'shapes' ([n,2] w,h),
-    'counts': {found, images, backgrounds, corrupt, duplicates}, 'msgs', 'from_cache'}.
-    """
+    found: int  # image files listed
+    images: int  # usable (with labels or as backgrounds)
+    backgrounds: int
+    corrupt: int  # dropped, each with a message naming the file and the reason
+    duplicates: int  # duplicate label rows removed
+    missing_labels: int
+    empty_labels: int
+
+
+@dataclass
+class DatasetScan:
+    """A verified split: usable images with their labels (aligned lists), counts and the messages logged."""
+
+    im_files: list[str]
+    label_files: list[str]
+    labels: list[np.ndarray]  # per image [n, 5] float32 cls xc yc w h (normalised)
+    polygons: list[bool]  # which label files hold polygon rows (their points are re-read on demand)
+    shapes: np.ndarray  # [n, 2] (w, h) as displayed
+    counts: ScanCounts
+    msgs: list[str]
+    from_cache: bool
+    cache_file: str
+
+
+def scan_dataset(paths, nc: int, prefix: str = "", use_cache: bool = True) -> DatasetScan:
+    """Collect, verify (or load from the cache) and summarise a split; logs each problem once."""
     im_files, list_msgs = collect_image_files(paths)
     label_files = img2label_paths(im_files)
     want = _files_hash(im_files + label_files, nc)
@@ -301,30 +338,31 @@ def scan_dataset(paths, nc: int, prefix: str = "", use_cache: bool = True) -> di
             save_cache(cpath, cache, prefix)
     recs = cache["records"]
     good = [r for r in recs if r["status"] != "corrupt"]
-    counts = {
-        "found": len(recs),
-        "images": len(good),
-        "backgrounds": sum(r["status"] == "background" for r in recs),
-        "corrupt": sum(r["status"] == "corrupt" for r in recs),
-        "duplicates": sum(r["dup"] for r in recs),
-        "missing_labels": sum(r["label"] == "missing" for r in recs),
-        "empty_labels": sum(r["label"] == "empty" for r in recs),
-    }
-    for m in dict.fromkeys(cache["msgs"]):  # each problem once, in order
+    counts = ScanCounts(
+        found=len(recs),
+        images=len(good),
+        backgrounds=sum(r["status"] == "background" for r in recs),
+        corrupt=sum(r["status"] == "corrupt" for r in recs),
+        duplicates=sum(r["dup"] for r in recs),
+        missing_labels=sum(r["label"] == "missing" for r in recs),
+        empty_labels=sum(r["label"] == "empty" for r in recs),
+    )
+    msgs = list(dict.fromkeys(cache["msgs"]))  # each problem once, in order
+    for m in msgs:
         LOGGER.warning(f"{prefix}WARNING: {m}")
-    LOGGER.info(f"{prefix}{counts['images']} images, {counts['backgrounds']} backgrounds, {counts['corrupt']} corrupt, "
-                f"{counts['duplicates']} duplicates removed" + (" (from cache)" if from_cache else ""))
+    LOGGER.info(f"{prefix}{counts.images} images, {counts.backgrounds} backgrounds, {counts.corrupt} corrupt, "
+                f"{counts.duplicates} duplicates removed" + (" (from cache)" if from_cache else ""))
     if not good:
         raise UserError(f"{prefix}{', '.join(str(p) for p in (paths if isinstance(paths, (list, tuple)) else [paths]))}: "
-                        f"no usable images ({counts['corrupt']} corrupt)")
-    return {
-        "im_files": [r["im_file"] for r in good],
-        "label_files": img2label_paths([r["im_file"] for r in good]),
-        "labels": [np.array(r["labels"], np.float32).reshape(-1, 5) for r in good],
-        "polygons": [bool(r.get("polygons")) for r in good],  # points are re-read on demand (copy-paste)
-        "shapes": np.array([r["shape"] for r in good], np.int64).reshape(-1, 2),
-        "counts": counts,
-        "msgs": list(dict.fromkeys(cache["msgs"])),
-        "from_cache": from_cache,
-        "cache_file": str(cpath),
-    }
+                        f"no usable images ({counts.corrupt} corrupt)")
+    return DatasetScan(
+        im_files=[r["im_file"] for r in good],
+        label_files=img2label_paths([r["im_file"] for r in good]),
+        labels=[np.array(r["labels"], np.float32).reshape(-1, 5) for r in good],
+        polygons=[bool(r.get("polygons")) for r in good],
+        shapes=np.array([r["shape"] for r in good], np.int64).reshape(-1, 2),
+        counts=counts,
+        msgs=msgs,
+        from_cache=from_cache,
+        cache_file=str(cpath),
+    )

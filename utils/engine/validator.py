@@ -20,9 +20,10 @@ from torchvision.ops import batched_nms
 from tqdm import tqdm
 
 from utils import coco
+from utils.boxes import scale_boxes, xywh2xyxy, xyxy2xywh
 from utils.engine.backend import Backend
 from utils.engine.tta import forward_augment
-from utils.general import LOGGER, UserError, increment_path, scale_boxes, xywh2xyxy, xyxy2xywh
+from utils.general import LOGGER, UserError, increment_path
 from utils.metrics import ConfusionMatrix, ap_per_class, fitness, match_predictions
 from utils.nms import non_max_suppression
 from utils.torch_utils import select_device, time_sync
