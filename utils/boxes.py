@@ -115,30 +115,35 @@ def box_ioa(boxes: np.ndarray, others: np.ndarray, eps: float = 1e-9) -> np.ndar
 
 # ---- polygons ----
 
-def polygon_box_in_image(poly: np.ndarray, width: float, height: float) -> np.ndarray:
-    """Bounding box (xyxy) of the part of a convex polygon [k, 2] inside the image (Sutherland-Hodgman).
-
-    A rotated box cut by the image edge is tighter than clipping the rotated box's own bounding box.
-    Returns a zero-area box when nothing is inside.
-    """
-    pts = poly.astype(np.float64)
-    lo, hi = pts.min(0), pts.max(0)
-    if lo[0] >= 0 and lo[1] >= 0 and hi[0] <= width and hi[1] <= height:  # fully inside: nothing to clip
-        return np.concatenate([lo, hi])
+def clip_polygon(poly: np.ndarray, width: float, height: float) -> np.ndarray:
+    """The part of a polygon [k, 2] inside [0, width] x [0, height] (Sutherland-Hodgman, one vectorised pass
+    per image edge). Exact for any simple polygon, convex or not, because the clip window is convex; where a
+    non-convex outline leaves the window twice the result has zero-width bridges along the edge, which change
+    neither its pixels nor its bounding box. Returns [m, 2] float64 (m = 0 when nothing is inside)."""
+    pts = np.asarray(poly, np.float64).reshape(-1, 2)
     for axis, limit, keep_below in ((0, 0.0, False), (0, width, True), (1, 0.0, False), (1, height, True)):
         if not len(pts):
             break
         v = pts[:, axis] - limit
         inside = v <= 0 if keep_below else v >= 0
-        out = []
-        for i in range(len(pts)):
-            j = (i + 1) % len(pts)
-            if inside[i]:
-                out.append(pts[i])
-            if inside[i] != inside[j]:  # edge crosses the clip line
-                t = v[i] / (v[i] - v[j])
-                out.append(pts[i] + t * (pts[j] - pts[i]))
-        pts = np.array(out).reshape(-1, 2)
+        if inside.all():
+            continue
+        nxt, v_nxt = np.roll(pts, -1, 0), np.roll(v, -1)
+        cross = inside != np.roll(inside, -1)  # the edge to the next vertex crosses the clip line
+        t = v / np.where(cross, v - v_nxt, 1.0)
+        crossing = pts + t[:, None] * (nxt - pts)
+        pts = np.stack((pts, crossing), 1)[np.stack((inside, cross), 1)]  # vertex (if in), then crossing
+    return pts
+
+
+def polygon_box_in_image(poly: np.ndarray, width: float, height: float) -> np.ndarray:
+    """Bounding box (xyxy) of the part of a polygon [k, 2] inside the image: the tight box of a rotated box,
+    or of an object outline, cut by the image edge. A zero-area box when nothing is inside."""
+    pts = np.asarray(poly, np.float64)
+    lo, hi = pts.min(0), pts.max(0)
+    if lo[0] >= 0 and lo[1] >= 0 and hi[0] <= width and hi[1] <= height:  # fully inside: nothing to clip
+        return np.concatenate([lo, hi])
+    pts = clip_polygon(pts, width, height)
     if not len(pts):
         return np.zeros(4)
     box = np.array([pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max(), pts[:, 1].max()])

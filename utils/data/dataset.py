@@ -212,18 +212,15 @@ class YOLODataset(Dataset):
         idx = [index] + random.choices(range(len(self.im_files)), k=3)
         random.shuffle(idx)
         h = self.hyp
+        items = [(self.load_image(i)[0], self.labels[i], self.segments(i) if self.polygons[i] else None) for i in idx]
+        img, labels, segments = mosaic4(items, self.imgsz)
         p_cp = float(h.get("copy_paste", 0) or 0)
-        items = []
-        for i in idx:
-            im, lb = self.load_image(i)[0], self.labels[i]
-            segs = self.segments(i) if p_cp > 0 and self.polygons[i] else None
-            if segs:
-                im, lb = copy_paste(im, lb, segs, p_cp)
-            items.append((im, lb))
-        img, labels = mosaic4(items, self.imgsz)
+        if segments is not None and p_cp > 0:
+            img, labels, segments = copy_paste(img, labels, segments, p_cp)
         border = -(self.imgsz // 2)
         return random_perspective(img, labels, degrees=h["degrees"], translate=h["translate"], scale=h["scale"],
-                                  shear=h["shear"], perspective=h["perspective"], border=(border, border))
+                                  shear=h["shear"], perspective=h["perspective"], border=(border, border),
+                                  segments=segments)
 
     def __getitem__(self, index: int):
         index = int(self.indices[index])
@@ -246,9 +243,12 @@ class YOLODataset(Dataset):
                 labels[:, 0] = lb[:, 0]
                 labels[:, 1:] = xywhn2xyxy(lb[:, 1:5], nw, nh, pad[0], pad[1])
             if self.augment:
+                segs = self.segments(index) if self.polygons[index] else None
+                if segs:  # polygon outlines in letterboxed pixels, for tight boxes after the warp
+                    segs = [None if sg is None else sg * [nw, nh] + pad for sg in segs]
                 img, labels = random_perspective(img, labels, degrees=hyp["degrees"], translate=hyp["translate"],
                                                  scale=hyp["scale"], shear=hyp["shear"],
-                                                 perspective=hyp["perspective"])
+                                                 perspective=hyp["perspective"], segments=segs)
         hh, ww = img.shape[:2]
         nl = len(labels)
         out = torch.zeros((nl, 6))
