@@ -20,9 +20,10 @@ from PIL import Image
 from utils.general import LOGGER, UserError
 
 IMG_FORMATS = {"bmp", "dng", "jpeg", "jpg", "mpo", "png", "tif", "tiff", "webp", "pfm"}
-CACHE_VERSION = "yolo-mqa-labels-2"  # 2: records say which label files hold polygons
-COORD_TOL = 0.02  # normalised overshoot that is clipped silently-ish (logged) instead of rejecting the image
-FLOAT_TOL = 1e-4  # overshoot from rounding coordinates to text: clipped without a message
+CACHE_VERSION = "yolo-mqa-labels-3"  # 2: records say which label files hold polygons; 3: boxes past the
+#                                       image edge are clipped and kept (were: image dropped), counted per file
+COORD_TOL = 0.02  # a coordinate up to this far outside [0, 1] is tool rounding; beyond it the row is pixels/garbage
+FLOAT_TOL = 1e-4  # overshoot from rounding coordinates to text: clipped without being counted
 MIN_IMG_SIDE = 10
 NUM_THREADS = min(8, os.cpu_count() or 1)
 
@@ -127,6 +128,7 @@ class LabelFile:
     n_duplicates: int = 0
     messages: list[str] = field(default_factory=list)
     error: str | None = None
+    n_clipped: int = 0  # boxes (or outlines) that extended past the image edge, clipped to it and kept
 
 
 def parse_label_file(lb_file: str, nc: int) -> LabelFile:
@@ -148,6 +150,7 @@ def parse_label_file(lb_file: str, nc: int) -> LabelFile:
     except UnicodeDecodeError:
         return fail("label file is not UTF-8 text")
     rows, segs = [], []
+    n_clipped = 0
     for ln, line in enumerate(text.splitlines(), 1):
         parts = line.split()
         if not parts:
@@ -168,29 +171,31 @@ def parse_label_file(lb_file: str, nc: int) -> LabelFile:
             return fail(f"line {ln}: class id {int(c)} outside 0..{nc - 1}")
         if n == 5:
             xc, yc, w, h = vals[1:]
-            if w < 0 or h < 0:
-                return fail(f"line {ln}: negative box size")
+            if w <= 0 or h <= 0:
+                return fail(f"line {ln}: negative or zero box size (w {w:g}, h {h:g})")
+            coords = vals[1:]  # a centre may sit on the edge and a size span the image, no more
             x1, y1, x2, y2 = xc - w / 2, yc - h / 2, xc + w / 2, yc + h / 2
             seg = None
         else:
             xy = np.array(vals[1:], np.float64).reshape(-1, 2)
+            coords = xy.ravel().tolist()
             seg = xy.clip(0, 1).astype(np.float32)
             x1, y1 = xy.min(0)
             x2, y2 = xy.max(0)
-        lo, hi = min(x1, y1), max(x2, y2)
-        if lo < -COORD_TOL or hi > 1 + COORD_TOL:
-            return fail(f"line {ln}: coordinates outside [0, 1] (min {lo:.3f}, max {hi:.3f})")
-        if lo < 0 or hi > 1:
-            if lo < -FLOAT_TOL or hi > 1 + FLOAT_TOL:  # beyond text rounding noise: worth telling
-                notes.append(f"line {ln}: clipped a small overshoot outside [0, 1]")
+        if min(coords) < -COORD_TOL or max(coords) > 1 + COORD_TOL:
+            return fail(f"line {ln}: coordinates outside [0, 1] (min {min(coords):.3f}, max {max(coords):.3f}); "
+                        f"labels must be normalised by the image size, not pixels")
+        crossed = bool(min(x1, y1) < -FLOAT_TOL or max(x2, y2) > 1 + FLOAT_TOL)  # beyond text rounding noise
+        if min(x1, y1) < 0 or max(x2, y2) > 1:  # past the image edge (annotation tools do this): clip, keep
             x1, y1, x2, y2 = (min(max(v, 0.0), 1.0) for v in (x1, y1, x2, y2))
         if x2 - x1 <= 0 or y2 - y1 <= 0:
-            notes.append(f"line {ln}: removed a zero-size box")
+            notes.append(f"line {ln}: removed an object with nothing inside the image")
             continue
+        n_clipped += crossed
         rows.append([c, (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1])
         segs.append(seg)
     if not rows:
-        return LabelFile(empty, messages=notes)
+        return LabelFile(empty, messages=notes, n_clipped=n_clipped)
     lb = np.array(rows, np.float32)
     _, idx = np.unique(lb, axis=0, return_index=True)
     n_dup = len(lb) - len(idx)
@@ -198,12 +203,12 @@ def parse_label_file(lb_file: str, nc: int) -> LabelFile:
         idx = np.sort(idx)
         lb, segs = lb[idx], [segs[i] for i in idx]
         notes.append(f"removed {n_dup} duplicate label rows")
-    return LabelFile(lb, segs if any(x is not None for x in segs) else [], n_dup, notes)
+    return LabelFile(lb, segs if any(x is not None for x in segs) else [], n_dup, notes, n_clipped=n_clipped)
 
 
 def verify_image_label(im_file: str, lb_file: str, nc: int) -> dict:
     """Check one image + label pair. status: ok | background | corrupt; msgs list the problems."""
-    rec = {"im_file": im_file, "shape": None, "labels": [], "status": "corrupt", "dup": 0, "msgs": [],
+    rec = {"im_file": im_file, "shape": None, "labels": [], "status": "corrupt", "dup": 0, "clipped": 0, "msgs": [],
            "label": "ok"}
     try:
         rec["shape"] = list(_check_image(im_file))
@@ -220,7 +225,7 @@ def verify_image_label(im_file: str, lb_file: str, nc: int) -> dict:
     lb = parsed.labels
     rec["msgs"] += [f"{lb_file}: {n}" for n in parsed.messages]
     rec.update(labels=lb.round(6).tolist(), polygons=bool(parsed.segments), dup=parsed.n_duplicates,
-               status="ok" if len(lb) else "background", label="ok" if len(lb) else "empty")
+               clipped=parsed.n_clipped, status="ok" if len(lb) else "background", label="ok" if len(lb) else "empty")
     return rec
 
 
@@ -299,6 +304,8 @@ class ScanCounts:
     duplicates: int  # duplicate label rows removed
     missing_labels: int
     empty_labels: int
+    clipped_boxes: int  # boxes past the image edge, clipped and kept
+    clipped_files: int  # label files holding them
 
 
 @dataclass
@@ -346,12 +353,19 @@ def scan_dataset(paths, nc: int, prefix: str = "", use_cache: bool = True) -> Da
         duplicates=sum(r["dup"] for r in recs),
         missing_labels=sum(r["label"] == "missing" for r in recs),
         empty_labels=sum(r["label"] == "empty" for r in recs),
+        clipped_boxes=sum(r["clipped"] for r in recs),
+        clipped_files=sum(r["clipped"] > 0 for r in recs),
     )
     msgs = list(dict.fromkeys(cache["msgs"]))  # each problem once, in order
+    if counts.clipped_files:  # one line, not one per file: tools that overshoot the edge do it everywhere
+        examples = [img2label_paths([r["im_file"]])[0] for r in recs if r["clipped"]][:3]
+        msgs.append(f"{counts.clipped_boxes} boxes extend past the image edge: clipped to it and kept "
+                    f"({counts.clipped_files} label files, e.g. {', '.join(examples)})")
     for m in msgs:
         LOGGER.warning(f"{prefix}WARNING: {m}")
     LOGGER.info(f"{prefix}{counts.images} images, {counts.backgrounds} backgrounds, {counts.corrupt} corrupt, "
-                f"{counts.duplicates} duplicates removed" + (" (from cache)" if from_cache else ""))
+                f"{counts.duplicates} duplicates removed, {counts.clipped_boxes} boxes clipped in "
+                f"{counts.clipped_files} files" + (" (from cache)" if from_cache else ""))
     if not good:
         raise UserError(f"{prefix}{', '.join(str(p) for p in (paths if isinstance(paths, (list, tuple)) else [paths]))}: "
                         f"no usable images ({counts.corrupt} corrupt)")
