@@ -121,6 +121,8 @@ def clip_polygon(poly: np.ndarray, width: float, height: float) -> np.ndarray:
     non-convex outline leaves the window twice the result has zero-width bridges along the edge, which change
     neither its pixels nor its bounding box. Returns [m, 2] float64 (m = 0 when nothing is inside)."""
     pts = np.asarray(poly, np.float64).reshape(-1, 2)
+    if len(pts) and pts.min() >= 0 and pts[:, 0].max() <= width and pts[:, 1].max() <= height:
+        return pts
     for axis, limit, keep_below in ((0, 0.0, False), (0, width, True), (1, 0.0, False), (1, height, True)):
         if not len(pts):
             break
@@ -128,8 +130,9 @@ def clip_polygon(poly: np.ndarray, width: float, height: float) -> np.ndarray:
         inside = v <= 0 if keep_below else v >= 0
         if inside.all():
             continue
-        nxt, v_nxt = np.roll(pts, -1, 0), np.roll(v, -1)
-        cross = inside != np.roll(inside, -1)  # the edge to the next vertex crosses the clip line
+        nxt_idx = np.r_[1:len(pts), 0]  # each vertex's successor along the closed outline
+        nxt, v_nxt = pts[nxt_idx], v[nxt_idx]
+        cross = inside != inside[nxt_idx]  # the edge to the next vertex crosses the clip line
         t = v / np.where(cross, v - v_nxt, 1.0)
         crossing = pts + t[:, None] * (nxt - pts)
         pts = np.stack((pts, crossing), 1)[np.stack((inside, cross), 1)]  # vertex (if in), then crossing

@@ -217,7 +217,7 @@ def copy_paste(img: np.ndarray, labels: np.ndarray, segments: list, p: float) ->
         cv2.fillPoly(mask, [np.round(poly).astype(np.int32)], 255)
         new_labels.append([labels[j, 0], *mirror[j]])
         new_segments.append(poly)
-    img = np.where(mask[..., None] > 0, cv2.flip(img, 1), img)
+    img = cv2.copyTo(cv2.flip(img, 1), mask, img.copy())  # flipped pixels where the mask is set
     return img, np.concatenate([labels, np.array(new_labels, labels.dtype)], 0), list(segments) + new_segments
 
 
