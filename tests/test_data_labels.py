@@ -200,13 +200,15 @@ def test_txt_list_and_label_paths(tmp_path):
     assert img2label_paths(["/d/x/y.png"]) == ["/d/x/y.txt"]
 
 
-def test_single_cls_and_min_items(tmp_path):
+def test_single_cls_and_min_items(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     root = tmp_path / "ds"
     for s, t in (("a", "2 0.5 0.5 0.2 0.2\n1 0.2 0.2 0.1 0.1\n"), ("b", GOOD), ("c", "")):
         write_img(root / "images" / "train" / f"{s}.png")
         write_label(root, s, t)
     ds = YOLODataset(root / "images" / "train", imgsz=64, nc=3, single_cls=True, min_items=1)
     assert len(ds) == 2 and all((lb[:, 0] == 0).all() for lb in ds.labels)
+    assert "1 images with fewer than 1 labels removed (--min-items): c.png" in caplog.text  # which, and why
     loader, _ = create_dataloader(root / "images" / "train", 64, 4, nc=3)
     imgs, targets, paths, shapes = next(iter(loader))
     assert imgs.dtype.is_floating_point is False and imgs.shape == (3, 3, 64, 64)

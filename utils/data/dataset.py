@@ -63,7 +63,9 @@ class YOLODataset(Dataset):
                 lb[:, 0] = 0
         if min_items:
             keep = [i for i, lb in enumerate(self.labels) if len(lb) >= min_items]
-            LOGGER.info(f"{prefix}{len(self.labels) - len(keep)} images with fewer than {min_items} labels removed")
+            gone = [Path(f).name for i, f in enumerate(self.im_files) if len(self.labels[i]) < min_items]
+            LOGGER.info(f"{prefix}{len(gone)} images with fewer than {min_items} labels removed (--min-items)"
+                        + (f": {', '.join(gone[:5])}{' ...' if len(gone) > 5 else ''}" if gone else ""))
             self._subset(keep)
         n = len(self.im_files)
         if n == 0:
