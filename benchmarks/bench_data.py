@@ -7,6 +7,7 @@ the per-image cost of polygon-aware augmentation next to box-only labels of the 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import random
 import statistics
@@ -42,7 +43,8 @@ def bench(train, nc: int, imgsz: int, workers: int, batch_size: int, batches: in
     return n / (time.perf_counter() - t0)
 
 
-def make_polygon_sets(root: Path, n: int = 24, objects: int = 7, vertices: int = 24, seed: int = 0) -> tuple[Path, Path]:
+def make_polygon_sets(root: Path, n: int = 24, objects: int = 7, vertices: int = 24,
+                      seed: int = 0) -> tuple[Path, Path]:
     """The same objects twice: as COCO-like polygon rows and as their box rows (images shared by hard link)."""
     rng = np.random.default_rng(seed)
     for kind in ("poly", "box"):
@@ -58,7 +60,8 @@ def make_polygon_sets(root: Path, n: int = 24, objects: int = 7, vertices: int =
             r = rng.uniform(0.04, 0.25)
             c = rng.uniform(r, 1 - r, 2)
             ang = np.sort(rng.uniform(0, 2 * np.pi, vertices))
-            pts = (c + (r * rng.uniform(0.5, 1.0, vertices))[:, None] * np.stack([np.cos(ang), np.sin(ang)], 1)).clip(0, 1)
+            rad = r * rng.uniform(0.5, 1.0, vertices)
+            pts = (c + rad[:, None] * np.stack([np.cos(ang), np.sin(ang)], 1)).clip(0, 1)
             cls = int(rng.integers(0, 5))
             prow.append(f"{cls} " + " ".join(f"{v:.5f}" for v in pts.ravel()))
             (x1, y1), (x2, y2) = pts.min(0), pts.max(0)
@@ -104,11 +107,13 @@ def bench_polygons(sizes: list[int], hyp: dict, items: int, rounds: int, md: str
     head = (f"| imgsz | labels | ms / image | x box-only | objects / image |\n|---|---|---|---|---|")
     lines = [f"| {sz} | {name} | {ms:.2f} | {ratio:.2f} | {'' if obj != obj else f'{obj:.1f}'} |"
              for sz, name, ms, ratio, obj in rows]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     note = (f"YOLODataset.__getitem__ with mosaic (mosaic {hyp.get('mosaic')}, mixup {hyp.get('mixup')}, scale "
-            f"{hyp.get('scale')}), RAM-cached images, 24 images with 7 objects each (24-vertex polygons, or their boxes), "
-            f"median of {rounds} interleaved rounds of {items} items, 1 torch thread; {platform.processor() or platform.machine()}, "
-            f"torch {torch.__version__}, OpenCV {cv2.__version__}. Polygon rows cost the label-file re-read per tile, "
-            f"the outline warp and clip, and copy-paste.")
+            f"{hyp.get('scale')}), RAM-cached images, 24 images with 7 objects each (24-vertex polygons, or their "
+            f"boxes), median of {rounds} interleaved rounds of {items} items, 1 torch thread; "
+            f"{platform.machine()}, {os.cpu_count()} CPUs (shared, 1-min load {load:.1f} at the end), torch "
+            f"{torch.__version__}, OpenCV {cv2.__version__}. Polygon rows cost the label-file re-read per tile, "
+            f"the outline warp and clip, and copy-paste (which also adds objects).")
     print(f"\n{note}\n\n{head}\n" + "\n".join(lines))
     if md:
         Path(md).write_text(f"# Polygon-aware augmentation cost\n\n{note}\n\n{head}\n" + "\n".join(lines) + "\n")

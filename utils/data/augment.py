@@ -183,8 +183,9 @@ def mosaic4(items: list[tuple], imgsz: int) -> tuple[np.ndarray, np.ndarray, lis
             xy[:, 0] = lb[:, 0]
             xy[:, 1:] = xywhn2xyxy(lb[:, 1:5], w, h, padw, padh)
             out.append(xy)
-            segs_out += [None if sg is None else clip_polygon(sg * [w, h] + [padw, padh], 2 * s, 2 * s).clip(0, 2 * s)
-                         for sg in segs]  # clip() only removes rounding residue (-1e-15) at the cut
+            for sg in segs:  # outlines move with their tile and are cut at the canvas edge like their boxes
+                on_canvas = None if sg is None else clip_polygon(sg * [w, h] + [padw, padh], 2 * s, 2 * s)
+                segs_out.append(None if sg is None else on_canvas.clip(0, 2 * s))  # clip(): -1e-15 residue at cuts
     labels = np.concatenate(out, 0) if out else np.zeros((0, 5))
     labels[:, 1:] = labels[:, 1:].clip(0, 2 * s)
     return canvas, labels, (segs_out if any(sg is not None for sg in segs_out) else None)

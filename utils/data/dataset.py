@@ -57,7 +57,7 @@ class YOLODataset(Dataset):
         self.counts, self.cache_file = scan.counts, scan.cache_file
         self.im_files, self.label_files = scan.im_files, scan.label_files
         self.labels, self.shapes = scan.labels, scan.shapes  # shapes: (w, h)
-        self.polygons = scan.polygons  # which label files hold polygon rows (copy-paste reads them)
+        self.polygons = scan.polygons  # which label files hold polygon rows (augmentation re-reads them)
         if single_cls:
             for lb in self.labels:
                 lb[:, 0] = 0
