@@ -221,7 +221,7 @@ EDGE_LABELS = {  # stem -> label text; boxes crossing the image edge are clipped
     "edgepoly": "2 -0.01 0.1 0.5 0.1 0.5 0.6\n",  # a polygon point a little left of the image
     "outside": "1 1.015 0.5 0.01 0.2\n0 0.5 0.5 0.2 0.2\n",  # first box has nothing inside: that row goes
 }
-BROKEN_LABELS = {"pixels": ("0 320 240 50 60\n", "outside [0, 1]"), "zerosize": ("0 0.5 0.5 0 0.2\n", "zero")}
+BROKEN_LABELS = {"pixels": ("0 320 240 50 60\n", "outside [0, 1]"), "negsize": ("0 0.5 0.5 -0.1 0.2\n", "negative")}
 
 
 @pytest.mark.parametrize("split", ["train", "val"])

@@ -171,8 +171,8 @@ def parse_label_file(lb_file: str, nc: int) -> LabelFile:
             return fail(f"line {ln}: class id {int(c)} outside 0..{nc - 1}")
         if n == 5:
             xc, yc, w, h = vals[1:]
-            if w <= 0 or h <= 0:
-                return fail(f"line {ln}: negative or zero box size (w {w:g}, h {h:g})")
+            if w < 0 or h < 0:
+                return fail(f"line {ln}: negative box size (w {w:g}, h {h:g})")
             coords = vals[1:]  # a centre may sit on the edge and a size span the image, no more
             x1, y1, x2, y2 = xc - w / 2, yc - h / 2, xc + w / 2, yc + h / 2
             seg = None
@@ -185,6 +185,9 @@ def parse_label_file(lb_file: str, nc: int) -> LabelFile:
         if min(coords) < -COORD_TOL or max(coords) > 1 + COORD_TOL:
             return fail(f"line {ln}: coordinates outside [0, 1] (min {min(coords):.3f}, max {max(coords):.3f}); "
                         f"labels must be normalised by the image size, not pixels")
+        if x2 - x1 <= 0 or y2 - y1 <= 0:  # an empty object: nothing to learn, but no reason to lose the image
+            notes.append(f"line {ln}: removed a zero-size box")
+            continue
         crossed = bool(min(x1, y1) < -FLOAT_TOL or max(x2, y2) > 1 + FLOAT_TOL)  # beyond text rounding noise
         if min(x1, y1) < 0 or max(x2, y2) > 1:  # past the image edge (annotation tools do this): clip, keep
             x1, y1, x2, y2 = (min(max(v, 0.0), 1.0) for v in (x1, y1, x2, y2))
