@@ -1,4 +1,6 @@
 """Small helpers shared by the test modules."""
+import cv2
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -15,3 +17,20 @@ def perturb_bn(model: nn.Module, seed: int = 0) -> nn.Module:
                 m.weight.copy_(torch.rand(n, generator=g) + 0.5)
                 m.bias.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
     return model.eval()
+
+
+def colours(n):
+    """n well-separated saturated BGR colours (one per class in the pixel-alignment tests)."""
+    hsv = np.array([[[int(i * 180 / n), 255, 255] for i in range(n)]], np.uint8)
+    return [tuple(int(v) for v in c) for c in cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0]]
+
+
+def pixel_box(img_bgr, colour, tol=40):
+    """Tight xyxy box of the pixels close to colour (single connected blob), or None."""
+    mask = (np.abs(img_bgr.astype(int) - np.array(colour)).max(2) < tol).astype(np.uint8)
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(mask)
+    big = [k for k in range(1, n) if stats[k, cv2.CC_STAT_AREA] > 3]
+    if len(big) != 1:
+        return None  # absent, or the same source image appears twice in this mosaic
+    ys, xs = np.nonzero(lab == big[0])
+    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], float)

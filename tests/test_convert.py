@@ -37,7 +37,7 @@ def test_coco_round_trip(tmp_path):
     d = load_data_config(out / "data.yaml")
     assert d.names == names and d.train == [out / "images" / "train"]
     ds = YOLODataset(d.train, imgsz=64, nc=d.nc)
-    assert len(ds) == 3 and ds.counts["backgrounds"] == 1
+    assert len(ds) == 3 and ds.counts.backgrounds == 1
     cat = {18: 2, 1: 0, 3: 1}
     by_name = {f.split("/")[-1]: (lb, s) for f, lb, s in zip(ds.im_files, ds.labels, ds.shapes)}
     for im in COCO["images"]:

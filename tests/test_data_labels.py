@@ -88,10 +88,10 @@ def test_bad_inputs_outcomes(messy, caplog):
     ds = YOLODataset(messy / "images" / "train", imgsz=64, nc=3)
     c = ds.counts
     dropped = {"zero", "trunc", "notimg", *BAD_LABELS}
-    assert c["corrupt"] == len(dropped) == 12
-    assert c["images"] == 10 and len(ds) == 10
-    assert c["backgrounds"] == 2 and c["missing_labels"] == 1 and c["empty_labels"] == 1
-    assert c["duplicates"] == 1
+    assert c.corrupt == len(dropped) == 12
+    assert c.images == 10 and len(ds) == 10
+    assert c.backgrounds == 2 and c.missing_labels == 1 and c.empty_labels == 1
+    assert c.duplicates == 1
     stems = {Path(f).stem for f in ds.im_files}
     assert stems == {"good", "overshoot", "dup", "empty", "missing", "poly", "exif", "gray", "rgba", "deep"}
     text = caplog.text
@@ -134,33 +134,33 @@ def test_bad_inputs_outcomes(messy, caplog):
 def test_cache_hit_and_invalidation(messy):
     src = messy / "images" / "train"
     first = scan_dataset(src, 3)
-    assert not first["from_cache"]
-    cache_file = Path(first["cache_file"])
+    assert not first.from_cache
+    cache_file = Path(first.cache_file)
     assert cache_file == messy / "labels" / "train.cache" and cache_file.is_file()
     cache = json.loads(cache_file.read_text())  # plain data, readable without executing anything
     assert cache["version"] == CACHE_VERSION
     second = scan_dataset(src, 3)
-    assert second["from_cache"] and second["counts"] == first["counts"]
+    assert second.from_cache and second.counts == first.counts
     # a changed label file invalidates
     f = messy / "labels" / "train" / "good.txt"
     f.write_text("1 0.5 0.5 0.2 0.2\n0 0.2 0.2 0.1 0.1\n")
     third = scan_dataset(src, 3)
-    assert not third["from_cache"]
-    assert len(third["labels"][third["im_files"].index(str(src.resolve() / "good.jpg"))]) == 2
+    assert not third.from_cache
+    assert len(third.labels[third.im_files.index(str(src.resolve() / "good.jpg"))]) == 2
     # a different nc invalidates (class range checks depend on it)
-    assert not scan_dataset(src, 5)["from_cache"]
-    assert scan_dataset(src, 5)["counts"]["corrupt"] == 12 - 1  # class 3 now valid
+    assert not scan_dataset(src, 5).from_cache
+    assert scan_dataset(src, 5).counts.corrupt == 12 - 1  # class 3 now valid
     # a stale version or garbage cache is rebuilt, not trusted
     cache = json.loads(cache_file.read_text())
     cache["version"] = "old"
     cache_file.write_text(json.dumps(cache))
-    assert not scan_dataset(src, 5)["from_cache"]
+    assert not scan_dataset(src, 5).from_cache
     cache_file.write_text("\x00garbage")
-    assert not scan_dataset(src, 5)["from_cache"]
-    assert scan_dataset(src, 5)["from_cache"]
+    assert not scan_dataset(src, 5).from_cache
+    assert scan_dataset(src, 5).from_cache
     # a new image invalidates
     write_img(src / "new.png")
-    assert not scan_dataset(src, 5)["from_cache"]
+    assert not scan_dataset(src, 5).from_cache
 
 
 def test_unwritable_cache_only_warns(tmp_path, caplog):
@@ -169,7 +169,7 @@ def test_unwritable_cache_only_warns(tmp_path, caplog):
     write_label(root, "a", GOOD)
     (root / "labels" / "train.cache").mkdir()  # the cache path cannot be written as a file
     out = scan_dataset(root / "images" / "train", 1)
-    assert len(out["im_files"]) == 1
+    assert len(out.im_files) == 1
     assert "cache not saved" in caplog.text
     assert not list((root / "labels").glob("train.cache.tmp*"))
 
@@ -195,20 +195,80 @@ def test_txt_list_and_label_paths(tmp_path):
     lst = root / "list.txt"
     lst.write_text("images/train/a.png\n./images/val/b.png\n\nimages/train/a.png\n")
     out = scan_dataset(lst, 1)
-    assert out["im_files"] == sorted([str(a.resolve()), str(b.resolve())])
+    assert out.im_files == sorted([str(a.resolve()), str(b.resolve())])
     assert img2label_paths(["/d/images/x/images/y.jpg"]) == ["/d/images/x/labels/y.txt"]
     assert img2label_paths(["/d/x/y.png"]) == ["/d/x/y.txt"]
 
 
-def test_single_cls_and_min_items(tmp_path):
+def test_single_cls_and_min_items(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     root = tmp_path / "ds"
     for s, t in (("a", "2 0.5 0.5 0.2 0.2\n1 0.2 0.2 0.1 0.1\n"), ("b", GOOD), ("c", "")):
         write_img(root / "images" / "train" / f"{s}.png")
         write_label(root, s, t)
     ds = YOLODataset(root / "images" / "train", imgsz=64, nc=3, single_cls=True, min_items=1)
     assert len(ds) == 2 and all((lb[:, 0] == 0).all() for lb in ds.labels)
+    assert "1 images with fewer than 1 labels removed (--min-items): c.png" in caplog.text  # which, and why
     loader, _ = create_dataloader(root / "images" / "train", 64, 4, nc=3)
     imgs, targets, paths, shapes = next(iter(loader))
     assert imgs.dtype.is_floating_point is False and imgs.shape == (3, 3, 64, 64)
     assert targets.shape == (3, 6) and targets[:, 0].tolist() == [0, 0, 1]
     assert len(paths) == 3 and shapes[0][0] == (48, 64)
+
+
+EDGE_LABELS = {  # stem -> label text; boxes crossing the image edge are clipped and kept, never a lost image
+    "edge": "0 0.99 0.5 0.1 0.2\n1 0.02 0.02 0.1 0.1\n2 0.5 0.5 0.2 0.2\n",  # two boxes cross an edge
+    "edgepoly": "2 -0.01 0.1 0.5 0.1 0.5 0.6\n",  # a polygon point a little left of the image
+    "outside": "1 1.015 0.5 0.01 0.2\n0 0.5 0.5 0.2 0.2\n",  # first box has nothing inside: that row goes
+}
+BROKEN_LABELS = {"pixels": ("0 320 240 50 60\n", "outside [0, 1]"), "negsize": ("0 0.5 0.5 -0.1 0.2\n", "negative")}
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_boxes_past_the_edge_are_clipped_and_kept(tmp_path, caplog, split):
+    caplog.set_level(logging.INFO)
+    root = tmp_path / "ds"
+    for stem, text in {**EDGE_LABELS, **{k: t for k, (t, _) in BROKEN_LABELS.items()}}.items():
+        write_img(root / "images" / split / f"{stem}.png")
+        write_label(root, stem, text, split)
+    ds = YOLODataset(root / "images" / split, imgsz=64, augment=split == "train", nc=3, prefix=f"{split}: ")
+    assert {Path(f).stem for f in ds.im_files} == set(EDGE_LABELS)
+    assert ds.counts.clipped_boxes == 3 and ds.counts.clipped_files == 2 and ds.counts.corrupt == 2
+    lab = {Path(f).stem: lb for f, lb in zip(ds.im_files, ds.labels)}
+    np.testing.assert_allclose(lab["edge"], [[0, 0.97, 0.5, 0.06, 0.2], [1, 0.035, 0.035, 0.07, 0.07],
+                                             [2, 0.5, 0.5, 0.2, 0.2]], atol=1e-6)
+    np.testing.assert_allclose(lab["edgepoly"], [[2, 0.25, 0.35, 0.5, 0.5]], atol=1e-6)
+    np.testing.assert_allclose(lab["outside"], [[0, 0.5, 0.5, 0.2, 0.2]], atol=1e-6)
+    summary = f"{split}: 3 images, 0 backgrounds, 2 corrupt, 0 duplicates removed, 3 boxes clipped in 2 files"
+    assert summary in caplog.text
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("3 boxes extend past the image edge" in m and "edge.txt" in m for m in warnings)
+    assert any("outside.txt" in m and "nothing inside the image" in m for m in warnings)
+    for stem, (_, reason) in BROKEN_LABELS.items():  # every dropped image: named, with its reason
+        assert sum(f"{stem}.txt: image dropped" in m and reason in m for m in warnings) == 1, stem
+    loader, _ = create_dataloader(root / "images" / split, 64, 4, nc=3)
+    _, targets, paths, _ = next(iter(loader))
+    assert len(paths) == 3 and len(targets) == 5
+
+
+def test_label_cache_from_before_edge_clipping_is_rebuilt(messy, monkeypatch):
+    """A cache written by the previous version (which dropped images with edge-crossing boxes) is not trusted."""
+    from utils.data import verify
+
+    src = messy / "images" / "train"
+    write_img(src / "crossing.png")
+    write_label(messy, "crossing", "0 0.99 0.5 0.1 0.2\n")
+    monkeypatch.setattr(verify, "CACHE_VERSION", "yolo-mqa-labels-2")  # the version before this change
+    first = scan_dataset(src, 3)
+    cache_file = Path(first.cache_file)
+    cache = json.loads(cache_file.read_text())
+    rec = next(r for r in cache["records"] if r["im_file"].endswith("crossing.png"))
+    rec.update(status="corrupt", labels=[])  # what that version recorded for this image
+    cache_file.write_text(json.dumps(cache))
+    stale = scan_dataset(src, 3)
+    assert stale.from_cache and not any(f.endswith("crossing.png") for f in stale.im_files)  # old code trusts it
+    monkeypatch.undo()
+    fresh = scan_dataset(src, 3)
+    assert not fresh.from_cache and any(f.endswith("crossing.png") for f in fresh.im_files)
+    assert json.loads(cache_file.read_text())["version"] == CACHE_VERSION != "yolo-mqa-labels-2"
+    assert scan_dataset(src, 3).from_cache

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from utils.coco import coco_evaluate, detections_to_coco, yolo_labels_to_coco_gt
-from utils.general import xywhn2xyxy
-from utils.metrics import ConfusionMatrix, ap_per_class, box_iou, fitness, match_predictions
+from utils.boxes import box_iou, xywhn2xyxy
+from utils.metrics import ConfusionMatrix, ap_per_class, fitness, match_predictions
 
 IOUV = torch.linspace(0.5, 0.95, 10)
 

@@ -57,13 +57,13 @@ def test_default_parameters_generate_a_valid_set(tmp_path):
     va = list((root / "images" / "val").glob("*.jpg"))
     assert len(va) == 100
     out = scan_dataset(root / "images" / "val", nc=len(SHAPE_NAMES))
-    c = out["counts"]
-    assert c["corrupt"] == 0 and c["duplicates"] == 0 and 0 < c["backgrounds"] < 15
-    n_obj = np.array([len(lb) for lb in out["labels"]])
+    c = out.counts
+    assert c.corrupt == 0 and c.duplicates == 0 and 0 < c.backgrounds < 15
+    n_obj = np.array([len(lb) for lb in out.labels])
     assert n_obj.max() <= 6 and 2.5 < n_obj.mean() < 4.5
-    shapes = {tuple(s) for s in out["shapes"]}
+    shapes = {tuple(s) for s in out.shapes}
     assert any(w != h for w, h in shapes) and all(160 <= min(s) and max(s) <= 256 for s in shapes)
-    classes = np.concatenate([lb[:, 0] for lb in out["labels"]])
+    classes = np.concatenate([lb[:, 0] for lb in out.labels])
     assert set(classes.astype(int).tolist()) == set(range(len(SHAPE_NAMES)))
     size_mb = sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) / 1e6
     assert size_mb < 40

@@ -11,10 +11,11 @@ import torch.nn as nn
 
 from models.yolo import DetectionModel
 from utils import coco
+from utils.boxes import scale_boxes
 from utils.checkpoint import make_checkpoint, save_checkpoint
 from utils.data import create_dataloader, generate_shapes, letterbox
 from utils.engine.validator import validate
-from utils.general import UserError, scale_boxes
+from utils.general import UserError
 from utils.loss import DetectionLoss
 from utils.nms import non_max_suppression
 

@@ -1,12 +1,161 @@
-"""Box geometry shared by the detection head and the loss: anchor grids, distance <-> box, IoU variants."""
+"""Box geometry, in one place: format conversions, clipping and letterbox undo, IoU/IoA, polygon clipping,
+anchor grids and the distance <-> box maps of the head and the loss.
+
+Conversions and clipping work on torch tensors and numpy arrays alike ([..., 4] boxes); IoU matrices use
+torchvision.ops, the elementwise IoU variants of the loss live here too.
+"""
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Sequence, Union
 
+import numpy as np
 import torch
 from torch import Tensor
+from torchvision.ops import box_iou as _tv_box_iou
 
+Boxes = Union[Tensor, np.ndarray]
+
+
+# ---- format conversions ----
+
+def _clone(x: Boxes) -> Boxes:
+    return x.clone() if isinstance(x, torch.Tensor) else np.copy(x)
+
+
+def xyxy2xywh(x: Boxes) -> Boxes:
+    """Corner boxes -> centre boxes (same units)."""
+    y = _clone(x)
+    y[..., 0] = (x[..., 0] + x[..., 2]) / 2
+    y[..., 1] = (x[..., 1] + x[..., 3]) / 2
+    y[..., 2] = x[..., 2] - x[..., 0]
+    y[..., 3] = x[..., 3] - x[..., 1]
+    return y
+
+
+def xywh2xyxy(x: Boxes) -> Boxes:
+    """Centre boxes -> corner boxes (same units)."""
+    y = _clone(x)
+    y[..., 0] = x[..., 0] - x[..., 2] / 2
+    y[..., 1] = x[..., 1] - x[..., 3] / 2
+    y[..., 2] = x[..., 0] + x[..., 2] / 2
+    y[..., 3] = x[..., 1] + x[..., 3] / 2
+    return y
+
+
+def xywhn2xyxy(x: Boxes, w: float = 640, h: float = 640, padw: float = 0, padh: float = 0) -> Boxes:
+    """Normalised centre boxes -> pixel corner boxes (optionally shifted by letterbox padding or a mosaic offset)."""
+    y = _clone(x)
+    y[..., 0] = w * (x[..., 0] - x[..., 2] / 2) + padw
+    y[..., 1] = h * (x[..., 1] - x[..., 3] / 2) + padh
+    y[..., 2] = w * (x[..., 0] + x[..., 2] / 2) + padw
+    y[..., 3] = h * (x[..., 1] + x[..., 3] / 2) + padh
+    return y
+
+
+def xyxy2xywhn(x: Boxes, w: float = 640, h: float = 640, clip: bool = False) -> Boxes:
+    """Pixel corner boxes -> normalised centre boxes (clipped to the w x h image first if clip)."""
+    if clip:
+        x = clip_boxes(_clone(x), (h, w))
+    y = _clone(x)
+    y[..., 0] = ((x[..., 0] + x[..., 2]) / 2) / w
+    y[..., 1] = ((x[..., 1] + x[..., 3]) / 2) / h
+    y[..., 2] = (x[..., 2] - x[..., 0]) / w
+    y[..., 3] = (x[..., 3] - x[..., 1]) / h
+    return y
+
+
+def clip_boxes(boxes: Boxes, shape: tuple) -> Boxes:
+    """Clip xyxy boxes in place to an image of shape (h, w)."""
+    if isinstance(boxes, torch.Tensor):
+        boxes[..., 0].clamp_(0, shape[1])
+        boxes[..., 1].clamp_(0, shape[0])
+        boxes[..., 2].clamp_(0, shape[1])
+        boxes[..., 3].clamp_(0, shape[0])
+    else:
+        boxes[..., [0, 2]] = boxes[..., [0, 2]].clip(0, shape[1])
+        boxes[..., [1, 3]] = boxes[..., [1, 3]].clip(0, shape[0])
+    return boxes
+
+
+def scale_boxes(img1_shape: tuple, boxes: Boxes, img0_shape: tuple, ratio_pad: tuple | None = None) -> Boxes:
+    """Map xyxy boxes from the letterboxed image (img1_shape h,w) back to the original (img0_shape h,w).
+
+    ratio_pad = ((ratio_h, ratio_w), (pad_w, pad_h)) as recorded by the letterbox; computed if None.
+    """
+    if ratio_pad is None:
+        gain = min(img1_shape[0] / img0_shape[0], img1_shape[1] / img0_shape[1])
+        pad = ((img1_shape[1] - img0_shape[1] * gain) / 2, (img1_shape[0] - img0_shape[0] * gain) / 2)
+        gain_w = gain_h = gain
+    else:
+        gain_h, gain_w = ratio_pad[0] if isinstance(ratio_pad[0], (list, tuple)) else (ratio_pad[0], ratio_pad[0])
+        pad = ratio_pad[1]
+    boxes[..., [0, 2]] -= pad[0]
+    boxes[..., [1, 3]] -= pad[1]
+    boxes[..., [0, 2]] /= gain_w
+    boxes[..., [1, 3]] /= gain_h
+    return clip_boxes(boxes, img0_shape)
+
+
+# ---- overlap ----
+
+def box_iou(box1: Tensor, box2: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Pairwise IoU [N, M] of xyxy boxes, computed in dtype (float64 where COCO's exact ties matter)."""
+    return _tv_box_iou(box1.to(dtype), box2.to(dtype))
+
+
+def box_ioa(boxes: np.ndarray, others: np.ndarray, eps: float = 1e-9) -> np.ndarray:
+    """Pairwise intersection over the area of `others` [N, M] for xyxy numpy boxes: how much of each
+    existing box a new box would cover (the copy-paste occlusion rule)."""
+    iw = (np.minimum(boxes[:, None, 2], others[None, :, 2]) - np.maximum(boxes[:, None, 0], others[None, :, 0]))
+    ih = (np.minimum(boxes[:, None, 3], others[None, :, 3]) - np.maximum(boxes[:, None, 1], others[None, :, 1]))
+    area = (others[:, 2] - others[:, 0]) * (others[:, 3] - others[:, 1]) + eps
+    return iw.clip(0, None) * ih.clip(0, None) / area[None]
+
+
+# ---- polygons ----
+
+def clip_polygon(poly: np.ndarray, width: float, height: float) -> np.ndarray:
+    """The part of a polygon [k, 2] inside [0, width] x [0, height] (Sutherland-Hodgman, one vectorised pass
+    per image edge). Exact for any simple polygon, convex or not, because the clip window is convex; where a
+    non-convex outline leaves the window twice the result has zero-width bridges along the edge, which change
+    neither its pixels nor its bounding box. Returns [m, 2] float64 (m = 0 when nothing is inside)."""
+    pts = np.asarray(poly, np.float64).reshape(-1, 2)
+    if len(pts) and pts.min() >= 0 and pts[:, 0].max() <= width and pts[:, 1].max() <= height:
+        return pts
+    for axis, limit, keep_below in ((0, 0.0, False), (0, width, True), (1, 0.0, False), (1, height, True)):
+        if not len(pts):
+            break
+        v = pts[:, axis] - limit
+        inside = v <= 0 if keep_below else v >= 0
+        if inside.all():
+            continue
+        nxt_idx = np.r_[1:len(pts), 0]  # each vertex's successor along the closed outline
+        nxt, v_nxt = pts[nxt_idx], v[nxt_idx]
+        cross = inside != inside[nxt_idx]  # the edge to the next vertex crosses the clip line
+        t = v / np.where(cross, v - v_nxt, 1.0)
+        crossing = pts + t[:, None] * (nxt - pts)
+        pts = np.stack((pts, crossing), 1)[np.stack((inside, cross), 1)]  # vertex (if in), then crossing
+    return pts
+
+
+def polygon_box_in_image(poly: np.ndarray, width: float, height: float) -> np.ndarray:
+    """Bounding box (xyxy) of the part of a polygon [k, 2] inside the image: the tight box of a rotated box,
+    or of an object outline, cut by the image edge. A zero-area box when nothing is inside."""
+    pts = np.asarray(poly, np.float64)
+    lo, hi = pts.min(0), pts.max(0)
+    if lo[0] >= 0 and lo[1] >= 0 and hi[0] <= width and hi[1] <= height:  # fully inside: nothing to clip
+        return np.concatenate([lo, hi])
+    pts = clip_polygon(pts, width, height)
+    if not len(pts):
+        return np.zeros(4)
+    box = np.array([pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max(), pts[:, 1].max()])
+    box[[0, 2]] = box[[0, 2]].clip(0, width)
+    box[[1, 3]] = box[[1, 3]].clip(0, height)
+    return box
+
+
+# ---- anchors and the head's distance encoding ----
 
 def make_anchors(feats: Sequence[Tensor], strides: Sequence[float] | Tensor,
                  offset: float = 0.5) -> tuple[Tensor, Tensor]:

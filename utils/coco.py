@@ -173,10 +173,10 @@ def gt_from_data(data_yaml: str | Path, split: str = "val", out: str | Path = "g
     if not cfg.split(split):
         raise UserError(f"{cfg.yaml_file}: no '{split}' split")
     scan = scan_dataset(cfg.split(split), cfg.nc, f"{split}: ")
-    files = list(scan["im_files"])
+    files = list(scan.im_files)
     ids = image_id_map(files)
     class_map = coco80_to_coco91_class() if is_coco_data(cfg) else None
-    gt = yolo_labels_to_coco_gt(files, scan["shapes"], scan["labels"], cfg.names, class_map,
+    gt = yolo_labels_to_coco_gt(files, scan.shapes, scan.labels, cfg.names, class_map,
                                 image_ids=[ids[str(f)] for f in files])
     return save_json(gt, out)
 

@@ -1,4 +1,6 @@
-"""Small shared helpers: logging, user-facing errors, run folders, box format conversions."""
+"""Small shared helpers: logging, user-facing errors, the CLI wrapper, run folders, size rounding.
+
+Box geometry lives in utils/boxes.py."""
 from __future__ import annotations
 
 import functools
@@ -10,7 +12,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]  # repository root
 
@@ -88,81 +89,3 @@ def check_img_size(imgsz: int | list, stride: int = 32) -> int | list:
 
 def clean_str(s: str) -> str:
     return re.sub(r"[|@#!¡·$€%&()=?¿^*;:,¨´><+]", "_", s)
-
-
-# ---- box conversions (work on torch tensors and numpy arrays alike) ----
-
-def _clone(x):
-    return x.clone() if isinstance(x, torch.Tensor) else np.copy(x)
-
-
-def xyxy2xywh(x):
-    y = _clone(x)
-    y[..., 0] = (x[..., 0] + x[..., 2]) / 2
-    y[..., 1] = (x[..., 1] + x[..., 3]) / 2
-    y[..., 2] = x[..., 2] - x[..., 0]
-    y[..., 3] = x[..., 3] - x[..., 1]
-    return y
-
-
-def xywh2xyxy(x):
-    y = _clone(x)
-    y[..., 0] = x[..., 0] - x[..., 2] / 2
-    y[..., 1] = x[..., 1] - x[..., 3] / 2
-    y[..., 2] = x[..., 0] + x[..., 2] / 2
-    y[..., 3] = x[..., 1] + x[..., 3] / 2
-    return y
-
-
-def xywhn2xyxy(x, w: float = 640, h: float = 640, padw: float = 0, padh: float = 0):
-    """Normalised centre boxes -> pixel corner boxes (optionally shifted by letterbox padding)."""
-    y = _clone(x)
-    y[..., 0] = w * (x[..., 0] - x[..., 2] / 2) + padw
-    y[..., 1] = h * (x[..., 1] - x[..., 3] / 2) + padh
-    y[..., 2] = w * (x[..., 0] + x[..., 2] / 2) + padw
-    y[..., 3] = h * (x[..., 1] + x[..., 3] / 2) + padh
-    return y
-
-
-def xyxy2xywhn(x, w: float = 640, h: float = 640, clip: bool = False):
-    """Pixel corner boxes -> normalised centre boxes."""
-    if clip:
-        x = clip_boxes(_clone(x), (h, w))
-    y = _clone(x)
-    y[..., 0] = ((x[..., 0] + x[..., 2]) / 2) / w
-    y[..., 1] = ((x[..., 1] + x[..., 3]) / 2) / h
-    y[..., 2] = (x[..., 2] - x[..., 0]) / w
-    y[..., 3] = (x[..., 3] - x[..., 1]) / h
-    return y
-
-
-def clip_boxes(boxes, shape: tuple):
-    """Clip xyxy boxes in place to an image of shape (h, w)."""
-    if isinstance(boxes, torch.Tensor):
-        boxes[..., 0].clamp_(0, shape[1])
-        boxes[..., 1].clamp_(0, shape[0])
-        boxes[..., 2].clamp_(0, shape[1])
-        boxes[..., 3].clamp_(0, shape[0])
-    else:
-        boxes[..., [0, 2]] = boxes[..., [0, 2]].clip(0, shape[1])
-        boxes[..., [1, 3]] = boxes[..., [1, 3]].clip(0, shape[0])
-    return boxes
-
-
-def scale_boxes(img1_shape: tuple, boxes, img0_shape: tuple, ratio_pad=None):
-    """Map xyxy boxes from the letterboxed image (img1_shape h,w) back to the original (img0_shape h,w).
-
-    ratio_pad = ((ratio_h, ratio_w), (pad_w, pad_h)) as recorded by the letterbox; computed if None.
-    """
-    if ratio_pad is None:
-        gain = min(img1_shape[0] / img0_shape[0], img1_shape[1] / img0_shape[1])
-        pad = ((img1_shape[1] - img0_shape[1] * gain) / 2, (img1_shape[0] - img0_shape[0] * gain) / 2)
-        gain_w = gain_h = gain
-    else:
-        gain_h, gain_w = ratio_pad[0] if isinstance(ratio_pad[0], (list, tuple)) else (ratio_pad[0], ratio_pad[0])
-        pad = ratio_pad[1]
-    boxes[..., [0, 2]] -= pad[0]
-    boxes[..., [1, 3]] -= pad[1]
-    boxes[..., [0, 2]] /= gain_w
-    boxes[..., [1, 3]] /= gain_h
-    return clip_boxes(boxes, img0_shape)

@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from utils.boxes import bbox2dist, bbox_iou, dist2bbox, make_anchors
-from utils.general import xywh2xyxy
+from utils.boxes import bbox2dist, bbox_iou, dist2bbox, make_anchors, xywh2xyxy
 
 __all__ = ["TaskAlignedAssigner", "DetectionLoss", "dfl_loss", "make_anchors", "dist2bbox", "bbox2dist"]
 

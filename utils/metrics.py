@@ -15,15 +15,11 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch import Tensor
-from torchvision.ops import box_iou as _tv_box_iou
+
+from utils.boxes import box_iou
 
 RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)  # COCOeval's recThrs
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)  # COCOeval's iouThrs
-
-
-def box_iou(box1: Tensor, box2: Tensor) -> Tensor:
-    """Pairwise IoU [N, M] of xyxy boxes."""
-    return _tv_box_iou(box1.float(), box2.float())
 
 
 def match_predictions(det: Tensor, labels: Tensor, iouv: Tensor) -> Tensor:
@@ -37,7 +33,7 @@ def match_predictions(det: Tensor, labels: Tensor, iouv: Tensor) -> Tensor:
     correct = np.zeros((n, nt), dtype=bool)
     if n == 0 or labels.shape[0] == 0:
         return torch.from_numpy(correct).to(det.device)
-    iou = _tv_box_iou(labels[:, 1:].double(), det[:, :4].double()).cpu().numpy()  # [m, n], float64 like COCO
+    iou = box_iou(labels[:, 1:], det[:, :4], torch.float64).cpu().numpy()  # [m, n], float64 like COCO
     same_cls = (labels[:, :1].cpu() == det[:, 5].cpu()[None]).numpy()
     iou = np.where(same_cls, iou, -1.0)
     order = np.argsort(-det[:, 4].detach().cpu().double().numpy(), kind="mergesort")

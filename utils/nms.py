@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms, nms
 
-from utils.general import LOGGER, xywh2xyxy
+from utils.boxes import xywh2xyxy
+from utils.general import LOGGER
 
 
 def non_max_suppression(prediction, conf_thres: float = 0.25, iou_thres: float = 0.45,

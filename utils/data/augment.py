@@ -1,8 +1,10 @@
-"""Image + box augmentations (numpy/cv2): letterbox, mosaic, mixup, random perspective, HSV.
+"""Image + box augmentations (numpy/cv2): letterbox, mosaic, copy-paste, mixup, random perspective, HSV.
 
 Boxes travel as pixel xyxy arrays [n, 5] = (cls, x1, y1, x2, y2) through geometric transforms so that
-every transform maps box corners exactly as it maps pixels. Randomness comes from `random`/`np.random`
-(seeded per DataLoader worker), so runs are reproducible for a given seed.
+every transform maps box corners exactly as it maps pixels. Polygon labels travel beside them (one pixel
+[k, 2] outline or None per box) through mosaic and copy-paste, and random perspective takes each box from
+its warped, clipped outline. Randomness comes from `random`/`np.random` (seeded per DataLoader worker), so
+runs are reproducible for a given seed.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import random
 import cv2
 import numpy as np
 
-from utils.general import xywh2xyxy
+from utils.boxes import box_ioa, clip_polygon, polygon_box_in_image, xywhn2xyxy
 
 
 def letterbox(img: np.ndarray, new_shape: int | tuple = 640, color: tuple = (114, 114, 114), auto: bool = False,
@@ -64,51 +66,14 @@ def box_candidates(before: np.ndarray, after: np.ndarray, wh_thr: float = 2, ar_
     return (w2 > wh_thr) & (h2 > wh_thr) & (w2 * h2 / (w1 * h1 + eps) > area_thr) & (ar < ar_thr)
 
 
-def polygon_box_in_image(poly: np.ndarray, width: float, height: float) -> np.ndarray:
-    """Bounding box (xyxy) of the part of a convex polygon [k, 2] inside the image (Sutherland-Hodgman).
+def perspective_matrix(img_shape: tuple, width: int, height: int, degrees: float = 10, translate: float = 0.1,
+                       scale: float = 0.1, shear: float = 10, perspective: float = 0.0) -> tuple[np.ndarray, float]:
+    """Draw random_perspective's 3x3 matrix (input pixels -> output pixels) and its scale factor.
 
-    A rotated box cut by the image edge is tighter than clipping the rotated box's own bounding box.
-    Returns a zero-area box when nothing is inside.
+    The draws (perspective x/y, angle, scale, shear x/y, translate x/y) come from `random` in this order.
     """
-    pts = poly.astype(np.float64)
-    lo, hi = pts.min(0), pts.max(0)
-    if lo[0] >= 0 and lo[1] >= 0 and hi[0] <= width and hi[1] <= height:  # fully inside: nothing to clip
-        return np.concatenate([lo, hi])
-    for axis, limit, keep_below in ((0, 0.0, False), (0, width, True), (1, 0.0, False), (1, height, True)):
-        if not len(pts):
-            break
-        v = pts[:, axis] - limit
-        inside = v <= 0 if keep_below else v >= 0
-        out = []
-        for i in range(len(pts)):
-            j = (i + 1) % len(pts)
-            if inside[i]:
-                out.append(pts[i])
-            if inside[i] != inside[j]:  # edge crosses the clip line
-                t = v[i] / (v[i] - v[j])
-                out.append(pts[i] + t * (pts[j] - pts[i]))
-        pts = np.array(out).reshape(-1, 2)
-    if not len(pts):
-        return np.zeros(4)
-    box = np.array([pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max(), pts[:, 1].max()])
-    box[[0, 2]] = box[[0, 2]].clip(0, width)
-    box[[1, 3]] = box[[1, 3]].clip(0, height)
-    return box
-
-
-def random_perspective(img: np.ndarray, labels: np.ndarray, degrees: float = 10, translate: float = 0.1,
-                       scale: float = 0.1, shear: float = 10, perspective: float = 0.0,
-                       border: tuple = (0, 0)) -> tuple[np.ndarray, np.ndarray]:
-    """Random rotation/scale/shear/translation/perspective of image and xyxy boxes [n, 5].
-
-    border (top, left) < 0 crops the output (used to cut the 2x mosaic canvas back to imgsz).
-    Box corners are mapped through the same matrix, clipped, and degenerate boxes removed.
-    """
-    height = img.shape[0] + border[0] * 2
-    width = img.shape[1] + border[1] * 2
-
     centre = np.eye(3)
-    centre[0, 2], centre[1, 2] = -img.shape[1] / 2, -img.shape[0] / 2
+    centre[0, 2], centre[1, 2] = -img_shape[1] / 2, -img_shape[0] / 2
     persp = np.eye(3)
     persp[2, 0], persp[2, 1] = random.uniform(-perspective, perspective), random.uniform(-perspective, perspective)
     rot = np.eye(3)
@@ -121,7 +86,39 @@ def random_perspective(img: np.ndarray, labels: np.ndarray, degrees: float = 10,
     move = np.eye(3)
     move[0, 2] = random.uniform(0.5 - translate, 0.5 + translate) * width
     move[1, 2] = random.uniform(0.5 - translate, 0.5 + translate) * height
-    m = move @ shr @ rot @ persp @ centre  # right to left: centre first
+    return move @ shr @ rot @ persp @ centre, s  # right to left: centre first
+
+
+def warp_points(pts: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Map points [k, 2] through a 3x3 matrix (with the perspective division when the last row is not 0 0 1)."""
+    xy = np.ones((len(pts), 3))
+    xy[:, :2] = pts
+    xy = xy @ m.T
+    return xy[:, :2] / xy[:, 2:3] if (m[2, 0] or m[2, 1]) else xy[:, :2]
+
+
+def box_polygon(box: np.ndarray) -> np.ndarray:
+    """The outline [4, 2] of an xyxy box (x1y1, x2y1, x2y2, x1y2)."""
+    x1, y1, x2, y2 = box
+    return np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2]], np.float64)
+
+
+def random_perspective(img: np.ndarray, labels: np.ndarray, degrees: float = 10, translate: float = 0.1,
+                       scale: float = 0.1, shear: float = 10, perspective: float = 0.0,
+                       border: tuple = (0, 0), segments: list | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Random rotation/scale/shear/translation/perspective of image and xyxy boxes [n, 5].
+
+    border (top, left) < 0 crops the output (used to cut the 2x mosaic canvas back to imgsz).
+    Box-only labels: box corners are mapped through the same matrix and the box of the visible part of that
+    quadrilateral kept (area_thr 0.10). With polygons (`segments`: one pixel [k, 2] outline or None per label,
+    as upstream YOLOv9 does when any exist), each object's outline is mapped, clipped to the output and its
+    tight box kept (area_thr 0.01, so objects with 1% of their area left survive); box rows use their corners.
+    Upstream samples each outline at 1000 points and keeps those inside; clipping the outline exactly gives
+    the box those samples approach (theirs falls short of a cut edge by up to one sample spacing).
+    """
+    height = img.shape[0] + border[0] * 2
+    width = img.shape[1] + border[1] * 2
+    m, s = perspective_matrix(img.shape, width, height, degrees, translate, scale, shear, perspective)
 
     if border[0] or border[1] or not np.allclose(m, np.eye(3)):
         if perspective:
@@ -130,7 +127,15 @@ def random_perspective(img: np.ndarray, labels: np.ndarray, degrees: float = 10,
             img = cv2.warpAffine(img, m[:2], dsize=(width, height), borderValue=(114, 114, 114))
 
     n = len(labels)
-    if n:
+    use_segments = segments is not None and any(x is not None for x in segments)
+    if n and use_segments:
+        polys = [box_polygon(lb[1:5]) if sg is None else sg for lb, sg in zip(labels, segments)]
+        sizes = np.cumsum([len(q) for q in polys])[:-1]
+        warped = np.split(warp_points(np.concatenate(polys, 0), m), sizes)
+        new = np.stack([polygon_box_in_image(q, width, height) if len(q) else np.zeros(4) for q in warped], 0)
+        keep = box_candidates(labels[:, 1:5].T * s, new.T, area_thr=0.01)
+        labels = np.concatenate([labels[keep, :1], new[keep]], 1)
+    elif n:
         corners = np.ones((n * 4, 3))
         corners[:, :2] = labels[:, [1, 2, 3, 4, 1, 4, 3, 2]].reshape(n * 4, 2)  # x1y1, x2y2, x1y2, x2y1
         corners = corners @ m.T
@@ -142,18 +147,22 @@ def random_perspective(img: np.ndarray, labels: np.ndarray, degrees: float = 10,
     return img, labels
 
 
-def mosaic4(items: list[tuple[np.ndarray, np.ndarray]], imgsz: int) -> tuple[np.ndarray, np.ndarray]:
-    """Place 4 (img, labels xywhn [n,5]) around a random centre on a 2*imgsz canvas.
+def mosaic4(items: list[tuple], imgsz: int) -> tuple[np.ndarray, np.ndarray, list | None]:
+    """Place 4 (img, labels xywhn [n,5][, segments]) around a random centre on a 2*imgsz canvas.
 
-    Returns the canvas and labels as pixel xyxy [n, 5], clipped to the canvas (a tile is only ever cut
-    at the canvas edge, so clipping is exact). Crop back to imgsz with random_perspective(border=-imgsz//2).
+    segments (optional per item): one normalised [k, 2] polygon or None per label row. Returns the canvas,
+    labels as pixel xyxy [n, 5] clipped to the canvas (a tile is only ever cut at the canvas edge, so clipping
+    is exact) and, when any item carried a polygon, the polygons moved like their boxes and clipped to the
+    canvas (pixel [k, 2], None for box rows; else None). Crop back with random_perspective(border=-imgsz//2).
     """
     s = imgsz
     xc = int(random.uniform(s * 0.5, s * 1.5))
     yc = int(random.uniform(s * 0.5, s * 1.5))
     canvas = np.full((s * 2, s * 2, items[0][0].shape[2]), 114, dtype=np.uint8)
-    out = []
-    for i, (img, lb) in enumerate(items):
+    out, segs_out = [], []
+    for i, item in enumerate(items):
+        img, lb = item[0], item[1]
+        segs = item[2] if len(item) > 2 and item[2] else [None] * len(lb)
         h, w = img.shape[:2]
         if i == 0:  # top left
             x1a, y1a, x2a, y2a = max(xc - w, 0), max(yc - h, 0), xc, yc
@@ -172,49 +181,45 @@ def mosaic4(items: list[tuple[np.ndarray, np.ndarray]], imgsz: int) -> tuple[np.
         if len(lb):
             xy = np.empty((len(lb), 5), np.float64)
             xy[:, 0] = lb[:, 0]
-            xy[:, 1] = w * (lb[:, 1] - lb[:, 3] / 2) + padw
-            xy[:, 2] = h * (lb[:, 2] - lb[:, 4] / 2) + padh
-            xy[:, 3] = w * (lb[:, 1] + lb[:, 3] / 2) + padw
-            xy[:, 4] = h * (lb[:, 2] + lb[:, 4] / 2) + padh
+            xy[:, 1:] = xywhn2xyxy(lb[:, 1:5], w, h, padw, padh)
             out.append(xy)
+            for sg in segs:  # outlines move with their tile and are cut at the canvas edge like their boxes
+                on_canvas = None if sg is None else clip_polygon(sg * [w, h] + [padw, padh], 2 * s, 2 * s)
+                segs_out.append(None if sg is None else on_canvas.clip(0, 2 * s))  # clip(): -1e-15 residue at cuts
     labels = np.concatenate(out, 0) if out else np.zeros((0, 5))
     labels[:, 1:] = labels[:, 1:].clip(0, 2 * s)
-    return canvas, labels
+    return canvas, labels, (segs_out if any(sg is not None for sg in segs_out) else None)
 
 
-def copy_paste(img: np.ndarray, labels: np.ndarray, segments: list, p: float) -> tuple[np.ndarray, np.ndarray]:
-    """Segment copy-paste (Ghiasi et al. 2021, as upstream YOLOv9 applies it): a random share p of the
-    polygon-labelled objects is mirrored left-right and pasted into the same image, unless the mirrored box
-    would cover 30% or more of a box already there. Pixels come from the object's own polygon mask.
+def copy_paste(img: np.ndarray, labels: np.ndarray, segments: list, p: float) -> tuple[np.ndarray, np.ndarray, list]:
+    """Segment copy-paste (Ghiasi et al. 2021) as upstream YOLOv9 applies it to the whole mosaic canvas.
 
-    labels [n, 5] cls xc yc w h normalised; segments: one [k, 2] normalised array (or None) per label.
-    Returns a new image and labels with the pasted objects appended.
+    Each polygon object's mirror image (x -> W - x across the full width) is a candidate when it would cover
+    less than 30% of every box already there (IoA < 0.30); round(p * candidates) of them, drawn at random, are
+    pasted: their mirrored outlines are filled into a mask and those pixels taken from the flipped image.
+    labels [n, 5] cls x1 y1 x2 y2 and segments (pixel [k, 2] outline or None per label) get the pasted
+    objects appended; returns (img, labels, segments), the inputs untouched.
     """
-    cand = [i for i, s in enumerate(segments) if s is not None and len(s) >= 3]
+    cand = np.array([i for i, sg in enumerate(segments) if sg is not None and len(sg) >= 3], int)
+    if not p or not len(cand):
+        return img, labels, segments
+    w = img.shape[1]
+    boxes = labels[:, 1:5]
+    mirror = np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
+    cand = cand[(box_ioa(mirror[cand], boxes) < 0.30).all(1)]
     k = round(p * len(cand))
     if k == 0:
-        return img, labels
-    h, w = img.shape[:2]
-    mask = np.zeros((h, w), np.uint8)
-    boxes = xywh2xyxy(labels[:, 1:5])
-    added = []
-    for i in random.sample(cand, k):
-        x1, y1, x2, y2 = boxes[i]
-        new = np.array([1 - x2, y1, 1 - x1, y2])
-        inter = (np.clip(np.minimum(boxes[:, 2], new[2]) - np.maximum(boxes[:, 0], new[0]), 0, None)
-                 * np.clip(np.minimum(boxes[:, 3], new[3]) - np.maximum(boxes[:, 1], new[1]), 0, None))
-        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) + 1e-9
-        if (inter / area >= 0.30).any():
-            continue
-        poly = segments[i] * np.array([w, h])
+        return img, labels, segments
+    mask = np.zeros(img.shape[:2], np.uint8)
+    new_labels, new_segments = [], []
+    for j in random.sample(cand.tolist(), k):
+        poly = segments[j].copy()
         poly[:, 0] = w - poly[:, 0]
         cv2.fillPoly(mask, [np.round(poly).astype(np.int32)], 255)
-        boxes = np.concatenate([boxes, new[None]], 0)
-        added.append([labels[i, 0], (new[0] + new[2]) / 2, labels[i, 2], labels[i, 3], labels[i, 4]])
-    if not added:
-        return img, labels
-    img = np.where(mask[..., None] > 0, cv2.flip(img, 1), img)
-    return img, np.concatenate([labels, np.array(added, labels.dtype)], 0)
+        new_labels.append([labels[j, 0], *mirror[j]])
+        new_segments.append(poly)
+    img = cv2.copyTo(cv2.flip(img, 1), mask, img.copy())  # flipped pixels where the mask is set
+    return img, np.concatenate([labels, np.array(new_labels, labels.dtype)], 0), list(segments) + new_segments
 
 
 def mixup(img: np.ndarray, labels: np.ndarray, img2: np.ndarray, labels2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

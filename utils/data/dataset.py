@@ -13,6 +13,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from utils.boxes import xywhn2xyxy, xyxy2xywhn
 from utils.general import LOGGER, UserError
 
 from .augment import augment_hsv, copy_paste, letterbox, mixup, mosaic4, random_perspective
@@ -53,16 +54,18 @@ class YOLODataset(Dataset):
         self.names = list(names) if names else None
         self.nc = int(nc) if nc is not None else (len(self.names) if self.names else 1_000_000)
         scan = scan_dataset(path, self.nc, prefix)
-        self.counts, self.cache_file = scan["counts"], scan["cache_file"]
-        self.im_files, self.label_files = scan["im_files"], scan["label_files"]
-        self.labels, self.shapes = scan["labels"], scan["shapes"]  # shapes: (w, h)
-        self.polygons = scan["polygons"]  # which label files hold polygon rows (copy-paste reads them)
+        self.counts, self.cache_file = scan.counts, scan.cache_file
+        self.im_files, self.label_files = scan.im_files, scan.label_files
+        self.labels, self.shapes = scan.labels, scan.shapes  # shapes: (w, h)
+        self.polygons = scan.polygons  # which label files hold polygon rows (augmentation re-reads them)
         if single_cls:
             for lb in self.labels:
                 lb[:, 0] = 0
         if min_items:
             keep = [i for i, lb in enumerate(self.labels) if len(lb) >= min_items]
-            LOGGER.info(f"{prefix}{len(self.labels) - len(keep)} images with fewer than {min_items} labels removed")
+            gone = [Path(f).name for i, f in enumerate(self.im_files) if len(self.labels[i]) < min_items]
+            LOGGER.info(f"{prefix}{len(gone)} images with fewer than {min_items} labels removed (--min-items)"
+                        + (f": {', '.join(gone[:5])}{' ...' if len(gone) > 5 else ''}" if gone else ""))
             self._subset(keep)
         n = len(self.im_files)
         if n == 0:
@@ -104,11 +107,12 @@ class YOLODataset(Dataset):
     def segments(self, i: int) -> list | None:
         """Polygon points of image i's labels ([k, 2] normalised, None for box rows), re-read from its label
         file; None if the file changed since the scan (rows no longer match the cached boxes)."""
-        lb, _, _, fatal, segs = parse_label_file(self.label_files[i], self.nc)
+        parsed = parse_label_file(self.label_files[i], self.nc)
         mine = self.labels[i]
-        if fatal or len(segs) != len(mine) or not np.allclose(lb[:, 1:], mine[:, 1:], atol=1e-5):
+        if (parsed.error or len(parsed.segments) != len(mine)
+                or not np.allclose(parsed.labels[:, 1:], mine[:, 1:], atol=1e-5)):
             return None
-        return segs
+        return parsed.segments
 
     def _subset(self, keep: list[int]) -> None:
         self.im_files = [self.im_files[i] for i in keep]
@@ -210,18 +214,15 @@ class YOLODataset(Dataset):
         idx = [index] + random.choices(range(len(self.im_files)), k=3)
         random.shuffle(idx)
         h = self.hyp
+        items = [(self.load_image(i)[0], self.labels[i], self.segments(i) if self.polygons[i] else None) for i in idx]
+        img, labels, segments = mosaic4(items, self.imgsz)
         p_cp = float(h.get("copy_paste", 0) or 0)
-        items = []
-        for i in idx:
-            im, lb = self.load_image(i)[0], self.labels[i]
-            segs = self.segments(i) if p_cp > 0 and self.polygons[i] else None
-            if segs:
-                im, lb = copy_paste(im, lb, segs, p_cp)
-            items.append((im, lb))
-        img, labels = mosaic4(items, self.imgsz)
+        if segments is not None and p_cp > 0:
+            img, labels, segments = copy_paste(img, labels, segments, p_cp)
         border = -(self.imgsz // 2)
         return random_perspective(img, labels, degrees=h["degrees"], translate=h["translate"], scale=h["scale"],
-                                  shear=h["shear"], perspective=h["perspective"], border=(border, border))
+                                  shear=h["shear"], perspective=h["perspective"], border=(border, border),
+                                  segments=segments)
 
     def __getitem__(self, index: int):
         index = int(self.indices[index])
@@ -242,23 +243,19 @@ class YOLODataset(Dataset):
             if len(lb):
                 nw, nh = ratio[0] * w, ratio[1] * h  # resized content size in pixels
                 labels[:, 0] = lb[:, 0]
-                labels[:, 1] = nw * (lb[:, 1] - lb[:, 3] / 2) + pad[0]
-                labels[:, 2] = nh * (lb[:, 2] - lb[:, 4] / 2) + pad[1]
-                labels[:, 3] = nw * (lb[:, 1] + lb[:, 3] / 2) + pad[0]
-                labels[:, 4] = nh * (lb[:, 2] + lb[:, 4] / 2) + pad[1]
+                labels[:, 1:] = xywhn2xyxy(lb[:, 1:5], nw, nh, pad[0], pad[1])
             if self.augment:
+                segs = self.segments(index) if self.polygons[index] else None
+                if segs:  # polygon outlines in letterboxed pixels, for tight boxes after the warp
+                    segs = [None if sg is None else sg * [nw, nh] + pad for sg in segs]
                 img, labels = random_perspective(img, labels, degrees=hyp["degrees"], translate=hyp["translate"],
                                                  scale=hyp["scale"], shear=hyp["shear"],
-                                                 perspective=hyp["perspective"])
+                                                 perspective=hyp["perspective"], segments=segs)
         hh, ww = img.shape[:2]
         nl = len(labels)
         out = torch.zeros((nl, 6))
         if nl:
-            xyxy = labels[:, 1:5].copy()
-            xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, ww)
-            xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, hh)
-            xywhn = np.stack([(xyxy[:, 0] + xyxy[:, 2]) / 2 / ww, (xyxy[:, 1] + xyxy[:, 3]) / 2 / hh,
-                              (xyxy[:, 2] - xyxy[:, 0]) / ww, (xyxy[:, 3] - xyxy[:, 1]) / hh], 1)
+            xywhn = xyxy2xywhn(labels[:, 1:5], ww, hh, clip=True)
             keep = (xywhn[:, 2] > 1e-3) & (xywhn[:, 3] > 1e-3)  # drop boxes squashed to nothing
             labels, xywhn = labels[keep], xywhn[keep]
             nl = len(labels)

@@ -11,6 +11,7 @@ import json
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +20,10 @@ from PIL import Image
 from utils.general import LOGGER, UserError
 
 IMG_FORMATS = {"bmp", "dng", "jpeg", "jpg", "mpo", "png", "tif", "tiff", "webp", "pfm"}
-CACHE_VERSION = "yolo-mqa-labels-2"  # 2: records say which label files hold polygons
-COORD_TOL = 0.02  # normalised overshoot that is clipped silently-ish (logged) instead of rejecting the image
-FLOAT_TOL = 1e-4  # overshoot from rounding coordinates to text: clipped without a message
+CACHE_VERSION = "yolo-mqa-labels-3"  # 2: records say which label files hold polygons; 3: boxes past the
+#                                       image edge are clipped and kept (were: image dropped), counted per file
+COORD_TOL = 0.02  # a coordinate up to this far outside [0, 1] is tool rounding; beyond it the row is pixels/garbage
+FLOAT_TOL = 1e-4  # overshoot from rounding coordinates to text: clipped without being counted
 MIN_IMG_SIDE = 10
 NUM_THREADS = min(8, os.cpu_count() or 1)
 
@@ -115,27 +117,40 @@ def _check_image(im_file: str) -> tuple[int, int]:
     return size
 
 
-def parse_label_file(lb_file: str, nc: int) -> tuple[np.ndarray, int, list[str], str | None, list]:
-    """Parse one label file -> (labels [n,5] cls xc yc w h, duplicates removed, repair notes, fatal reason,
-    segments).
+@dataclass
+class LabelFile:
+    """One parsed label file. `error` set means the image is unusable (a row cannot be interpreted); otherwise
+    `labels` holds the repaired rows (possibly none) and `messages` say what was repaired."""
 
-    Polygon rows (cls x1 y1 x2 y2 ...) become their bounding box; their points ([k, 2], clipped to [0, 1])
-    are returned in segments, aligned with the label rows (None for a box row; [] when the file has no
-    polygon), for segment copy-paste; they are not cached (a COCO-size polygon cache would be gigabytes).
-    A fatal reason means the image is dropped: a partly wrong label file would teach the model that real
-    objects are background.
+    labels: np.ndarray  # [n, 5] float32: cls, xc, yc, w, h (normalised)
+    # per row: polygon [k, 2] normalised, or None for a box row; [] when the file holds no polygon at all
+    segments: list = field(default_factory=list)
+    n_duplicates: int = 0
+    messages: list[str] = field(default_factory=list)
+    error: str | None = None
+    n_clipped: int = 0  # boxes (or outlines) that extended past the image edge, clipped to it and kept
+
+
+def parse_label_file(lb_file: str, nc: int) -> LabelFile:
+    """Parse one label file: boxes (cls xc yc w h) and polygons (cls x1 y1 x2 y2 ...), duplicates removed.
+
+    Polygon rows become their bounding box; their points ([k, 2], clipped to [0, 1]) come back in `segments`,
+    aligned with the label rows, for the polygon-aware augmentation. They are not cached (a COCO-size polygon
+    cache would be gigabytes). An error means the image is dropped: a partly wrong label file would teach the
+    model that real objects are background.
     """
     notes: list[str] = []
     empty = np.zeros((0, 5), np.float32)
 
-    def fail(reason: str) -> tuple:
-        return empty, 0, notes, reason, []
+    def fail(reason: str) -> LabelFile:
+        return LabelFile(empty, messages=notes, error=reason)
 
     try:
         text = Path(lb_file).read_text(encoding="utf-8")
     except UnicodeDecodeError:
         return fail("label file is not UTF-8 text")
     rows, segs = [], []
+    n_clipped = 0
     for ln, line in enumerate(text.splitlines(), 1):
         parts = line.split()
         if not parts:
@@ -157,28 +172,33 @@ def parse_label_file(lb_file: str, nc: int) -> tuple[np.ndarray, int, list[str],
         if n == 5:
             xc, yc, w, h = vals[1:]
             if w < 0 or h < 0:
-                return fail(f"line {ln}: negative box size")
+                return fail(f"line {ln}: negative box size (w {w:g}, h {h:g})")
+            coords = vals[1:]  # a centre may sit on the edge and a size span the image, no more
             x1, y1, x2, y2 = xc - w / 2, yc - h / 2, xc + w / 2, yc + h / 2
             seg = None
         else:
             xy = np.array(vals[1:], np.float64).reshape(-1, 2)
+            coords = xy.ravel().tolist()
             seg = xy.clip(0, 1).astype(np.float32)
             x1, y1 = xy.min(0)
             x2, y2 = xy.max(0)
-        lo, hi = min(x1, y1), max(x2, y2)
-        if lo < -COORD_TOL or hi > 1 + COORD_TOL:
-            return fail(f"line {ln}: coordinates outside [0, 1] (min {lo:.3f}, max {hi:.3f})")
-        if lo < 0 or hi > 1:
-            if lo < -FLOAT_TOL or hi > 1 + FLOAT_TOL:  # beyond text rounding noise: worth telling
-                notes.append(f"line {ln}: clipped a small overshoot outside [0, 1]")
-            x1, y1, x2, y2 = (min(max(v, 0.0), 1.0) for v in (x1, y1, x2, y2))
-        if x2 - x1 <= 0 or y2 - y1 <= 0:
+        if min(coords) < -COORD_TOL or max(coords) > 1 + COORD_TOL:
+            return fail(f"line {ln}: coordinates outside [0, 1] (min {min(coords):.3f}, max {max(coords):.3f}); "
+                        f"labels must be normalised by the image size, not pixels")
+        if x2 - x1 <= 0 or y2 - y1 <= 0:  # an empty object: nothing to learn, but no reason to lose the image
             notes.append(f"line {ln}: removed a zero-size box")
             continue
+        crossed = bool(min(x1, y1) < -FLOAT_TOL or max(x2, y2) > 1 + FLOAT_TOL)  # beyond text rounding noise
+        if min(x1, y1) < 0 or max(x2, y2) > 1:  # past the image edge (annotation tools do this): clip, keep
+            x1, y1, x2, y2 = (min(max(v, 0.0), 1.0) for v in (x1, y1, x2, y2))
+        if x2 - x1 <= 0 or y2 - y1 <= 0:
+            notes.append(f"line {ln}: removed an object with nothing inside the image")
+            continue
+        n_clipped += crossed
         rows.append([c, (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1])
         segs.append(seg)
     if not rows:
-        return empty, 0, notes, None, []
+        return LabelFile(empty, messages=notes, n_clipped=n_clipped)
     lb = np.array(rows, np.float32)
     _, idx = np.unique(lb, axis=0, return_index=True)
     n_dup = len(lb) - len(idx)
@@ -186,12 +206,12 @@ def parse_label_file(lb_file: str, nc: int) -> tuple[np.ndarray, int, list[str],
         idx = np.sort(idx)
         lb, segs = lb[idx], [segs[i] for i in idx]
         notes.append(f"removed {n_dup} duplicate label rows")
-    return lb, n_dup, notes, None, (segs if any(x is not None for x in segs) else [])
+    return LabelFile(lb, segs if any(x is not None for x in segs) else [], n_dup, notes, n_clipped=n_clipped)
 
 
 def verify_image_label(im_file: str, lb_file: str, nc: int) -> dict:
     """Check one image + label pair. status: ok | background | corrupt; msgs list the problems."""
-    rec = {"im_file": im_file, "shape": None, "labels": [], "status": "corrupt", "dup": 0, "msgs": [],
+    rec = {"im_file": im_file, "shape": None, "labels": [], "status": "corrupt", "dup": 0, "clipped": 0, "msgs": [],
            "label": "ok"}
     try:
         rec["shape"] = list(_check_image(im_file))
@@ -201,13 +221,14 @@ def verify_image_label(im_file: str, lb_file: str, nc: int) -> dict:
     if not os.path.isfile(lb_file):
         rec.update(status="background", label="missing")
         return rec
-    lb, n_dup, notes, fatal, segs = parse_label_file(lb_file, nc)
-    if fatal:
-        rec["msgs"].append(f"{lb_file}: image dropped, {fatal}")
+    parsed = parse_label_file(lb_file, nc)
+    if parsed.error:
+        rec["msgs"].append(f"{lb_file}: image dropped, {parsed.error}")
         return rec
-    rec["msgs"] += [f"{lb_file}: {n}" for n in notes]
-    rec.update(labels=lb.round(6).tolist(), polygons=bool(segs), dup=n_dup, status="ok" if len(lb) else "background",
-               label="ok" if len(lb) else "empty")
+    lb = parsed.labels
+    rec["msgs"] += [f"{lb_file}: {n}" for n in parsed.messages]
+    rec.update(labels=lb.round(6).tolist(), polygons=bool(parsed.segments), dup=parsed.n_duplicates,
+               clipped=parsed.n_clipped, status="ok" if len(lb) else "background", label="ok" if len(lb) else "empty")
     return rec
 
 
@@ -275,12 +296,38 @@ def _orphan_labels(im_files: list[str], label_files: list[str]) -> list[str]:
     return out
 
 
-def scan_dataset(paths, nc: int, prefix: str = "", use_cache: bool = True) -> dict:
-    """Collect, verify (or load from cache) and summarise a split.
+@dataclass
+class ScanCounts:
+    """What the verification found in one split."""
 
-    Returns {'im_files', 'label_files', 'labels' (list of [n,5] float32), 'shapes' ([n,2] w,h),
-    'counts': {found, images, backgrounds, corrupt, duplicates}, 'msgs', 'from_cache'}.
-    """
+    found: int  # image files listed
+    images: int  # usable (with labels or as backgrounds)
+    backgrounds: int
+    corrupt: int  # dropped, each with a message naming the file and the reason
+    duplicates: int  # duplicate label rows removed
+    missing_labels: int
+    empty_labels: int
+    clipped_boxes: int  # boxes past the image edge, clipped and kept
+    clipped_files: int  # label files holding them
+
+
+@dataclass
+class DatasetScan:
+    """A verified split: usable images with their labels (aligned lists), counts and the messages logged."""
+
+    im_files: list[str]
+    label_files: list[str]
+    labels: list[np.ndarray]  # per image [n, 5] float32 cls xc yc w h (normalised)
+    polygons: list[bool]  # which label files hold polygon rows (their points are re-read on demand)
+    shapes: np.ndarray  # [n, 2] (w, h) as displayed
+    counts: ScanCounts
+    msgs: list[str]
+    from_cache: bool
+    cache_file: str
+
+
+def scan_dataset(paths, nc: int, prefix: str = "", use_cache: bool = True) -> DatasetScan:
+    """Collect, verify (or load from the cache) and summarise a split; logs each problem once."""
     im_files, list_msgs = collect_image_files(paths)
     label_files = img2label_paths(im_files)
     want = _files_hash(im_files + label_files, nc)
@@ -301,30 +348,38 @@ def scan_dataset(paths, nc: int, prefix: str = "", use_cache: bool = True) -> di
             save_cache(cpath, cache, prefix)
     recs = cache["records"]
     good = [r for r in recs if r["status"] != "corrupt"]
-    counts = {
-        "found": len(recs),
-        "images": len(good),
-        "backgrounds": sum(r["status"] == "background" for r in recs),
-        "corrupt": sum(r["status"] == "corrupt" for r in recs),
-        "duplicates": sum(r["dup"] for r in recs),
-        "missing_labels": sum(r["label"] == "missing" for r in recs),
-        "empty_labels": sum(r["label"] == "empty" for r in recs),
-    }
-    for m in dict.fromkeys(cache["msgs"]):  # each problem once, in order
+    counts = ScanCounts(
+        found=len(recs),
+        images=len(good),
+        backgrounds=sum(r["status"] == "background" for r in recs),
+        corrupt=sum(r["status"] == "corrupt" for r in recs),
+        duplicates=sum(r["dup"] for r in recs),
+        missing_labels=sum(r["label"] == "missing" for r in recs),
+        empty_labels=sum(r["label"] == "empty" for r in recs),
+        clipped_boxes=sum(r["clipped"] for r in recs),
+        clipped_files=sum(r["clipped"] > 0 for r in recs),
+    )
+    msgs = list(dict.fromkeys(cache["msgs"]))  # each problem once, in order
+    if counts.clipped_files:  # one line, not one per file: tools that overshoot the edge do it everywhere
+        examples = [img2label_paths([r["im_file"]])[0] for r in recs if r["clipped"]][:3]
+        msgs.append(f"{counts.clipped_boxes} boxes extend past the image edge: clipped to it and kept "
+                    f"({counts.clipped_files} label files, e.g. {', '.join(examples)})")
+    for m in msgs:
         LOGGER.warning(f"{prefix}WARNING: {m}")
-    LOGGER.info(f"{prefix}{counts['images']} images, {counts['backgrounds']} backgrounds, {counts['corrupt']} corrupt, "
-                f"{counts['duplicates']} duplicates removed" + (" (from cache)" if from_cache else ""))
+    LOGGER.info(f"{prefix}{counts.images} images, {counts.backgrounds} backgrounds, {counts.corrupt} corrupt, "
+                f"{counts.duplicates} duplicates removed, {counts.clipped_boxes} boxes clipped in "
+                f"{counts.clipped_files} files" + (" (from cache)" if from_cache else ""))
     if not good:
         raise UserError(f"{prefix}{', '.join(str(p) for p in (paths if isinstance(paths, (list, tuple)) else [paths]))}: "
-                        f"no usable images ({counts['corrupt']} corrupt)")
-    return {
-        "im_files": [r["im_file"] for r in good],
-        "label_files": img2label_paths([r["im_file"] for r in good]),
-        "labels": [np.array(r["labels"], np.float32).reshape(-1, 5) for r in good],
-        "polygons": [bool(r.get("polygons")) for r in good],  # points are re-read on demand (copy-paste)
-        "shapes": np.array([r["shape"] for r in good], np.int64).reshape(-1, 2),
-        "counts": counts,
-        "msgs": list(dict.fromkeys(cache["msgs"])),
-        "from_cache": from_cache,
-        "cache_file": str(cpath),
-    }
+                        f"no usable images ({counts.corrupt} corrupt)")
+    return DatasetScan(
+        im_files=[r["im_file"] for r in good],
+        label_files=img2label_paths([r["im_file"] for r in good]),
+        labels=[np.array(r["labels"], np.float32).reshape(-1, 5) for r in good],
+        polygons=[bool(r.get("polygons")) for r in good],
+        shapes=np.array([r["shape"] for r in good], np.int64).reshape(-1, 2),
+        counts=counts,
+        msgs=msgs,
+        from_cache=from_cache,
+        cache_file=str(cpath),
+    )

@@ -8,9 +8,9 @@ decoded boxes, so `loss_fn(feats, targets)` gives the real validation losses (up
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -22,11 +22,12 @@ from torchvision.ops import batched_nms
 from tqdm import tqdm
 
 from utils import coco
+from utils.boxes import scale_boxes, xywh2xyxy, xyxy2xywh
 from utils.data import create_dataloader, load_data_config
 from utils.engine.backend import Backend
 from utils.engine.config import ValJob, ValOptions
 from utils.engine.tta import forward_augment
-from utils.general import LOGGER, UserError, check_img_size, increment_path, scale_boxes, xywh2xyxy, xyxy2xywh
+from utils.general import LOGGER, UserError, check_img_size, increment_path
 from utils.metrics import ConfusionMatrix, ap_per_class, fitness, match_predictions
 from utils.nms import non_max_suppression
 from utils.plots import plot_images
