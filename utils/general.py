@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Callable
@@ -87,5 +86,9 @@ def check_img_size(imgsz: int | list, stride: int = 32) -> int | list:
     return out
 
 
-def clean_str(s: str) -> str:
-    return re.sub(r"[|@#!¡·$€%&()=?¿^*;:,¨´><+]", "_", s)
+def image_hw(imgsz: int | tuple | list, flag: str = "--imgsz") -> tuple[int, int]:
+    """One size or (h, w) -> (h, w): the one reading of an image-size argument for detection and export."""
+    sz = [imgsz] * 2 if isinstance(imgsz, int) else list(imgsz) * (2 if len(imgsz) == 1 else 1)
+    if len(sz) != 2 or min(sz) < 1:
+        raise UserError(f"{flag} {imgsz}: give one size or two (h w), all positive")
+    return int(sz[0]), int(sz[1])

@@ -18,7 +18,7 @@ import torch.nn as nn
 from models.attention import MultiQueryAttentionLayerWithDownSampling as MQA
 from utils.checkpoint import load_checkpoint, load_model
 from utils.deploy.reparam import reparam_checkpoint, reparameterize
-from utils.general import LOGGER, UserError, check_img_size
+from utils.general import LOGGER, UserError, check_img_size, image_hw
 from utils.torch_utils import select_device
 
 FORMATS = ("torchscript", "onnx", "reparam")
@@ -139,9 +139,7 @@ def run(weights: str | Path, include: tuple = ("torchscript",), imgsz: tuple | l
         half = False
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
-    sz = [imgsz] * 2 if isinstance(imgsz, int) else list(imgsz) * (2 if len(imgsz) == 1 else 1)
-    if len(sz) != 2 or min(sz) < 1:
-        raise UserError(f"--imgsz {imgsz}: give one size or two (h w), all positive")
+    sz = image_hw(imgsz)
 
     out: dict[str, Path] = {}
     if "reparam" in include:

@@ -26,7 +26,7 @@ from utils.engine.backend import Backend
 from utils.engine.sources import Frame, LoadSources, is_stream, preprocess_image, read_image
 from utils.engine.tracking import SEQUENCE_HINT, SequenceTracker, is_single_image, tracker_for_run
 from utils.engine.tta import forward_augment
-from utils.general import LOGGER, UserError, check_img_size, increment_path
+from utils.general import LOGGER, UserError, check_img_size, image_hw, increment_path
 from utils.nms import non_max_suppression
 
 
@@ -143,9 +143,7 @@ class Predictor:
             imgsz = tuple(fixed)
         elif not imgsz:  # default: the size the checkpoint was trained at, else 640
             imgsz = self.backend.default_imgsz()
-        sz = [imgsz] * 2 if isinstance(imgsz, int) else list(imgsz) * (2 if len(imgsz) == 1 else 1)
-        if len(sz) != 2 or min(sz) < 1:
-            raise UserError(f"--imgsz {imgsz}: give one size or two (h w), all positive")
+        sz = image_hw(imgsz)
         self.imgsz = tuple(check_img_size(sz, self.stride))
         self.conf_thres, self.iou_thres, self.max_det = conf_thres, iou_thres, max_det
         self.classes = list(classes) if classes is not None else None
