@@ -21,6 +21,11 @@ UPSTREAM_KEYS = ("box", "cls", "dfl", "lr0", "lrf", "momentum", "weight_decay", 
                  "perspective", "flipud", "fliplr", "mosaic", "mixup", "copy_paste")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_thread):
+    """Many tiny trainings: one intra-op thread each (see conftest)."""
+
+
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
@@ -200,6 +205,24 @@ def test_pruned_trial_stops_cleanly_and_prune_off_trains_on(tiny_data, tmp_path)
     study = evolve(_cfg(tiny_data, tmp_path, epochs=2, name="off"), 1, prune=False, pruner=always)
     assert [t.state for t in study.trials] == [S.COMPLETE] and not study.trials[0].intermediate_values
     assert list(pd.read_csv(tmp_path / "off/trials/trial_0/results.csv")["epoch"]) == [0, 1]
+
+
+def test_diverged_trial_scores_zero(tiny_data, tmp_path, monkeypatch):
+    from utils.engine import trainer as trainer_mod
+    from utils.engine.evolve import evolve
+    real = trainer_mod.DetectionLoss
+
+    class NaNLoss(real):  # every training step's loss is NaN: 10 in a row stop the run (3 steps per epoch)
+        def __call__(self, preds, targets):
+            loss, items = super().__call__(preds, targets)
+            return (loss * float("nan") if torch.is_grad_enabled() else loss), items
+
+    monkeypatch.setattr(trainer_mod, "DetectionLoss", NaNLoss)
+    study = evolve(_cfg(tiny_data, tmp_path, epochs=5, noval=True), 1)  # returns: no error escapes
+    assert [(t.state.name, t.value, t.user_attrs["note"]) for t in study.trials] == [
+        ("COMPLETE", 0.0, "loss not finite")]
+    df = pd.read_csv(tmp_path / "evo" / "evolve.csv")
+    assert list(df["note"]) == ["loss not finite"] and list(df["fitness"]) == [0.0]
 
 
 def _errors(stderr):

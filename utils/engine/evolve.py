@@ -202,8 +202,9 @@ def evolve(cfg: TrainConfig, n: int = DEFAULT_TRIALS, prune: bool = True, trial_
     if not study.trials:
         study.enqueue_trial(baseline_params(base), user_attrs={"baseline": True})
     else:
+        so_far = len(study.trials)
         again = requeue_unfinished(study, storage)
-        LOGGER.info(f"Continuing {db}: {len(study.trials)} trials so far"
+        LOGGER.info(f"Continuing {db}: {so_far} trials so far"
                     + (f"; training unfinished trial(s) {', '.join(map(str, again))} again" if again else ""))
     LOGGER.info(f"Evolving hyperparameters: {n} trials of {cfg.epochs} epochs into {out} "
                 f"(optuna-dashboard sqlite:///{db})")
@@ -216,11 +217,11 @@ def evolve(cfg: TrainConfig, n: int = DEFAULT_TRIALS, prune: bool = True, trial_
             _run_trial(study, cfg, base, out, prune, trial_plots, callbacks)
             write_outputs(study, out)
     except KeyboardInterrupt:
-        write_outputs(study, out)
         LOGGER.info(f"\nEvolution interrupted: {finished()} trials finished, study kept in {db}. Continue with "
                     f"the same command plus --project {cfg.project} --name {out.name} --exist-ok")
         raise
-    write_outputs(study, out)
+    finally:  # also after a failed trial: the files show every trial told so far
+        write_outputs(study, out)
     if finished() and any(t.state == state.COMPLETE for t in study.trials):
         best = study.best_trial
         LOGGER.info(f"Evolution finished: {finished()} trials, best trial {best.number} fitness {best.value:.4f}\n"
@@ -297,10 +298,13 @@ def trials_table(study):
                "fitness": t.value if t.value is not None else a.get("fitness", float("nan")),
                **{k: metrics.get(k, float("nan")) for k in METRICS},
                "seed": a.get("seed"), "epochs": a.get("epochs_trained", 0),
-               "retry_of": a.get("retry_of", ""), "note": a.get("note", "baseline" if a.get("baseline") else "")}
+               "retry_of": a.get("retry_of"), "note": a.get("note", "baseline" if a.get("baseline") else "")}
         row.update(a.get("hyp", {}))
         rows.append(row)
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    if len(df):
+        df["retry_of"] = pd.to_numeric(df["retry_of"]).astype("Int64")  # blank when not a retry
+    return df
 
 
 def write_outputs(study, out: Path) -> None:
