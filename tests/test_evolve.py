@@ -29,7 +29,7 @@ def _one_thread(one_thread):
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
-    generate_shapes(root / "ds", n_train=24, n_val=8, seed=3)
+    generate_shapes(root / "ds", n_train=16, n_val=8, seed=3)
     data = root / "tiny.yaml"
     data.write_text(yaml.safe_dump({"path": str(root / "ds"), "train": "images/train", "val": "images/val",
                                     "names": ["circle", "rectangle", "triangle", "star", "cross"]}))
@@ -212,7 +212,7 @@ def test_diverged_trial_scores_zero(tiny_data, tmp_path, monkeypatch):
     from utils.engine.evolve import evolve
     real = trainer_mod.DetectionLoss
 
-    class NaNLoss(real):  # every training step's loss is NaN: 10 in a row stop the run (3 steps per epoch)
+    class NaNLoss(real):  # every training step's loss is NaN: 10 in a row stop the run (2 steps per epoch)
         def __call__(self, preds, targets):
             loss, items = super().__call__(preds, targets)
             return (loss * float("nan") if torch.is_grad_enabled() else loss), items
