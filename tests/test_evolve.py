@@ -130,6 +130,10 @@ def test_running_trial_of_a_dead_process_is_queued_again(tmp_path):
     study.tell(again, 0.5)
     assert requeue_unfinished(study, storage) == []  # queued once only
     assert [t.state for t in study.trials] == [S.COMPLETE, S.FAIL, S.COMPLETE]
+    from utils.general import UserError
+    (tmp_path / "not_a.db").write_text("these are not SQLite pages\n")
+    with pytest.raises(UserError, match="not_a.db: cannot open the study"):
+        open_study(tmp_path / "not_a.db", seed=0)
 
 
 def test_three_trials_interrupt_resume_and_best_hyp_trains(tiny_data, tmp_path):

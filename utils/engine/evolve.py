@@ -101,7 +101,10 @@ def open_study(db: Path, seed: int, pruner=None):
     """Create or load the study in `db` (SQLite); returns (study, storage). The sampler's seed moves on with
     the number of trials so that a continued study does not draw the same random points again."""
     optuna = _optuna()
-    storage = optuna.storages.RDBStorage(f"sqlite:///{db.resolve()}")
+    try:
+        storage = optuna.storages.RDBStorage(f"sqlite:///{db.resolve()}")
+    except Exception as e:  # not an SQLite file, or a study of an incompatible Optuna version
+        raise UserError(f"{db}: cannot open the study ({str(e).splitlines()[0]})") from None
     try:
         n_before = len(optuna.load_study(study_name=STUDY_NAME, storage=storage).trials)
     except KeyError:
@@ -163,9 +166,9 @@ def _check_settings(study, cfg: TrainConfig, base: dict[str, float], db: Path) -
     diff = [k for k in now if saved.get(k) != now[k]]
     if diff:
         k = diff[0]
-        was, new = ("the base hyp file", "a different one") if k == "base_hyp" else (saved.get(k), now[k])
-        raise UserError(f"{db}: this study was run with {k}={was}, now {new}; use the same settings to "
-                        f"continue it, or a new --name for a new study")
+        what = "other --hyp values" if k == "base_hyp" else f"{k}={saved.get(k)} (now {now[k]})"
+        raise UserError(f"{db}: this study was run with {what}; use the same settings to continue it, "
+                        f"or a new --name for a new study")
 
 
 def evolve(cfg: TrainConfig, n: int = DEFAULT_TRIALS, prune: bool = True, trial_plots: bool = False,
