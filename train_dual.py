@@ -3,6 +3,7 @@
 python train_dual.py                      # default: yolov9-t-MMQA on the bundled synthetic shapes dataset
 python train_dual.py --data my.yaml --cfg yolov9-c-MMQA-P4P5.yaml --epochs 100 --img 640 --batch-size 16
 torchrun --nproc_per_node 2 train_dual.py --device cpu ...   # distributed (gloo on CPU, nccl on CUDA)
+python train_dual.py --data my.yaml --epochs 30 --evolve 100   # hyperparameter search -> runs/evolve/exp
 """
 from __future__ import annotations
 
@@ -51,6 +52,12 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--close-mosaic", type=int, default=None, help="disable mosaic for the final N epochs")
     p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
                    help="write TensorBoard event files into the run folder (--no-tensorboard: off)")
+    p.add_argument("--evolve", type=int, nargs="?", const=300, default=None,
+                   help="search hyperparameters for N trials (default 300) with Optuna; continue a study with "
+                        "the same --project/--name and --exist-ok")
+    p.add_argument("--evolve-prune", choices=["on", "off"], default="on",
+                   help="stop trials whose per-epoch fitness trails the others (median pruner)")
+    p.add_argument("--evolve-plots", action="store_true", help="keep plots and TensorBoard files of every trial")
     opt = p.parse_args(argv)
     if not opt.cfg and not opt.weights and not opt.resume:
         opt.cfg = "yolov9-t-MMQA.yaml"
@@ -61,7 +68,12 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     from utils.engine.config import TrainConfig
     from utils.engine.trainer import train
-    return train(TrainConfig.from_args(parse_opt(argv)))
+    opt = parse_opt(argv)
+    if opt.evolve is not None:
+        from utils.engine.evolve import evolve
+        return evolve(TrainConfig.from_args(opt), opt.evolve, prune=opt.evolve_prune == "on",
+                      trial_plots=opt.evolve_plots)
+    return train(TrainConfig.from_args(opt))
 
 
 if __name__ == "__main__":

@@ -255,3 +255,40 @@ def plot_confusion_matrix(matrix: np.ndarray, labels: Sequence[str], save_path: 
     fig.savefig(save_path, dpi=150)
     plt.close(fig)
     return save_path
+
+
+def plot_evolve(file: str | Path, keys: Sequence[str]) -> Path | None:
+    """evolve.png beside evolve.csv: the fitness of every trial against each searched hyperparameter, the best
+    finished trial starred, pruned/failed trials grey (their fitness is that of an unfinished training)."""
+    plt = _plt()
+    import pandas as pd
+
+    file = Path(file)
+    try:
+        df = pd.read_csv(file)
+    except (OSError, ValueError) as e:
+        LOGGER.warning(f"WARNING: cannot plot {file}: {e}")
+        return None
+    keys = [k for k in keys if k in df.columns]
+    if df.empty or not keys:
+        return None
+    done = df[df["state"] == "COMPLETE"]
+    other = df[df["state"] != "COMPLETE"]
+    best = done.loc[done["fitness"].idxmax()] if len(done) and done["fitness"].notna().any() else None
+    ncols = min(5, len(keys))
+    nrows = math.ceil(len(keys) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.8 * nrows), tight_layout=True, squeeze=False)
+    for ax, k in zip(axes.ravel(), keys):
+        ax.scatter(other[k], other["fitness"], s=12, c="0.7", marker="x", label="pruned/failed")
+        ax.scatter(done[k], done["fitness"], s=14, c=done["trial"], cmap="viridis", label="finished")
+        if best is not None:
+            ax.plot(best[k], best["fitness"], "*", color="tab:red", markersize=12)
+        ax.set_title(f"{k} = {best[k]:.3g}" if best is not None else k, fontsize=10)
+        ax.set_xlabel(k, fontsize=8)
+    axes[0, 0].set_ylabel("fitness")
+    for ax in axes.ravel()[len(keys):]:
+        ax.axis("off")
+    out = file.with_name("evolve.png")
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

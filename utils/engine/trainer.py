@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import difflib
 import os
 import random
 import signal
@@ -40,7 +41,11 @@ RESULT_COLUMNS = ["epoch", "train/box_loss", "train/cls_loss", "train/dfl_loss",
                   "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95", "val/box_loss", "val/cls_loss",
                   "val/dfl_loss", "x/lr0", "x/lr1", "x/lr2"]
 HYP_KEYS = ("lr0", "lrf", "momentum", "weight_decay", "warmup_epochs", "warmup_momentum", "warmup_bias_lr",
-            "box", "cls", "dfl")
+            "box", "cls", "dfl", "hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear", "perspective",
+            "flipud", "fliplr", "mosaic")
+# read with a default (mixup, copy_paste, nbs), or found in upstream hyp files and accepted with no effect here
+HYP_OPTIONAL_KEYS = ("mixup", "copy_paste", "nbs", "cls_pw", "obj", "obj_pw", "iou_t", "anchor_t", "anchors",
+                     "fl_gamma", "label_smoothing")
 MAX_NONFINITE = 10  # consecutive non-finite losses before the run stops
 GRAD_CLIP = 10.0
 
@@ -72,6 +77,11 @@ def load_hyp(path: str | Path) -> dict:
         raise UserError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(hyp, dict):
         raise UserError(f"{p}: expected a mapping of hyperparameters")
+    unknown = [str(k) for k in hyp if k not in HYP_KEYS + HYP_OPTIONAL_KEYS]
+    if unknown:  # a typo would otherwise be ignored silently
+        near = [difflib.get_close_matches(k, HYP_KEYS + HYP_OPTIONAL_KEYS, 1) for k in unknown]
+        hints = "".join(f" ({k}: did you mean {m[0]}?)" for k, m in zip(unknown, near) if m)
+        raise UserError(f"{p}: unknown hyperparameter(s) {', '.join(unknown)}{hints}")
     missing = [k for k in HYP_KEYS if k not in hyp]
     if missing:
         raise UserError(f"{p}: missing hyperparameter(s) {', '.join(missing)}")
@@ -103,6 +113,7 @@ class Trainer:
         self.callbacks = [TensorBoardLogger()] * self.cfg.tensorboard + list(callbacks)
         self.main = RANK in (-1, 0)
         self.stop_requested = False
+        self.stop_after_epoch = False  # a callback may set it in on_epoch_end: training then ends cleanly (finish runs)
 
     # ================================================================== setup
     def setup(self) -> None:
@@ -377,7 +388,7 @@ class Trainer:
                 if cfg.save_period > 0 and (epoch + 1) % cfg.save_period == 0:
                     self._save(epoch, f"epoch{epoch}.pt")
             self._emit("on_epoch_end", self, epoch, row)
-            stop = self.stopper(epoch, fi)
+            stop = self.stopper(epoch, fi) or self.stop_after_epoch
         if LOCAL_RANK != -1:
             flag = [stop]
             dist.broadcast_object_list(flag, 0)
