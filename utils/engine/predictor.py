@@ -115,12 +115,13 @@ class Predictor:
 
     imgsz: int or (h, w) upper bound of the network input; each image is letterboxed to fit with minimal
     (stride-multiple) padding. classes: keep only these class ids. names: override class names.
+    cuda_graph: 'capture' (or True) / 'compile' replays CUDA graphs for repeated input shapes (utils/engine/graphs.py).
     """
 
     def __init__(self, weights: str | Path | torch.nn.Module, device: str = "", imgsz: int | tuple | None = None,
                  conf_thres: float = 0.25, iou_thres: float = 0.45, max_det: int = 1000,
                  classes: list[int] | None = None, agnostic: bool = False, half: bool = False,
-                 augment: bool = False, names: list[str] | None = None):
+                 augment: bool = False, names: list[str] | None = None, cuda_graph: str | bool | None = None):
         from utils.torch_utils import select_device
         if not 0 <= conf_thres <= 1 or not 0 <= iou_thres <= 1:
             raise UserError(f"--conf-thres {conf_thres} and --iou-thres {iou_thres} must lie in [0, 1]")
@@ -130,6 +131,7 @@ class Predictor:
         if half and self.device.type != "cuda":
             LOGGER.warning("WARNING: --half needs a CUDA device, running in fp32")
         self.backend = Backend(weights, self.device, half=half, fuse=True)
+        self.backend.use_cuda_graph(cuda_graph)
         self.stride = int(self.backend.stride)
         fixed = self.backend.fixed_imgsz
         if fixed:  # exported files run at their export size only
@@ -335,7 +337,8 @@ def run(opt) -> Path:
         weights = weights[0]
     predictor = Predictor(weights, device=opt.device, imgsz=opt.imgsz, conf_thres=opt.conf_thres,
                           iou_thres=opt.iou_thres, max_det=opt.max_det, classes=opt.classes,
-                          agnostic=opt.agnostic_nms, half=opt.half, augment=opt.augment)
+                          agnostic=opt.agnostic_nms, half=opt.half, augment=opt.augment,
+                          cuda_graph=getattr(opt, "cuda_graph", None))
     _names_for(predictor, opt.data)
     names = predictor.names
     if opt.classes is not None:

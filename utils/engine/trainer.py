@@ -178,6 +178,8 @@ class Trainer:
         if freeze:
             LOGGER.info(f"Froze {len(freeze)} layer(s)")
         self.model = model.to(self.device)
+        if self.device.type == "cuda":  # NHWC: cuDNN's tensor-core convolutions need no layout transposes
+            self.model = self.model.to(memory_format=torch.channels_last)
         gs = max(int(model.stride.max()), 32)
         self.gs = gs
         self.imgsz = check_img_size(opt.imgsz, gs)
@@ -209,6 +211,10 @@ class Trainer:
         opt, hyp, device = self.opt, self.hyp, self.device
         cuda = device.type == "cuda"
         nbs = int(hyp.get("nbs", 64))  # nominal batch size (optional hyp key; upstream fixes 64)
+        if int(opt.batch_size) == -1:  # autobatch: largest batch within 60% of CUDA memory (printed)
+            from utils.engine.autobatch import auto_batch_size
+            opt.batch_size = auto_batch_size(self.model, self.imgsz, device, loss_fn=DetectionLoss(self.model, hyp),
+                                             world_size=WORLD_SIZE)
         batch = int(opt.batch_size)
         per_rank = max(batch // WORLD_SIZE, 1)
         accumulate = max(round(nbs / batch), 1)
@@ -244,6 +250,10 @@ class Trainer:
         if LOCAL_RANK != -1:
             model = nn.parallel.DistributedDataParallel(model, device_ids=[LOCAL_RANK] if cuda else None)
 
+        forward = model
+        if getattr(opt, "compile", False):  # torch.compile of the training forward; warns and runs eager on failure
+            from utils.engine.graphs import CompiledForward
+            forward = CompiledForward(model)
         prefix = "train: "
         train_loader, dataset = create_dataloader(
             self.data["train"], self.imgsz, per_rank, self.gs, hyp=hyp, augment=True, cache=opt.cache,
@@ -298,6 +308,8 @@ class Trainer:
                 for i, (imgs, targets, paths, _) in pbar:
                     ni = i + nb * epoch
                     imgs = imgs.to(device, non_blocking=True).float() / 255
+                    if cuda:
+                        imgs = imgs.contiguous(memory_format=torch.channels_last)
                     if ni <= nw:
                         xi = [0, nw]
                         accumulate = max(1, round(np.interp(ni, xi, [1, nbs / batch])))
@@ -309,7 +321,7 @@ class Trainer:
                     if opt.multi_scale:
                         imgs = multi_scale(imgs, self.imgsz, self.gs)
                     with torch.autocast("cuda", enabled=amp):
-                        pred = model(imgs)
+                        pred = forward(imgs)
                         loss, items = loss_fn(pred, targets.to(device))
                     if _injected_nonfinite(ni):
                         loss = loss * float("nan")

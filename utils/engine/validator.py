@@ -375,7 +375,7 @@ def run_validation(data: str | Path = "data/shapes.yaml", weights: Sequence[str 
                    single_cls: bool = False, augment: bool = False, verbose: bool = False, save_txt: bool = False,
                    save_hybrid: bool = False, save_conf: bool = False, save_json: bool = False,
                    project: str | Path = "runs/val", name: str = "exp", exist_ok: bool = False, half: bool = False,
-                   min_items: int = 0, plots: bool = True, **_ignored) -> Results:
+                   min_items: int = 0, plots: bool = True, cuda_graph: str | None = None, **_ignored) -> Results:
     """What val_dual.py does: load weights (several = ensemble), build the rect val loader, validate."""
     from utils.data import create_dataloader, load_data_config
     from utils.general import check_img_size
@@ -394,6 +394,8 @@ def run_validation(data: str | Path = "data/shapes.yaml", weights: Sequence[str 
     dev = select_device(device, batch_size)
     cfg = load_data_config(data)
     backends = [Backend(w, device=dev, half=half, fuse=True) for w in weights]
+    for b in backends:
+        b.use_cuda_graph(cuda_graph)
     model = backends[0] if len(backends) == 1 else Ensemble(backends)
     if len(backends) > 1:
         LOGGER.info(f"Ensemble of {len(backends)} models: {', '.join(str(w) for w in weights)}")
