@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from utils.engine.annotate import draw_boxes, save_one_box
 from utils.engine.backend import Backend
-from utils.engine.sources import Frame, LoadSources, is_stream, preprocess_image, read_image
+from utils.engine.sources import BackgroundCalls, Frame, LoadSources, is_stream, preprocess_image, read_image
 from utils.engine.tta import forward_augment
 from utils.general import LOGGER, ROOT, UserError, check_img_size, increment_path, scale_boxes, xyxy2xywhn
 from utils.nms import non_max_suppression
@@ -259,9 +259,11 @@ class _Viewer:
 
 
 class _VideoSink:
-    """One cv2.VideoWriter per input video, same size and fps, mp4v codec, .mp4 output, written frame by frame."""
+    """One cv2.VideoWriter per input video, same size and fps, mp4v codec, .mp4 output, written frame by frame
+    (threaded: encoded in a background thread, in order, overlapping inference)."""
 
-    def __init__(self, save_dir: Path):
+    def __init__(self, save_dir: Path, threaded: bool = True):
+        self.bg = BackgroundCalls(name="video-writer") if threaded else None
         self.save_dir = save_dir
         self.src: str | None = None
         self.writer: cv2.VideoWriter | None = None
@@ -277,8 +279,14 @@ class _VideoSink:
         return name
 
     def write(self, f: Frame, im: np.ndarray) -> None:
+        if self.bg is not None:
+            self.bg.submit(self._write, f, im)
+        else:
+            self._write(f, im)
+
+    def _write(self, f: Frame, im: np.ndarray) -> None:
         if f.path != self.src:
-            self.close()
+            self._release()
             self.src = f.path
             out = self.save_dir / self._name(f.path)
             h, w = im.shape[:2]
@@ -292,6 +300,14 @@ class _VideoSink:
             self.writer.write(im)
 
     def close(self) -> None:
+        if self.bg is not None:
+            bg, self.bg = self.bg, None  # later writes (none in run()) would go synchronous
+            bg.submit(self._release)
+            bg.close()
+        else:
+            self._release()
+
+    def _release(self) -> None:
         if self.writer is not None:
             self.writer.release()
         self.writer, self.src = None, None
@@ -329,7 +345,8 @@ def run(opt) -> Path:
     if getattr(opt, "dnn", False):
         LOGGER.info("--dnn: ignored (OpenCV DNN backend not used)")
     source = str(opt.source) if opt.source not in (None, "") else default_source(opt.data)
-    dataset = LoadSources(source, vid_stride=getattr(opt, "vid_stride", 1))  # bad source fails before loading
+    threaded = getattr(opt, "threaded", True)  # False: the old sequential decode -> infer -> encode path
+    dataset = LoadSources(source, vid_stride=getattr(opt, "vid_stride", 1), threaded=threaded)  # bad source fails early
     weights = opt.weights or default_weights()
     if isinstance(weights, (list, tuple)):
         if len(weights) > 1:
@@ -351,7 +368,7 @@ def run(opt) -> Path:
         (save_dir / "labels").mkdir(parents=True, exist_ok=True)
     save_img = not opt.nosave
     viewer = _Viewer(opt.view_img)
-    sink = _VideoSink(save_dir)
+    sink = _VideoSink(save_dir, threaded=threaded)
     predictor.warmup()
 
     n_labels = 0
