@@ -338,3 +338,20 @@ def test_detect_threaded_equals_sequential(weights, tmp_path):
         cap.release()
     assert outs[True][0] and outs[True] == outs[False]
     assert outs[True][1] == 8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (written for the GPU machine, untested there)")
+@pytest.mark.parametrize("mode", ["capture", "compile"])
+def test_cuda_graph_predictions_equal_eager_on_gpu(weights, mode):
+    from utils.engine.predictor import Predictor
+    rng = np.random.default_rng(0)
+    ims = [np.full((96, 160, 3), 90, np.uint8) for _ in range(4)]
+    for im in ims:
+        cv2.circle(im, (int(rng.integers(20, 140)), 48), 20, (0, 0, 255), -1)
+    for half in (False, True):
+        ref = Predictor(weights, device="0", imgsz=160, conf_thres=0.1, half=half)
+        fast = Predictor(weights, device="0", imgsz=160, conf_thres=0.1, half=half, cuda_graph=mode)
+        assert fast.backend.graph is not None
+        for im in ims + ims:  # second pass replays the captured graphs
+            a, b = ref.predict(im), fast.predict(im)
+            assert np.array_equal(a.class_ids, b.class_ids) and np.allclose(a.boxes, b.boxes, atol=1e-3)
