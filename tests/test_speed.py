@@ -355,3 +355,16 @@ def test_cuda_graph_predictions_equal_eager_on_gpu(weights, mode):
         for im in ims + ims:  # second pass replays the captured graphs
             a, b = ref.predict(im), fast.predict(im)
             assert np.array_equal(a.class_ids, b.class_ids) and np.allclose(a.boxes, b.boxes, atol=1e-3)
+
+
+def test_val_cuda_graph_flag_on_cpu_runs_eager(weights, tmp_path):
+    import val_dual
+    from utils.data import generate_shapes
+    generate_shapes(tmp_path / "ds", n_train=1, n_val=4, seed=0)
+    data = tmp_path / "d.yaml"
+    data.write_text(f"path: {tmp_path / 'ds'}\ntrain: images/train\nval: images/val\nnames: [a, b, c]\n")
+    common = ["--weights", str(weights), "--data", str(data), "--img", "96", "--device", "cpu", "--workers", "0",
+              "--project", str(tmp_path), "--exist-ok", "--task", "speed", "--conf-thres", "0.1"]
+    a = val_dual.main(common + ["--name", "eager"])
+    b = val_dual.main(common + ["--name", "graph", "--cuda-graph"])  # the flag reaches the backends: warns, eager
+    assert a["seen"] == b["seen"] > 0 and a["results"] == b["results"]
