@@ -368,3 +368,23 @@ def test_val_cuda_graph_flag_on_cpu_runs_eager(weights, tmp_path):
     a = val_dual.main(common + ["--name", "eager"])
     b = val_dual.main(common + ["--name", "graph", "--cuda-graph"])  # the flag reaches the backends: warns, eager
     assert a["seen"] == b["seen"] > 0 and a["results"] == b["results"]
+
+
+def test_predictor_drops_auxiliary_branch_same_boxes(tmp_path):
+    from models.yolo import DetectionModel
+    from utils.checkpoint import make_checkpoint, save_checkpoint
+    from utils.engine.predictor import Predictor
+    torch.manual_seed(0)
+    dual = DetectionModel("yolov9-t.yaml", nc=3)
+    for box, cls in zip(dual.head.cv4, dual.head.cv5):  # main-branch head: varied boxes above a low threshold
+        box[-1].bias.data = torch.randn(box[-1].bias.shape, generator=torch.Generator().manual_seed(1)) * 3
+        cls[-1].bias.data[:] = -1.0
+    w = save_checkpoint(make_checkpoint(dual, names=NAMES), tmp_path / "dual.pt")
+    im = np.full((100, 140, 3), 80, np.uint8)
+    cv2.rectangle(im, (20, 20), (70, 60), (0, 200, 0), -1)
+    old = Predictor(w, device="cpu", imgsz=128, conf_thres=0.05, main_only=False)
+    new = Predictor(w, device="cpu", imgsz=128, conf_thres=0.05)
+    assert old.backend.model.is_dual and not new.backend.model.is_dual
+    a, b = old.predict(im), new.predict(im)
+    assert len(a) > 0 and np.array_equal(a.class_ids, b.class_ids) and np.allclose(a.boxes, b.boxes, atol=1e-3)
+    assert sum(p.numel() for p in new.backend.model.parameters()) < sum(p.numel() for p in old.backend.model.parameters())

@@ -116,12 +116,14 @@ class Predictor:
     imgsz: int or (h, w) upper bound of the network input; each image is letterboxed to fit with minimal
     (stride-multiple) padding. classes: keep only these class ids. names: override class names.
     cuda_graph: 'capture' (or True) / 'compile' replays CUDA graphs for repeated input shapes (utils/engine/graphs.py).
+    main_only: run dual-head .pt models without their auxiliary branch (same boxes, less compute).
     """
 
     def __init__(self, weights: str | Path | torch.nn.Module, device: str = "", imgsz: int | tuple | None = None,
                  conf_thres: float = 0.25, iou_thres: float = 0.45, max_det: int = 1000,
                  classes: list[int] | None = None, agnostic: bool = False, half: bool = False,
-                 augment: bool = False, names: list[str] | None = None, cuda_graph: str | bool | None = None):
+                 augment: bool = False, names: list[str] | None = None, cuda_graph: str | bool | None = None,
+                 main_only: bool = True):
         from utils.torch_utils import select_device
         if not 0 <= conf_thres <= 1 or not 0 <= iou_thres <= 1:
             raise UserError(f"--conf-thres {conf_thres} and --iou-thres {iou_thres} must lie in [0, 1]")
@@ -130,7 +132,7 @@ class Predictor:
         self.device = select_device(device) if not isinstance(device, torch.device) else device
         if half and self.device.type != "cuda":
             LOGGER.warning("WARNING: --half needs a CUDA device, running in fp32")
-        self.backend = Backend(weights, self.device, half=half, fuse=True)
+        self.backend = Backend(weights, self.device, half=half, fuse=True, main_only=main_only)
         self.backend.use_cuda_graph(cuda_graph)
         self.stride = int(self.backend.stride)
         fixed = self.backend.fixed_imgsz
@@ -355,7 +357,7 @@ def run(opt) -> Path:
     predictor = Predictor(weights, device=opt.device, imgsz=opt.imgsz, conf_thres=opt.conf_thres,
                           iou_thres=opt.iou_thres, max_det=opt.max_det, classes=opt.classes,
                           agnostic=opt.agnostic_nms, half=opt.half, augment=opt.augment,
-                          cuda_graph=getattr(opt, "cuda_graph", None))
+                          cuda_graph=getattr(opt, "cuda_graph", None), main_only=getattr(opt, "main_only", True))
     _names_for(predictor, opt.data)
     names = predictor.names
     if opt.classes is not None:
