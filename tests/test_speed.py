@@ -388,3 +388,20 @@ def test_predictor_drops_auxiliary_branch_same_boxes(tmp_path):
     a, b = old.predict(im), new.predict(im)
     assert len(a) > 0 and np.array_equal(a.class_ids, b.class_ids) and np.allclose(a.boxes, b.boxes, atol=1e-3)
     assert sum(p.numel() for p in new.backend.model.parameters()) < sum(p.numel() for p in old.backend.model.parameters())
+
+
+def test_onnx_backend_uses_optimised_session(weights, tmp_path):
+    import shutil
+
+    import onnxruntime as ort
+
+    import export
+    from utils.engine.backend import Backend
+    w = Path(shutil.copy(weights, tmp_path / "tiny.pt"))
+    onnx = export.run(w, include=("onnx",), imgsz=(64, 96))["onnx"]
+    b = Backend(onnx)
+    so = b.session.get_session_options()
+    assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert so.intra_op_num_threads == torch.get_num_threads() == 1 and so.inter_op_num_threads == 1
+    x = torch.rand(1, 3, 64, 96)
+    assert torch.allclose(b(x), Backend(w)(x), atol=1e-3, rtol=1e-4)
