@@ -265,7 +265,7 @@ class _VideoSink:
     (threaded: encoded in a background thread, in order, overlapping inference)."""
 
     def __init__(self, save_dir: Path, threaded: bool = True):
-        self.bg = BackgroundCalls(name="video-writer") if threaded else None
+        self.threaded, self.bg = threaded, None  # writer thread started with the first video frame
         self.save_dir = save_dir
         self.src: str | None = None
         self.writer: cv2.VideoWriter | None = None
@@ -281,7 +281,8 @@ class _VideoSink:
         return name
 
     def write(self, f: Frame, im: np.ndarray) -> None:
-        if self.bg is not None:
+        if self.threaded:
+            self.bg = self.bg or BackgroundCalls(name="video-writer")
             self.bg.submit(self._write, f, im)
         else:
             self._write(f, im)
@@ -303,7 +304,7 @@ class _VideoSink:
 
     def close(self) -> None:
         if self.bg is not None:
-            bg, self.bg = self.bg, None  # later writes (none in run()) would go synchronous
+            bg, self.bg = self.bg, None
             bg.submit(self._release)
             bg.close()
         else:
