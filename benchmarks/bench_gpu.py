@@ -142,7 +142,7 @@ def _median_ms(fn, x, warmup: int, runs: int) -> float:
     return statistics.median(times)
 
 
-def graph_latency(name: str, device, imgsz: int, runs: int) -> dict:
+def graph_latency(name: str, device, imgsz: int, runs: int, compile_: bool = True) -> dict:
     """fp16 (--half) batch-1 latency: eager, CUDA-graph replay, torch.compile reduce-overhead; b16 per image."""
     import torch
     from utils.engine.graphs import CompiledForward, GraphRunner, main_output
@@ -159,6 +159,8 @@ def graph_latency(name: str, device, imgsz: int, runs: int) -> dict:
         row["graph_b1"] = _median_ms(runner, x1, 3, runs)
         row["graph_maxdiff"] = float((runner(x1).float() - ref).abs().max())
         try:
+            if not compile_:
+                raise RuntimeError("skipped (--no-compile)")
             comp = CompiledForward(fn, mode="reduce-overhead")
             t0 = time.perf_counter()
             comp(x1), comp(x1), comp(x1)
@@ -172,7 +174,7 @@ def graph_latency(name: str, device, imgsz: int, runs: int) -> dict:
     return row
 
 
-def train_speed(name: str, device, imgsz: int, base_batch: int, steps: int) -> dict:
+def train_speed(name: str, device, imgsz: int, base_batch: int, steps: int, compile_: bool = True) -> dict:
     """AMP training img/s: plain at base_batch; channels_last at the autobatch size, eager and compiled."""
     import torch
     from utils.engine.autobatch import cuda_batch_size
@@ -187,6 +189,8 @@ def train_speed(name: str, device, imgsz: int, base_batch: int, steps: int) -> d
     row["cl_auto"] = {k: v for k, v in train_cost(model, ab.batch, imgsz, warmup=3, steps=steps, channels_last=True).items()
                       if k != "step"}
     try:
+        if not compile_:
+            raise RuntimeError("skipped (--no-compile)")
         fwd = CompiledForward(model)
         t0 = time.perf_counter()
         res = train_cost(model, ab.batch, imgsz, warmup=3, steps=steps, channels_last=True, forward=fwd)
@@ -208,11 +212,11 @@ def speed_main(opt, device, env: dict) -> list[str]:
     from utils.general import LOGGER
     lat = []
     for name in [m for m in opt.models.split(",") if m]:
-        lat.append(graph_latency(name, device, opt.imgsz, opt.runs))
+        lat.append(graph_latency(name, device, opt.imgsz, opt.runs, not opt.no_compile))
         LOGGER.info(json.dumps(lat[-1]))
     tr = []
     for name in [m for m in opt.train_models.split(",") if m]:
-        tr.append(train_speed(name, device, opt.imgsz, opt.train_batch, steps=10))
+        tr.append(train_speed(name, device, opt.imgsz, opt.train_batch, steps=10, compile_=not opt.no_compile))
         LOGGER.info(json.dumps(tr[-1], default=str))
     data = load_data_config(ROOT / "data" / "shapes.yaml")
     hyp = yaml.safe_load((ROOT / "data" / "hyps" / "hyp.scratch-high.yaml").read_text())
@@ -237,7 +241,7 @@ def speed_main(opt, device, env: dict) -> list[str]:
         c = r["compile_auto"]
         best = max(r["cl_auto"]["img_s"], c.get("img_s", 0))
         lines.append(f"| {r['model']} | {f(r['base']['img_s'])} | {r['autobatch']['batch']} | {f(r['cl_auto']['img_s'])} | "
-                     f"{f(c.get('img_s')) if c.get('active', False) else 'eager fallback'} | {best / r['base']['img_s']:.2f} | "
+                     f"{f(c.get('img_s')) if c.get('active', False) else c.get('error', 'eager fallback')} | {best / r['base']['img_s']:.2f} | "
                      f"{f(r['cl_auto']['peak_mib'], 0)} |")
     lines += [""] + [f"- {r['model']}: {r['autobatch']['summary']}" for r in tr]
     lines += ["", f"Data loader (shapes set, mosaic at {opt.imgsz}, batch 16): "
@@ -258,6 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", default="", help="write the raw numbers as JSON")
     ap.add_argument("--csv", default="", help="write one row per model and measurement as CSV")
     ap.add_argument("--speed", action="store_true", help="issue-17 tables: CUDA graphs, compile, autobatch, loader")
+    ap.add_argument("--no-compile", action="store_true", help="--speed: skip the torch.compile columns (slow to compile)")
     ap.add_argument("--loader-workers", type=int, nargs="+", default=[4, 8, 16], help="--speed: loader workers")
     opt = ap.parse_args(argv)
 

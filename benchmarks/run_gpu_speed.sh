@@ -7,7 +7,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pytest -q tests/test_speed.py -k "gpu" -p no:cacheprovider
-python benchmarks/bench_gpu.py --speed \
+# each command is sized for the device tool's 10-minute limit (torch.compile takes minutes per model)
+python benchmarks/bench_gpu.py --speed --no-compile \
   --models yolov9-c,yolov9-c-MMQARepNCSPELAN4,yolov9-c-MMQA-P4P5,yolov9-t \
   --train-models yolov9-c,yolov9-c-MMQARepNCSPELAN4,yolov9-c-MMQA-P4P5 \
   --loader-workers 8 16 --md benchmarks/results/gpu_speed.md "$@"
+python benchmarks/bench_gpu.py --speed --models yolov9-c --train-models yolov9-c --runs 20 \
+  --loader-workers 16 --md benchmarks/results/gpu_speed_compile.md "$@"
