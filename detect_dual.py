@@ -49,6 +49,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hide-labels", action="store_true", help="hide labels")
     p.add_argument("--hide-conf", action="store_true", help="hide confidences")
     p.add_argument("--half", action="store_true", help="FP16 inference (CUDA only)")
+    p.add_argument("--cuda-graph", nargs="?", const="capture", default=None, choices=("capture", "compile"),
+                   help="CUDA only: replay the forward as a CUDA graph per input shape ('capture', the default, "
+                        "or 'compile' = torch.compile reduce-overhead); warns and runs eager elsewhere")
     p.add_argument("--dnn", action="store_true", help="ignored (kept for upstream compatibility)")
     p.add_argument("--vid-stride", type=int, default=1, help="video frame-rate stride")
     p.add_argument("--track", action="store_true",

@@ -20,7 +20,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hyp", type=str, default=None, help="hyperparameters YAML (default: data YAML train_defaults, "
                                                          "else data/hyps/hyp.scratch-high.yaml)")
     p.add_argument("--epochs", type=int, default=None, help="total epochs (default: data YAML train_defaults, else 100)")
-    p.add_argument("--batch-size", type=int, default=None, help="total batch size for all GPUs (default 16)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="total batch size for all GPUs (default 16); -1: autobatch, the largest batch within 60%% of "
+                        "CUDA memory (single GPU)")
     p.add_argument("--imgsz", "--img", "--img-size", type=int, default=None, help="train/val image size in pixels (default 640)")
     p.add_argument("--rect", action="store_true", help="rectangular training")
     p.add_argument("--resume", nargs="?", const=True, default=False, help="resume the newest (or given) last.pt")
@@ -58,7 +60,11 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--evolve-prune", choices=["on", "off"], default="on",
                    help="stop trials whose per-epoch fitness trails the others (median pruner)")
     p.add_argument("--evolve-plots", action="store_true", help="keep plots and TensorBoard files of every trial")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training forward (first steps compile; warns and runs eager if unsupported)")
     opt = p.parse_args(argv)
+    if opt.batch_size is not None and opt.batch_size < 1 and opt.batch_size != -1:
+        p.error(f"--batch-size {opt.batch_size}: give a positive batch size, or -1 for autobatch")
     if not opt.cfg and not opt.weights and not opt.resume:
         opt.cfg = "yolov9-t-MMQA.yaml"
     return opt

@@ -6,9 +6,17 @@ pre-process, inference and NMS. Models are seed-initialised (no trained weights 
 Backend fuses a checkpoint; with untrained heads few boxes pass the threshold, so NMS time is a lower bound.
 On a shared machine the load average is printed: compare rows of one run only.
 
+--pipeline compares the whole detect_dual.py video path (decode -> infer -> draw -> encode .mp4), frames/s
+end to end including model load, for each model: the old sequential path (threaded=False, .pt with its
+auxiliary branch), the new .pt path (background decode and encode, dual-head models without their
+auxiliary branch), and the same with the exported .onnx run by ONNX Runtime (ORT_ENABLE_ALL). Modes are interleaved over --rounds and the best round of each is kept, so
+noise from other jobs on a shared machine hits all modes alike; the ratio to the sequential path is printed.
+
 Usage:
     python benchmarks/bench_detect.py [--models yolov9-t-MMQA,yolov9-c,yolov9-c-MMQA-P4P5] [--frames 10]
         [--imgsz 640] [--threads N] [--device cpu] [--md benchmarks/results/detect.md]
+    python benchmarks/bench_detect.py --pipeline --models yolov9-t,gelan-t --frames 60 --threads 2 --rounds 3
+        --md benchmarks/results/detect_pipeline.md
 """
 from __future__ import annotations
 
@@ -67,6 +75,61 @@ def bench_model(cfg: str, video: Path, imgsz: int, device: str, nc: int) -> dict
             "fps": pred.seen / wall}
 
 
+def export_pair(cfg: str, folder: Path, imgsz: tuple[int, int], nc: int) -> tuple[Path, Path]:
+    """Seed-initialised checkpoint (.pt) of cfg and its fixed-size ONNX export at imgsz (h, w)."""
+    import export
+    from models.yolo import DetectionModel
+    from utils.checkpoint import make_checkpoint, save_checkpoint
+    torch.manual_seed(0)
+    model = DetectionModel(f"{cfg}.yaml", nc=nc)
+    pt = save_checkpoint(make_checkpoint(model, names=[f"c{i}" for i in range(nc)]), folder / f"{cfg}.pt")
+    onnx = export.run(pt, include=("onnx",), imgsz=imgsz)["onnx"]
+    return pt, onnx
+
+
+def run_detect(weights: Path, video: Path, project: Path, threaded: bool, imgsz: tuple[int, int]) -> float:
+    """Seconds for one detect_dual.py run on the video (annotated .mp4 saved), model load included.
+
+    threaded=False is the old path throughout: sequential decode/encode and the dual-head model as loaded.
+    """
+    import detect_dual
+    from utils.engine.predictor import run
+    opt = detect_dual.parse_opt(["--weights", str(weights), "--source", str(video), "--project", str(project),
+                                 "--name", "run", "--exist-ok", "--imgsz", *map(str, imgsz), "--device", "cpu"])
+    opt.threaded = opt.main_only = threaded
+    t0 = time.perf_counter()
+    run(opt)
+    return time.perf_counter() - t0
+
+
+def bench_pipeline(cfgs: list[str], frames: int, rounds: int, nc: int, tmp: Path) -> list[dict]:
+    import logging
+    logging.getLogger("yolo").setLevel(logging.WARNING)
+    video = make_video(tmp / "clip.mp4", frames)
+    shape = (384, 640)  # minimal-padding letterbox of 640x360 at 640 (stride 32); the ONNX export size
+    rows = []
+    for cfg in cfgs:
+        pt, onnx = export_pair(cfg, tmp, shape, nc)
+        modes = {"sequential .pt (old)": (pt, False), "new .pt": (pt, True), "new .onnx (ORT)": (onnx, True)}
+        best = {m: float("inf") for m in modes}
+        run_detect(pt, video, tmp / "out", True, shape)  # warm caches (imports, codec, allocator)
+        for r in range(rounds):
+            for m, (w, th) in modes.items():
+                print(f"{cfg} round {r + 1}/{rounds}: {m} ...", file=sys.stderr, flush=True)
+                best[m] = min(best[m], run_detect(w, video, tmp / "out", th, shape))
+        base = frames / best["sequential .pt (old)"]
+        for m in modes:
+            fps = frames / best[m]
+            rows.append({"model": cfg, "mode": m, "fps": fps, "ms": best[m] / frames * 1e3, "ratio": fps / base})
+    return rows
+
+
+def pipeline_table(rows: list[dict]) -> str:
+    out = ["| model | path | ms/frame | frames/s | x sequential .pt |", "|---|---|---:|---:|---:|"]
+    out += [f"| {r['model']} | {r['mode']} | {r['ms']:.1f} | {r['fps']:.2f} | {r['ratio']:.2f} |" for r in rows]
+    return "\n".join(out)
+
+
 def table(rows: list[dict]) -> str:
     head = "| model | params (M) | frames | input | pre-process ms | inference ms | NMS ms | ms/frame (incl. decode) | FPS |"
     out = [head, "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
@@ -85,10 +148,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave default)")
     ap.add_argument("--md", type=str, default="", help="also write the table to this markdown file")
+    ap.add_argument("--pipeline", action="store_true", help="compare the sequential / threaded / ONNX video paths")
+    ap.add_argument("--rounds", type=int, default=3, help="--pipeline: interleaved rounds (best kept)")
     opt = ap.parse_args(argv)
     if opt.threads:
         torch.set_num_threads(opt.threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    if opt.pipeline:
+        with tempfile.TemporaryDirectory(prefix="bench_detect_") as tmp:
+            rows = bench_pipeline([m.strip() for m in opt.models.split(",") if m.strip()], opt.frames, opt.rounds,
+                                  opt.nc, Path(tmp))
+        load2 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        text = (f"detect_dual.py on a generated 640x360 clip ({opt.frames} frames, mp4v in and out, input 384x640), "
+                f"CPU, torch/ORT threads {torch.get_num_threads()}, {os.cpu_count()} cores, best of {opt.rounds} "
+                f"interleaved rounds, model load included; load average {load:.2f} before, {load2:.2f} after\n\n"
+                f"{pipeline_table(rows)}")
+        print(text)
+        if opt.md:
+            Path(opt.md).parent.mkdir(parents=True, exist_ok=True)
+            Path(opt.md).write_text(text + "\n")
+        return rows
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_detect_") as tmp:
         video = make_video(Path(tmp) / "clip.mp4", opt.frames)

@@ -10,9 +10,16 @@ fp16 autocast = AMP). Peak MiB = torch.cuda.max_memory_allocated during the time
 memory held before them (weights and input). Training = AMP forward + DetectionLoss + backward +
 GradScaler SGD step on random images and targets.
 
+--speed runs the issue-17 tables instead: batch-1 fp16 latency eager vs CUDA-graph replay
+(utils/engine/graphs.GraphRunner) vs torch.compile(mode="reduce-overhead") next to the batch-16 per-image
+time, with the max |graph - eager| output difference; and AMP training img/s at batch 8 (as before) vs
+channels_last at the autobatch size (utils/engine/autobatch, 60% of memory) with and without torch.compile,
+next to the data loader's img/s (mosaic at 640, --loader-workers) so the loader is never a hidden bottleneck.
+
 Usage (needs a CUDA device):
     python benchmarks/bench_gpu.py [--models yolov9-c,...] [--train-models ...] [--md out.md] [--json out.json]
         [--csv out.csv]
+    python benchmarks/bench_gpu.py --speed [--models ...] [--train-models ...] [--md benchmarks/results/gpu_speed.md]
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ import functools
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,8 +74,12 @@ def forward_cost(model, batch: int, imgsz: int, amp: bool, warmup: int, runs: in
             "runs": runs}
 
 
-def train_cost(model, batch: int, imgsz: int, warmup: int, steps: int) -> dict:
-    """AMP training images/s and peak memory (MiB, weights included) of a full optimizer step."""
+def train_cost(model, batch: int, imgsz: int, warmup: int, steps: int, channels_last: bool = False,
+               forward=None) -> dict:
+    """AMP training images/s and peak memory (MiB, weights included) of a full optimizer step.
+
+    channels_last: NHWC images (the model converted by the caller); forward: e.g. a compiled model.
+    """
     import torch
     from utils.loss import DetectionLoss
     device = next(model.parameters()).device
@@ -75,12 +87,15 @@ def train_cost(model, batch: int, imgsz: int, warmup: int, steps: int) -> dict:
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     scaler = torch.amp.GradScaler("cuda")
     imgs = torch.rand(batch, 3, imgsz, imgsz, device=device)
+    if channels_last:
+        imgs = imgs.contiguous(memory_format=torch.channels_last)
     targets = random_targets(batch, model.nc).to(device)
+    fwd = forward or model
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.float16):
-            loss, _ = loss_fn(model(imgs), targets)
+            loss, _ = loss_fn(fwd(imgs), targets)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
@@ -111,6 +126,129 @@ def sdpa_ops(fn) -> dict:
     return {"ops": ops, "kernels": [k[:90] for k in kernels]}
 
 
+def _median_ms(fn, x, warmup: int, runs: int) -> float:
+    import torch
+    for _ in range(warmup):
+        fn(x)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(x)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def graph_latency(name: str, device, imgsz: int, runs: int, compile_: bool = True) -> dict:
+    """fp16 (--half) batch-1 latency: eager, CUDA-graph replay, torch.compile reduce-overhead; b16 per image."""
+    import torch
+    from utils.engine.graphs import CompiledForward, GraphRunner, main_output
+    model = _build(name, device).half()
+    fn = main_output(model)
+    x1 = torch.rand(1, 3, imgsz, imgsz, device=device).half()
+    x16 = torch.rand(16, 3, imgsz, imgsz, device=device).half()
+    row: dict = {"model": name}
+    with torch.inference_mode():
+        row["eager_b1"] = _median_ms(fn, x1, 5, runs)
+        row["eager_b16_per_img"] = _median_ms(fn, x16, 3, max(runs // 3, 5)) / 16
+        ref = fn(x1).float()
+        runner = GraphRunner(fn, capture_after=1)
+        row["graph_b1"] = _median_ms(runner, x1, 3, runs)
+        row["graph_maxdiff"] = float((runner(x1).float() - ref).abs().max())
+        try:
+            if not compile_:
+                raise RuntimeError("skipped (--no-compile)")
+            comp = CompiledForward(fn, mode="reduce-overhead")
+            t0 = time.perf_counter()
+            comp(x1), comp(x1), comp(x1)
+            row["compile_s"] = time.perf_counter() - t0
+            row["compile_b1"] = _median_ms(comp, x1, 3, runs) if comp.active else None
+            row["compile_maxdiff"] = float((comp(x1).float() - ref).abs().max()) if comp.active else None
+        except Exception as e:  # noqa: BLE001 -- report, keep the table
+            row["compile_b1"], row["compile_error"] = None, str(e).splitlines()[0][:120]
+    del model, runner
+    torch.cuda.empty_cache()
+    return row
+
+
+def train_speed(name: str, device, imgsz: int, base_batch: int, steps: int, compile_: bool = True) -> dict:
+    """AMP training img/s: plain at base_batch; channels_last at the autobatch size, eager and compiled."""
+    import torch
+    from utils.engine.autobatch import cuda_batch_size
+    from utils.engine.graphs import CompiledForward
+    from utils.loss import DetectionLoss
+    row: dict = {"model": name}
+    model = _build(name, device, train=True)
+    row["base"] = {k: v for k, v in train_cost(model, base_batch, imgsz, warmup=3, steps=steps).items() if k != "step"}
+    model = model.to(memory_format=torch.channels_last)
+    ab = cuda_batch_size(model, imgsz, device, 0.6, loss_fn=DetectionLoss(model, {"box": 7.5, "cls": 0.5, "dfl": 1.5}))
+    row["autobatch"] = {"batch": ab.batch, "summary": ab.summary()}
+    row["cl_auto"] = {k: v for k, v in train_cost(model, ab.batch, imgsz, warmup=3, steps=steps, channels_last=True).items()
+                      if k != "step"}
+    try:
+        if not compile_:
+            raise RuntimeError("skipped (--no-compile)")
+        fwd = CompiledForward(model)
+        t0 = time.perf_counter()
+        res = train_cost(model, ab.batch, imgsz, warmup=3, steps=steps, channels_last=True, forward=fwd)
+        row["compile_auto"] = {k: v for k, v in res.items() if k != "step"}
+        row["compile_auto"]["active"] = fwd.active
+        row["compile_auto"]["total_s"] = time.perf_counter() - t0
+    except Exception as e:  # noqa: BLE001
+        row["compile_auto"] = {"error": str(e).splitlines()[0][:120]}
+    del model
+    torch.cuda.empty_cache()
+    return row
+
+
+def speed_main(opt, device, env: dict) -> list[str]:
+    """The issue-17 tables (see the module docstring)."""
+    import yaml
+    from benchmarks.bench_loader import loader_throughput
+    from utils.data import load_data_config
+    from utils.general import LOGGER
+    lat = []
+    for name in [m for m in opt.models.split(",") if m]:
+        lat.append(graph_latency(name, device, opt.imgsz, opt.runs, not opt.no_compile))
+        LOGGER.info(json.dumps(lat[-1]))
+    tr = []
+    for name in [m for m in opt.train_models.split(",") if m]:
+        tr.append(train_speed(name, device, opt.imgsz, opt.train_batch, steps=10, compile_=not opt.no_compile))
+        LOGGER.info(json.dumps(tr[-1], default=str))
+    data = load_data_config(ROOT / "data" / "shapes.yaml")
+    hyp = yaml.safe_load((ROOT / "data" / "hyps" / "hyp.scratch-high.yaml").read_text())
+    loader = {w: loader_throughput(data["train"], data["nc"], opt.imgsz, w, 16, 20, hyp) for w in opt.loader_workers}
+
+    def f(v, d=1):
+        return "-" if v is None else f"{v:.{d}f}"
+    lines = [f"# Issue 17 GPU speed ({env['device']}, {env['date']})", "", f"torch {env['torch']}, CUDA {env['cuda']}", "",
+             f"## Batch-1 fp16 latency @{opt.imgsz} (ms, median CUDA events)", "",
+             "| model | eager b1 | b16 per image | eager b1 / b16 | CUDA graph b1 | graph / b16 | max abs diff | "
+             "compile r-o b1 | compile / b16 | compile s |", "|---|" + "---:|" * 9]
+    for r in lat:
+        b16 = r["eager_b16_per_img"]
+        cb = r.get("compile_b1")
+        lines.append(f"| {r['model']} | {f(r['eager_b1'])} | {f(b16, 2)} | {f(r['eager_b1'] / b16)} | {f(r['graph_b1'])} | "
+                     f"{f(r['graph_b1'] / b16)} | {r['graph_maxdiff']:.1e} | {f(cb)} | {f(cb / b16 if cb else None)} | "
+                     f"{f(r.get('compile_s'), 0)} |")
+    lines += ["", f"## AMP training @{opt.imgsz} (img/s)", "",
+              f"| model | batch {opt.train_batch} (old) | autobatch | channels_last @auto | + compile @auto | x old | peak MiB @auto |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in tr:
+        c = r["compile_auto"]
+        best = max(r["cl_auto"]["img_s"], c.get("img_s", 0))
+        lines.append(f"| {r['model']} | {f(r['base']['img_s'])} | {r['autobatch']['batch']} | {f(r['cl_auto']['img_s'])} | "
+                     f"{f(c.get('img_s')) if c.get('active', False) else c.get('error', 'eager fallback')} | {best / r['base']['img_s']:.2f} | "
+                     f"{f(r['cl_auto']['peak_mib'], 0)} |")
+    lines += [""] + [f"- {r['model']}: {r['autobatch']['summary']}" for r in tr]
+    lines += ["", f"Data loader (shapes set, mosaic at {opt.imgsz}, batch 16): "
+              + ", ".join(f"{w} workers {v:.0f} img/s" for w, v in loader.items())]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="GPU AMP latency, memory, SDPA kernels and training img/s of the zoo")
     ap.add_argument("--models", default=",".join(LATENCY_MODELS), help="comma list for the latency table")
@@ -123,6 +261,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--md", default="", help="write the tables as markdown")
     ap.add_argument("--json", default="", help="write the raw numbers as JSON")
     ap.add_argument("--csv", default="", help="write one row per model and measurement as CSV")
+    ap.add_argument("--speed", action="store_true", help="issue-17 tables: CUDA graphs, compile, autobatch, loader")
+    ap.add_argument("--no-compile", action="store_true", help="--speed: skip the torch.compile columns (slow to compile)")
+    ap.add_argument("--loader-workers", type=int, nargs="+", default=[4, 8, 16], help="--speed: loader workers")
     opt = ap.parse_args(argv)
 
     import torch
@@ -135,6 +276,13 @@ def main(argv: list[str] | None = None) -> None:
     env = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(device),
            "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
     LOGGER.info(f"{env}")
+    if opt.speed:
+        lines = speed_main(opt, device, env)
+        print("\n".join(lines))
+        if opt.md:
+            Path(opt.md).parent.mkdir(parents=True, exist_ok=True)
+            Path(opt.md).write_text("\n".join(lines) + "\n")
+        return
     out: dict = {"env": env, "latency": [], "train": [], "kernels": {}}
 
     for name in [m for m in opt.models.split(",") if m]:

@@ -70,6 +70,10 @@ class YOLODataset(Dataset):
         n = len(self.im_files)
         if n == 0:
             raise UserError(f"{path}: no images left after filtering")
+        # mosaic flag and sample order live in shared memory: persistent loader workers (forked or spawned
+        # with the dataset) read them in __getitem__, so close_mosaic()/resample_image_weights() in the
+        # main process reach workers at once, without re-spawning them every epoch
+        self._state = torch.zeros(n + 1, dtype=torch.int64).share_memory_()  # [mosaic, indices...]
         self.mosaic = augment and not rect and self.hyp.get("mosaic", 0) > 0
         if self.mosaic and float(self.hyp.get("copy_paste", 0) or 0) > 0 and not any(self.polygons):
             LOGGER.info(f"{prefix}copy_paste={self.hyp['copy_paste']} has no effect: no polygon labels "
@@ -86,6 +90,23 @@ class YOLODataset(Dataset):
         self.cache = (cache if isinstance(cache, str) else ("ram" if cache else None))
         if self.cache:
             self._cache_images(self.cache.lower())
+
+    @property
+    def mosaic(self) -> bool:
+        return bool(self._state[0])
+
+    @mosaic.setter
+    def mosaic(self, on: bool) -> None:
+        self._state[0] = int(bool(on))
+
+    @property
+    def indices(self) -> np.ndarray:
+        """Sample order (dataset index -> image); a view of shared memory, assign with `ds.indices = ...`."""
+        return self._state.numpy()[1:]
+
+    @indices.setter
+    def indices(self, value) -> None:
+        self._state.numpy()[1:] = np.asarray(value, dtype=np.int64)
 
     def _npy_paths(self) -> list[str]:
         """Disk-cache files live in one folder beside the split's label cache, never beside the images.

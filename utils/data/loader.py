@@ -27,11 +27,13 @@ def create_dataloader(path, imgsz: int, batch_size: int, stride=32, hyp: dict | 
                       augment: bool = False, cache: str | bool | None = None, pad: float = 0.0,
                       rect: bool = False, rank: int = -1, workers: int = 0, image_weights: bool = False,
                       shuffle: bool = False, seed: int = 0, names: list | None = None, nc: int | None = None,
-                      single_cls: bool = False, min_items: int = 0, prefix: str = "") -> tuple[DataLoader, YOLODataset]:
+                      single_cls: bool = False, min_items: int = 0, prefix: str = "",
+                      persistent: bool = True) -> tuple[DataLoader, YOLODataset]:
     """Build (loader, dataset). Batches are (imgs uint8 [B,3,H,W] RGB, targets [N,6], paths, shapes).
 
-    Non-persistent workers are used on purpose: dataset state changed between epochs (close_mosaic,
-    image-weight resampling) reaches the workers at the next epoch.
+    Workers are persistent (no re-spawn, re-import and re-seed at every epoch start); dataset state changed
+    between epochs (close_mosaic, image-weight resampling) is held in shared memory by the dataset, so it
+    reaches the live workers with the next batch requested. persistent=False restores per-epoch workers.
     """
     if isinstance(stride, (torch.Tensor, np.ndarray, list, tuple)):  # e.g. model.stride tensor([8, 16, 32])
         stride = int(max(float(x) for x in (stride.flatten().tolist() if hasattr(stride, "flatten") else stride)))
@@ -54,7 +56,7 @@ def create_dataloader(path, imgsz: int, batch_size: int, stride=32, hyp: dict | 
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, num_workers=nw,
                         sampler=sampler, pin_memory=torch.cuda.is_available() and nw > 0,
                         collate_fn=YOLODataset.collate_fn, worker_init_fn=seed_worker, generator=gen,
-                        drop_last=False)
+                        drop_last=False, persistent_workers=persistent and nw > 0)
     return loader, dataset
 
 

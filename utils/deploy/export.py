@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from models.attention import MultiQueryAttentionLayerWithDownSampling as MQA
 from utils.checkpoint import load_checkpoint, load_model
-from utils.deploy.reparam import reparam_checkpoint, reparameterize
+from utils.deploy.reparam import main_branch_only, reparam_checkpoint
 from utils.general import LOGGER, UserError, check_img_size, image_hw
 from utils.torch_utils import select_device
 
@@ -41,25 +41,6 @@ def export_mode(model: nn.Module):
         else:
             head.export = old_export
         model.train(was_training)
-
-
-def single_head(model: nn.Module) -> nn.Module:
-    """Dual-head model -> its GELAN form for export (smaller graph, same main-branch output); else unchanged."""
-    if not getattr(model, "is_dual", False):
-        return model
-    try:
-        gelan = reparameterize(model).eval()
-    except UserError as e:
-        LOGGER.warning(f"WARNING: exporting the dual-head graph (main branch output); re-parameterisation failed: {e}")
-        return model
-    p = next(model.parameters())
-    x = torch.rand(1, 3, 64, 64, device=p.device, dtype=p.dtype)
-    with torch.no_grad():
-        ok = torch.allclose(model.eval()(x)[0], gelan(x)[0], atol=1e-4, rtol=1e-4)
-    if not ok:
-        LOGGER.warning("WARNING: re-parameterised outputs differ; exporting the dual-head graph (main branch output)")
-        return model
-    return gelan
 
 
 def metadata(model: nn.Module, imgsz: tuple, batch: int, dynamic: bool, half: bool, weights: Path) -> dict:
@@ -153,7 +134,7 @@ def run(weights: str | Path, include: tuple = ("torchscript",), imgsz: tuple | l
         return out
 
     model = load_model(out.get("reparam", weights), dev, fuse=False)
-    model = single_head(model)
+    model = main_branch_only(model, log=lambda m: LOGGER.warning(f"WARNING: exporting the dual-head graph; {m}"))
     for p in model.parameters():
         p.requires_grad_(False)
     if fuse:

@@ -58,6 +58,7 @@ class TrainConfig:
     min_items: int = 0
     close_mosaic: int | None = None
     tensorboard: bool = True  # event files in the run folder (rank 0)
+    compile: bool = False  # torch.compile the training forward
     save_dir: str = ""  # the run folder, decided once by the trainer (or taken from a resumed checkpoint)
 
     @classmethod
@@ -81,6 +82,8 @@ class TrainConfig:
             raise UserError(f"--optimizer {self.optimizer}: choose from {', '.join(OPTIMIZERS)}")
         for k in ("epochs", "batch_size", "imgsz"):
             v = getattr(self, k)
+            if k == "batch_size" and v == -1:  # autobatch
+                continue
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise UserError(f"--{k.replace('_', '-')} {v}: must be a positive integer")
         if self.workers < 0:
@@ -174,6 +177,7 @@ class ValJob:
     half: bool = False
     single_cls: bool = False
     min_items: int = 0
+    cuda_graph: str | None = None  # 'capture' / 'compile': replay the forward per batch shape (CUDA only)
     options: ValOptions = None  # type: ignore[assignment]  # always set by from_args
 
     @classmethod

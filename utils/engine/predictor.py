@@ -23,7 +23,7 @@ from utils.boxes import scale_boxes, xyxy2xywhn
 from utils.checkpoint import find_newest
 from utils.engine.annotate import draw_boxes, save_one_box
 from utils.engine.backend import Backend
-from utils.engine.sources import Frame, LoadSources, is_stream, preprocess_image, read_image
+from utils.engine.sources import BackgroundCalls, Frame, LoadSources, is_stream, preprocess_image, read_image
 from utils.engine.tracking import SEQUENCE_HINT, SequenceTracker, is_single_image, tracker_for_run
 from utils.engine.tta import forward_augment
 from utils.general import LOGGER, UserError, check_img_size, image_hw, increment_path
@@ -122,12 +122,15 @@ class Predictor:
 
     imgsz: int or (h, w) upper bound of the network input; each image is letterboxed to fit with minimal
     (stride-multiple) padding. classes: keep only these class ids. names: override class names.
+    cuda_graph: 'capture' (or True) / 'compile' replays CUDA graphs for repeated input shapes (utils/engine/graphs.py).
+    main_only: run dual-head .pt models without their auxiliary branch (same boxes, less compute).
     """
 
     def __init__(self, weights: str | Path | torch.nn.Module, device: str = "", imgsz: int | tuple | None = None,
                  conf_thres: float = 0.25, iou_thres: float = 0.45, max_det: int = 1000,
                  classes: list[int] | None = None, agnostic: bool = False, half: bool = False,
-                 augment: bool = False, names: list[str] | None = None):
+                 augment: bool = False, names: list[str] | None = None, cuda_graph: str | bool | None = None,
+                 main_only: bool = True):
         from utils.torch_utils import select_device
         if not 0 <= conf_thres <= 1 or not 0 <= iou_thres <= 1:
             raise UserError(f"--conf-thres {conf_thres} and --iou-thres {iou_thres} must lie in [0, 1]")
@@ -136,7 +139,8 @@ class Predictor:
         self.device = select_device(device) if not isinstance(device, torch.device) else device
         if half and self.device.type != "cuda":
             LOGGER.warning("WARNING: --half needs a CUDA device, running in fp32")
-        self.backend = Backend(weights, self.device, half=half, fuse=True)
+        self.backend = Backend(weights, self.device, half=half, fuse=True, main_only=main_only)
+        self.backend.use_cuda_graph(cuda_graph)
         self.stride = int(self.backend.stride)
         fixed = self.backend.fixed_imgsz
         if fixed:  # exported files run at their export size only
@@ -281,9 +285,11 @@ class _Viewer:
 
 
 class _VideoSink:
-    """One cv2.VideoWriter per input video, same size and fps, mp4v codec, .mp4 output, written frame by frame."""
+    """One cv2.VideoWriter per input video, same size and fps, mp4v codec, .mp4 output, written frame by frame
+    (threaded: encoded in a background thread, in order, overlapping inference)."""
 
-    def __init__(self, save_dir: Path):
+    def __init__(self, save_dir: Path, threaded: bool = True):
+        self.threaded, self.bg = threaded, None  # writer thread started with the first video frame
         self.save_dir = save_dir
         self.src: str | None = None
         self.writer: cv2.VideoWriter | None = None
@@ -299,8 +305,15 @@ class _VideoSink:
         return name
 
     def write(self, f: Frame, im: np.ndarray) -> None:
+        if self.threaded:
+            self.bg = self.bg or BackgroundCalls(name="video-writer")
+            self.bg.submit(self._write, f, im)
+        else:
+            self._write(f, im)
+
+    def _write(self, f: Frame, im: np.ndarray) -> None:
         if f.path != self.src:
-            self.close()
+            self._release()
             self.src = f.path
             out = self.save_dir / self._name(f.path)
             h, w = im.shape[:2]
@@ -314,6 +327,14 @@ class _VideoSink:
             self.writer.write(im)
 
     def close(self) -> None:
+        if self.bg is not None:
+            bg, self.bg = self.bg, None
+            bg.submit(self._release)
+            bg.close()
+        else:
+            self._release()
+
+    def _release(self) -> None:
         if self.writer is not None:
             self.writer.release()
         self.writer, self.src = None, None
@@ -351,7 +372,8 @@ def run(opt) -> Path:
     if getattr(opt, "dnn", False):
         LOGGER.info("--dnn: ignored (OpenCV DNN backend not used)")
     source = str(opt.source) if opt.source not in (None, "") else default_source(opt.data)
-    dataset = LoadSources(source, vid_stride=getattr(opt, "vid_stride", 1))  # bad source fails before loading
+    threaded = getattr(opt, "threaded", True)  # False: the old sequential decode -> infer -> encode path
+    dataset = LoadSources(source, vid_stride=getattr(opt, "vid_stride", 1), threaded=threaded)  # bad source fails early
     track_cfg = tracker_for_run(opt, dataset)  # None unless --track on a sequence
     weights = opt.weights or find_newest("train/*/weights/best.pt", "--weights")
     if isinstance(weights, (list, tuple)):
@@ -361,7 +383,8 @@ def run(opt) -> Path:
     conf = opt.conf_thres if track_cfg is None else min(opt.conf_thres, track_cfg.track_low_thresh)
     predictor = Predictor(weights, device=opt.device, imgsz=opt.imgsz, conf_thres=conf,
                           iou_thres=opt.iou_thres, max_det=opt.max_det, classes=opt.classes,
-                          agnostic=opt.agnostic_nms, half=opt.half, augment=opt.augment)
+                          agnostic=opt.agnostic_nms, half=opt.half, augment=opt.augment,
+                          cuda_graph=getattr(opt, "cuda_graph", None), main_only=getattr(opt, "main_only", True))
     _names_for(predictor, opt.data)
     names = predictor.names
     if opt.classes is not None:
@@ -374,7 +397,7 @@ def run(opt) -> Path:
         (save_dir / "labels").mkdir(parents=True, exist_ok=True)
     save_img = not opt.nosave
     viewer = _Viewer(opt.view_img)
-    sink = _VideoSink(save_dir)
+    sink = _VideoSink(save_dir, threaded=threaded)
     seq = SequenceTracker(track_cfg, save_dir) if track_cfg is not None else None
     predictor.warmup()
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 import glob
 import math
 import os
+import threading
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import cv2
 import numpy as np
@@ -150,16 +152,150 @@ def _video_info(cap: cv2.VideoCapture, stream: bool) -> VideoInfo:
     return VideoInfo(fps=fps, w=w, h=h, frames=n)
 
 
+class Prefetcher:
+    """Run an iterator in a background thread and hand its items over in order through a bounded buffer.
+
+    Why: decoding (cv2 releases the GIL) then overlaps inference, while at most `maxsize` items wait, so
+    memory stays flat however long the video. An exception raised by the iterator reaches the consumer
+    after the items produced before it. close() (also on early exit of the consumer) wakes a producer
+    waiting for room, lets it close its iterator (releasing captures) and joins it; nothing sleeps or polls.
+    """
+
+    def __init__(self, items: Iterable, maxsize: int = 4, name: str = "source-reader"):
+        if maxsize < 1:
+            raise ValueError("Prefetcher: maxsize must be at least 1")
+        self.maxsize = maxsize
+        self._buf: deque = deque()
+        self._cond = threading.Condition()
+        self._stop = self._done = False
+        self._error: BaseException | None = None
+        self.high_water = 0  # most items ever waiting (the memory bound, checked by tests)
+        self._thread = threading.Thread(target=self._produce, args=(iter(items),), name=name, daemon=True)
+        self._thread.start()
+
+    def _produce(self, it: Iterator) -> None:
+        try:
+            for item in it:
+                with self._cond:
+                    while len(self._buf) >= self.maxsize and not self._stop:
+                        self._cond.wait()
+                    if self._stop:
+                        break
+                    self._buf.append(item)
+                    self.high_water = max(self.high_water, len(self._buf))
+                    self._cond.notify_all()
+        except BaseException as e:  # noqa: BLE001 -- handed to the consumer
+            self._error = e
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()  # a generator's finally (cap.release) runs here, in its own thread
+            with self._cond:
+                self._done = True
+                self._cond.notify_all()
+
+    def __iter__(self) -> Prefetcher:
+        return self
+
+    def __next__(self):
+        with self._cond:
+            while not self._buf and not self._done:
+                self._cond.wait()
+            if self._buf:
+                item = self._buf.popleft()
+                self._cond.notify_all()
+                return item
+            if self._error is not None:
+                err, self._error = self._error, None
+                raise err
+            raise StopIteration
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._buf.clear()
+            self._cond.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+
+class BackgroundCalls:
+    """Run submitted calls one after another in a background thread: order kept, at most `maxsize` waiting.
+
+    Why: encoding a video frame (cv2 releases the GIL) then overlaps the next frame's inference. An error in
+    a call is raised to the submitter at its next submit() or at close(); close() waits for queued calls.
+    """
+
+    def __init__(self, maxsize: int = 8, name: str = "background-calls"):
+        self.maxsize = maxsize
+        self._buf: deque = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def submit(self, fn, *args) -> None:
+        with self._cond:
+            self._raise()
+            if self._closed:
+                raise RuntimeError("BackgroundCalls: submit after close")
+            while len(self._buf) >= self.maxsize and self._error is None:
+                self._cond.wait()
+            self._raise()
+            self._buf.append((fn, args))
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._buf and not self._closed:
+                    self._cond.wait()
+                if not self._buf:
+                    return
+                fn, args = self._buf.popleft()
+                self._cond.notify_all()
+            try:
+                fn(*args)
+            except BaseException as e:  # noqa: BLE001 -- handed to the submitter
+                with self._cond:
+                    self._error = e
+                    self._buf.clear()
+                    self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join()
+        self._raise()
+
+
 class LoadSources:
     """Iterate every image / video frame / stream frame of a source, yielding `Frame`s (unpackable as
     path, im0, frame, video_info).
 
     Unreadable files inside a folder, glob or list are reported (file + reason) and skipped and listed in
     `.skipped`; a directly named file that cannot be read raises UserError. vid_stride > 1 keeps every
-    n-th video frame (the others are grabbed but not decoded).
+    n-th video frame (the others are grabbed but not decoded). A video that stops decoding before its
+    stated frame count is reported (warning, and listed in `.incomplete`).
+    threaded (default): files are read and decoded in a background thread, `buffer` frames ahead
+    (`Prefetcher`); threaded=False reads in the caller's thread (the old sequential path).
     """
 
-    def __init__(self, source: str | Path, vid_stride: int = 1):
+    def __init__(self, source: str | Path, vid_stride: int = 1, threaded: bool = True, buffer: int = 4):
+        self.threaded, self.buffer = bool(threaded), int(buffer)
+        self.reader: Prefetcher | None = None
+        self.incomplete: list[tuple[str, str]] = []
         self.source = str(source)
         self.items, self.explicit = resolve_source(source)
         self.vid_stride = max(int(vid_stride), 1)
@@ -187,6 +323,7 @@ class LoadSources:
                 self._skip(path, f"cannot open {what}")
                 return
             info = _video_info(cap, stream)
+            total = info.frames  # stated frame count of the file (0: unknown)
             if self.vid_stride > 1 and info.frames:
                 info.frames = (info.frames + self.vid_stride - 1) // self.vid_stride
             n = pos = 0  # frames yielded, 1-based position in the input video of the last frame read
@@ -201,14 +338,31 @@ class LoadSources:
                 yield Frame(path, im0, pos, info, index, len(self.items))
                 for _ in range(self.vid_stride - 1):
                     if not cap.grab():
-                        return
+                        break
                     pos += 1
+                else:
+                    continue
+                break
             if n == 0:
                 self._skip(path, "no decodable frames")
+            elif not stream and total and pos < total:
+                why = f"decoding stopped at frame {pos} of {total} (file damaged or truncated?)"
+                self.incomplete.append((path, why))
+                LOGGER.warning(f"WARNING: {path}: {why}")
         finally:
             cap.release()
 
     def __iter__(self) -> Iterator[Frame]:
+        if not self.threaded:
+            yield from self._read()
+            return
+        self.reader = Prefetcher(self._read(), self.buffer)
+        try:
+            yield from self.reader
+        finally:
+            self.reader.close()
+
+    def _read(self) -> Iterator[Frame]:
         for i, path in enumerate(self.items):
             if is_stream(path) or file_kind(path) == "video":
                 for f in self._frames(path, i):

@@ -28,7 +28,9 @@ from models.yolo import DetectionModel
 from utils.checkpoint import (find_newest, load_checkpoint, make_checkpoint, model_from_checkpoint,
                               save_checkpoint, strip_checkpoint, transfer_weights)
 from utils.data import create_dataloader, load_data_config, multi_scale
+from utils.engine.autobatch import auto_batch_size
 from utils.engine.config import TrainConfig
+from utils.engine.graphs import CompiledForward
 from utils.engine.optim import ModelEMA, build_optimizer, lr_lambda, unwrap
 from utils.engine.tensorboard import TensorBoardLogger
 from utils.engine.validator import ValOptions, ValResult, Validator
@@ -127,10 +129,14 @@ class Trainer:
         self.hyp = dict(self.ckpt["hyp"]) if self.ckpt else load_hyp(cfg.hyp)
         self.names = ["item"] if cfg.single_cls else list(self.data.names)
         self.save_dir, self.wdir = Path(cfg.save_dir), Path(cfg.save_dir) / "weights"
-        self._write_run_files()
         seed = cfg.seed + 1 + max(RANK, 0)
         random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
         self.model = self._build_model()
+        if cfg.batch_size == -1:  # autobatch: the largest batch within 60% of CUDA memory (printed)
+            bs = auto_batch_size(self.model, self.imgsz, self.device, loss_fn=DetectionLoss(self.model, self.hyp),
+                                 world_size=WORLD_SIZE)
+            self.cfg = cfg = cfg.replace(batch_size=bs)
+        self._write_run_files()
         self._build_optimization()
         self._build_loaders()
         self.loss_fn = DetectionLoss(unwrap(self.model), self.hyp)
@@ -181,7 +187,10 @@ class Trainer:
         self.imgsz = check_img_size(cfg.imgsz, self.gs)
         if self.main:
             model.info(imgsz=self.imgsz)
-        return model.to(self.device)
+        model = model.to(self.device)
+        if self.device.type == "cuda":  # NHWC: cuDNN's tensor-core convolutions need no layout transposes
+            model = model.to(memory_format=torch.channels_last)
+        return model
 
     def _build_optimization(self) -> None:
         """Optimizer, LR schedule, EMA, AMP scaler, resumed state, then SyncBN/DDP wrapping."""
@@ -211,6 +220,8 @@ class Trainer:
         if LOCAL_RANK != -1:
             self.model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[LOCAL_RANK] if self.device.type == "cuda" else None)
+        # torch.compile of the training forward (opt-in; warns and runs eager where unsupported)
+        self.forward = CompiledForward(self.model) if cfg.compile else self.model
 
     def _amp_ok(self) -> bool:
         """Offline AMP check on this very model: fp16 autocast output must match fp32 closely."""
@@ -324,8 +335,10 @@ class Trainer:
             self._warmup(ni, epoch)
         if self.cfg.multi_scale:
             imgs = multi_scale(imgs, self.imgsz, self.gs)
+        if self.device.type == "cuda":
+            imgs = imgs.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", enabled=self.amp):
-            pred = self.model(imgs)
+            pred = self.forward(imgs)
             loss, items = self.loss_fn(pred, targets.to(self.device))
         if not self._loss_is_finite(loss, epoch, ni, paths):
             return None

@@ -440,6 +440,8 @@ def run_validation(job: ValJob | None = None, **kwargs) -> ValResult:
     dev = select_device(job.device, job.batch_size)
     cfg = load_data_config(job.data)
     backends = [Backend(w, device=dev, half=job.half, fuse=True) for w in weights]
+    for b in backends:
+        b.use_cuda_graph(job.cuda_graph)
     model = backends[0] if len(backends) == 1 else Ensemble(backends)
     if len(backends) > 1:
         LOGGER.info(f"Ensemble of {len(backends)} models: {', '.join(str(w) for w in weights)}")

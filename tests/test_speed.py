@@ -1,0 +1,408 @@
+"""Speed paths stay correct: graph replay and torch.compile equal eager, autobatch's fit, the threaded video
+reader/writer (order, early stop, errors, bounded memory), channels_last training steps."""
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from utils.general import UserError
+
+NAMES = ["a", "b", "c"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from models.yolo import DetectionModel
+    torch.manual_seed(0)
+    return DetectionModel("gelan-t.yaml", nc=len(NAMES)).eval().fuse()
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    """Seeded tiny model whose random head yields boxes above a low threshold (as in test_detect)."""
+    from models.yolo import DetectionModel
+    from utils.checkpoint import make_checkpoint, save_checkpoint
+    torch.manual_seed(0)
+    model = DetectionModel("gelan-t.yaml", nc=len(NAMES))
+    g = torch.Generator().manual_seed(1)
+    for box, cls in zip(model.head.cv2, model.head.cv3):
+        box[-1].bias.data = torch.randn(box[-1].bias.shape, generator=g) * 3
+        cls[-1].bias.data[:] = -1.0
+    return save_checkpoint(make_checkpoint(model, names=NAMES), tmp_path_factory.mktemp("w") / "tiny.pt")
+
+
+def make_video(path: Path, n: int, w: int = 96, h: int = 64, fourcc: str = "mp4v") -> Path:
+    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), 10, (w, h))
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        im = np.full((h, w, 3), 60, np.uint8)
+        cv2.circle(im, (10 + 7 * i % (w - 20), h // 2), 8 + i % 5, tuple(int(c) for c in rng.integers(0, 255, 3)), -1)
+        vw.write(im)
+    vw.release()
+    return path
+
+
+# ---------------------------------------------------------------- graph replay / compile
+
+def test_graph_runner_matches_eager_caches_shapes_lru(tiny):
+    from utils.engine.graphs import GraphRunner, eager_capture, main_output
+    fn = main_output(tiny)
+    runner = GraphRunner(fn, max_shapes=2, capture_after=2, capture=eager_capture)
+    g = torch.Generator().manual_seed(0)
+    A, B, C = (1, 3, 64, 64), (1, 3, 64, 96), (2, 3, 32, 64)
+    seq = [A, A, B, A, B, C, A, C, B]
+    outs = []
+    with torch.no_grad():
+        for shape in seq:
+            x = torch.rand(shape, generator=g)
+            y = runner(x)
+            outs.append((y, fn(x)))
+        for y, ref in outs:  # earlier results are not overwritten by later replays (no aliasing)
+            assert torch.allclose(y, ref, atol=1e-5, rtol=0)
+    # A: 1st eager, 2nd captured; B: 1st eager, 2nd captured; C: 1st eager; A replayed (LRU order B, A);
+    # C 2nd captured -> B evicted; B again: counted from 1 -> eager
+    assert runner.captures == 3 and runner.eager_calls == 4 and runner.replays == 5
+    assert list(runner.graphs) == [GraphRunner.key(torch.zeros(A)), GraphRunner.key(torch.zeros(C))]
+
+
+def test_graph_runner_copies_each_input_into_the_static_buffer():
+    from utils.engine.graphs import GraphRunner, eager_capture
+    runner = GraphRunner(lambda x: x * 2 + 1, capture_after=1, capture=eager_capture)
+    for v in (1.0, 5.0, -3.0):
+        assert torch.equal(runner(torch.full((2, 2), v)), torch.full((2, 2), 2 * v + 1))
+    assert runner.captures == 1 and runner.replays == 3
+
+
+def test_cuda_graph_off_cuda_warns_once_and_runs_eager(weights, caplog):
+    from utils.engine import graphs
+    from utils.engine.predictor import Predictor
+    graphs._warned.clear()
+    im = np.full((80, 120, 3), 90, np.uint8)
+    cv2.circle(im, (40, 40), 20, (0, 0, 255), -1)
+    ref = Predictor(weights, device="cpu", imgsz=128, conf_thres=0.1).predict(im)
+    with caplog.at_level(logging.WARNING):
+        p = Predictor(weights, device="cpu", imgsz=128, conf_thres=0.1, cuda_graph="capture")
+        Predictor(weights, device="cpu", imgsz=128, conf_thres=0.1, cuda_graph="compile")
+    assert p.backend.graph is None
+    assert sum("--cuda-graph needs a CUDA device" in r.message for r in caplog.records) == 1
+    r = p.predict(im)
+    assert len(ref) > 0 and np.allclose(r.boxes, ref.boxes, atol=1e-3) and np.array_equal(r.class_ids, ref.class_ids)
+    with pytest.raises(UserError, match="--cuda-graph"):
+        graphs.check_mode("fast")
+
+
+def test_torch_compile_matches_eager_on_cpu():
+    """The real inductor path on a minimal conv block (a whole detector takes minutes to compile on CPU)."""
+    from models.common import Conv
+    from utils.engine.graphs import CompiledForward
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(Conv(3, 8, 3, 2), Conv(8, 4, 1, 1)).eval()
+    f = CompiledForward(m)
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        y = f(x)
+        assert f.active  # compiled, not fallen back
+        assert torch.allclose(y, m(x), atol=1e-5)
+
+
+def test_compile_failure_warns_and_runs_eager(caplog):
+    from utils.engine import graphs
+
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no compiler on this machine")
+
+    graphs._warned.clear()
+    m = torch.nn.Linear(4, 2)
+    f = graphs.CompiledForward(m, backend=broken_backend)
+    x = torch.rand(3, 4)
+    with caplog.at_level(logging.WARNING):
+        y = f(x)
+        y2 = f(x)
+    assert torch.equal(y, m(x)) and torch.equal(y2, m(x)) and not f.active
+    assert sum("torch.compile failed" in r.message for r in caplog.records) == 1
+
+
+# ---------------------------------------------------------------- autobatch
+
+GIB = 1024 ** 3
+
+
+def test_autobatch_fits_line_to_fake_memory():
+    from utils.engine.autobatch import fit_batch_size
+    calls = []
+
+    def mem(b):  # 0.5 GiB fixed + 0.1 GiB per image, small noise
+        calls.append(b)
+        return (0.5 + 0.1 * b + (0.004 if b % 2 else -0.004)) * GIB
+
+    res = fit_batch_size(mem, 10 * GIB, fraction=0.6)
+    assert calls == [1, 2, 4, 8, 16]
+    assert abs(res.slope_gib - 0.1) < 0.01 and abs(res.intercept_gib - 0.5) < 0.05
+    assert res.batch == int((6.0 - res.intercept_gib) / res.slope_gib) and 53 <= res.batch <= 57
+    s = res.summary()
+    assert "60% of 10.0 GiB" in s and "b16=" in s and f"batch {res.batch}" in s
+
+
+def test_autobatch_stops_below_a_probe_that_ran_out_of_memory():
+    from utils.engine.autobatch import fit_batch_size
+
+    def mem(b):
+        if b >= 8:
+            raise MemoryError
+        return (1.0 + 0.01 * b) * GIB  # the line says hundreds fit, but b8 did not
+
+    res = fit_batch_size(mem, 80 * GIB, fraction=0.6)
+    assert res.failed_at == 8 and res.batch == 7 and "out of memory at b8" in res.summary()
+    one = fit_batch_size(lambda b: (_ for _ in ()).throw(MemoryError) if b > 1 else GIB, 10 * GIB)
+    assert one.batch == 1 and "too few" in one.note
+    big = fit_batch_size(lambda b: (2 + 3.0 * b) * GIB, 8 * GIB, fraction=0.6)  # budget 4.8: only b=0.9 fits
+    assert big.batch == 1 and "exceeds" in big.note
+
+
+def test_autobatch_needs_cuda(caplog):
+    from utils.engine.autobatch import auto_batch_size
+    with caplog.at_level(logging.WARNING):
+        assert auto_batch_size(torch.nn.Linear(1, 1), 64, torch.device("cpu")) == 16
+    assert any("needs a CUDA device" in r.message for r in caplog.records)
+    with pytest.raises(UserError, match="single GPU"):
+        auto_batch_size(torch.nn.Linear(1, 1), 64, torch.device("cpu"), world_size=2)
+
+
+def test_train_batch_size_flag():
+    import train_dual
+    assert train_dual.parse_opt(["--batch-size", "-1"]).batch_size == -1
+    with pytest.raises(SystemExit):
+        train_dual.parse_opt(["--batch-size", "-3"])
+
+
+def test_channels_last_training_step_matches_contiguous():
+    """The CUDA trainer converts model and images to channels_last; losses and gradients must not change."""
+    from benchmarks.harness import random_targets
+    from models.yolo import DetectionModel
+    from utils.loss import DetectionLoss
+    torch.manual_seed(0)
+    m = DetectionModel("gelan-t.yaml", nc=3).train()
+    loss_fn = DetectionLoss(m, {"box": 7.5, "cls": 0.5, "dfl": 1.5})
+    x, t = torch.rand(2, 3, 128, 128), random_targets(2, 3)  # at 64 px train-mode BN amplifies float noise
+    l1 = loss_fn(m(x), t)[0]
+    l1.backward()
+    params = [p for p in m.parameters() if p.grad is not None]
+    g1 = [p.grad.clone() for p in params]
+    m.zero_grad()
+    m = m.to(memory_format=torch.channels_last)
+    assert m.model[0].conv.weight.is_contiguous(memory_format=torch.channels_last)
+    l2 = loss_fn(m(x.contiguous(memory_format=torch.channels_last)), t)[0]
+    l2.backward()
+    assert torch.allclose(l1, l2, rtol=1e-4)
+    a, b = torch.cat([g.flatten() for g in g1]), torch.cat([p.grad.flatten() for p in params])
+    assert float((a - b).norm() / a.norm()) < 1e-2  # float reordering only (measured 7e-4)
+
+
+# ---------------------------------------------------------------- threaded video path
+
+@pytest.mark.parametrize("stride", [1, 3])
+def test_threaded_reader_same_frames_in_order(tmp_path, stride):
+    from utils.engine.sources import LoadSources
+    video = make_video(tmp_path / "v.mp4", 11)
+    img = tmp_path / "z.png"
+    cv2.imwrite(str(img), np.full((20, 30, 3), 7, np.uint8))
+    seq = list(LoadSources(str(tmp_path), vid_stride=stride, threaded=False))
+    thr = list(LoadSources(str(tmp_path), vid_stride=stride, threaded=True, buffer=2))
+    assert [f.frame for f in thr] == [f.frame for f in seq] == list(range(1, 12, stride)) + [None]
+    assert [f.path for f in thr] == [str(video)] * len(range(1, 12, stride)) + [str(img)]
+    assert all(np.array_equal(a.im0, b.im0) for a, b in zip(seq, thr))
+
+
+def test_reader_stops_cleanly_when_consumer_stops_early(tmp_path):
+    from utils.engine.sources import LoadSources, Prefetcher
+    ds = LoadSources(make_video(tmp_path / "v.mp4", 30), buffer=2)
+    it = iter(ds)
+    assert next(it).frame == 1
+    it.close()  # what a `break` out of the for loop does
+    assert ds.reader is not None and not ds.reader.alive
+
+    released = threading.Event()
+
+    def endless():
+        try:
+            i = 0
+            while True:
+                yield i
+                i += 1
+        finally:
+            released.set()  # the producer closed its iterator (a capture would be released here)
+
+    pf = Prefetcher(endless(), maxsize=3)
+    assert [next(pf) for _ in range(5)] == [0, 1, 2, 3, 4]
+    pf.close()
+    assert not pf.alive and released.is_set()
+
+
+def test_reader_memory_is_bounded():
+    from utils.engine.sources import Prefetcher
+    produced = []
+
+    def items():
+        for i in range(200):
+            produced.append(i)
+            yield np.zeros(10)
+
+    pf = Prefetcher(items(), maxsize=4)
+    consumed = 0
+    for _ in pf:
+        consumed += 1
+        assert len(produced) - consumed <= 4 + 1  # buffer + the one item the producer holds
+    assert consumed == 200 and pf.high_water <= 4
+
+
+def test_reader_reports_errors_in_order():
+    from utils.engine.sources import Prefetcher
+
+    def items():
+        yield from range(3)
+        raise ValueError("bad frame data")
+
+    pf = Prefetcher(items(), maxsize=1)
+    got = []
+    with pytest.raises(ValueError, match="bad frame data"):
+        for v in pf:
+            got.append(v)
+    assert got == [0, 1, 2] and not pf.alive
+
+
+def test_truncated_video_decode_stop_is_reported(tmp_path, caplog):
+    from utils.engine.sources import LoadSources
+    full = make_video(tmp_path / "full.avi", 20, fourcc="MJPG")
+    cut = tmp_path / "cut.avi"
+    data = full.read_bytes()
+    cut.write_bytes(data[: len(data) * 6 // 10])  # header still says 20 frames
+    with caplog.at_level(logging.WARNING):
+        ds = LoadSources(cut)
+        frames = list(ds)
+    assert 0 < len(frames) < 20
+    assert ds.incomplete and f"stopped at frame {len(frames)} of 20" in ds.incomplete[0][1]
+    assert any("decoding stopped" in r.message for r in caplog.records)
+    ok = LoadSources(full)
+    assert len(list(ok)) == 20 and not ok.incomplete
+
+
+def test_background_calls_keep_order_and_raise():
+    from utils.engine.sources import BackgroundCalls
+    out = []
+    bg = BackgroundCalls(maxsize=2)
+    for i in range(50):
+        bg.submit(out.append, i)
+    bg.close()
+    assert out == list(range(50))
+
+    def fail(_):
+        raise OSError("disk full")
+
+    bg = BackgroundCalls(maxsize=2)
+    bg.submit(fail, 0)
+    with pytest.raises(OSError, match="disk full"):
+        for i in range(10):
+            bg.submit(out.append, i)
+        bg.close()
+
+
+def test_detect_threaded_equals_sequential(weights, tmp_path):
+    """Whole detect_dual.py video path: same labels per frame, same number of written frames."""
+    import detect_dual
+    from utils.engine.predictor import run
+    video = make_video(tmp_path / "clip.mp4", 8, w=160, h=96)
+    outs = {}
+    for threaded in (False, True):
+        opt = detect_dual.parse_opt(["--weights", str(weights), "--source", str(video), "--imgsz", "128",
+                                     "--conf-thres", "0.1", "--save-txt", "--save-conf", "--project", str(tmp_path),
+                                     "--name", f"t{int(threaded)}", "--device", "cpu"])
+        opt.threaded = threaded
+        d = run(opt)
+        labels = {p.name: p.read_text() for p in sorted((d / "labels").glob("*.txt"))}
+        cap = cv2.VideoCapture(str(d / "clip.mp4"))
+        outs[threaded] = (labels, int(cap.get(cv2.CAP_PROP_FRAME_COUNT)))
+        cap.release()
+    assert outs[True][0] and outs[True] == outs[False]
+    assert outs[True][1] == 8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (written for the GPU machine, untested there)")
+@pytest.mark.parametrize("mode", ["capture", "compile"])
+def test_cuda_graph_predictions_equal_eager_on_gpu(weights, mode):
+    from utils.engine.predictor import Predictor
+    rng = np.random.default_rng(0)
+    ims = [np.full((96, 160, 3), 90, np.uint8) for _ in range(4)]
+    for im in ims:
+        cv2.circle(im, (int(rng.integers(20, 140)), 48), 20, (0, 0, 255), -1)
+    for half in (False, True):
+        ref = Predictor(weights, device="0", imgsz=160, conf_thres=0.1, half=half)
+        fast = Predictor(weights, device="0", imgsz=160, conf_thres=0.1, half=half, cuda_graph=mode)
+        assert fast.backend.graph is not None
+        for im in ims + ims:  # second pass replays the captured graphs
+            a, b = ref.predict(im), fast.predict(im)
+            assert np.array_equal(a.class_ids, b.class_ids) and np.allclose(a.boxes, b.boxes, atol=1e-3)
+
+
+def test_val_cuda_graph_flag_on_cpu_runs_eager(weights, tmp_path):
+    import val_dual
+    from utils.data import generate_shapes
+    generate_shapes(tmp_path / "ds", n_train=1, n_val=4, seed=0)
+    data = tmp_path / "d.yaml"
+    data.write_text(f"path: {tmp_path / 'ds'}\ntrain: images/train\nval: images/val\nnames: [a, b, c]\n")
+    common = ["--weights", str(weights), "--data", str(data), "--img", "96", "--device", "cpu", "--workers", "0",
+              "--project", str(tmp_path), "--exist-ok", "--task", "speed", "--conf-thres", "0.1"]
+    a = val_dual.main(common + ["--name", "eager"])
+    b = val_dual.main(common + ["--name", "graph", "--cuda-graph"])  # the flag reaches the backends: warns, eager
+    assert a.seen == b.seen > 0
+    assert (a.mp, a.mr, a.map50, a.map) == (b.mp, b.mr, b.map50, b.map)
+
+
+def test_predictor_drops_auxiliary_branch_same_boxes(tmp_path):
+    from models.yolo import DetectionModel
+    from utils.checkpoint import make_checkpoint, save_checkpoint
+    from utils.engine.predictor import Predictor
+    torch.manual_seed(0)
+    dual = DetectionModel("yolov9-t.yaml", nc=3)
+    for box, cls in zip(dual.head.cv4, dual.head.cv5):  # main-branch head: varied boxes above a low threshold
+        box[-1].bias.data = torch.randn(box[-1].bias.shape, generator=torch.Generator().manual_seed(1)) * 3
+        cls[-1].bias.data[:] = -1.0
+    w = save_checkpoint(make_checkpoint(dual, names=NAMES), tmp_path / "dual.pt")
+    im = np.full((100, 140, 3), 80, np.uint8)
+    cv2.rectangle(im, (20, 20), (70, 60), (0, 200, 0), -1)
+    old = Predictor(w, device="cpu", imgsz=128, conf_thres=0.05, main_only=False)
+    new = Predictor(w, device="cpu", imgsz=128, conf_thres=0.05)
+    assert old.backend.model.is_dual and not new.backend.model.is_dual
+    a, b = old.predict(im), new.predict(im)
+    assert len(a) > 0 and np.array_equal(a.class_ids, b.class_ids) and np.allclose(a.boxes, b.boxes, atol=1e-3)
+    assert sum(p.numel() for p in new.backend.model.parameters()) < sum(p.numel() for p in old.backend.model.parameters())
+
+
+def test_onnx_backend_uses_optimised_session(weights, tmp_path):
+    import shutil
+
+    import onnxruntime as ort
+
+    import export
+    from utils.engine.backend import Backend
+    w = Path(shutil.copy(weights, tmp_path / "tiny.pt"))
+    onnx = export.run(w, include=("onnx",), imgsz=(64, 96))["onnx"]
+    b = Backend(onnx)
+    so = b.session.get_session_options()
+    assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert so.intra_op_num_threads == torch.get_num_threads() == 1 and so.inter_op_num_threads == 1
+    x = torch.rand(1, 3, 64, 96)
+    assert torch.allclose(b(x), Backend(w)(x), atol=1e-3, rtol=1e-4)
