@@ -68,8 +68,9 @@ def main(argv: list[str] | None = None) -> Path:
     if opt.source:  # a bad --source fails fast, before the model code (torchvision, models) is imported
         from utils.engine.sources import resolve_source
         resolve_source(opt.source)
+    from utils.engine.config import PredictJob
     from utils.engine.predictor import run
-    return run(opt)
+    return run(PredictJob.from_args(opt))
 
 
 if __name__ == "__main__":

@@ -204,3 +204,55 @@ class ValJob:
         options = ValOptions(**opts)  # save_dir is decided when the job runs
         job = {k: v for k, v in raw.items() if k in job_keys}
         return cls(weights=tuple(str(w) for w in weights), options=options, **job)
+
+
+@dataclass(frozen=True)
+class PredictJob:
+    """What detect_dual.py is asked: weights, source, thresholds, outputs, tracking."""
+
+    weights: tuple[str, ...] = ()  # empty: the newest runs/train/*/weights/best.pt
+    source: str | None = None  # None: the val images of `data`
+    data: str = str(ROOT / "data" / "shapes.yaml")
+    imgsz: tuple[int, ...] | None = None
+    conf_thres: float = 0.25
+    iou_thres: float = 0.45
+    max_det: int = 1000
+    device: str = ""
+    view_img: bool = False
+    save_txt: bool = False
+    save_conf: bool = False
+    save_crop: bool = False
+    nosave: bool = False
+    classes: tuple[int, ...] | None = None
+    agnostic_nms: bool = False
+    augment: bool = False
+    visualize: bool = False
+    update: bool = False
+    project: str = str(ROOT / "runs" / "detect")
+    name: str = "exp"
+    exist_ok: bool = False
+    line_thickness: int = 3
+    hide_labels: bool = False
+    hide_conf: bool = False
+    half: bool = False
+    cuda_graph: str | None = None
+    dnn: bool = False
+    vid_stride: int = 1
+    track: bool = False
+    tracker: str | None = None
+    threaded: bool = True  # False: the old sequential decode -> infer -> encode path (benchmarks)
+    main_only: bool = True  # run dual-head .pt models as their GELAN form (same boxes, less compute)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace | Mapping[str, Any]) -> "PredictJob":
+        raw = dict(vars(args) if isinstance(args, argparse.Namespace) else args)
+        kw = {k: v for k, v in raw.items() if k in {f.name for f in fields(cls)}}
+        for k in ("weights", "imgsz", "classes"):
+            v = kw.get(k)
+            if v is not None and not isinstance(v, tuple):
+                kw[k] = tuple(v) if isinstance(v, (list, tuple)) else (v,)
+        for k in ("source", "data", "project", "tracker"):
+            if isinstance(kw.get(k), Path):
+                kw[k] = str(kw[k])
+        kw["weights"] = tuple(str(w) for w in (kw.get("weights") or ()))
+        return cls(**kw)

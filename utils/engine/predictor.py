@@ -6,6 +6,7 @@ the exact ratio and padding the letterbox used.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import sys
@@ -23,6 +24,7 @@ from utils.boxes import scale_boxes, xyxy2xywhn
 from utils.checkpoint import find_newest
 from utils.engine.annotate import draw_boxes, save_one_box
 from utils.engine.backend import Backend
+from utils.engine.config import PredictJob
 from utils.engine.sources import BackgroundCalls, Frame, LoadSources, is_stream, preprocess_image, read_image
 from utils.engine.tracking import SEQUENCE_HINT, SequenceTracker, is_single_image, tracker_for_run
 from utils.engine.tta import forward_augment
@@ -363,17 +365,17 @@ def _names_for(predictor: Predictor, data: str | Path | None) -> None:
                        f"classes; using class numbers as names")
 
 
-def run(opt) -> Path:
+def run(job: PredictJob | argparse.Namespace) -> Path:
     """Run detection as detect_dual.py describes; returns the output folder (runs/detect/exp{N})."""
-    if getattr(opt, "visualize", False):
+    opt = job if isinstance(job, PredictJob) else PredictJob.from_args(job)
+    if opt.visualize:
         LOGGER.warning("WARNING: --visualize (feature-map plots) is not implemented, ignored")
-    if getattr(opt, "update", False):
+    if opt.update:
         LOGGER.info("--update: nothing to do (checkpoints of this project hold no optimizer after training)")
-    if getattr(opt, "dnn", False):
+    if opt.dnn:
         LOGGER.info("--dnn: ignored (OpenCV DNN backend not used)")
     source = str(opt.source) if opt.source not in (None, "") else default_source(opt.data)
-    threaded = getattr(opt, "threaded", True)  # False: the old sequential decode -> infer -> encode path
-    dataset = LoadSources(source, vid_stride=getattr(opt, "vid_stride", 1), threaded=threaded)  # bad source fails early
+    dataset = LoadSources(source, vid_stride=opt.vid_stride, threaded=opt.threaded)  # a bad source fails early
     track_cfg = tracker_for_run(opt, dataset)  # None unless --track on a sequence
     weights = opt.weights or find_newest("train/*/weights/best.pt", "--weights")
     if isinstance(weights, (list, tuple)):
@@ -384,7 +386,7 @@ def run(opt) -> Path:
     predictor = Predictor(weights, device=opt.device, imgsz=opt.imgsz, conf_thres=conf,
                           iou_thres=opt.iou_thres, max_det=opt.max_det, classes=opt.classes,
                           agnostic=opt.agnostic_nms, half=opt.half, augment=opt.augment,
-                          cuda_graph=getattr(opt, "cuda_graph", None), main_only=getattr(opt, "main_only", True))
+                          cuda_graph=opt.cuda_graph, main_only=opt.main_only)
     _names_for(predictor, opt.data)
     names = predictor.names
     if opt.classes is not None:
@@ -397,7 +399,7 @@ def run(opt) -> Path:
         (save_dir / "labels").mkdir(parents=True, exist_ok=True)
     save_img = not opt.nosave
     viewer = _Viewer(opt.view_img)
-    sink = _VideoSink(save_dir, threaded=threaded)
+    sink = _VideoSink(save_dir, threaded=opt.threaded)
     seq = SequenceTracker(track_cfg, save_dir) if track_cfg is not None else None
     predictor.warmup()
 

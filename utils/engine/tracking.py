@@ -110,9 +110,9 @@ def tracker_for_run(opt: Any, dataset: LoadSources) -> TrackerConfig | None:
 
     Reads the YAML before any model is loaded, so a bad config fails fast.
     """
-    if not (getattr(opt, "track", False) or getattr(opt, "tracker", None)):
+    if not (opt.track or opt.tracker):
         return None
-    cfg = load_tracker_config(getattr(opt, "tracker", None))
+    cfg = load_tracker_config(opt.tracker)
     if is_single_image(dataset):
         LOGGER.warning(f"WARNING: --track: {SEQUENCE_HINT}; running plain detection on this image")
         return None
