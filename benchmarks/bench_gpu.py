@@ -207,7 +207,7 @@ def train_speed(name: str, device, imgsz: int, base_batch: int, steps: int, comp
 def speed_main(opt, device, env: dict) -> list[str]:
     """The issue-17 tables (see the module docstring)."""
     import yaml
-    from benchmarks.bench_loader import loader_throughput
+    from benchmarks.bench_data import bench as loader_throughput
     from utils.data import load_data_config
     from utils.general import LOGGER
     lat = []
@@ -220,7 +220,7 @@ def speed_main(opt, device, env: dict) -> list[str]:
         LOGGER.info(json.dumps(tr[-1], default=str))
     data = load_data_config(ROOT / "data" / "shapes.yaml")
     hyp = yaml.safe_load((ROOT / "data" / "hyps" / "hyp.scratch-high.yaml").read_text())
-    loader = {w: loader_throughput(data["train"], data["nc"], opt.imgsz, w, 16, 20, hyp) for w in opt.loader_workers}
+    loader = {w: loader_throughput(data.train, data.nc, opt.imgsz, w, 16, 20, hyp) for w in opt.loader_workers}
 
     def f(v, d=1):
         return "-" if v is None else f"{v:.{d}f}"

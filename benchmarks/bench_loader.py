@@ -4,7 +4,7 @@ Why: with per-epoch workers every epoch begins by forking/starting N processes, 
 refilling the prefetch queue while the GPU waits; persistent workers (utils/data/loader.py) only refill.
 The gap = time from iter(loader) to the first batch, for epochs after the first (the first is start-up
 in both cases); close_mosaic() is called half way so the measurement also covers a live state change.
-`loader_throughput` is what benchmarks/bench_gpu.py prints next to training img/s.
+Loader img/s next to training img/s: benchmarks/bench_gpu.py --speed (via bench_data.bench).
 
     python benchmarks/bench_loader.py [--data data/shapes.yaml] [--images 64] [--imgsz 640] [--workers 2]
         [--epochs 4] [--batch-size 16] [--md benchmarks/results/loader.md]
@@ -57,23 +57,6 @@ def epoch_gaps(source, nc: int, imgsz: int, workers: int, batch_size: int, epoch
     return {"gaps": gaps, "img_s": rates}
 
 
-def loader_throughput(source, nc: int, imgsz: int, workers: int, batch_size: int, batches: int, hyp: dict) -> float:
-    """Steady-state images/s of the training loader (mosaic per hyp), first batch excluded."""
-    loader, _ = create_dataloader(source, imgsz, batch_size, 32, hyp=hyp, augment=True, workers=workers,
-                                  shuffle=True, nc=nc)
-    it = iter(loader)
-    next(it)
-    n, t0 = 0, time.perf_counter()
-    for _ in range(batches):
-        try:
-            imgs = next(it)[0]
-        except StopIteration:
-            it = iter(loader)
-            imgs = next(it)[0]
-        n += imgs.shape[0]
-    return n / (time.perf_counter() - t0)
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(ROOT / "data" / "shapes.yaml"))
@@ -89,11 +72,11 @@ def main(argv: list[str] | None = None) -> dict:
     hyp = yaml.safe_load(Path(opt.hyp).read_text())
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
-        src = _subset_list(data["train"], opt.images, Path(tmp))
+        src = _subset_list(data.train, opt.images, Path(tmp))
         res = {}
         for persistent in (False, True):  # interleave twice so machine noise hits both alike
             for _ in range(2):
-                r = epoch_gaps(src, data["nc"], opt.imgsz, opt.workers, opt.batch_size, opt.epochs, hyp, persistent)
+                r = epoch_gaps(src, data.nc, opt.imgsz, opt.workers, opt.batch_size, opt.epochs, hyp, persistent)
                 best = res.get(persistent)
                 if best is None or statistics.mean(r["gaps"][1:]) < statistics.mean(best["gaps"][1:]):
                     res[persistent] = r
