@@ -70,7 +70,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # ---------------------------------------------------------------- 1. one DDP step == one process, global batch
 def test_one_step_two_ranks_sync_bn_equals_one_process_batch_8(tmp_path):
-    data = make_data(tmp_path, n_train=8, n_val=8)
+    data = make_data(tmp_path, n_train=8, n_val=24)
     hyp = yaml.safe_load((ROOT / "data/hyps/hyp.scratch-high.yaml").read_text())
     # nbs = batch: accumulate 1, so the first batch is an optimizer step; small loss gains keep the gradient
     # norm under the clip (10), otherwise clipping would hide a wrong gradient scale; a large lr makes the step
@@ -103,8 +103,10 @@ def test_one_step_two_ranks_sync_bn_equals_one_process_batch_8(tmp_path):
             assert rel(step, b.double() - two["before"][k].double()) <= 1e-5, k  # the step itself
     assert changed > 1000
     # the trainer's (sharded) validation of the EMA model equals a plain single-process validation
-    assert two["val_sharded"] == two["val_single"]
-    assert two["val_single"]["seen"] == 8
+    # (3 val batches of 8: rank 0 validates 2, rank 1 one; the losses are averaged over all 3)
+    assert two["val_batches"] == 2 and two["val_single"]["seen"] == 24 and two["val_single"]["box"] > 0
+    for k, v in two["val_single"].items():
+        assert two["val_sharded"][k] == pytest.approx(v, abs=1e-6), k
 
 
 # ---------------------------------------------------------------- 2. two nodes on one machine
@@ -188,6 +190,7 @@ def test_elastic_restart_after_sigkill_resumes_from_last_pt(tmp_path):
     p.wait(timeout=300)
     reader.join(timeout=30)
     out = "".join(chunks)
+    (tmp_path / "torchrun.log").write_text(out)
     assert p.returncode == 0, out[-3000:]
     assert "Restart 1 of the worker group: continuing" in out and "Resuming training from" in out
     assert epochs_in_csv(csv_path) == [0, 1, 2]  # every epoch exactly once
@@ -220,7 +223,6 @@ def test_val_dual_sharded_equals_single_process(tmp_path):
     for k in ("mp", "mr", "map50", "map", "box", "cls", "dfl"):
         assert two[k] == pytest.approx(one[k], abs=1e-6), k
     assert two["maps"] == pytest.approx(one["maps"], abs=1e-6)
-    assert one["box"] > 0  # real validation losses, averaged over all 5 batches of both ranks
 
     def key(d):
         return (d["image_id"], d["category_id"], d["score"], d["bbox"])
