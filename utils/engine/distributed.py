@@ -115,8 +115,17 @@ def init_distributed(device: torch.device) -> torch.device:
     t = timeout_s()
     where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
     try:
+        kw: dict = {}
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # the agent's store may outlive a restart: a fresh key prefix per attempt, so a restarted group
+            # never reads the addresses of the workers that died (gloo would try to reach them)
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                  int(os.environ["WORLD_SIZE"]), is_master=False,
+                                  timeout=datetime.timedelta(seconds=t))
+            kw = dict(store=dist.PrefixStore(f"yolo/attempt_{restart_count()}", store),
+                      rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(seconds=t))
+                                timeout=datetime.timedelta(seconds=t), **kw)
     except (dist.DistError, RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"rank {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')}: the process group "
