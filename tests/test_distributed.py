@@ -271,3 +271,35 @@ def test_launch_mistakes_give_one_clear_line(tmp_path, capsys, monkeypatch):
     assert r.returncode == 1 and len(lines) == 1, (r.stdout + r.stderr)[-3000:]
     assert "rank 0 of 2" in lines[0] and "did not form within 4 s" in lines[0]
     assert "Traceback" not in r.stderr and time.time() - t0 < 90
+
+
+def test_survivor_of_a_killed_rank_stops_with_one_line(tmp_path):
+    """Two ranks started by hand (no torchrun agent to clean up): rank 1 is killed mid-epoch, rank 0 must not
+    wait for it; it stops with one clear line."""
+    data = make_data(tmp_path, n_train=16, n_val=8)
+    port = str(free_port())
+    procs = []
+    for r in (0, 1):
+        e = env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port, YOLO_DDP_TIMEOUT="60")
+        cmd = [sys.executable, ROOT / "train_dual.py", *TINY, "--data", data, "--epochs", "3", "--project",
+               tmp_path / "runs"]
+        procs.append(subprocess.Popen([str(c) for c in cmd], cwd=tmp_path, env=e, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    chunks: list[str] = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: procs[0].stdout.read(64), "")), daemon=True)
+    reader.start()
+    t0 = time.time()
+    while " 1/2 " not in "".join(chunks) and procs[0].poll() is None and time.time() - t0 < 200:
+        time.sleep(0.02)  # poll until rank 0 has trained a batch of epoch 1
+    assert procs[0].poll() is None, "".join(chunks)[-3000:]
+    procs[1].send_signal(signal.SIGKILL)
+    procs[1].communicate(timeout=60)
+    t1 = time.time()
+    procs[0].wait(timeout=120)
+    reader.join(timeout=30)
+    out = "".join(chunks)
+    errs = [ln for ln in out.splitlines() if ln.startswith("ERROR:")]
+    assert procs[0].returncode == 1 and len(errs) == 1, out[-3000:]
+    assert "rank 0 of 2: lost contact with the other processes" in errs[0]
+    assert "Traceback" not in out and time.time() - t1 < 70

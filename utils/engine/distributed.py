@@ -137,6 +137,17 @@ def init_distributed(device: torch.device) -> torch.device:
     return device
 
 
+def lost_peer(e: BaseException) -> UserError | None:
+    """A collective that failed because another rank died or timed out, as one clear line (None otherwise)."""
+    text = str(e)
+    if not is_dist() or not (isinstance(e, dist.DistError) or any(
+            w in text for w in ("gloo", "NCCL", "Connection reset", "Connection closed", "timed out", "Timed out"))):
+        return None
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(e).__name__)
+    return UserError(f"rank {rank()} of {world_size()}: lost contact with the other processes ({first[:160]}); "
+                     f"another rank probably failed, see its messages (collectives wait YOLO_DDP_TIMEOUT={timeout_s():g} s)")
+
+
 def destroy() -> None:
     if is_dist():
         dist.destroy_process_group()

@@ -493,4 +493,10 @@ def _append_results(path: Path, epoch: int, train_losses: list, r: ValResult, lr
 
 
 def train(opt: TrainConfig | argparse.Namespace, callbacks: Sequence[Callback] = ()) -> ValResult | None:
-    return Trainer(opt, callbacks).run()
+    try:
+        return Trainer(opt, callbacks).run()
+    except RuntimeError as e:  # includes torch.distributed.DistError
+        err = ddp.lost_peer(e)
+        if err is None:
+            raise
+        raise err from e
