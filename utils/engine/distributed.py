@@ -32,8 +32,9 @@ DEFAULT_TIMEOUT_S = 1800
 
 
 def under_torchrun() -> bool:
-    """True when this process was started by torchrun (or an equivalent launcher setting RANK/WORLD_SIZE)."""
-    return "LOCAL_RANK" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+    """True when this process was started by torchrun (or a launcher that sets LOCAL_RANK, RANK, WORLD_SIZE,
+    MASTER_ADDR and MASTER_PORT the same way)."""
+    return "LOCAL_RANK" in os.environ
 
 
 def is_dist() -> bool:
