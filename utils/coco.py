@@ -156,8 +156,8 @@ def is_coco_data(data: DataConfig) -> bool:
 def find_annotations(data: DataConfig) -> Path | None:
     """The COCO GT JSON a data YAML provides: `coco_json:` (relative to the dataset root) or the standard
     <path>/annotations/instances_val2017.json; None when absent."""
-    root = Path(data.get("path") or ".")
-    if data.get("coco_json"):
+    root = Path(data.path or ".")
+    if data.coco_json:
         p = Path(str(data.coco_json)).expanduser()
         p = p if p.is_absolute() else root / p
         if not p.is_file():

@@ -4,7 +4,7 @@ One assignment per head branch; for dual heads the auxiliary branch terms are we
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -106,6 +106,11 @@ def dfl_loss(pred_dist: Tensor, target: Tensor) -> Tensor:
     return (ce_left * w_left + ce_right * w_right).mean(-1, keepdim=True)
 
 
+def local_score_sum(s: Tensor) -> Tensor:
+    """The loss normaliser of one process: the batch's target-score sum, at least 1."""
+    return s.clamp(min=1.0)
+
+
 class DetectionLoss:
     """Callable loss: `loss, items = loss_fn(feats, targets)`.
 
@@ -133,6 +138,9 @@ class DetectionLoss:
         self.gains = (float(hyp.get("box", 7.5)), float(hyp.get("cls", 0.5)), float(hyp.get("dfl", 1.5)))
         self.assigner = TaskAlignedAssigner(topk=topk, num_classes=self.nc, alpha=0.5, beta=6.0)
         self.bins = torch.arange(self.reg_max, dtype=torch.float32)
+        # normaliser of the three terms from the batch's target-score sum; the trainer swaps in the
+        # global-batch version under DDP (utils.engine.distributed.global_score_sum)
+        self.score_sum_fn: Callable[[Tensor], Tensor] = local_score_sum
 
     # ---- helpers ----
     def _split(self, feats: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -188,7 +196,7 @@ class DetectionLoss:
             pred_logits.detach().sigmoid(), pred_bboxes.detach() * stride_tensor, anchor_points * stride_tensor,
             gt_labels, gt_bboxes, mask_gt)
         target_bboxes = target_bboxes / stride_tensor
-        score_sum = target_scores.sum().clamp(min=1.0)
+        score_sum = self.score_sum_fn(target_scores.sum())
 
         loss = torch.zeros(3, device=device)
         loss[1] = F.binary_cross_entropy_with_logits(pred_logits, target_scores, reduction="sum") / score_sum

@@ -1,4 +1,4 @@
-"""DataLoader factory: seeded workers, DistributedSampler under DDP, multi-scale helper."""
+"""DataLoader factory: seeded workers, DistributedSampler under DDP, sharded validation, multi-scale helper."""
 from __future__ import annotations
 
 import math
@@ -7,8 +7,9 @@ import random
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, distributed
+from torch.utils.data import DataLoader, Sampler, distributed
 
 from utils.general import LOGGER
 
@@ -23,13 +24,58 @@ def seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
+class ShardSampler(Sampler):
+    """This rank's contiguous run of whole batches, no padding: rank r of W gets batches
+    [ceil(r*nb/W), ceil((r+1)*nb/W)) (rank 0 always has the first ones, which it plots). Every image is seen exactly once over all ranks, each batch is exactly the
+    batch one process would form (same rect shape), and rank order is the single-process order, so
+    gathered validation statistics equal a single-process validation."""
+
+    def __init__(self, n: int, batch_size: int, rank: int, world: int):
+        nb = -(-n // batch_size)
+        first, last = -(-rank * nb // world), -(-(rank + 1) * nb // world)
+        self.indices = list(range(first * batch_size, min(last * batch_size, n)))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class RecordingSampler(Sampler):
+    """Wraps a sampler and appends the indices it hands out each epoch to <dir>/rank<R>.txt
+    ("epoch i,j,k,..."): set YOLO_SAMPLER_LOG=<dir> to see which images each rank trained on."""
+
+    def __init__(self, sampler: Sampler, folder: str, rank: int):
+        self.sampler, self.file, self.epoch = sampler, os.path.join(folder, f"rank{max(rank, 0)}.txt"), 0
+        os.makedirs(folder, exist_ok=True)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        idx = list(iter(self.sampler))
+        with open(self.file, "a") as f:
+            f.write(f"{self.epoch} {','.join(map(str, idx))}\n")
+        return iter(idx)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
 def create_dataloader(path, imgsz: int, batch_size: int, stride=32, hyp: dict | None = None,
                       augment: bool = False, cache: str | bool | None = None, pad: float = 0.0,
                       rect: bool = False, rank: int = -1, workers: int = 0, image_weights: bool = False,
                       shuffle: bool = False, seed: int = 0, names: list | None = None, nc: int | None = None,
                       single_cls: bool = False, min_items: int = 0, prefix: str = "",
-                      persistent: bool = True) -> tuple[DataLoader, YOLODataset]:
+                      persistent: bool = True, shard: tuple[int, int] | None = None
+                      ) -> tuple[DataLoader, YOLODataset]:
     """Build (loader, dataset). Batches are (imgs uint8 [B,3,H,W] RGB, targets [N,6], paths, shapes).
+
+    rank >= 0: training under DDP, a DistributedSampler over the GLOBAL rank and world size (padded, shuffled
+    per epoch). shard=(rank, world): validation, a ShardSampler (whole batches, no padding duplicates).
 
     Workers are persistent (no re-spawn, re-import and re-seed at every epoch start); dataset state changed
     between epochs (close_mosaic, image-weight resampling) is held in shared memory by the dataset, so it
@@ -47,10 +93,16 @@ def create_dataloader(path, imgsz: int, batch_size: int, stride=32, hyp: dict | 
                           image_weights=image_weights, cache=cache, single_cls=single_cls, stride=int(stride),
                           pad=pad, min_items=min_items, prefix=prefix, nc=nc, names=names)
     batch_size = min(batch_size, len(dataset))
-    world = int(os.environ.get("WORLD_SIZE", 1)) if rank != -1 else 1
-    nw = min((os.cpu_count() or 1) // max(world, 1), batch_size if batch_size > 1 else 0, int(workers))
+    world = (dist.get_world_size() if dist.is_available() and dist.is_initialized()
+             else int(os.environ.get("WORLD_SIZE", 1))) if rank != -1 else 1
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # processes sharing this node's CPUs
+    nw = min((os.cpu_count() or 1) // max(local_world, 1), batch_size if batch_size > 1 else 0, int(workers))
     sampler = None if rank == -1 else distributed.DistributedSampler(dataset, num_replicas=world, rank=rank,
                                                                      shuffle=shuffle, seed=seed)
+    if shard is not None and shard[1] > 1:
+        sampler = ShardSampler(len(dataset), batch_size, *shard)
+    if rank != -1 and os.environ.get("YOLO_SAMPLER_LOG"):  # training samplers only
+        sampler = RecordingSampler(sampler, os.environ["YOLO_SAMPLER_LOG"], rank)
     gen = torch.Generator()
     gen.manual_seed(6148914691236517205 + seed + max(rank, 0))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, num_workers=nw,

@@ -28,6 +28,7 @@ from models.yolo import DetectionModel
 from utils.checkpoint import (find_newest, load_checkpoint, make_checkpoint, model_from_checkpoint,
                               save_checkpoint, strip_checkpoint, transfer_weights)
 from utils.data import create_dataloader, load_data_config, multi_scale
+from utils.engine import distributed as ddp
 from utils.engine.autobatch import auto_batch_size
 from utils.engine.config import TrainConfig
 from utils.engine.graphs import CompiledForward
@@ -119,12 +120,13 @@ class Trainer:
 
     # ================================================================== setup
     def setup(self) -> None:
-        cfg, self.ckpt = resolve_config(self.cfg)
-        self.device = self._init_device(cfg.device)
+        ddp.check_launch(self.cfg.device, self.cfg.sync_bn)
+        self.device = self._init_device(self.cfg.device)
+        self.main = ddp.is_main()
+        # global rank 0 decides the run (folder, resume point) and every rank receives the same decision
+        cfg, self.ckpt = ddp.broadcast_object(self._plan_run() if self.main else None)
         self.data = load_data_config(cfg.data)
-        cfg = cfg.with_defaults(self.data.train_defaults)
-        if not self.ckpt:
-            cfg = cfg.replace(save_dir=str(increment_path(Path(cfg.project) / cfg.name, exist_ok=cfg.exist_ok)))
+        ddp.check_batch(cfg.batch_size, WORLD_SIZE)
         self.cfg = cfg
         self.hyp = dict(self.ckpt["hyp"]) if self.ckpt else load_hyp(cfg.hyp)
         self.names = ["item"] if cfg.single_cls else list(self.data.names)
@@ -140,16 +142,28 @@ class Trainer:
         self._build_optimization()
         self._build_loaders()
         self.loss_fn = DetectionLoss(unwrap(self.model), self.hyp)
+        self.val_loss_fn = DetectionLoss(unwrap(self.model), self.hyp)  # per rank: shards differ in length
+        if LOCAL_RANK != -1:
+            self.loss_fn.score_sum_fn = ddp.global_score_sum  # normalise by the global batch's score sum
 
     def _init_device(self, spec: str) -> torch.device:
-        device = select_device(spec)
-        if LOCAL_RANK != -1:
-            if device.type == "cuda":
-                torch.cuda.set_device(LOCAL_RANK)
-                device = torch.device("cuda", LOCAL_RANK)
-            if not dist.is_initialized():
-                dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        return device
+        return ddp.init_distributed(select_device(spec if LOCAL_RANK == -1 else spec.split(",")[0]))
+
+    def _plan_run(self) -> tuple[TrainConfig, dict | None]:
+        """(config, checkpoint being resumed). After a torchelastic restart, the failed attempt's run folder
+        and its newest last.pt (no flag needed); otherwise --resume or a new incremented folder."""
+        cfg, folder = self.cfg, None
+        if ddp.restart_count() > 0:
+            folder = (Path(cfg.resume).resolve().parent.parent if cfg.resume not in ("", "last")
+                      else ddp.restart_run_folder(Path(cfg.project) / cfg.name, cfg.exist_ok))
+            if folder is not None and (folder / "weights" / "last.pt").is_file():
+                LOGGER.info(f"Restart {ddp.restart_count()} of the worker group: continuing {folder}")
+                cfg = cfg.replace(resume=str(folder / "weights" / "last.pt"))
+        cfg, ck = resolve_config(cfg)
+        cfg = cfg.with_defaults(load_data_config(cfg.data).train_defaults)
+        if not ck:
+            cfg = cfg.replace(save_dir=str(folder or increment_path(Path(cfg.project) / cfg.name, exist_ok=cfg.exist_ok)))
+        return cfg, ck
 
     def _write_run_files(self) -> None:
         if not self.main:
@@ -200,7 +214,7 @@ class Trainer:
         decay = hyp["weight_decay"] * cfg.batch_size * self.accumulate / self.nbs  # scaled here, never stored
         self.optimizer = build_optimizer(self.model, cfg.optimizer, hyp["lr0"], hyp["momentum"], decay)
         self.lf = lr_lambda(cfg.schedule, cfg.epochs, hyp["lrf"])
-        self.ema = ModelEMA(self.model) if self.main else None
+        self.ema = ModelEMA(self.model)  # on every rank: each validates its shard of the val set
         self.start_epoch, self.best_fitness = 0, 0.0
         if self.ckpt:
             self.optimizer.load_state_dict(self.ckpt["optimizer"])
@@ -214,7 +228,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=self.lf,
                                                            last_epoch=self.start_epoch - 1)
         if cfg.sync_bn and LOCAL_RANK != -1:
-            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            self.model = ddp.convert_sync_bn(self.model, self.device)
         self.amp = self._amp_ok()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         if LOCAL_RANK != -1:
@@ -244,16 +258,16 @@ class Trainer:
 
     def _build_loaders(self) -> None:
         cfg, data = self.cfg, self.data
-        per_rank = max(cfg.batch_size // WORLD_SIZE, 1)
+        per_rank = cfg.batch_size // WORLD_SIZE
         common = dict(cache=cfg.cache, workers=cfg.workers, names=data.names, nc=data.nc, single_cls=cfg.single_cls)
         self.train_loader, self.dataset = create_dataloader(
-            data.train, self.imgsz, per_rank, self.gs, hyp=self.hyp, augment=True, rect=cfg.rect, rank=LOCAL_RANK,
+            data.train, self.imgsz, per_rank, self.gs, hyp=self.hyp, augment=True, rect=cfg.rect, rank=ddp.rank(),
             image_weights=cfg.image_weights, shuffle=not cfg.rect, seed=cfg.seed, min_items=cfg.min_items,
             prefix="train: ", **common)
-        self.val_loader = None
+        self.val_loader, _ = create_dataloader(data.val, self.imgsz, per_rank * 2, self.gs, hyp=self.hyp, augment=False,
+                                               rect=True, rank=-1, pad=0.5, prefix="val: ",
+                                               shard=(ddp.rank(), ddp.world_size()), **common)
         if self.main:
-            self.val_loader, _ = create_dataloader(data.val, self.imgsz, per_rank * 2, self.gs, hyp=self.hyp,
-                                                   augment=False, rect=True, rank=-1, pad=0.5, prefix="val: ", **common)
             if not self.ckpt and not cfg.noplots:
                 labels = np.concatenate(self.dataset.labels, 0) if self.dataset.labels else np.zeros((0, 5))
                 plot_labels(labels, self.names, self.save_dir)
@@ -342,6 +356,8 @@ class Trainer:
             loss, items = self.loss_fn(pred, targets.to(self.device))
         if not self._loss_is_finite(loss, epoch, ni, paths):
             return None
+        if LOCAL_RANK != -1:
+            loss = loss * WORLD_SIZE  # DDP averages gradients over ranks; this makes it the global-batch sum
         self.scaler.scale(loss).backward()
         if ni - self.last_opt_step >= self.accumulate:
             self.scaler.unscale_(self.optimizer)
@@ -385,12 +401,11 @@ class Trainer:
     # ================================================================== end of epoch
     def end_epoch(self, epoch: int, mloss: list[float]) -> bool:
         """Validate, log, save, early-stop. Returns True when training should stop (same on every rank)."""
-        stop = False
+        stop, cfg = False, self.cfg
+        final = epoch + 1 == cfg.epochs
+        result = self._validate(self.ema.ema) if (not cfg.noval or final) else ValResult.empty(len(self.names))
+        self.last_result = result  # every rank validated its shard; the gathered result is the same on all
         if self.main:
-            cfg = self.cfg
-            final = epoch + 1 == cfg.epochs
-            result = self._validate(self.ema.ema) if (not cfg.noval or final) else ValResult.empty(len(self.names))
-            self.last_result = result
             fi = result.fitness
             self.best_fitness = max(self.best_fitness, fi)
             row = _append_results(self.csv_path, epoch, mloss, result, self.lrs)
@@ -412,19 +427,22 @@ class Trainer:
     def finish(self) -> ValResult | None:
         """Strip best.pt, validate it with plots, draw results.png; tear down DDP."""
         result = self.last_result
+        best = self.wdir / "best.pt"
+        ck = None
+        if self.main and best.exists():
+            strip_checkpoint(best)
+            LOGGER.info(f"\nValidating {best}...")
+            ck = load_checkpoint(best)
+        ck = ddp.broadcast_object(ck)  # rank 0's file, so other nodes need no shared filesystem
+        if ck is not None:
+            result = self._validate(model_from_checkpoint(ck).to(self.device), plots=not self.cfg.noplots,
+                                    verbose=True)
         if self.main:
-            best = self.wdir / "best.pt"
-            if best.exists():
-                strip_checkpoint(best)
-                LOGGER.info(f"\nValidating {best}...")
-                model = model_from_checkpoint(load_checkpoint(best)).to(self.device)
-                result = self._validate(model, plots=not self.cfg.noplots, verbose=True)
             if not self.cfg.noplots:
                 plot_results(self.csv_path)
             LOGGER.info(f"Results saved to {self.save_dir}")
             self._emit("on_train_end", self, result)
-        if LOCAL_RANK != -1 and dist.is_initialized():
-            dist.destroy_process_group()
+        ddp.destroy()
         return result
 
     # ================================================================== helpers
@@ -444,7 +462,7 @@ class Trainer:
     def _validate(self, model: nn.Module, plots: bool = False, verbose: bool = False) -> ValResult:
         opts = ValOptions(single_cls=self.cfg.single_cls, save_dir=self.save_dir, plots=plots, verbose=verbose,
                           training=True)
-        return Validator(opts, names=self.names, loss_fn=self.loss_fn).run(model, self.val_loader)
+        return Validator(opts, names=self.names, loss_fn=self.val_loss_fn).run(model, self.val_loader)
 
     def _save(self, epoch: int, name: str) -> None:
         ema = self.ema
@@ -502,4 +520,10 @@ def _append_results(path: Path, epoch: int, train_losses: list, r: ValResult, lr
 
 
 def train(opt: TrainConfig | argparse.Namespace, callbacks: Sequence[Callback] = ()) -> ValResult | None:
-    return Trainer(opt, callbacks).run()
+    try:
+        return Trainer(opt, callbacks).run()
+    except RuntimeError as e:  # includes torch.distributed.DistError
+        err = ddp.lost_peer(e)
+        if err is None:
+            raise
+        raise err from e

@@ -24,6 +24,8 @@ from tqdm import tqdm
 from utils import coco
 from utils.boxes import scale_boxes, xywh2xyxy, xyxy2xywh
 from utils.data import create_dataloader, load_data_config
+from utils.data.loader import ShardSampler
+from utils.engine import distributed as ddp
 from utils.engine.backend import Backend
 from utils.engine.config import ValJob, ValOptions
 from utils.engine.tta import forward_augment
@@ -182,6 +184,17 @@ class _Stats:
         self.pred_cls.append(pred_cls.cpu())
         self.target_cls.append(target_cls.cpu())
 
+    @classmethod
+    def merge(cls, parts: Sequence["_Stats"]) -> "_Stats":
+        """Several ranks' statistics as one, in rank order (= single-process image order for ShardSampler)."""
+        out = cls(parts[0].nc)
+        for p in parts:
+            for name in ("correct", "conf", "pred_cls", "target_cls"):
+                getattr(out, name).extend(getattr(p, name))
+            out.img_per_cls += p.img_per_cls
+            out.seen += p.seen
+        return out
+
     def arrays(self) -> list[np.ndarray]:
         if not self.correct:
             return []
@@ -202,9 +215,11 @@ class Validator:
         through loss_fn), a Backend or an Ensemble."""
         self._prepare(model, dataloader)
         try:
-            pbar = tqdm(dataloader, desc=HEADER, total=len(dataloader), bar_format="{l_bar}{bar:10}{r_bar}")
+            pbar = tqdm(dataloader, desc=HEADER, total=len(dataloader), bar_format="{l_bar}{bar:10}{r_bar}",
+                        disable=not self.main)
             for batch_i, batch in enumerate(pbar):
                 self._batch(batch_i, batch)
+            self._gather(dataloader)
             return self._summary(dataloader)
         finally:
             self._restore(model)
@@ -220,9 +235,11 @@ class Validator:
         names = list(names.values()) if isinstance(names, dict) else list(names or getattr(model, "names", []) or [])
         self.names = names or list(getattr(dataloader.dataset, "names", None) or ["0"])
         self.nc = 1 if opt.single_cls else len(self.names)
+        self.main = ddp.is_main()  # under torchrun only global rank 0 plots and writes json (txt: each rank its own)
         self.plots = opt.plots and opt.save_dir is not None
+        self.draw = self.plots and self.main
         self.save_txt = opt.save_txt or opt.save_hybrid
-        if opt.save_dir is not None:
+        if opt.save_dir is not None and (self.main or self.save_txt):
             (opt.save_dir / "labels" if self.save_txt else opt.save_dir).mkdir(parents=True, exist_ok=True)
         self.device = _model_device(model)
         self.was_training = model.training if isinstance(model, nn.Module) else None
@@ -284,7 +301,7 @@ class Validator:
             shape_info = shapes[si] if shapes[si] is not None else ((height, width), ((1.0, 1.0), (0.0, 0.0)))
             self._image(pred, targets[targets[:, 0] == si, 1:].float(), Path(paths[si]), (height, width), shape_info)
         self.dt_metrics += time.time() - t5
-        if self.plots and batch_i < 3:
+        if self.draw and batch_i < 3:
             plot_images(im, targets, paths, opt.save_dir / f"val_batch{batch_i}_labels.jpg", names=self.names)
             plot_images(im, _output_to_target(preds), paths, opt.save_dir / f"val_batch{batch_i}_pred.jpg",
                         names=self.names)
@@ -339,6 +356,27 @@ class Validator:
             image_id = self.id_map.get(str(path), int(path.stem) if path.stem.isnumeric() else path.stem)
             coco.detections_to_coco(saved, image_id, self.class_map, self.jdict)
 
+    # ---- gather
+    def _gather(self, dataloader) -> None:
+        """Sharded validation (a ShardSampler under torchrun): merge every rank's statistics, losses, detections
+        and timings in rank order, on every rank, so `_summary` sees the whole val set."""
+        self.n_batches = len(dataloader)
+        if not (isinstance(getattr(dataloader, "sampler", None), ShardSampler) and ddp.is_dist()):
+            return
+        mine = (self.stats, self.loss.cpu(), self.n_batches, self.jdict, self.dt, self.dt_metrics,
+                self.cm.matrix if self.plots else None, self.predictions, self.last_shape)
+        parts = ddp.gather_objects(mine)
+        self.stats = _Stats.merge([p[0] for p in parts])
+        self.loss = sum(p[1] for p in parts).to(self.device)
+        self.n_batches = sum(p[2] for p in parts)
+        self.jdict = [d for p in parts for d in p[3]]
+        self.dt = [sum(p[4][i] for p in parts) for i in range(3)]
+        self.dt_metrics = sum(p[5] for p in parts)
+        if self.plots:
+            self.cm.matrix = sum(p[6] for p in parts)
+        self.predictions = {k: v for p in parts for k, v in p[7].items()}
+        self.last_shape = parts[0][8]
+
     # ---- summary
     def _summary(self, dataloader) -> ValResult:
         opt, nc, names, seen = self.opt, self.nc, self.names, self.stats.seen
@@ -346,25 +384,25 @@ class Validator:
         tcls = cat[3].astype(int) if cat else np.zeros(0, int)
         nt = np.bincount(tcls.clip(0, nc - 1), minlength=nc) if len(tcls) else np.zeros(nc, int)
         t6 = time.time()
-        res = ap_per_class(*cat, plot=self.plots, save_dir=opt.save_dir, names=names) if cat else None
+        res = ap_per_class(*cat, plot=self.draw, save_dir=opt.save_dir, names=names) if cat else None
         mp, mr, map50, map_ = res.mean_results() if res is not None else (0.0, 0.0, 0.0, 0.0)
         maps = res.maps(nc) if res is not None else np.zeros(nc)
-        self.dt_metrics += time.time() - t6 if not self.plots else 0.0  # curve plotting is not metrics time
+        self.dt_metrics += time.time() - t6 if not self.draw else 0.0  # curve plotting is not metrics time
         ap_table = self._log_table(res, nt, mp, mr, map50, map_)
         speed = tuple(x / max(seen, 1) * 1e3 for x in self.dt)
         if not self.training:
             imgsz = getattr(dataloader.dataset, "imgsz", self.last_shape[0])
             shape = (getattr(dataloader, "batch_size", None) or 1, 3, imgsz, imgsz)
             LOGGER.info(f"Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape {shape}" % speed)
-        if self.plots:
+        if self.draw:
             self.cm.plot(save_dir=opt.save_dir, names=names)
-        lossv = (self.loss.cpu() / max(len(dataloader), 1)).tolist()
+        lossv = (self.loss.cpu() / max(self.n_batches, 1)).tolist()
         out = ValResult(mp=mp, mr=mr, map50=map50, map=map_, box=lossv[0], cls=lossv[1], dfl=lossv[2], maps=maps,
                         nt=nt, seen=seen, speed=speed, metrics_ms=self.dt_metrics / max(seen, 1) * 1e3,
                         ap_table=ap_table, save_dir=opt.save_dir,
                         confusion_matrix=self.cm.matrix if self.plots else None,
                         predictions=self.predictions if opt.return_predictions else None)
-        if opt.save_json and opt.save_dir is not None:
+        if opt.save_json and opt.save_dir is not None and self.main:
             pred_json = coco.save_json(self.jdict, opt.save_dir / "predictions.json")
             LOGGER.info(f"Saved {len(self.jdict)} detections to {pred_json}")
             if opt.anno_json is not None:
@@ -437,7 +475,20 @@ def run_validation(job: ValJob | None = None, **kwargs) -> ValResult:
     Pass a ValJob or its fields as keywords."""
     job = job or ValJob.from_args(kwargs)
     weights = list(job.weights)
-    dev = select_device(job.device, job.batch_size)
+    ddp.check_launch(job.device, script="val_dual.py")
+    started = ddp.under_torchrun() and not ddp.is_dist()
+    dev = ddp.init_distributed(select_device(job.device.split(",")[0] if ddp.under_torchrun() else job.device,
+                                             job.batch_size))
+    try:
+        return _run_validation(job, weights, dev)
+    finally:
+        if started:
+            ddp.destroy()
+
+
+def _run_validation(job: ValJob, weights: list, dev: torch.device) -> ValResult:
+    """run_validation once the device (and under torchrun the process group) is ready: each rank validates
+    its ShardSampler share, the Validator gathers before the summary."""
     cfg = load_data_config(job.data)
     backends = [Backend(w, device=dev, half=job.half, fuse=True) for w in weights]
     for b in backends:
@@ -457,17 +508,19 @@ def run_validation(job: ValJob | None = None, **kwargs) -> ValResult:
     split = "val" if job.task == "speed" else job.task
     if not cfg.split(split):
         raise UserError(f"{cfg.yaml_file}: no '{split}' split")
-    save_dir = increment_path(Path(job.project) / job.name, exist_ok=job.exist_ok, mkdir=True)
+    save_dir = ddp.broadcast_object(increment_path(Path(job.project) / job.name, exist_ok=job.exist_ok, mkdir=True)
+                                    if ddp.is_main() else None)
     model.warmup((1, 3, imgsz, imgsz))
     pad, rect = (0.0, False) if (job.task == "speed" or fixed) else (0.5, True)  # exported files: one fixed size
     loader, _ = create_dataloader(cfg.split(split), imgsz, job.batch_size, model.stride, pad=pad, rect=rect,
                                   workers=job.workers, names=cfg.names, nc=cfg.nc, single_cls=job.single_cls,
-                                  min_items=job.min_items, prefix=f"{job.task}: ")
+                                  min_items=job.min_items, prefix=f"{job.task}: ",
+                                  shard=(ddp.rank(), ddp.world_size()) if ddp.is_dist() else None)
     anno = (coco.find_annotations(cfg) or "auto") if job.options.save_json else None
     options = dataclasses.replace(job.options, save_dir=save_dir, is_coco=coco.is_coco_data(cfg), anno_json=anno,
                                   training=False)
     out = Validator(options, names=cfg.names).run(model, loader)
-    if options.save_txt or options.save_hybrid:
+    if (options.save_txt or options.save_hybrid) and ddp.is_main():
         n = len(list((save_dir / "labels").glob("*.txt")))
         LOGGER.info(f"{n} labels saved to {save_dir / 'labels'}")
     LOGGER.info(f"Results saved to {save_dir}")

@@ -1,0 +1,100 @@
+"""Test driver run by tests/test_distributed.py, alone or under torchrun. Not a user tool.
+
+step: build the model, loss, optimizer (and under torchrun SyncBN + DDP) through the Trainer's own setup, then
+      one optimizer step on 8 fixed val images (rank r of W takes its contiguous 8/W of them), no warmup.
+      The model is built in float64 (the loss itself stays float32): a deep random-init network amplifies
+      float32 rounding (batch 4 vs 8 kernels, BN reductions) to ~1e-4 in the gradient, which would hide what
+      the test is about (scaling, normaliser, SyncBN); in float64 the rounding stays ~1e-11.
+      Rank 0 saves parameters/buffers before and after, the pre-clip gradient norm, and the validation of the
+      EMA model on the trainer's (sharded) val loader next to a plain single-process validation of it.
+val:  val_dual.main(argv) under torchrun or alone; rank 0 saves the ValResult numbers.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def result_numbers(r) -> dict:
+    return {"mp": r.mp, "mr": r.mr, "map50": r.map50, "map": r.map, "box": r.box, "cls": r.cls, "dfl": r.dfl,
+            "maps": np.asarray(r.maps).tolist(), "nt": np.asarray(r.nt).tolist(), "seen": r.seen}
+
+
+def step(out: Path, data: str, hyp: str, project: str, sync_bn: bool) -> None:
+    from utils.data import create_dataloader
+    from utils.engine import distributed as ddp
+    from utils.engine.config import TrainConfig
+    from utils.engine.optim import unwrap
+    from utils.engine.trainer import Trainer
+    from utils.engine.validator import Validator, ValOptions
+
+    cfg = TrainConfig(data=data, cfg="gelan-t.yaml", hyp=hyp, epochs=1, batch_size=8, imgsz=64, device="cpu",
+                      workers=0, sync_bn=sync_bn, project=project, name="step", noplots=True, tensorboard=False,
+                      seed=1)
+    t = Trainer(cfg)
+    torch.set_default_dtype(torch.float64)
+    try:
+        t.setup()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert t.accumulate == 1, t.accumulate  # hyp nbs == batch: every batch is an optimizer step
+    t.nw, t.last_opt_step, t.nonfinite = -1, -1, 0  # no warmup: every group at its scheduled lr
+    full, _ = create_dataloader(t.data.val, 64, 8, t.gs, augment=False, rect=False, workers=0, nc=t.data.nc,
+                                names=t.data.names)
+    imgs, targets, paths, _ = next(iter(full))
+    assert imgs.shape[0] == 8
+    r, w = max(ddp.rank(), 0), ddp.world_size()
+    per = 8 // w
+    keep = (targets[:, 0] >= r * per) & (targets[:, 0] < (r + 1) * per)
+    mine = targets[keep].clone()
+    mine[:, 0] -= r * per
+    before = {k: v.detach().clone() for k, v in unwrap(t.model).state_dict().items()}
+    norms = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def recording_clip(*a, **k):
+        n = clip(*a, **k)
+        norms.append(float(n))
+        return n
+
+    torch.nn.utils.clip_grad_norm_ = recording_clip
+    try:
+        items = t.train_step(0, 0, imgs[r * per:(r + 1) * per].double() / 255, mine, paths[r * per:(r + 1) * per])
+    finally:
+        torch.nn.utils.clip_grad_norm_ = clip
+    assert items is not None and norms, "the step did not happen"
+    after = {k: v.detach().clone() for k, v in unwrap(t.model).state_dict().items()}
+    t.ema.ema.float()
+    sharded = t._validate(t.ema.ema)  # the trainer's own (sharded under torchrun) validation
+    if ddp.is_main():
+        plain = Validator(ValOptions(training=True), names=t.names, loss_fn=t.val_loss_fn)
+        loader, _ = create_dataloader(t.data.val, t.imgsz, t.val_loader.batch_size, t.gs, augment=False, rect=True,
+                                      pad=0.5, workers=0, nc=t.data.nc, names=t.data.names)
+        single = plain.run(t.ema.ema, loader)
+        torch.save({"before": before, "after": after, "norm": norms[0], "world": w,
+                    "val_sharded": result_numbers(sharded), "val_single": result_numbers(single),
+                    "val_batches": len(t.val_loader)}, out)
+    ddp.destroy()
+
+
+def val(out: Path, argv: list[str]) -> None:
+    import val_dual
+    from utils.engine import distributed as ddp
+    res = val_dual.main(argv)
+    if ddp.rank() in (-1, 0):
+        out.write_text(json.dumps(result_numbers(res)))
+
+
+if __name__ == "__main__":
+    mode, out = sys.argv[1], Path(sys.argv[2])
+    if mode == "step":
+        step(out, sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6] == "1")
+    else:
+        val(out, sys.argv[3:])
