@@ -24,7 +24,8 @@ from models.yolo import DetectionModel
 from utils.checkpoint import (load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint,
                               strip_checkpoint, transfer_weights)
 from utils.data import create_dataloader, load_data_config, multi_scale
-from utils.engine.optim import ModelEMA, build_optimizer, lr_lambda, unwrap
+from utils.data.verify import collect_image_files
+from utils.engine.optim import ModelEMA, build_optimizer, choose_optimizer, lr_lambda, unwrap, warmup_iterations
 from utils.general import LOGGER, ROOT, UserError, check_img_size, increment_path
 from utils.loss import DetectionLoss
 from utils.metrics import fitness as metrics_fitness
@@ -213,7 +214,13 @@ class Trainer:
         per_rank = max(batch // WORLD_SIZE, 1)
         accumulate = max(round(nbs / batch), 1)
         hyp["weight_decay"] *= batch * accumulate / nbs
+        choice = choose_optimizer(opt.optimizer, len(collect_image_files(self.data["train"])[0]), batch, nbs,
+                                  opt.epochs, hyp, finetune=bool(opt.weights) and not self.ckpt)
+        opt.optimizer = choice.name  # resolved: opt.yaml, hyp.yaml and checkpoints keep it, --resume reuses it
+        hyp.update(choice.hyp_updates())
         if self.main:
+            LOGGER.info(f"optimizer: {choice.name} lr0={choice.lr0} momentum={choice.momentum} "
+                        f"warmup_bias_lr={choice.warmup_bias_lr} ({choice.reason})")
             try:
                 (self.save_dir / "hyp.yaml").write_text(yaml.safe_dump(hyp, sort_keys=False))
                 (self.save_dir / "opt.yaml").write_text(yaml.safe_dump(_plain_opt(opt), sort_keys=False))
@@ -262,7 +269,7 @@ class Trainer:
                             self.names, self.save_dir)
         loss_fn = DetectionLoss(unwrap(model), hyp)
         nb = len(train_loader)
-        nw = max(round(hyp["warmup_epochs"] * nb), 100)
+        nw = warmup_iterations(hyp, nb, opt.epochs)
         last_opt_step = -1
         close_at = opt.epochs - opt.close_mosaic
         csv_path = self.save_dir / "results.csv"
