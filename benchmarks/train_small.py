@@ -35,6 +35,8 @@ sys.path.insert(0, str(ROOT))
 
 from utils.engine.optim import AUTO_ADAMW_BETA1, AUTO_ADAMW_LR, AUTO_WARMUP_MAX_FRAC  # noqa: E402
 
+LABELS = {"old": "old: --optimizer SGD (upstream)", "new": "new: --optimizer auto",
+          "adamw-upw": "AdamW, upstream warmup", "adamw-2e-3": "AdamW lr0 0.002"}
 # Harder than the bundled set: smaller objects, more of them per image (more clutter), few images.
 HARD = dict(obj_size=(0.08, 0.25), max_objects=10)
 
@@ -168,7 +170,7 @@ def report(args: argparse.Namespace, work: Path, times: dict) -> None:
             e = [r["epoch"] + 1 for r in c]
             for ax, key in zip(axes, ("map50", "map")):
                 ax.plot(e, [r[key] for r in c], color=colours[s], alpha=0.8, lw=1.2,
-                        label=s if seed == args.seeds[0] else None)
+                        label=LABELS.get(s, s) if seed == args.seeds[0] else None)
         for ax, t in zip(axes, ("mAP50", "mAP50-95")):
             ax.set_xlabel("epoch"), ax.set_ylabel(t), ax.grid(alpha=0.3), ax.legend()
         fig.suptitle(args.title, fontsize=10)
