@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -153,8 +154,11 @@ def report(args: argparse.Namespace, work: Path, times: dict) -> None:
         for s, v in finals.items():
             if s != "old":
                 lines += ["", f"**{s} / old final mAP50: {v / finals['old']:.1f}x**"]
+    tfile = work / "wall_times.json"  # kept across invocations: a report rebuilt from finished runs keeps them
+    times = {**(json.loads(tfile.read_text()) if tfile.exists() else {}), **{k: v for k, v in times.items() if v == v}}
+    tfile.write_text(json.dumps(times))
     if times:
-        lines += ["", "Wall time per run (this invocation, 1 torch thread each, "
+        lines += ["", "Wall time per run (1 torch thread each, "
                   f"{args.jobs} at once on a shared machine): " +
                   ", ".join(f"{k} {v / 60:.1f} min" for k, v in sorted(times.items()) if v == v)]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
