@@ -34,7 +34,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="", help="cuda device, i.e. 0 or 0,1,2,3 or cpu")
     p.add_argument("--multi-scale", action="store_true", help="vary img-size +/- 50%%")
     p.add_argument("--single-cls", action="store_true", help="train multi-class data as single-class")
-    p.add_argument("--optimizer", type=str, choices=["SGD", "Adam", "AdamW"], default="SGD", help="optimizer")
+    p.add_argument("--optimizer", type=str, choices=["auto", "SGD", "Adam", "AdamW"], default="auto",
+                   help="auto: AdamW for short schedules (< 10k optimizer steps), else upstream SGD; "
+                        "SGD: upstream's exact recipe (hyp file values)")
     p.add_argument("--sync-bn", action="store_true", help="use SyncBatchNorm, only available in DDP mode")
     p.add_argument("--workers", type=int, default=8, help="max dataloader workers (per rank in DDP mode)")
     p.add_argument("--project", default="runs/train", help="save to project/name")

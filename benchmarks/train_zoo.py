@@ -46,7 +46,7 @@ def command(name: str, opt: argparse.Namespace) -> list[str]:
     return [sys.executable, str(ROOT / "train_dual.py"), "--cfg", f"models/detect/{name}.yaml", "--data", opt.data,
             "--epochs", str(opt.epochs), "--imgsz", str(opt.imgsz), "--batch-size", str(opt.batch_size),
             "--device", opt.device, "--workers", str(opt.workers), "--seed", "0", "--noplots",
-            "--project", opt.project, "--name", name, "--exist-ok"]
+            "--project", opt.project, "--name", name, "--exist-ok", "--optimizer", opt.optimizer]
 
 
 def best_row(results_csv: Path, at_epoch: int | None = None) -> dict:
@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--imgsz", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--optimizer", default="SGD", help="as train_dual.py; SGD reproduces the recorded table "
+                                                       "(measured before --optimizer auto became the default)")
     ap.add_argument("--device", default="", help="as train_dual.py: '' (auto), cpu, 0")
     ap.add_argument("--workers", type=int, default=2, help="dataloader workers per run")
     ap.add_argument("--jobs", type=int, default=1, help="trainings at once (a GPU has room for several)")

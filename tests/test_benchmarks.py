@@ -64,3 +64,29 @@ def test_collect_without_runs_is_one_clear_error(tmp_path, capsys):
     from utils.general import UserError
     with pytest.raises(UserError, match="no results.csv"):
         train_zoo.main(["--collect", str(tmp_path / "none")])
+
+
+def test_train_small_report_from_curves(tmp_path):
+    """The small-data report reads each run's results.csv: final/best mAP, ratio to 'old', epochs to target."""
+    import argparse
+    import csv as _csv
+
+    from benchmarks import train_small
+    curves = {"old": [0.0, 0.05, 0.1], "new": [0.1, 0.25, 0.3]}
+    for s, c in curves.items():
+        run = tmp_path / "runs" / f"{s}_s0"
+        run.mkdir(parents=True)
+        with open(run / "results.csv", "w", newline="") as f:
+            w = _csv.writer(f)
+            w.writerow(["epoch", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95"])
+            w.writerows([[e, v, v / 2] for e, v in enumerate(c)])
+    args = argparse.Namespace(settings=["old", "new"], seeds=[0], epochs=3, out=str(tmp_path / "rep"), title="t",
+                              cfg="gelan-t.yaml", imgsz=128, batch=16, hyp="hyp.yaml", data_desc="d", jobs=1)
+    train_small.report(args, tmp_path, {})
+    md = (tmp_path / "rep.md").read_text()
+    assert "**new / old final mAP50: 3.0x**" in md
+    assert "| old | 1 | 0.100 (0.100) | 0.050 | 0.100 | never (target 0.150) |" in md
+    assert "| new | 1 | 0.300 (0.300) | 0.150 | 0.300 | 2 (target 0.150) |" in md
+    rows = list(_csv.reader(open(tmp_path / "rep.csv")))
+    assert rows[0] == ["setting", "seed", "epoch", "mAP50", "mAP50-95"] and len(rows) == 7
+    assert (tmp_path / "rep.png").stat().st_size > 0

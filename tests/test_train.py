@@ -103,6 +103,42 @@ def test_resume_after_interrupt_and_extend(tiny_data, tmp_path):
     assert r.returncode != 0 and "Traceback" not in r.stderr and "already finished" in r.stderr
 
 
+def test_auto_optimizer_recorded_and_kept_on_resume(tiny_data, tmp_path):
+    """--optimizer auto (default) on 24 images resolves to AdamW; opt.yaml, hyp.yaml and the checkpoint hold the
+    resolved values and --resume uses them as given instead of deciding again. Explicit SGD is upstream's."""
+    base = [*TINY, "--data", str(tiny_data), "--project", str(tmp_path), "--noplots"]
+    r = run_train([*base, "--epochs", "1", "--name", "auto"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = r.stdout + r.stderr
+    assert "optimizer: AdamW lr0=0.002 momentum=0.9 warmup_bias_lr=0.0" in log and "short schedule" in log
+    run = tmp_path / "auto"
+    opt = yaml.safe_load((run / "opt.yaml").read_text())
+    hyp = yaml.safe_load((run / "hyp.yaml").read_text())
+    assert opt["optimizer"] == "AdamW"
+    assert (hyp["lr0"], hyp["momentum"], hyp["warmup_bias_lr"], hyp["warmup_max_frac"]) == (0.002, 0.9, 0.0, 0.05)
+    ck = torch.load(run / "weights/last.pt", weights_only=True)
+    assert ck["opt"]["optimizer"] == "AdamW" and ck["hyp"]["lr0"] == 0.002 and ck["hyp"]["momentum"] == 0.9
+    groups = ck["optimizer"]["param_groups"]
+    assert all(g["betas"][0] == 0.9 and g["initial_lr"] == 0.002 for g in groups)
+
+    r = run_train(["--resume", str(run / "weights/last.pt"), "--epochs", "2"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = r.stdout + r.stderr
+    assert "optimizer: AdamW lr0=0.002" in log and "--optimizer AdamW: hyperparameter file values" in log
+    ck = torch.load(run / "weights/last.pt", weights_only=True)
+    assert ck["epoch"] == 1 and ck["opt"]["optimizer"] == "AdamW" and ck["hyp"]["lr0"] == 0.002
+    assert all(g["initial_lr"] == 0.002 for g in ck["optimizer"]["param_groups"])
+
+    r = run_train([*base, "--epochs", "1", "--name", "sgd", "--optimizer", "SGD"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    upstream = yaml.safe_load((ROOT / "data/hyps/hyp.scratch-high.yaml").read_text())
+    hyp = yaml.safe_load((tmp_path / "sgd" / "hyp.yaml").read_text())
+    assert hyp == {k: float(v) for k, v in upstream.items()}  # batch 8 x accumulate 8 = 64: decay unscaled
+    ck = torch.load(tmp_path / "sgd" / "weights/last.pt", weights_only=True)
+    assert ck["opt"]["optimizer"] == "SGD"
+    assert all(g["nesterov"] and g["initial_lr"] == 0.01 for g in ck["optimizer"]["param_groups"])
+
+
 def test_overfit_four_images_halves_loss():
     from models.yolo import DetectionModel
     from utils.loss import DetectionLoss

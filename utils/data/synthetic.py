@@ -51,10 +51,11 @@ def _background(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
     return img
 
 
-def _shape_mask(rng: np.random.Generator, cls: int, w: int, h: int) -> np.ndarray | None:
+def _shape_mask(rng: np.random.Generator, cls: int, w: int, h: int,
+                obj_size: tuple = (0.16, 0.42)) -> np.ndarray | None:
     """Draw one shape of class `cls` into a binary mask of size (h, w); None if it fell off-image."""
     side = min(w, h)
-    s = rng.uniform(0.16, 0.42) * side  # nominal object size (>= 12% of the short side)
+    s = rng.uniform(*obj_size) * side  # nominal object size as a share of the short side
     aspect = rng.uniform(0.7, 1.45)
     bw, bh = s * np.sqrt(aspect), s / np.sqrt(aspect)
     cx = rng.uniform(bw / 2, w - bw / 2)
@@ -94,7 +95,7 @@ def _colour(rng: np.random.Generator, cls: int) -> tuple:
 
 
 def render_image(rng: np.random.Generator, size: tuple, nc: int = 5, max_objects: int = 6,
-                 empty_prob: float = 0.04) -> tuple[np.ndarray, np.ndarray]:
+                 empty_prob: float = 0.04, obj_size: tuple = (0.16, 0.42)) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic image (BGR uint8) and its labels [n, 5] (cls, xc, yc, w, h normalised)."""
     w, h = size
     img = _background(rng, w, h)
@@ -104,7 +105,7 @@ def render_image(rng: np.random.Generator, size: tuple, nc: int = 5, max_objects
     for _ in range(n):
         for _attempt in range(8):
             cls = int(rng.integers(0, nc))
-            m = _shape_mask(rng, cls, w, h)
+            m = _shape_mask(rng, cls, w, h, obj_size)
             if m is None:
                 continue
             x1, y1, bw_, bh_ = cv2.boundingRect(m)
@@ -135,7 +136,7 @@ def render_image(rng: np.random.Generator, size: tuple, nc: int = 5, max_objects
 
 def generate_shapes(root: str | Path, n_train: int = 500, n_val: int = 100, seed: int = 0,
                     nc: int = 5, max_objects: int = 6, empty_prob: float = 0.04,
-                    sizes: list | None = None) -> Path:
+                    sizes: list | None = None, obj_size: tuple = (0.16, 0.42)) -> Path:
     """Write a YOLO-layout dataset: root/images/{train,val}/*.jpg and root/labels/{train,val}/*.txt.
 
     Deterministic: every image uses its own RNG seeded by (seed, split, index), files are written with
@@ -155,7 +156,7 @@ def generate_shapes(root: str | Path, n_train: int = 500, n_val: int = 100, seed
         for i in range(n):
             rng = np.random.default_rng([seed, split_id, i])
             size = sizes[int(rng.integers(0, len(sizes)))]
-            img, labels = render_image(rng, size, nc, max_objects, empty_prob)
+            img, labels = render_image(rng, size, nc, max_objects, empty_prob, obj_size)
             stem = f"{split}_{i:05d}"
             ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY,
                                                  cv2.IMWRITE_JPEG_OPTIMIZE, 0, cv2.IMWRITE_JPEG_PROGRESSIVE, 0])
@@ -164,7 +165,7 @@ def generate_shapes(root: str | Path, n_train: int = 500, n_val: int = 100, seed
             rows = "".join(f"{int(c)} {x:.6f} {y:.6f} {bw:.6f} {bh:.6f}\n" for c, x, y, bw, bh in labels)
             (tmp / "labels" / split / f"{stem}.txt").write_text(rows)
     meta = dict(generator="shapes", version=GENERATOR_VERSION, n_train=n_train, n_val=n_val, seed=seed, nc=nc,
-                names=SHAPE_NAMES[:nc])
+                names=SHAPE_NAMES[:nc], max_objects=max_objects, obj_size=list(obj_size))
     (tmp / "generated.json").write_text(json.dumps(meta, indent=1))
     if root.exists():
         shutil.rmtree(root)

@@ -18,7 +18,7 @@ DEFAULT_HYP = str(ROOT / "data" / "hyps" / "hyp.scratch-high.yaml")
 # upstream's defaults, used when neither a flag nor the data YAML's train_defaults says otherwise
 UPSTREAM_DEFAULTS = {"epochs": 100, "imgsz": 640, "batch_size": 16, "close_mosaic": 0, "hyp": DEFAULT_HYP}
 RESUME_KEEPS = ("device", "workers", "exist_ok")  # flags a resumed run takes from the new command line
-OPTIMIZERS = ("SGD", "Adam", "AdamW")
+OPTIMIZERS = ("auto", "SGD", "Adam", "AdamW")
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class TrainConfig:
     device: str = ""
     multi_scale: bool = False
     single_cls: bool = False
-    optimizer: str = "SGD"
+    optimizer: str = "auto"  # resolved to a name by the trainer (opt.yaml and checkpoints keep the name)
     sync_bn: bool = False
     workers: int = 8
     project: str = "runs/train"

@@ -18,7 +18,10 @@ from typing import Any, Sequence
 
 import yaml
 
+from utils.data import load_data_config
+from utils.data.verify import collect_image_files
 from utils.engine.config import TrainConfig
+from utils.engine.optim import choose_optimizer
 from utils.engine.trainer import LOCAL_RANK, MAX_NONFINITE, WORLD_SIZE, Callback, Trainer, load_hyp
 from utils.general import LOGGER, UserError, increment_path
 
@@ -181,14 +184,20 @@ def evolve(cfg: TrainConfig, n: int = DEFAULT_TRIALS, prune: bool = True, trial_
         raise UserError(f"--evolve {n}: the number of trials must be a positive integer")
     if LOCAL_RANK != -1 or WORLD_SIZE > 1:
         raise UserError("--evolve runs one training at a time: start it without torchrun")
-    from utils.data import load_data_config
     if cfg.resume:
         raise UserError("--resume does not apply to --evolve: continue a study with the same --project/--name "
                         "plus --exist-ok (and a larger N)")
     if cfg.project == TrainConfig.project:
         cfg = cfg.replace(project="runs/evolve")
-    cfg = cfg.with_defaults(load_data_config(cfg.data).train_defaults)
+    data = load_data_config(cfg.data)
+    cfg = cfg.with_defaults(data.train_defaults)
     base = load_hyp(cfg.hyp)
+    if cfg.optimizer == "auto":  # decided once, so that every trial trains its sampled lr0/momentum as given
+        choice = choose_optimizer("auto", len(collect_image_files(data.train)[0]), cfg.batch_size,
+                                  int(base.get("nbs", 64)), cfg.epochs, base, finetune=bool(cfg.weights))
+        LOGGER.info(f"--optimizer auto: {choice.name} for every trial ({choice.reason}); its lr0, momentum and "
+                    f"warmup_bias_lr are the search's starting point")
+        cfg, base = cfg.replace(optimizer=choice.name), {**base, **choice.hyp_updates()}
     if cfg.noval and prune:
         LOGGER.warning("WARNING: --noval validates only the last epoch, so trials cannot be pruned; pruning is off")
         prune = False

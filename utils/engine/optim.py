@@ -1,8 +1,9 @@
-"""Optimizer groups, LR schedules and the EMA of model weights used by the trainer."""
+"""Optimizer groups, LR schedules, the schedule-aware optimizer choice and the EMA of model weights."""
 from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -38,6 +39,84 @@ def build_optimizer(model: nn.Module, name: str = "SGD", lr: float = 0.01, momen
     opt.add_param_group({"params": weights, "weight_decay": decay})
     opt.add_param_group({"params": norms, "weight_decay": 0.0})
     return opt
+
+
+# --optimizer auto: below this many optimizer steps the run is "short" and gets AdamW (see choose_optimizer).
+AUTO_SGD_MIN_STEPS = 10_000
+AUTO_ADAMW_LR = 0.002  # from scratch: measured on 37-40 image sets (issue 19, benchmarks/train_small.py)
+AUTO_ADAMW_FINETUNE_LR = 0.0005  # from --weights: measured in benchmarks/train_small.py --finetune
+AUTO_ADAMW_BETA1 = 0.9
+AUTO_WARMUP_MAX_FRAC = 0.05  # short runs: warmup at most this share of all iterations (upstream floor: 100)
+
+
+@dataclass(frozen=True)
+class OptimizerChoice:
+    """What `--optimizer` resolved to; `hyp_updates` are written into hyp (and so hyp.yaml and checkpoints)."""
+
+    name: str
+    lr0: float
+    momentum: float
+    warmup_bias_lr: float
+    warmup_max_frac: float  # 0: upstream warmup of max(warmup_epochs * batches, 100) iterations
+    steps: int  # optimizer steps the run will make (estimate, before warmup's extra early steps)
+    reason: str
+
+    def hyp_updates(self) -> dict:
+        upd = {"lr0": self.lr0, "momentum": self.momentum, "warmup_bias_lr": self.warmup_bias_lr}
+        if self.warmup_max_frac > 0:
+            upd["warmup_max_frac"] = self.warmup_max_frac
+        return upd
+
+
+def optimizer_steps(n_images: int, batch: int, nbs: int, epochs: int) -> int:
+    """Optimizer steps of a run: batches per epoch x epochs / gradient accumulation (to nominal batch nbs)."""
+    batch = max(int(batch), 1)
+    nb = math.ceil(max(int(n_images), 0) / batch)
+    accumulate = max(round(nbs / batch), 1)
+    return math.ceil(nb * max(int(epochs), 0) / accumulate)
+
+
+def choose_optimizer(name: str, n_images: int, batch: int, nbs: int, epochs: int, hyp: dict,
+                     finetune: bool = False) -> OptimizerChoice:
+    """Resolve `--optimizer` ('auto', 'SGD', 'Adam', 'AdamW') for a run of the given size.
+
+    Why: upstream's SGD (lr0 0.01, tuned for hundreds of COCO epochs) hardly moves in the ~100 optimizer
+    steps a 40-image, 100-epoch run makes at nominal batch 64, while AdamW at a small lr converges there.
+    'auto' picks upstream SGD (hyp values untouched) from AUTO_SGD_MIN_STEPS steps on, AdamW below it
+    (lr AUTO_ADAMW_LR, or AUTO_ADAMW_FINETUNE_LR from pretrained weights; beta1 0.9; no bias warmup lr;
+    warmup capped to AUTO_WARMUP_MAX_FRAC of the run). An explicit name always keeps the hyp values as
+    they are, so `--optimizer SGD` is upstream's recipe and a resumed run (which stores the resolved name
+    and values) never decides again.
+    """
+    steps = optimizer_steps(n_images, batch, nbs, epochs)
+    keep = dict(lr0=float(hyp["lr0"]), momentum=float(hyp["momentum"]), warmup_bias_lr=float(hyp["warmup_bias_lr"]),
+                warmup_max_frac=0.0, steps=steps)
+    if name != "auto":
+        if name not in ("SGD", "Adam", "AdamW"):
+            raise ValueError(f"optimizer {name} not supported")
+        return OptimizerChoice(name=name, reason=f"--optimizer {name}: hyperparameter file values", **keep)
+    size = f"{steps} optimizer steps ({n_images} images, batch {batch}, nominal batch {nbs}, {epochs} epochs)"
+    if steps >= AUTO_SGD_MIN_STEPS:
+        return OptimizerChoice(name="SGD", reason=f"{size} >= {AUTO_SGD_MIN_STEPS}: upstream SGD "
+                                                   f"with the hyperparameter file values", **keep)
+    lr = AUTO_ADAMW_FINETUNE_LR if finetune else AUTO_ADAMW_LR
+    return OptimizerChoice(name="AdamW", lr0=lr, momentum=AUTO_ADAMW_BETA1, warmup_bias_lr=0.0,
+                           warmup_max_frac=AUTO_WARMUP_MAX_FRAC, steps=steps,
+                           reason=f"{size} < {AUTO_SGD_MIN_STEPS}: short schedule, AdamW lr0 {lr}"
+                                  f"{' (fine-tuning --weights)' if finetune else ''}, beta1 {AUTO_ADAMW_BETA1}, "
+                                  f"warmup <= {AUTO_WARMUP_MAX_FRAC:.0%} of the run; "
+                                  f"--optimizer SGD for upstream's recipe")
+
+
+def warmup_iterations(hyp: dict, nb: int, epochs: int) -> int:
+    """Warmup length in iterations (batches): upstream's max(warmup_epochs * nb, 100), capped to
+    hyp['warmup_max_frac'] of all iterations when that key is set (auto's short schedules), since on a
+    tiny dataset 100 iterations can be a third of the whole run."""
+    nw = max(round(hyp["warmup_epochs"] * nb), 100)
+    frac = float(hyp.get("warmup_max_frac", 0.0))
+    if frac > 0:
+        nw = min(nw, max(round(frac * nb * epochs), 1))
+    return nw
 
 
 def lr_lambda(kind: str, epochs: int, lrf: float):

@@ -32,7 +32,7 @@ from utils.engine import distributed as ddp
 from utils.engine.autobatch import auto_batch_size
 from utils.engine.config import TrainConfig
 from utils.engine.graphs import CompiledForward
-from utils.engine.optim import ModelEMA, build_optimizer, lr_lambda, unwrap
+from utils.engine.optim import ModelEMA, build_optimizer, choose_optimizer, lr_lambda, unwrap, warmup_iterations
 from utils.engine.tensorboard import TensorBoardLogger
 from utils.engine.validator import ValOptions, ValResult, Validator
 from utils.general import LOGGER, ROOT, UserError, check_img_size, increment_path
@@ -47,7 +47,7 @@ HYP_KEYS = ("lr0", "lrf", "momentum", "weight_decay", "warmup_epochs", "warmup_m
             "box", "cls", "dfl", "hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear", "perspective",
             "flipud", "fliplr", "mosaic")
 # read with a default (mixup, copy_paste, nbs), or found in upstream hyp files and accepted with no effect here
-HYP_OPTIONAL_KEYS = ("mixup", "copy_paste", "nbs", "cls_pw", "obj", "obj_pw", "iou_t", "anchor_t", "anchors",
+HYP_OPTIONAL_KEYS = ("warmup_max_frac", "mixup", "copy_paste", "nbs", "cls_pw", "obj", "obj_pw", "iou_t", "anchor_t", "anchors",
                      "fl_gamma", "label_smoothing")
 MAX_NONFINITE = 10  # consecutive non-finite losses before the run stops
 GRAD_CLIP = 10.0
@@ -138,9 +138,10 @@ class Trainer:
             bs = auto_batch_size(self.model, self.imgsz, self.device, loss_fn=DetectionLoss(self.model, self.hyp),
                                  world_size=WORLD_SIZE)
             self.cfg = cfg = cfg.replace(batch_size=bs)
-        self._write_run_files()
-        self._build_optimization()
+        self._make_run_folder()
         self._build_loaders()
+        self._build_optimization()
+        self._write_run_files()
         self.loss_fn = DetectionLoss(unwrap(self.model), self.hyp)
         self.val_loss_fn = DetectionLoss(unwrap(self.model), self.hyp)  # per rank: shards differ in length
         if LOCAL_RANK != -1:
@@ -165,13 +166,16 @@ class Trainer:
             cfg = cfg.replace(save_dir=str(folder or increment_path(Path(cfg.project) / cfg.name, exist_ok=cfg.exist_ok)))
         return cfg, ck
 
+    def _make_run_folder(self) -> None:
+        if self.main:
+            try:
+                self.wdir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"{self.save_dir}: cannot create run folder ({e.strerror or e})") from None
+
     def _write_run_files(self) -> None:
         if not self.main:
             return
-        try:
-            self.wdir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"{self.save_dir}: cannot create run folder ({e.strerror or e})") from None
         try:
             (self.save_dir / "hyp.yaml").write_text(yaml.safe_dump(self.hyp, sort_keys=False))
             (self.save_dir / "opt.yaml").write_text(yaml.safe_dump(self.cfg.as_dict(), sort_keys=False))
@@ -211,6 +215,15 @@ class Trainer:
         cfg, hyp = self.cfg, self.hyp
         self.nbs = int(hyp.get("nbs", 64))  # nominal batch size (optional hyp key; upstream fixes 64)
         self.accumulate = max(round(self.nbs / cfg.batch_size), 1)
+        choice = choose_optimizer(cfg.optimizer, len(self.dataset), cfg.batch_size, self.nbs, cfg.epochs, hyp,
+                                  finetune=bool(cfg.weights) and not self.ckpt)
+        if self.main:
+            LOGGER.info(f"optimizer: {choice.name} lr0={choice.lr0} momentum={choice.momentum} "
+                        f"warmup_bias_lr={choice.warmup_bias_lr} ({choice.reason})")
+        # resolved once: opt.yaml, hyp.yaml and checkpoints keep the choice, so --resume never decides again
+        self.cfg = cfg = cfg.replace(optimizer=choice.name)
+        hyp.update(choice.hyp_updates())
+        self.nw = warmup_iterations(hyp, self.nb, cfg.epochs)  # warmup iterations
         decay = hyp["weight_decay"] * cfg.batch_size * self.accumulate / self.nbs  # scaled here, never stored
         self.optimizer = build_optimizer(self.model, cfg.optimizer, hyp["lr0"], hyp["momentum"], decay)
         self.lf = lr_lambda(cfg.schedule, cfg.epochs, hyp["lrf"])
@@ -272,7 +285,6 @@ class Trainer:
                 labels = np.concatenate(self.dataset.labels, 0) if self.dataset.labels else np.zeros((0, 5))
                 plot_labels(labels, self.names, self.save_dir)
         self.nb = len(self.train_loader)
-        self.nw = max(round(self.hyp["warmup_epochs"] * self.nb), 100)  # warmup iterations
 
     # ================================================================== the run
     def run(self) -> ValResult | None:
