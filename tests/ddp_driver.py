@@ -37,7 +37,7 @@ def step(out: Path, data: str, hyp: str, project: str, sync_bn: bool) -> None:
 
     cfg = TrainConfig(data=data, cfg="gelan-t.yaml", hyp=hyp, epochs=1, batch_size=8, imgsz=64, device="cpu",
                       workers=0, sync_bn=sync_bn, project=project, name="step", noplots=True, tensorboard=False,
-                      seed=1)
+                      seed=1, optimizer="SGD")  # SGD: a step proportional to the gradient (Adam amplifies rounding)
     t = Trainer(cfg)
     torch.set_default_dtype(torch.float64)
     try:
