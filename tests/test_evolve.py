@@ -148,7 +148,13 @@ def test_three_trials_interrupt_resume_and_best_hyp_trains(tiny_data, tmp_path):
     df = pd.read_csv(out / "evolve.csv")
     assert list(df["state"]) == ["COMPLETE", "COMPLETE", "FAIL"] and df["note"][2] == "interrupted"
     assert df["note"][0] == "baseline"
-    assert df.loc[0, list(SPACE)].tolist() == pytest.approx([_base_hyp()[k] for k in SPACE])
+    # --optimizer auto (the default) is decided once for the study: this tiny run is short, so AdamW, and
+    # the baseline trial starts from auto's lr0 / momentum / warmup_bias_lr, every other value the hyp file's
+    auto = {**_base_hyp(), "lr0": 0.002, "momentum": 0.9, "warmup_bias_lr": 0.0}
+    assert df.loc[0, list(SPACE)].tolist() == pytest.approx([auto[k] for k in SPACE])
+    trial0 = yaml.safe_load((out / "trials/trial_0/hyp.yaml").read_text())  # the trial trains them as given
+    assert (trial0["lr0"], trial0["momentum"]) == pytest.approx((0.002, 0.9))
+    assert yaml.safe_load((out / "trials/trial_0/opt.yaml").read_text())["optimizer"] == "AdamW"
     stamps = {i: (out / f"trials/trial_{i}/results.csv").stat().st_mtime_ns for i in (0, 1)}
 
     study = evolve(cfg, 3)  # the same command again: only the interrupted trial is trained (again)

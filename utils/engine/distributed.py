@@ -174,12 +174,6 @@ def gather_objects(obj: Any) -> list:
     return out
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if is_dist():
-        dist.all_reduce(t)
-    return t
-
-
 def global_score_sum(local_sum: torch.Tensor) -> torch.Tensor:
     """The loss normaliser under DDP: clamp(sum over ranks, 1) / world size.
 
