@@ -301,6 +301,9 @@ class LoadSources:
         self.vid_stride = max(int(vid_stride), 1)
         self.skipped: list[tuple[str, str]] = []
         self.nyield = 0
+        kinds = ["stream" if is_stream(i) else file_kind(i) for i in self.items]
+        self.n_images = kinds.count("image")  # tracking needs a sequence: one still image is not one
+        self.n_videos = kinds.count("video") + kinds.count("stream")
 
     def __len__(self) -> int:
         return len(self.items)
