@@ -34,3 +34,30 @@ def pixel_box(img_bgr, colour, tol=40):
         return None  # absent, or the same source image appears twice in this mosaic
     ys, xs = np.nonzero(lab == big[0])
     return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], float)
+
+
+SHAPE_NAMES = ["circle", "rectangle", "triangle", "star", "cross"]
+
+
+def shapes_yaml(root, n_train: int, n_val: int, seed: int = 3, name: str = "tiny.yaml"):
+    """A generated shapes dataset under root/ds and its data YAML (root/name): the tiny training data."""
+    import yaml
+    from utils.data import generate_shapes
+    generate_shapes(root / "ds", n_train=n_train, n_val=n_val, seed=seed)
+    data = root / name
+    data.write_text(yaml.safe_dump({"path": str(root / "ds"), "train": "images/train", "val": "images/val",
+                                    "names": SHAPE_NAMES}))
+    return data
+
+
+def seeded_tiny_checkpoint(path, names):
+    """Seeded gelan-t whose random head still gives varied boxes above a low threshold (scores ~0.2-0.3)."""
+    from models.yolo import DetectionModel
+    from utils.checkpoint import make_checkpoint, save_checkpoint
+    torch.manual_seed(0)
+    model = DetectionModel("gelan-t.yaml", nc=len(names))
+    g = torch.Generator().manual_seed(1)
+    for box, cls in zip(model.head.cv2, model.head.cv3):
+        box[-1].bias.data = torch.randn(box[-1].bias.shape, generator=g) * 3  # distinct box sizes per level
+        cls[-1].bias.data[:] = -1.0
+    return save_checkpoint(make_checkpoint(model, names=names), path)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import seeded_tiny_checkpoint
 from utils.general import ROOT, UserError
 
 NAMES = ["circle", "square", "cross"]
@@ -23,17 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> Path:
-    """Seeded tiny single-head model whose random head still yields varied boxes above a low threshold."""
-    from models.yolo import DetectionModel
-    from utils.checkpoint import make_checkpoint, save_checkpoint
-    torch.manual_seed(0)
-    model = DetectionModel("gelan-t.yaml", nc=len(NAMES))
-    g = torch.Generator().manual_seed(1)
-    for box, cls in zip(model.head.cv2, model.head.cv3):
-        box[-1].bias.data = torch.randn(box[-1].bias.shape, generator=g) * 3  # distinct box sizes per level
-        cls[-1].bias.data[:] = -1.0  # scores around 0.2-0.3, so several boxes pass conf 0.1
-    ck = make_checkpoint(model, names=NAMES)
-    return save_checkpoint(ck, tmp_path_factory.mktemp("w") / "tiny.pt")
+    return seeded_tiny_checkpoint(tmp_path_factory.mktemp("w") / "tiny.pt", NAMES)
 
 
 @pytest.fixture(scope="module")

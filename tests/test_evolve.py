@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from utils.data import generate_shapes
+from helpers import shapes_yaml
 
 optuna = pytest.importorskip("optuna")
 
@@ -28,12 +28,7 @@ def _one_thread(one_thread):
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    generate_shapes(root / "ds", n_train=16, n_val=8, seed=3)
-    data = root / "tiny.yaml"
-    data.write_text(yaml.safe_dump({"path": str(root / "ds"), "train": "images/train", "val": "images/val",
-                                    "names": ["circle", "rectangle", "triangle", "star", "cross"]}))
-    return data
+    return shapes_yaml(tmp_path_factory.mktemp("shapes"), n_train=16, n_val=8)
 
 
 def _cfg(data, project, **kw):

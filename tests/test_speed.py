@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import seeded_tiny_checkpoint
 from utils.general import UserError
 
 NAMES = ["a", "b", "c"]
@@ -28,16 +29,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> Path:
-    """Seeded tiny model whose random head yields boxes above a low threshold (as in test_detect)."""
-    from models.yolo import DetectionModel
-    from utils.checkpoint import make_checkpoint, save_checkpoint
-    torch.manual_seed(0)
-    model = DetectionModel("gelan-t.yaml", nc=len(NAMES))
-    g = torch.Generator().manual_seed(1)
-    for box, cls in zip(model.head.cv2, model.head.cv3):
-        box[-1].bias.data = torch.randn(box[-1].bias.shape, generator=g) * 3
-        cls[-1].bias.data[:] = -1.0
-    return save_checkpoint(make_checkpoint(model, names=NAMES), tmp_path_factory.mktemp("w") / "tiny.pt")
+    return seeded_tiny_checkpoint(tmp_path_factory.mktemp("w") / "tiny.pt", NAMES)
 
 
 def make_video(path: Path, n: int, w: int = 96, h: int = 64, fourcc: str = "mp4v") -> Path:

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from utils.data import generate_shapes
+from helpers import shapes_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--cfg", "gelan-t.yaml", "--imgsz", "64", "--batch-size", "8", "--workers", "0", "--seed", "1"]
@@ -19,12 +19,7 @@ TINY = ["--cfg", "gelan-t.yaml", "--imgsz", "64", "--batch-size", "8", "--worker
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    generate_shapes(root / "ds", n_train=24, n_val=8, seed=3)
-    data = root / "tiny.yaml"
-    data.write_text(yaml.safe_dump({"path": str(root / "ds"), "train": "images/train", "val": "images/val",
-                                    "names": ["circle", "rectangle", "triangle", "star", "cross"]}))
-    return data
+    return shapes_yaml(tmp_path_factory.mktemp("shapes"), n_train=24, n_val=8)
 
 
 def run_train(args, cwd, timeout=300, env=None):
