@@ -35,6 +35,8 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.harness import write_md  # noqa: E402
+
 DEFAULT_MODELS = ["yolov9-t-MMQA", "yolov9-c", "yolov9-c-MMQA-P4P5"]
 
 
@@ -165,8 +167,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 f"{pipeline_table(rows)}")
         print(text)
         if opt.md:
-            Path(opt.md).parent.mkdir(parents=True, exist_ok=True)
-            Path(opt.md).write_text(text + "\n")
+            write_md(opt.md, text + "\n")
         return rows
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_detect_") as tmp:
@@ -178,8 +179,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"torch threads {torch.get_num_threads()}, load average {load:.2f}\n\n{table(rows)}")
     print(text)
     if opt.md:
-        Path(opt.md).parent.mkdir(parents=True, exist_ok=True)
-        Path(opt.md).write_text(text + "\n")
+        write_md(opt.md, text + "\n")
     return rows
 
 

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.harness import random_targets  # noqa: E402
+from benchmarks.harness import random_targets, write_md  # noqa: E402
 
 LATENCY_MODELS = ["yolov9-c", "gelan-c", "yolov9-c-MMQARepNCSPELAN4", "yolov9-c-MMQA-P4P5", "yolov9-c-MMQA-P4P5-kv4",
                   "yolov9-c-MMQA-P3P4P5", "yolov9-t", "yolov9-t-MMQA"]
@@ -280,8 +280,7 @@ def main(argv: list[str] | None = None) -> None:
         lines = speed_main(opt, device, env)
         print("\n".join(lines))
         if opt.md:
-            Path(opt.md).parent.mkdir(parents=True, exist_ok=True)
-            Path(opt.md).write_text("\n".join(lines) + "\n")
+            write_md(opt.md, "\n".join(lines) + "\n")
         return
     out: dict = {"env": env, "latency": [], "train": [], "kernels": {}}
 
@@ -325,8 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     lines = format_md(out, opt.imgsz, batches)
     print("\n".join(lines))
     if opt.md:
-        Path(opt.md).parent.mkdir(parents=True, exist_ok=True)
-        Path(opt.md).write_text("\n".join(lines) + "\n")
+        write_md(opt.md, "\n".join(lines) + "\n")
     if opt.json:
         Path(opt.json).write_text(json.dumps(out, indent=1, default=str))
     if opt.csv:

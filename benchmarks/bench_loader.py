@@ -25,6 +25,7 @@ if str(ROOT) not in sys.path:
 
 import yaml  # noqa: E402
 
+from benchmarks.harness import write_md  # noqa: E402
 from utils.data import create_dataloader, load_data_config  # noqa: E402
 
 
@@ -96,8 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     text = "\n".join(lines)
     print(text)
     if opt.md:
-        Path(opt.md).parent.mkdir(parents=True, exist_ok=True)
-        Path(opt.md).write_text(text + "\n")
+        write_md(opt.md, text + "\n")
     return {"gap_old": old, "gap_new": new}
 
 

@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.harness import mem_baseline, mem_peak_growth, random_targets, run_worker as _run_worker  # noqa: E402
+from benchmarks.harness import (mem_baseline, mem_peak_growth, random_targets,  # noqa: E402
+                                run_worker as _run_worker, write_md)
 
 
 def run_worker(kind: str, cfg: dict, timeout: float) -> dict:
@@ -271,8 +272,7 @@ def main(argv: list[str] | None = None) -> None:
               f"fresh process per cell. "
               f"Shared machine: 1-min load average during the rows {min(loads, default=0):.1f}-{max(loads, default=0):.1f}.",
               "", *table, ""]
-        Path(opt.md).parent.mkdir(parents=True, exist_ok=True)
-        Path(opt.md).write_text("\n".join(md))
+        write_md(opt.md, "\n".join(md))
         LOGGER.info(f"wrote {opt.md}")
 
 

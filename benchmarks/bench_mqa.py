@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.harness import mem_baseline, mem_peak_growth, run_worker as _run_worker  # noqa: E402
+from benchmarks.harness import mem_baseline, mem_peak_growth, run_worker as _run_worker, write_md  # noqa: E402
 
 
 def run_worker(kind: str, cfg: dict, timeout: float) -> dict:
@@ -227,8 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         md = ["# Mobile MQA: fused (SDPA) vs materialised attention", "", header, "",
               f"Machine load during the run (shared machine): {end_load} at the end.", "", *table, "",
               *[f"- {v}" for v in verdict], "", "## Fused-kernel check", "", *[f"    {ln}" for ln in check_lines], ""]
-        Path(opt.md).parent.mkdir(parents=True, exist_ok=True)
-        Path(opt.md).write_text("\n".join(md))
+        write_md(opt.md, "\n".join(md))
         LOGGER.info(f"wrote {opt.md}")
 
 

@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.bench_detect import make_video  # noqa: E402
+from benchmarks.harness import write_md  # noqa: E402
 
 W, H = 640, 360
 
@@ -134,8 +135,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"(see the script); both timed on the same frames in one loop, first 2 frames skipped.\n\n{table(rows)}\n")
     print(text)
     if opt.md:
-        Path(opt.md).parent.mkdir(parents=True, exist_ok=True)
-        Path(opt.md).write_text(text)
+        write_md(opt.md, text)
     return rows
 
 

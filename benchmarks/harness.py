@@ -82,3 +82,11 @@ def random_targets(batch: int, nc: int, per_image: int = 4, seed: int = 0):
     wh = 0.05 + 0.4 * torch.rand(n, 2, generator=g)
     xy = wh / 2 + (1 - wh) * torch.rand(n, 2, generator=g)
     return torch.cat([idx[:, None], cls[:, None], xy, wh], 1)
+
+
+def write_md(path: str | Path, text: str) -> Path:
+    """Write a benchmark's markdown result (creating its folder), e.g. into benchmarks/results/."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
