@@ -176,13 +176,15 @@ def test_train_batch_size_flag():
         train_dual.parse_opt(["--batch-size", "-3"])
 
 
-def test_channels_last_training_step_matches_contiguous():
-    """The CUDA trainer converts model and images to channels_last; losses and gradients must not change."""
+@pytest.mark.parametrize("cfg", ["gelan-t.yaml", "yolov9-t-MMQA.yaml"])
+def test_channels_last_training_step_matches_contiguous(cfg):
+    """The trainer converts model and images to channels_last (CPU and CUDA); losses and gradients, through
+    the Mobile MQA attention too, must not change."""
     from benchmarks.harness import random_targets
     from models.yolo import DetectionModel
     from utils.loss import DetectionLoss
     torch.manual_seed(0)
-    m = DetectionModel("gelan-t.yaml", nc=3).train()
+    m = DetectionModel(cfg, nc=3).train()
     loss_fn = DetectionLoss(m, {"box": 7.5, "cls": 0.5, "dfl": 1.5})
     x, t = torch.rand(2, 3, 128, 128), random_targets(2, 3)  # at 64 px train-mode BN amplifies float noise
     l1 = loss_fn(m(x), t)[0]
@@ -197,6 +199,22 @@ def test_channels_last_training_step_matches_contiguous():
     assert torch.allclose(l1, l2, rtol=1e-4)
     a, b = torch.cat([g.flatten() for g in g1]), torch.cat([p.grad.flatten() for p in params])
     assert float((a - b).norm() / a.norm()) < 1e-2  # float reordering only (measured 7e-4)
+
+
+def test_backend_runs_channels_last_with_the_same_predictions(weights):
+    """The shared loader (val, detect, track) puts .pt models in NHWC; outputs equal the NCHW model's."""
+    from utils.checkpoint import load_model
+    from utils.engine.backend import Backend
+    b = Backend(weights, device="cpu", fuse=True)
+    conv_w = next(p for p in b.model.parameters() if p.dim() == 4)
+    assert conv_w.is_contiguous(memory_format=torch.channels_last)
+    ref = load_model(weights, fuse=True)
+    assert next(p for p in ref.parameters() if p.dim() == 4).is_contiguous()
+    x = torch.rand(2, 3, 96, 160)  # non-square
+    with torch.no_grad():
+        y, y_ref = b.model(x)[0], ref(x)[0]
+    assert y.shape == y_ref.shape == (2, 4 + len(NAMES), 12 * 20 + 6 * 10 + 3 * 5)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-3)
 
 
 # ---------------------------------------------------------------- threaded video path

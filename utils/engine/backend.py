@@ -91,7 +91,7 @@ class Backend:
             else:
                 self._load_onnx()
         if self.model is not None and not self.jit:
-            self.model.to(self.device).eval()
+            self.model.to(self.device, memory_format=torch.channels_last).eval()  # NHWC: faster CPU and CUDA convs
             if self.half:
                 self.model.half()
             self.stride = int(max(self.model.stride))

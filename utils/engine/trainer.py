@@ -206,9 +206,9 @@ class Trainer:
         if self.main:
             model.info(imgsz=self.imgsz)
         model = model.to(self.device)
-        if self.device.type == "cuda":  # NHWC: cuDNN's tensor-core convolutions need no layout transposes
-            model = model.to(memory_format=torch.channels_last)
-        return model
+        # NHWC on every device: cuDNN's tensor-core and oneDNN's CPU convolutions both work in it, so no layout
+        # reorders around each convolution (CPU: 1.2x per training step, benchmarks/results/layout.md)
+        return model.to(memory_format=torch.channels_last)
 
     def _build_optimization(self) -> None:
         """Optimizer, LR schedule, EMA, AMP scaler, resumed state, then SyncBN/DDP wrapping."""
@@ -361,8 +361,7 @@ class Trainer:
             self._warmup(ni, epoch)
         if self.cfg.multi_scale:
             imgs = multi_scale(imgs, self.imgsz, self.gs)
-        if self.device.type == "cuda":
-            imgs = imgs.contiguous(memory_format=torch.channels_last)
+        imgs = imgs.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", enabled=self.amp):
             pred = self.forward(imgs)
             loss, items = self.loss_fn(pred, targets.to(self.device))
