@@ -30,6 +30,36 @@ def test_ema_update_matches_formula_and_skips_integer_buffers():
     assert all(not p.requires_grad for p in ema.ema.parameters())
 
 
+
+def test_ema_follows_the_live_model_over_steps_and_a_new_source_model():
+    """The EMA reads the source tensors it collected once; optimizer steps, BN statistics, load_state_dict
+    into the model and a different source model must all be seen, as by the formula on fresh state_dicts."""
+    torch.manual_seed(0)
+    make = lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.SiLU(), nn.Conv2d(4, 2, 1))  # noqa: E731
+    model = make()
+    ema = ModelEMA(model, decay=0.9, tau=3.0)
+    ref = {k: v.double().clone() for k, v in ema.ema.state_dict().items() if v.dtype.is_floating_point}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    other = make()
+    for step in range(1, 7):
+        if step == 3:
+            model.load_state_dict(other.state_dict())  # in-place copy: same tensors, new values
+        if step == 5:
+            model = other  # a different module: its tensors are collected anew
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        model.train()
+        model(torch.rand(2, 3, 8, 8)).square().mean().backward()  # also moves BN running stats
+        opt.step()
+        opt.zero_grad()
+        ema.update(model)
+        d = 0.9 * (1 - math.exp(-step / 3.0))
+        live = model.state_dict()
+        for k in ref:
+            ref[k] = d * ref[k] + (1 - d) * live[k].double()
+        got = ema.ema.state_dict()
+        for k, want in ref.items():
+            assert torch.allclose(got[k].double(), want, atol=1e-6), (step, k)
+
 # ---------------------------------------------------------------- --optimizer auto (issue 19)
 import pytest  # noqa: E402
 import yaml  # noqa: E402

@@ -14,7 +14,8 @@ def build_optimizer(model: nn.Module, name: str = "SGD", lr: float = 0.01, momen
     """Three groups, in this order: biases (no decay), weights (decay), norm weights (no decay).
 
     The order fixes what x/lr0, x/lr1, x/lr2 in results.csv mean; warmup raises group 0 (biases) from
-    warmup_bias_lr.
+    warmup_bias_lr. foreach: one multi-tensor update per group (torch's CPU default is a Python loop over the
+    ~1500 tensors; 25 -> 20 ms per AdamW step for yolov9-t-MMQA on CPU, CUDA already uses it).
     """
     biases, weights, norms = [], [], []
     norm_types = tuple(v for k, v in nn.__dict__.items() if "Norm" in k and isinstance(v, type))
@@ -29,11 +30,11 @@ def build_optimizer(model: nn.Module, name: str = "SGD", lr: float = 0.01, momen
             else:
                 weights.append(p)
     if name == "Adam":
-        opt = torch.optim.Adam(biases, lr=lr, betas=(momentum, 0.999))
+        opt = torch.optim.Adam(biases, lr=lr, betas=(momentum, 0.999), foreach=True)
     elif name == "AdamW":
-        opt = torch.optim.AdamW(biases, lr=lr, betas=(momentum, 0.999), weight_decay=0.0)
+        opt = torch.optim.AdamW(biases, lr=lr, betas=(momentum, 0.999), weight_decay=0.0, foreach=True)
     elif name == "SGD":
-        opt = torch.optim.SGD(biases, lr=lr, momentum=momentum, nesterov=True)
+        opt = torch.optim.SGD(biases, lr=lr, momentum=momentum, nesterov=True, foreach=True)
     else:
         raise ValueError(f"optimizer {name} not supported")
     opt.add_param_group({"params": weights, "weight_decay": decay})
@@ -146,15 +147,26 @@ class ModelEMA:
         for p in self.ema.parameters():
             p.requires_grad_(False)
 
+        self._pairs: tuple[nn.Module, list, list] | None = None
+
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.updates += 1
         d = self.decay(self.updates)
-        msd = unwrap(model).state_dict()
-        pairs = [(v, msd[k].detach()) for k, v in self.ema.state_dict().items() if v.dtype.is_floating_point]
-        if pairs:  # one fused multi-tensor kernel instead of ~2 launches per tensor (matters on GPU)
-            ema_t, model_t = zip(*pairs)
-            torch._foreach_lerp_(list(ema_t), list(model_t), 1 - d)  # ema = d * ema + (1 - d) * model
+        ema_t, model_t = self._tensors(unwrap(model))
+        if ema_t:  # one fused multi-tensor kernel instead of ~2 launches per tensor (matters on GPU)
+            torch._foreach_lerp_(ema_t, model_t, 1 - d)  # ema = d * ema + (1 - d) * model
+
+    def _tensors(self, src: nn.Module) -> tuple[list, list]:
+        """The float tensors (parameters and buffers) of the EMA and of `src`, matched by name once per source
+        model: reading both state_dicts every step cost 13x the averaging itself (yolov9-t-MMQA on CPU: 26 ms
+        vs 2 ms). Valid while `src` keeps its tensors (training updates them in place; the trainer builds the
+        EMA after the model's last move)."""
+        if self._pairs is None or self._pairs[0] is not src:
+            msd = src.state_dict(keep_vars=True)
+            pairs = [(v, msd[k]) for k, v in self.ema.state_dict(keep_vars=True).items() if v.dtype.is_floating_point]
+            self._pairs = (src, [e for e, _ in pairs], [m for _, m in pairs])
+        return self._pairs[1], self._pairs[2]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
