@@ -12,6 +12,8 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import statistics
 import sys
 import time
@@ -36,6 +38,11 @@ def _train_step(model, loss_fn, x, targets) -> None:
     model.zero_grad(set_to_none=True)
 
 
+def _infer(model, x) -> None:
+    with torch.no_grad():
+        model(x)
+
+
 def _time(fn, n: int) -> float:
     t = time.perf_counter()
     for _ in range(n):
@@ -47,20 +54,15 @@ def measure(cfg: str, mode: str, batch: int, imgsz: int, repeats: int, iters: in
     """Median seconds per call for each layout; the same weights and input in both."""
     torch.manual_seed(0)
     base = DetectionModel(f"models/detect/{cfg}.yaml", nc=5)
-    models, calls = {}, {}
+    x0 = torch.rand(batch, 3, imgsz, imgsz)
+    calls = {}
     for name, fmt in LAYOUTS.items():
-        m = DetectionModel(f"models/detect/{cfg}.yaml", nc=5)
-        m.load_state_dict(base.state_dict())
-        m = m.to(memory_format=fmt)
-        x = torch.rand(batch, 3, imgsz, imgsz).contiguous(memory_format=fmt)
+        m, x = copy.deepcopy(base).to(memory_format=fmt), x0.contiguous(memory_format=fmt)
         if mode == "train":
             m.train()
-            loss_fn, t = DetectionLoss(m), random_targets(batch, 5)
-            calls[name] = (lambda m=m, x=x, f=loss_fn, t=t: _train_step(m, f, x, t))
+            calls[name] = functools.partial(_train_step, m, DetectionLoss(m), x, random_targets(batch, 5))
         else:
-            m = m.fuse().eval()
-            calls[name] = (lambda m=m, x=x: torch.no_grad()(m)(x))
-        models[name] = m
+            calls[name] = functools.partial(_infer, m.fuse().eval(), x)
     for fn in calls.values():  # warm-up: oneDNN primitive caches, allocator
         fn()
     times = {name: [] for name in calls}

@@ -182,13 +182,25 @@ def plot_results(file: str | Path = "results.csv", dir: str | Path | None = None
 
 # ---- validation metric plots ----
 
+def _save_curve(fig, ax, save_path: str | Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """The frame both 0..1 curve plots share: labels, unit axes, legend outside, saved and closed."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(bbox_to_anchor=(1.04, 1), loc="upper left")
+    ax.set_title(title)
+    save_path = Path(save_path)
+    save_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(save_path, dpi=150)
+    _plt().close(fig)
+    return save_path
+
+
 def plot_pr_curve(recall: np.ndarray, precision: np.ndarray, ap50: np.ndarray, save_path: str | Path,
                   names: Sequence[str] = ()) -> Path:
     """Precision (rows = classes, sampled at `recall`) vs recall at IoU 0.5, with the class mean."""
-    plt = _plt()
-    save_path = Path(save_path)
-    save_path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(1, 1, figsize=(9, 6), tight_layout=True)
+    fig, ax = _plt().subplots(1, 1, figsize=(9, 6), tight_layout=True)
     show_legend = 0 < len(precision) < 21
     for i, y in enumerate(precision):
         label = f"{names[i] if i < len(names) else i} {ap50[i]:.3f}" if show_legend else None
@@ -196,24 +208,13 @@ def plot_pr_curve(recall: np.ndarray, precision: np.ndarray, ap50: np.ndarray, s
     if len(precision):
         ax.plot(recall, precision.mean(0), linewidth=3, color="blue",
                 label=f"all classes {float(np.mean(ap50)):.3f} mAP@0.5")
-    ax.set_xlabel("Recall")
-    ax.set_ylabel("Precision")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.legend(bbox_to_anchor=(1.04, 1), loc="upper left")
-    ax.set_title("Precision-Recall Curve")
-    fig.savefig(save_path, dpi=150)
-    plt.close(fig)
-    return save_path
+    return _save_curve(fig, ax, save_path, "Recall", "Precision", "Precision-Recall Curve")
 
 
 def plot_mc_curve(px: np.ndarray, py: np.ndarray, save_path: str | Path, names: Sequence[str] = (),
                   xlabel: str = "Confidence", ylabel: str = "Metric") -> Path:
     """A metric vs confidence curve per class plus the class mean (marking its maximum)."""
-    plt = _plt()
-    save_path = Path(save_path)
-    save_path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(1, 1, figsize=(9, 6), tight_layout=True)
+    fig, ax = _plt().subplots(1, 1, figsize=(9, 6), tight_layout=True)
     show_legend = 0 < len(py) < 21
     for i, y in enumerate(py):
         ax.plot(px, y, linewidth=1, label=(names[i] if i < len(names) else str(i)) if show_legend else None)
@@ -221,15 +222,7 @@ def plot_mc_curve(px: np.ndarray, py: np.ndarray, save_path: str | Path, names: 
         mean = py.mean(0)
         i = int(mean.argmax())
         ax.plot(px, mean, linewidth=3, color="blue", label=f"all classes {mean[i]:.2f} at {px[i]:.3f}")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.legend(bbox_to_anchor=(1.04, 1), loc="upper left")
-    ax.set_title(f"{ylabel}-{xlabel} Curve")
-    fig.savefig(save_path, dpi=150)
-    plt.close(fig)
-    return save_path
+    return _save_curve(fig, ax, save_path, xlabel, ylabel, f"{ylabel}-{xlabel} Curve")
 
 
 def plot_confusion_matrix(matrix: np.ndarray, labels: Sequence[str], save_path: str | Path,

@@ -144,10 +144,9 @@ class ModelEMA:
         self.ema = copy.deepcopy(unwrap(model)).eval()
         self.updates = updates
         self.decay = lambda x: decay * (1 - math.exp(-x / tau))
+        self._pairs: tuple[nn.Module, list, list] | None = None  # (source model, EMA tensors, its tensors)
         for p in self.ema.parameters():
             p.requires_grad_(False)
-
-        self._pairs: tuple[nn.Module, list, list] | None = None
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
@@ -163,9 +162,9 @@ class ModelEMA:
         vs 2 ms). Valid while `src` keeps its tensors (training updates them in place; the trainer builds the
         EMA after the model's last move)."""
         if self._pairs is None or self._pairs[0] is not src:
+            esd = {k: v for k, v in self.ema.state_dict(keep_vars=True).items() if v.dtype.is_floating_point}
             msd = src.state_dict(keep_vars=True)
-            pairs = [(v, msd[k]) for k, v in self.ema.state_dict(keep_vars=True).items() if v.dtype.is_floating_point]
-            self._pairs = (src, [e for e, _ in pairs], [m for _, m in pairs])
+            self._pairs = (src, list(esd.values()), [msd[k] for k in esd])
         return self._pairs[1], self._pairs[2]
 
 
