@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> Path:
         from utils.engine.sources import resolve_source
         resolve_source(opt.source)
     from utils.engine.config import PredictJob
-    from utils.engine.predictor import run
+    from utils.engine.predict.predictor import run
     return run(PredictJob.from_args(opt))
 
 

@@ -75,10 +75,10 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
 @cli
 def main(argv: list[str] | None = None) -> dict:
     from utils.engine.config import TrainConfig
-    from utils.engine.trainer import train
+    from utils.engine.train.trainer import train
     opt = parse_opt(argv)
     if opt.evolve is not None:
-        from utils.engine.evolve import evolve
+        from utils.engine.train.evolve import evolve
         return evolve(TrainConfig.from_args(opt), opt.evolve, prune=opt.evolve_prune == "on",
                       trial_plots=opt.evolve_plots)
     return train(TrainConfig.from_args(opt))

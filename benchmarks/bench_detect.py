@@ -56,7 +56,7 @@ def make_video(path: Path, frames: int, w: int = 640, h: int = 360, fps: float =
 
 def bench_model(cfg: str, video: Path, imgsz: int, device: str, nc: int) -> dict:
     from models.yolo import DetectionModel
-    from utils.engine.predictor import Predictor
+    from utils.engine.predict.predictor import Predictor
     from utils.engine.sources import LoadSources
     torch.manual_seed(0)
     model = DetectionModel(f"{cfg}.yaml", nc=nc).eval().fuse()
@@ -95,7 +95,7 @@ def run_detect(weights: Path, video: Path, project: Path, threaded: bool, imgsz:
     threaded=False is the old path throughout: sequential decode/encode and the dual-head model as loaded.
     """
     import detect_dual
-    from utils.engine.predictor import run
+    from utils.engine.predict.predictor import run
     opt = detect_dual.parse_opt(["--weights", str(weights), "--source", str(video), "--project", str(project),
                                  "--name", "run", "--exist-ok", "--imgsz", *map(str, imgsz), "--device", "cpu"])
     opt.threaded = opt.main_only = threaded

@@ -177,7 +177,7 @@ def graph_latency(name: str, device, imgsz: int, runs: int, compile_: bool = Tru
 def train_speed(name: str, device, imgsz: int, base_batch: int, steps: int, compile_: bool = True) -> dict:
     """AMP training img/s: plain at base_batch; channels_last at the autobatch size, eager and compiled."""
     import torch
-    from utils.engine.autobatch import cuda_batch_size
+    from utils.engine.train.autobatch import cuda_batch_size
     from utils.engine.graphs import CompiledForward
     from utils.loss import DetectionLoss
     row: dict = {"model": name}

@@ -66,9 +66,9 @@ def synthetic_scene(n_obj: int, frames: int, seed: int = 0) -> list[tuple[np.nda
 
 def bench(model_cfg: str, imgsz: int, frames: int, objects: list[int], device: str, nc: int) -> list[dict]:
     from models.yolo import DetectionModel
-    from utils.engine.predictor import Predictor, Result
+    from utils.engine.predict.predictor import Predictor, Result
     from utils.engine.sources import LoadSources
-    from utils.engine.tracking import SequenceTracker
+    from utils.engine.track.sequence import SequenceTracker
     torch.manual_seed(0)
     pred = Predictor(DetectionModel(f"{model_cfg}.yaml", nc=nc).eval().fuse(), device=device, imgsz=imgsz)
     pred.warmup()

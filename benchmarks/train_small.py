@@ -34,7 +34,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from utils.engine.optim import AUTO_ADAMW_BETA1, AUTO_ADAMW_LR, AUTO_WARMUP_MAX_FRAC  # noqa: E402
+from utils.engine.train.optim import AUTO_ADAMW_BETA1, AUTO_ADAMW_LR, AUTO_WARMUP_MAX_FRAC  # noqa: E402
 
 LABELS = {"old": "old: --optimizer SGD (upstream)", "new": "new: --optimizer auto",
           "adamw-upw": "AdamW, upstream warmup", "adamw-2e-3": "AdamW lr0 0.002"}

@@ -31,8 +31,8 @@ def step(out: Path, data: str, hyp: str, project: str, sync_bn: bool) -> None:
     from utils.data import create_dataloader
     from utils.engine import distributed as ddp
     from utils.engine.config import TrainConfig
-    from utils.engine.optim import unwrap
-    from utils.engine.trainer import Trainer
+    from utils.engine.train.optim import unwrap
+    from utils.engine.train.trainer import Trainer
     from utils.engine.validator import Validator, ValOptions
 
     cfg = TrainConfig(data=data, cfg="gelan-t.yaml", hyp=hyp, epochs=1, batch_size=8, imgsz=64, device="cpu",

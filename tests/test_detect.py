@@ -29,7 +29,7 @@ def weights(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def predictor(weights):
-    from utils.engine.predictor import Predictor
+    from utils.engine.predict.predictor import Predictor
     return Predictor(weights, device="cpu", imgsz=IMGSZ, conf_thres=0.1, iou_thres=0.45, max_det=50)
 
 
@@ -129,7 +129,7 @@ def test_extreme_aspect_ratios_stay_inside(predictor, shape):
 
 
 def test_classes_filter(weights, predictor):
-    from utils.engine.predictor import Predictor
+    from utils.engine.predict.predictor import Predictor
     im = _image(96, 128, seed=5)
     full = predictor.predict(im)
     only = Predictor(weights, device="cpu", imgsz=IMGSZ, conf_thres=0.1, max_det=50, classes=[1]).predict(im)
@@ -139,7 +139,7 @@ def test_classes_filter(weights, predictor):
 
 
 def test_predict_path_and_tta(weights, tmp_path):
-    from utils.engine.predictor import Predictor
+    from utils.engine.predict.predictor import Predictor
     f = tmp_path / "x.jpg"
     cv2.imwrite(str(f), _image(70, 110, 6))
     p = Predictor(weights, device="cpu", imgsz=IMGSZ, conf_thres=0.1, augment=True)
@@ -154,7 +154,7 @@ def test_predict_path_and_tta(weights, tmp_path):
 # ---------------------------------------------------------------- detect_dual.py
 
 def test_folder_with_corrupt_file_txt_crops(weights, predictor, tmp_path, caplog):
-    from utils.engine.predictor import run
+    from utils.engine.predict.predictor import run
     src = tmp_path / "src"
     src.mkdir()
     shapes = {"wide": (40, 200), "tall": (200, 40), "mid": (90, 120)}
@@ -190,7 +190,7 @@ def test_folder_with_corrupt_file_txt_crops(weights, predictor, tmp_path, caplog
 
 
 def test_video_same_frames_size_fps(weights, tmp_path, caplog):
-    from utils.engine.predictor import run
+    from utils.engine.predict.predictor import run
     vid = tmp_path / "clip.mp4"
     w, h, fps, n = 160, 96, 12, 20
     vw = cv2.VideoWriter(str(vid), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))

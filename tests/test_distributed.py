@@ -86,7 +86,7 @@ def test_one_step_two_ranks_sync_bn_equals_one_process_batch_8(tmp_path):
     one = torch.load(tmp_path / "out_single.pt", weights_only=True)
     two = torch.load(tmp_path / "out_ddp.pt", weights_only=True)
     assert two["world"] == 2
-    from utils.engine.trainer import GRAD_CLIP
+    from utils.engine.train.trainer import GRAD_CLIP
     assert 0.1 < one["norm"] < GRAD_CLIP  # not clipped: the update is proportional to the gradient
     assert two["norm"] == pytest.approx(one["norm"], rel=1e-6)
     changed = 0

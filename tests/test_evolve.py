@@ -53,8 +53,8 @@ class InterruptAt:
 
 
 def test_space_baseline_and_sampling():
-    from utils.engine.evolve import SPACE, baseline_params, sample_hyp
-    from utils.engine.trainer import HYP_KEYS, HYP_OPTIONAL_KEYS
+    from utils.engine.train.evolve import SPACE, baseline_params, sample_hyp
+    from utils.engine.train.trainer import HYP_KEYS, HYP_OPTIONAL_KEYS
     assert set(SPACE) == set(UPSTREAM_KEYS) and set(SPACE) <= set(HYP_KEYS + HYP_OPTIONAL_KEYS)
     assert all(r.low < r.high for r in SPACE.values())
     base = {**_base_hyp(), "lr0": 0.5, "degrees": -3.0}
@@ -79,8 +79,8 @@ def _frozen(number_value_state, hyp):
 
 
 def test_outputs_pick_the_best_finished_trial(tmp_path):
-    from utils.engine.evolve import write_outputs
-    from utils.engine.trainer import load_hyp
+    from utils.engine.train.evolve import write_outputs
+    from utils.engine.train.trainer import load_hyp
     S = optuna.trial.TrialState
     study = optuna.create_study(direction="maximize")
     base = _base_hyp()
@@ -105,7 +105,7 @@ def test_outputs_pick_the_best_finished_trial(tmp_path):
 
 
 def test_running_trial_of_a_dead_process_is_queued_again(tmp_path):
-    from utils.engine.evolve import open_study, requeue_unfinished
+    from utils.engine.train.evolve import open_study, requeue_unfinished
     S = optuna.trial.TrialState
     db = tmp_path / "study.db"
     study, _ = open_study(db, seed=0)
@@ -132,8 +132,8 @@ def test_running_trial_of_a_dead_process_is_queued_again(tmp_path):
 
 
 def test_three_trials_interrupt_resume_and_best_hyp_trains(tiny_data, tmp_path):
-    from utils.engine.evolve import SPACE, evolve
-    from utils.engine.trainer import Trainer
+    from utils.engine.train.evolve import SPACE, evolve
+    from utils.engine.train.trainer import Trainer
     from utils.general import UserError
     S = optuna.trial.TrialState
     cfg = _cfg(tiny_data, tmp_path)
@@ -189,7 +189,7 @@ def test_three_trials_interrupt_resume_and_best_hyp_trains(tiny_data, tmp_path):
 
 
 def test_pruned_trial_stops_cleanly_and_prune_off_trains_on(tiny_data, tmp_path):
-    from utils.engine.evolve import evolve
+    from utils.engine.train.evolve import evolve
     S = optuna.trial.TrialState
     always = optuna.pruners.ThresholdPruner(lower=1.5)  # fitness <= 1: prunes at the first report
     study = evolve(_cfg(tiny_data, tmp_path, epochs=2), 1, pruner=always)
@@ -213,8 +213,8 @@ def test_pruned_trial_stops_cleanly_and_prune_off_trains_on(tiny_data, tmp_path)
 
 
 def test_diverged_trial_scores_zero(tiny_data, tmp_path, monkeypatch):
-    from utils.engine import trainer as trainer_mod
-    from utils.engine.evolve import evolve
+    from utils.engine.train import trainer as trainer_mod
+    from utils.engine.train.evolve import evolve
     real = trainer_mod.DetectionLoss
 
     class NaNLoss(real):  # every training step's loss is NaN: 10 in a row stop the run (2 steps per epoch)

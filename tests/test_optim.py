@@ -5,7 +5,7 @@ import math
 import torch
 import torch.nn as nn
 
-from utils.engine.optim import ModelEMA
+from utils.engine.train.optim import ModelEMA
 
 
 def test_ema_update_matches_formula_and_skips_integer_buffers():
@@ -64,7 +64,7 @@ def test_ema_follows_the_live_model_over_steps_and_a_new_source_model():
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
-from utils.engine.optim import (AUTO_ADAMW_FINETUNE_LR, AUTO_ADAMW_LR, AUTO_SGD_MIN_STEPS,  # noqa: E402
+from utils.engine.train.optim import (AUTO_ADAMW_FINETUNE_LR, AUTO_ADAMW_LR, AUTO_SGD_MIN_STEPS,  # noqa: E402
                                 AUTO_WARMUP_MAX_FRAC, choose_optimizer, optimizer_steps, warmup_iterations)
 from utils.general import ROOT  # noqa: E402
 

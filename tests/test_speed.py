@@ -76,7 +76,7 @@ def test_graph_runner_copies_each_input_into_the_static_buffer():
 
 def test_cuda_graph_off_cuda_warns_once_and_runs_eager(weights, caplog):
     from utils.engine import graphs
-    from utils.engine.predictor import Predictor
+    from utils.engine.predict.predictor import Predictor
     graphs._warned.clear()
     im = np.full((80, 120, 3), 90, np.uint8)
     cv2.circle(im, (40, 40), 20, (0, 0, 255), -1)
@@ -129,7 +129,7 @@ GIB = 1024 ** 3
 
 
 def test_autobatch_fits_line_to_fake_memory():
-    from utils.engine.autobatch import fit_batch_size
+    from utils.engine.train.autobatch import fit_batch_size
     calls = []
 
     def mem(b):  # 0.5 GiB fixed + 0.1 GiB per image, small noise
@@ -145,7 +145,7 @@ def test_autobatch_fits_line_to_fake_memory():
 
 
 def test_autobatch_stops_below_a_probe_that_ran_out_of_memory():
-    from utils.engine.autobatch import fit_batch_size
+    from utils.engine.train.autobatch import fit_batch_size
 
     def mem(b):
         if b >= 8:
@@ -161,7 +161,7 @@ def test_autobatch_stops_below_a_probe_that_ran_out_of_memory():
 
 
 def test_autobatch_needs_cuda(caplog):
-    from utils.engine.autobatch import auto_batch_size
+    from utils.engine.train.autobatch import auto_batch_size
     with caplog.at_level(logging.WARNING):
         assert auto_batch_size(torch.nn.Linear(1, 1), 64, torch.device("cpu")) == 16
     assert any("needs a CUDA device" in r.message for r in caplog.records)
@@ -328,7 +328,7 @@ def test_background_calls_keep_order_and_raise():
 def test_detect_threaded_equals_sequential(weights, tmp_path):
     """Whole detect_dual.py video path: same labels per frame, same number of written frames."""
     import detect_dual
-    from utils.engine.predictor import run
+    from utils.engine.predict.predictor import run
     video = make_video(tmp_path / "clip.mp4", 8, w=160, h=96)
     outs = {}
     for threaded in (False, True):
@@ -348,7 +348,7 @@ def test_detect_threaded_equals_sequential(weights, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (written for the GPU machine, untested there)")
 @pytest.mark.parametrize("mode", ["capture", "compile"])
 def test_cuda_graph_predictions_equal_eager_on_gpu(weights, mode):
-    from utils.engine.predictor import Predictor
+    from utils.engine.predict.predictor import Predictor
     rng = np.random.default_rng(0)
     ims = [np.full((96, 160, 3), 90, np.uint8) for _ in range(4)]
     for im in ims:
@@ -379,7 +379,7 @@ def test_val_cuda_graph_flag_on_cpu_runs_eager(weights, tmp_path):
 def test_predictor_drops_auxiliary_branch_same_boxes(tmp_path):
     from models.yolo import DetectionModel
     from utils.checkpoint import make_checkpoint, save_checkpoint
-    from utils.engine.predictor import Predictor
+    from utils.engine.predict.predictor import Predictor
     torch.manual_seed(0)
     dual = DetectionModel("yolov9-t.yaml", nc=3)
     for box, cls in zip(dual.head.cv4, dual.head.cv5):  # main-branch head: varied boxes above a low threshold

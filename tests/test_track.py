@@ -107,7 +107,7 @@ def run_tracker(dets: dict, tracker) -> dict[int, dict[int, np.ndarray]]:
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_bytetracker_mot_metrics(seed):
-    from utils.engine.tracker import ByteTracker
+    from utils.engine.track.bytetrack import ByteTracker
     gt = make_scene(seed)
     hyp = run_tracker(make_detections(gt, seed=seed), ByteTracker())
     s = mot_scores(gt, hyp)
@@ -117,7 +117,7 @@ def test_bytetracker_mot_metrics(seed):
 def test_second_stage_recovers_low_score_detections():
     """The low-score association is what keeps weak-but-true boxes: switching it off (low = high threshold)
     loses them, so this scene separates a ByteTrack-style tracker from a single-threshold one."""
-    from utils.engine.tracker import ByteTracker, TrackerConfig
+    from utils.engine.track.bytetrack import ByteTracker, TrackerConfig
     gt = make_scene(0)
     dets = make_detections(gt, seed=0, weak=0.15)
     full = mot_scores(gt, run_tracker(dets, ByteTracker()))
@@ -143,7 +143,7 @@ def test_kalman_hand_computed_step():
     """One predict + update for a 40x80 box, worked by hand (noise weights 1/20 position, 1/160 velocity):
     initial var x = (2*40/20)^2 = 16, vx = (10*40/160)^2 = 6.25; predicted var x = 16 + 6.25 + (40/20)^2 = 26.25,
     cov(x, vx) = 6.25; measurement var (40/20)^2 = 4, so gain on x = 26.25/30.25 and on vx = 6.25/30.25."""
-    from utils.engine.tracker import KalmanBoxFilter
+    from utils.engine.track.bytetrack import KalmanBoxFilter
     kf = KalmanBoxFilter()
     mean, cov = kf.initiate(np.array([[100.0, 50.0, 40.0, 80.0]]))
     np.testing.assert_allclose(np.diag(cov[0]), [16, 64, 16, 64, 6.25, 25, 6.25, 25])
@@ -160,7 +160,7 @@ def test_kalman_hand_computed_step():
 
 def test_kalman_batch_matches_textbook_reference():
     """Batched predict/update equal the textbook matrix formulas (explicit inverse) on random states."""
-    from utils.engine.tracker import KalmanBoxFilter
+    from utils.engine.track.bytetrack import KalmanBoxFilter
     rng = np.random.default_rng(0)
     kf = KalmanBoxFilter(pos_weight=0.07, vel_weight=0.01)
     n = 5
@@ -186,7 +186,7 @@ def test_kalman_batch_matches_textbook_reference():
 
 
 def test_assign_prefers_one_good_match_over_two_poor_ones():
-    from utils.engine.tracker import assign
+    from utils.engine.track.bytetrack import assign
     cost = np.array([[0.1, 0.5], [0.5, 9.0]])
     assert assign(cost, 0.8) == ([(0, 0)], [1], [1])  # 0.1 + two unmatched (0.4 each) = 0.9 < 0.5 + 0.5
     assert assign(cost, 0.95)[0] == [(0, 1), (1, 0)]  # 0.1 + 2 * 0.475 = 1.05 > 1.0: both matched
@@ -197,7 +197,7 @@ def test_assign_matches_brute_force():
     """On random small matrices the matching cost equals the best of all partial matchings enumerated
     (objective: matched costs + thresh / 2 per unmatched row and column, pairs above thresh forbidden)."""
     import itertools
-    from utils.engine.tracker import assign
+    from utils.engine.track.bytetrack import assign
     rng = np.random.default_rng(0)
     for _ in range(60):
         n, m, thr = int(rng.integers(1, 5)), int(rng.integers(1, 5)), float(rng.uniform(0.3, 0.9))
@@ -224,7 +224,7 @@ def _box(x: float, y: float = 50.0, s: float = 40.0) -> np.ndarray:
 
 def test_lost_buffer_scales_with_fps():
     """An object hidden for k frames keeps its id when k <= track_buffer * fps / 30, else gets a new one."""
-    from utils.engine.tracker import ByteTracker, TrackerConfig
+    from utils.engine.track.bytetrack import ByteTracker, TrackerConfig
     cfg = TrackerConfig(track_buffer=4)
     for fps, gap, same in ((30, 4, True), (30, 5, False), (60, 8, True), (60, 9, False)):
         t = ByteTracker(cfg, fps=fps)
@@ -240,7 +240,7 @@ def test_lost_buffer_scales_with_fps():
 
 
 def test_low_scores_never_start_tracks_and_clutter_is_not_confirmed():
-    from utils.engine.tracker import ByteTracker
+    from utils.engine.track.bytetrack import ByteTracker
     t = ByteTracker()
     for f in range(5):  # a persistent weak box (0.3) never becomes a track on its own
         assert t.update(_box(100), [0.3])[1].size == 0
@@ -254,7 +254,7 @@ def test_low_scores_never_start_tracks_and_clutter_is_not_confirmed():
 
 
 def test_per_class_association():
-    from utils.engine.tracker import ByteTracker, TrackerConfig
+    from utils.engine.track.bytetrack import ByteTracker, TrackerConfig
     for per_class, want in ((False, [1]), (True, [])):
         t = ByteTracker(TrackerConfig(per_class=per_class))
         t.update(_box(10), [0.9], [0])
@@ -264,7 +264,7 @@ def test_per_class_association():
 # ---------------------------------------------------------------- config
 
 def test_shipped_yaml_equals_defaults():
-    from utils.engine.tracker import TrackerConfig, load_tracker_config
+    from utils.engine.track.bytetrack import TrackerConfig, load_tracker_config
     assert load_tracker_config("bytetrack.yaml") == TrackerConfig() == load_tracker_config(None)
 
 
@@ -278,7 +278,7 @@ def test_shipped_yaml_equals_defaults():
     ("track_low_thresh: 0.7\n", "track_low_thresh 0.7 is above track_high_thresh 0.5"),
 ])
 def test_bad_tracker_yaml_is_one_clear_error(tmp_path, text, msg):
-    from utils.engine.tracker import load_tracker_config
+    from utils.engine.track.bytetrack import load_tracker_config
     f = tmp_path / "t.yaml"
     f.write_text(text)
     with pytest.raises(UserError, match=msg) as e:
@@ -297,7 +297,7 @@ def _write(p: Path, text: str) -> Path:
 # ---------------------------------------------------------------- sequences, outputs, detect_dual.py
 
 def _result(boxes: np.ndarray, path: str):
-    from utils.engine.predictor import Result
+    from utils.engine.predict.predictor import Result
     n = len(boxes)
     return Result(np.asarray(boxes, np.float32).reshape(-1, 4), np.full(n, 0.9, np.float32), np.zeros(n, np.int64),
                   ["circle"] * n, (H, W), (H, W), path)
@@ -307,7 +307,7 @@ def test_sequence_tracker_resets_per_source(tmp_path):
     """Video b after video a: ids restart at 1 and b's first frame is confirmed at once (no state carried
     over, which would leave b's new boxes tentative with ids 4, 5); one MOT file per video, frames from 1."""
     from utils.engine.sources import Frame, VideoInfo
-    from utils.engine.tracking import SequenceTracker
+    from utils.engine.track.sequence import SequenceTracker
     seq = SequenceTracker(None, tmp_path)
     a_boxes = np.array([[10, 10, 50, 50], [100, 100, 150, 150], [300, 50, 340, 90]], float)
     b_boxes = np.array([[400, 300, 450, 350], [200, 200, 260, 240]], float)
@@ -332,7 +332,7 @@ def test_sequence_tracker_resets_per_source(tmp_path):
 
 
 def test_track_ids_set_box_colour_and_label():
-    from utils.engine.annotate import colors, draw_boxes
+    from utils.engine.predict.annotate import colors, draw_boxes
     im = np.zeros((120, 160, 3), np.uint8)
     out = draw_boxes(im, np.array([[10, 40, 150, 110]]), np.array([0.8]), np.array([0]), ["circle"], 3,
                      hide_labels=True, track_ids=np.array([7]))
@@ -382,7 +382,7 @@ def test_detect_dual_track_end_to_end(weights, tmp_path, caplog):
     """Two videos in one run: annotated videos, labels rows 'cls xc yc w h conf id' that agree with the
     MOT rows of the same frame, one MOT file per video with ids restarting at 1."""
     torch.set_num_threads(1)
-    from utils.engine.predictor import run
+    from utils.engine.predict.predictor import run
     src = tmp_path / "src"
     src.mkdir()
     sizes = {"a": (16, 128, 96), "b": (10, 96, 128)}
@@ -417,7 +417,7 @@ def test_detect_dual_track_end_to_end(weights, tmp_path, caplog):
 
 def test_predictor_track_api_and_still_image(weights, tmp_path, caplog):
     torch.set_num_threads(1)
-    from utils.engine.predictor import Predictor, run
+    from utils.engine.predict.predictor import Predictor, run
     p = Predictor(weights, device="cpu", imgsz=128, conf_thres=0.25, max_det=20)
     vid = _write_video(tmp_path / "v.mp4", 6, 128, 96)
     results = list(p.track(vid))

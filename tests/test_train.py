@@ -175,14 +175,14 @@ def test_bad_hyp_and_data_are_one_line_errors(tiny_data, tmp_path):
 def _train_in_process(args):
     import train_dual
     from utils.engine.config import TrainConfig
-    from utils.engine.trainer import Trainer
+    from utils.engine.train.trainer import Trainer
     trainer = Trainer(TrainConfig.from_args(train_dual.parse_opt([str(a) for a in args])))
     return trainer, trainer.run()
 
 
 def _nan_at(monkeypatch, bad):
     """Make the training loss NaN at the training steps (counted from 0) for which bad(step) is true."""
-    from utils.engine import trainer as trainer_mod
+    from utils.engine.train import trainer as trainer_mod
     real = trainer_mod.DetectionLoss
     steps = iter(range(10**6))
 
@@ -211,7 +211,7 @@ def test_nonfinite_loss_is_skipped_then_stops(tiny_data, tmp_path, monkeypatch, 
 
 def test_weight_decay_is_never_rescaled_by_resume(tiny_data, tmp_path):
     """hyp.yaml and checkpoints keep the file's weight_decay; the optimizer gets the batch-scaled value."""
-    from utils.engine.trainer import load_hyp
+    from utils.engine.train.trainer import load_hyp
     wd = load_hyp("hyp.scratch-high.yaml")["weight_decay"]
     scaled = wd * 8 * 8 / 64  # batch 8, accumulate round(64 / 8) = 8, nominal 64
     args = [*TINY, "--data", tiny_data, "--epochs", "1", "--project", tmp_path, "--name", "exp", "--noplots",

@@ -22,11 +22,11 @@ from tqdm import tqdm
 
 from utils.boxes import scale_boxes, xyxy2xywhn
 from utils.checkpoint import find_newest
-from utils.engine.annotate import draw_boxes, save_one_box
+from utils.engine.predict.annotate import draw_boxes, save_one_box
 from utils.engine.backend import Backend
 from utils.engine.config import PredictJob
 from utils.engine.sources import BackgroundCalls, Frame, LoadSources, is_stream, preprocess_image, read_image
-from utils.engine.tracking import SEQUENCE_HINT, SequenceTracker, is_single_image, tracker_for_run
+from utils.engine.track.sequence import SEQUENCE_HINT, SequenceTracker, is_single_image, tracker_for_run
 from utils.engine.tta import forward_augment
 from utils.general import LOGGER, UserError, check_img_size, image_hw, increment_path
 from utils.nms import non_max_suppression

@@ -1,6 +1,6 @@
 """Tracking on inference sources: one ByteTracker state per video / stream / image folder, MOTChallenge files.
 
-Why a separate layer: the tracker itself (utils/engine/tracker.py) knows nothing about files. This module
+Why a separate layer: the tracker itself (utils/engine/track/bytetrack.py) knows nothing about files. This module
 decides what a "sequence" is (a video file, a stream, or the images of one folder in name order), resets
 the tracker whenever the sequence changes so two videos in one run never share ids, turns a frame's
 detections into a `Result` that carries track ids, and writes one MOTChallenge text file per sequence.
@@ -15,7 +15,7 @@ from typing import IO, Any
 import numpy as np
 
 from utils.engine.sources import Frame, LoadSources, is_stream
-from utils.engine.tracker import ByteTracker, TrackerConfig, load_tracker_config
+from utils.engine.track.bytetrack import ByteTracker, TrackerConfig, load_tracker_config
 from utils.general import LOGGER
 
 SEQUENCE_HINT = "tracking needs a sequence (a video, a webcam/stream or a folder of images)"

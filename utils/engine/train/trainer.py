@@ -29,11 +29,11 @@ from utils.checkpoint import (find_newest, load_checkpoint, make_checkpoint, mod
                               save_checkpoint, strip_checkpoint, transfer_weights)
 from utils.data import create_dataloader, load_data_config, multi_scale
 from utils.engine import distributed as ddp
-from utils.engine.autobatch import auto_batch_size
+from utils.engine.train.autobatch import auto_batch_size
 from utils.engine.config import TrainConfig
 from utils.engine.graphs import CompiledForward
-from utils.engine.optim import ModelEMA, build_optimizer, choose_optimizer, lr_lambda, unwrap, warmup_iterations
-from utils.engine.tensorboard import TensorBoardLogger
+from utils.engine.train.optim import ModelEMA, build_optimizer, choose_optimizer, lr_lambda, unwrap, warmup_iterations
+from utils.engine.train.tensorboard import TensorBoardLogger
 from utils.engine.validator import ValOptions, ValResult, Validator
 from utils.general import LOGGER, ROOT, UserError, check_img_size, increment_path
 from utils.loss import DetectionLoss

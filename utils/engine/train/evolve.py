@@ -21,8 +21,8 @@ import yaml
 from utils.data import load_data_config
 from utils.data.verify import collect_image_files
 from utils.engine.config import TrainConfig
-from utils.engine.optim import choose_optimizer
-from utils.engine.trainer import LOCAL_RANK, MAX_NONFINITE, WORLD_SIZE, Callback, Trainer, load_hyp
+from utils.engine.train.optim import choose_optimizer
+from utils.engine.train.trainer import LOCAL_RANK, MAX_NONFINITE, WORLD_SIZE, Callback, Trainer, load_hyp
 from utils.general import LOGGER, UserError, increment_path
 
 STUDY_NAME = "evolve"

@@ -1,0 +1,1 @@
+"""Prediction on images, folders, videos and streams: the predictor and box drawing."""

@@ -1,0 +1,1 @@
+"""Multi-object tracking: the ByteTrack algorithm (bytetrack) and its per-sequence driver (sequence)."""
