@@ -224,7 +224,7 @@ def speed_main(opt, device, env: dict) -> list[str]:
 
     def f(v, d=1):
         return "-" if v is None else f"{v:.{d}f}"
-    lines = [f"# Issue 17 GPU speed ({env['device']}, {env['date']})", "", f"torch {env['torch']}, CUDA {env['cuda']}", "",
+    lines = [f"# GPU speed ({env['device']}, {env['date']})", "", f"torch {env['torch']}, CUDA {env['cuda']}", "",
              f"## Batch-1 fp16 latency @{opt.imgsz} (ms, median CUDA events)", "",
              "| model | eager b1 | b16 per image | eager b1 / b16 | CUDA graph b1 | graph / b16 | max abs diff | "
              "compile r-o b1 | compile / b16 | compile s |", "|---|" + "---:|" * 9]

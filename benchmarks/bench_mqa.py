@@ -255,7 +255,7 @@ def format_table(rows: list[dict]) -> list[str]:
 
 
 def targets(rows: list[dict], opt) -> list[str]:
-    """Issue 2 targets at 2x64x80x80: >= 20x less peak memory and >= 3x faster than materialised."""
+    """Targets at 2x64x80x80: >= 20x less peak memory and >= 3x faster than materialised."""
     for r in rows:
         if r["size"] == "80x80" and r["C"] == 64 and opt.batch == 2:
             a, b = r["ours"], r["materialised"]

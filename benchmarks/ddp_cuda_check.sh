@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CUDA/nccl check of the distributed path (issue 14), for a GPU session. Runs from the repo root:
+# CUDA/nccl check of the distributed path, for a GPU session. Runs from the repo root:
 #   bash benchmarks/ddp_cuda_check.sh [nproc]        (nproc defaults to the number of visible GPUs)
 # 1) torchrun training with nccl and --sync-bn (torch SyncBatchNorm) on nproc GPUs, 2 epochs, tiny data;
 # 2) val_dual.py under torchrun (sharded over nproc GPUs) against one plain process: metrics must match;

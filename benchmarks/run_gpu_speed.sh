@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 17 GPU checks in one go (written without a GPU machine: NOT yet run on one).
+# GPU checks in one go (written without a GPU machine: NOT yet run on one).
 #  1. CUDA-graph / torch.compile predictions equal eager (boxes within 1e-3), fp32 and --half.
 #  2. Tables: batch-1 fp16 latency eager / CUDA graph / compile vs batch-16 per image; AMP training img/s at
 #     batch 8 vs channels_last at the autobatch size (+ compile), next to the data loader's img/s.

@@ -2,7 +2,7 @@
 
 Why: a user's first custom dataset is often a few dozen images. At nominal batch 64 such a set makes about
 one optimizer step per epoch and upstream's SGD barely moves in the whole run; `--optimizer auto` picks
-AdamW there (issue 19). This trains the same model on the same data, seeds and epochs under each setting
+AdamW there. This trains the same model on the same data, seeds and epochs under each setting
 and reports mAP50 / mAP50-95 per epoch (train_dual.py's validation of the EMA model).
 
 python benchmarks/train_small.py                                  # 40 hard synthetic images, old vs new

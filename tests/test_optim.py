@@ -60,7 +60,7 @@ def test_ema_follows_the_live_model_over_steps_and_a_new_source_model():
         for k, want in ref.items():
             assert torch.allclose(got[k].double(), want, atol=1e-6), (step, k)
 
-# ---------------------------------------------------------------- --optimizer auto (issue 19)
+# ---------------------------------------------------------------- --optimizer auto
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
@@ -75,7 +75,7 @@ def upstream_hyp():
 
 
 def test_optimizer_steps_hand_counted():
-    # 37 images, batch 16: 3 batches/epoch, accumulate 64/16=4 -> 100 epochs make 300/4 = 75 steps (issue 19)
+    # 37 images, batch 16: 3 batches/epoch, accumulate 64/16=4 -> 100 epochs make 300/4 = 75 steps
     assert optimizer_steps(37, 16, 64, 100) == 75
     assert optimizer_steps(500, 16, 16, 20) == 32 * 20  # bundled shapes: nbs 16, no accumulation
     assert optimizer_steps(100, 128, 64, 3) == 3  # batch above nbs: one step per batch

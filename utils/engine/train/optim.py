@@ -44,7 +44,7 @@ def build_optimizer(model: nn.Module, name: str = "SGD", lr: float = 0.01, momen
 
 # --optimizer auto: below this many optimizer steps the run is "short" and gets AdamW (see choose_optimizer).
 AUTO_SGD_MIN_STEPS = 10_000
-AUTO_ADAMW_LR = 0.002  # from scratch: measured on 37-40 image sets (issue 19, benchmarks/train_small.py)
+AUTO_ADAMW_LR = 0.002  # from scratch: measured on 37-40 image sets (benchmarks/train_small.py)
 AUTO_ADAMW_FINETUNE_LR = 0.0005  # from --weights: measured in benchmarks/train_small.py --finetune
 AUTO_ADAMW_BETA1 = 0.9
 AUTO_WARMUP_MAX_FRAC = 0.05  # short runs: warmup at most this share of all iterations (upstream floor: 100)
