@@ -67,3 +67,33 @@ def test_default_parameters_generate_a_valid_set(tmp_path):
     assert set(classes.astype(int).tolist()) == set(range(len(SHAPE_NAMES)))
     size_mb = sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) / 1e6
     assert size_mb < 40
+
+
+def test_shapes_video_is_readable_and_its_truth_matches_the_pixels(tmp_path):
+    import cv2
+
+    from utils.data.shapes_video import main, write_shapes_video
+    truth = write_shapes_video(tmp_path / "a.mp4", frames=12, size=(200, 120), n_objects=3, seed=1)
+    cap = cv2.VideoCapture(str(tmp_path / "a.mp4"))
+    frames = []
+    while True:
+        ok, f = cap.read()
+        if not ok:
+            break
+        frames.append(f)
+    assert len(frames) == 12 and frames[0].shape == (120, 200, 3)
+    assert [t.shape for t in truth] == [(3, 6)] * 12
+    for t in truth:
+        assert (t[:, 2:4] >= 0).all() and (t[:, 4] <= 200).all() and (t[:, 5] <= 120).all()
+    moved = np.abs(truth[-1][:, 2:] - truth[0][:, 2:]).max(1)
+    assert (moved > 5).all()  # every object moves
+    # the same seed with no objects gives the bare background: what differs from it must lie inside the boxes
+    write_shapes_video(tmp_path / "bg.mp4", frames=1, size=(200, 120), n_objects=0, seed=1)
+    bg = cv2.VideoCapture(str(tmp_path / "bg.mp4")).read()[1]
+    changed = np.abs(frames[0].astype(np.int16) - bg).max(2) > 40
+    inside = np.zeros_like(changed)
+    for _, _, x1, y1, x2, y2 in truth[0].astype(int):
+        inside[y1:y2, x1:x2] = True
+        assert changed[y1:y2, x1:x2].mean() > 0.3  # the box is filled by its object
+    assert changed[~inside].mean() < 0.01 and changed.sum() > 300
+    assert main(["--video", str(tmp_path / "b.mp4"), "--frames", "3"]).is_file()
