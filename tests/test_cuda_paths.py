@@ -80,6 +80,15 @@ def test_process_device_under_torchrun_uses_and_selects_the_mapped_gpu(two_fake_
     assert two_fake_gpus["set_device"] == [torch.device("cuda", 1)]
 
 
+def test_onnx_runtime_runs_on_the_chosen_gpu():
+    from utils.engine.backend import ort_providers
+    available = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert ort_providers(torch.device("cuda", 1), available) == [("CUDAExecutionProvider", {"device_id": 1}),
+                                                                 "CPUExecutionProvider"]
+    assert ort_providers(torch.device("cuda", 1), ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert ort_providers(torch.device("cpu"), available) == ["CPUExecutionProvider"]
+
+
 # ---------------------------------------------------------------- CUDA-graph capture arguments
 
 class RecordingCuda:

@@ -48,6 +48,14 @@ def ort_session_options(threads: int | None = None):
     return so
 
 
+def ort_providers(device: torch.device, available: list[str]) -> list:
+    """ONNX Runtime providers for `device`: CUDA on that very GPU when onnxruntime-gpu offers it (its
+    device_id defaults to GPU 0 whatever --device says), with the CPU as fallback."""
+    if device.type == "cuda" and "CUDAExecutionProvider" in available:
+        return [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
 def pad_bottom_right(im: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """An image batch padded with letterbox grey to h x w at the bottom and right: pixel coordinates, and so
     every predicted box, stay what they were."""
@@ -155,9 +163,7 @@ class Backend:
             import onnxruntime as ort
         except ImportError:
             raise UserError(f"{self.weights}: running .onnx files needs onnxruntime (pip install onnxruntime)") from None
-        providers = ["CPUExecutionProvider"]
-        if self.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
+        providers = ort_providers(self.device, ort.get_available_providers())
         try:
             self.session = ort.InferenceSession(str(self.weights), sess_options=ort_session_options(),
                                                 providers=providers)

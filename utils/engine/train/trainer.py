@@ -137,7 +137,10 @@ class Trainer:
         self.model = self._build_model()
         # one decision for every rank: the ranks' models differ until DDP broadcasts rank 0's weights, and
         # ranks that disagreed would train with and without loss scaling while DDP averages their gradients
-        self.amp = ddp.all_true(self._amp_ok())
+        passed = self._amp_ok()
+        self.amp = ddp.all_true(passed)
+        if passed and not self.amp:
+            LOGGER.warning("WARNING: the AMP check failed on another rank; every rank trains in fp32")
         if cfg.batch_size == -1:  # autobatch: the largest batch within 60% of CUDA memory (printed)
             size = max_random_imgsz(self.imgsz, self.gs) if cfg.multi_scale else self.imgsz
             bs = auto_batch_size(self.model, size, self.device, loss_fn=DetectionLoss(self.model, self.hyp),
