@@ -10,14 +10,14 @@ the run; a shared time budget skips what no longer fits):
                  --multi-scale top size gives a smaller batch; train_dual.py --batch-size -1 clamps to the set
   export         export.py TorchScript (fixed and --dynamic) and ONNX on CPU, then each file run on the GPU:
                  detections equal the .pt model's
-  predict        Predictor eager / --half / --cuda-graph capture / compile (fp32 and fp16), two passes (the
-                 second replays): detections equal eager of the same dtype (IoU per box, dtype tolerance)
-  val            val_dual.py eager / --half / --cuda-graph capture / compile, and a two-model ensemble under
-                 compile: mAP equal to eager within the dtype tolerance; rect batches padded to fixed shapes
+  predict        Predictor eager / --half / --cuda-graph capture (fp32, fp16) / compile (fp16), two passes
+                 (the second replays): detections equal eager of the same dtype (IoU per box, dtype tolerance)
+  val            val_dual.py eager / --half / --cuda-graph capture (rect batches padded to 4 fixed shapes),
+                 and a two-model ensemble under compile: mAP equal to eager within the dtype tolerance
   torchrun       torchrun --nproc-per-node 1 (nccl): training with --sync-bn, sharded validation equal to one
                  process, and the --device / process-count mismatch as one line
-  train_compile  train_dual.py --compile 2 epochs: trains compiled (no eager fallback)
   speed          benchmarks/bench_gpu.py --speed: batch-1 vs batch-16 per image, CUDA graph, training img/s
+  train_compile  train_dual.py --compile 2 epochs: trains compiled (no eager fallback)
   pytest_gpu     the GPU tests of tests/test_speed.py
 
 Results: gpu_check.md and gpu_check.json (+ gpu_speed.md, logs/) under --out ($OUT from the shell script,
@@ -49,7 +49,11 @@ if str(ROOT) not in sys.path:
 
 IMG = 160  # training / validation size of the tiny set
 NAMES = ["circle", "rectangle", "triangle", "star", "cross"]
-IOU_MIN = {"fp32": 0.999, "fp16": 0.99}  # per matched box: fp16 steps are ~1e-3 of the image size
+# Tolerances by dtype. fp16 steps are ~1e-3 of the image size (0.06-0.12 px at 100-160 px); fp32 convolutions
+# run in TF32 on recent GPUs (cuDNN's default), whose 10-bit mantissa is fp16's, so fp32 is only a little tighter.
+IOU_MIN = {"fp32": 0.995, "fp16": 0.99}  # per box
+ATOL_REL = {"fp32": 1e-3, "fp16": 2e-3}  # per box coordinate, as a share of the image size
+SCORE_TOL = {"fp32": 2e-3, "fp16": 1e-2}  # per class score
 MAP_TOL = {"fp32": 0.01, "fp16": 0.02}  # |mAP50-95 - eager|; padded rect batches move edge boxes a little
 
 
@@ -69,11 +73,13 @@ class Ctx:
         return self.work / "data.yaml"
 
     def weights(self, run: str = "amp") -> Path:
-        """best.pt of an earlier training step, or a seeded random checkpoint when that step failed."""
+        """best.pt of an earlier training step; a seeded checkpoint (random weights, head biased to give plenty of
+        boxes above a low threshold) when that step failed or for run="seeded". Two training epochs on 64
+        images detect next to nothing, so comparisons of detections use the seeded one."""
         w = self.work / "runs" / run / "weights" / "best.pt"
         if w.is_file():
             return w
-        fallback = self.work / f"seeded_{run}.pt"
+        fallback = self.work / "seeded.pt"
         if not fallback.is_file():
             sys.path.insert(0, str(ROOT / "tests"))
             from helpers import seeded_tiny_checkpoint
@@ -89,8 +95,8 @@ def train_argv(ctx: Ctx, name: str, *extra: str, device: str | None = None) -> l
             name, "--exist-ok", "--noplots", "--no-tensorboard", *extra]
 
 
-def val_argv(ctx: Ctx, weights: list[Path], name: str, *extra: str) -> list[str]:
-    return ["--weights", *map(str, weights), "--data", str(ctx.data), "--imgsz", str(IMG), "--batch-size", "4",
+def val_argv(ctx: Ctx, weights: list[Path], name: str, *extra: str, batch: int = 2) -> list[str]:
+    return ["--weights", *map(str, weights), "--data", str(ctx.data), "--imgsz", str(IMG), "--batch-size", str(batch),
             "--device", ctx.device, "--workers", "2", "--project", str(ctx.work / "val"), "--name", name,
             "--exist-ok", *extra]
 
@@ -219,22 +225,31 @@ def step_autobatch(ctx: Ctx, timeout: float) -> tuple[bool, dict, str]:
     return not problems, num, "; ".join(problems)
 
 
-def _detections(backend, x, conf: float = 0.05) -> list[tuple]:
+def compare_outputs(ref, out, dtype: str, imgsz: int = IMG) -> dict:
+    """Raw head outputs [B, 4+nc, A] (xywh pixels, class scores) compared anchor by anchor, so no NMS tie can
+    decide the outcome. A box passes when its coordinates are within the dtype's share of the image size or
+    its IoU with the reference reaches the dtype's minimum (small boxes: the first, large ones: the second);
+    scores within the dtype's tolerance. Returns ok, the worst IoU, the worst coordinate and score errors."""
     import torch
 
-    from utils.nms import non_max_suppression
+    from utils.boxes import bbox_iou
+    a, b = ref.detach().float().cpu(), out.detach().float().cpu()
+    if a.shape != b.shape:
+        return {"ok": False, "shapes": [list(a.shape), list(b.shape)]}
+    ba, bb = a[:, :4].transpose(1, 2), b[:, :4].transpose(1, 2)
+    err = (ba - bb).abs().amax(-1)
+    iou = bbox_iou(ba, bb, xywh=True)
+    boxes_ok = bool(((err <= ATOL_REL[dtype] * imgsz) | (iou >= IOU_MIN[dtype])).all())
+    score = float((a[:, 4:] - b[:, 4:]).abs().max()) if a.shape[1] > 4 else 0.0
+    finite = bool(torch.isfinite(b).all())
+    return {"ok": boxes_ok and score <= SCORE_TOL[dtype] and finite, "min_iou": round(float(iou.min()), 5),
+            "max_px": round(float(err.max()), 4), "max_score": round(score, 5)}
+
+
+def _raw(backend, x):
+    import torch
     with torch.no_grad():
-        preds = non_max_suppression(backend(x).float(), conf, 0.45)
-    return [(p[:, :4].cpu().numpy(), p[:, 5].cpu().numpy()) for p in preds]
-
-
-def _compare(ref: list, other: list, iou_min: float, allowed: int) -> tuple[bool, dict]:
-    res = [match_detections(a, b, iou_min) for a, b in zip(ref, other)]
-    unmatched = sum(r["unmatched"] for r in res)
-    ious = [r["min_iou"] for r in res if r["min_iou"] is not None]
-    boxes = sum(len(a[0]) for a in ref)
-    return boxes > 0 and unmatched <= allowed, {"boxes": boxes, "unmatched": unmatched,
-                                                 "min_iou": min(ious) if ious else None}
+        return backend(x).float()
 
 
 def _val_images(ctx: Ctx, n: int, size: tuple[int, int] | None = None):
@@ -253,7 +268,7 @@ def step_export(ctx: Ctx, timeout: float) -> tuple[bool, dict, str]:
     dev = select_device(ctx.device)
     w = ctx.work / "export" / "model.pt"
     w.parent.mkdir(exist_ok=True)
-    shutil.copy(ctx.weights(), w)
+    shutil.copy(ctx.weights("seeded"), w)  # a seeded head: plenty of boxes to compare
     num, problems = {}, []
     for tag, extra in (("fixed", ()), ("dynamic", ("--dynamic",))):
         rc, text = run_cli(ctx, f"export_{tag}", [sys.executable, "export.py", *export_argv(w, *extra)], timeout / 3)
@@ -263,52 +278,54 @@ def step_export(ctx: Ctx, timeout: float) -> tuple[bool, dict, str]:
         size = (IMG, IMG) if tag == "fixed" else (IMG - 32, IMG + 32)  # dynamic: another size than traced
         ims = [letterbox(im, size, auto=False)[0] for im in _val_images(ctx, 4)]
         x = torch.from_numpy(np.stack(ims)[..., ::-1].transpose(0, 3, 1, 2).copy()).to(dev).float() / 255
-        ref = _detections(Backend(w, dev), x)
+        ref = _raw(Backend(w, dev), x)
         for fmt in ("torchscript", "onnx"):
             try:
                 b = Backend(w.with_suffix(f".{fmt}"), dev)
-                ok, n = _compare(ref, _detections(b, x), 0.99, allowed=1)
+                n = compare_outputs(ref, _raw(b, x), "fp32")
+                n["runs_on"] = str(b.device) if fmt == "torchscript" else str(b.session.get_providers()[0])
             except Exception as e:  # noqa: BLE001 -- report and go on
-                ok, n = False, {"error": str(e).splitlines()[0][:200]}
+                n = {"ok": False, "error": str(e).splitlines()[0][:200]}
             num[f"{fmt}_{tag}"] = n
-            if not ok:
+            if not n["ok"]:
                 problems.append(f"{fmt} {tag} on {dev}: {n}")
     return not problems, num, "; ".join(problems)
 
 
 def step_predict(ctx: Ctx, timeout: float) -> tuple[bool, dict, str]:
+    """Predictor end to end twice over the same images (the second pass replays the graphs), timed; and the
+    raw outputs of each variant against eager of the same dtype (fp16 eager against fp32 too)."""
     import torch
 
     from utils.engine.predict.predictor import Predictor
-    ims = _val_images(ctx, 6, (IMG, IMG - 32))  # one input shape: the second pass replays
+    ims = _val_images(ctx, 6, (IMG, IMG - 32))  # one input shape
     num, problems, ref = {}, [], {}
-    w = ctx.weights()
+    w = ctx.weights("seeded")
     for half in (False, True):
-        for mode in (None, "capture", "compile"):
-            tag = f"{'fp16' if half else 'fp32'}_{mode or 'eager'}"
+        for mode in (None, "capture", "compile") if half else (None, "capture"):  # compile: once (minutes per shape)
+            dtype = "fp16" if half else "fp32"
+            tag = f"{dtype}_{mode or 'eager'}"
             try:
                 p = Predictor(w, device=ctx.device, imgsz=IMG, conf_thres=0.05, half=half, cuda_graph=mode)
-                dets = []
                 for _ in range(2):
                     t0 = time.perf_counter()
-                    dets = [(r.boxes, r.class_ids) for r in map(p.predict, ims)]
+                    n_boxes = sum(len(p.predict(im)) for im in ims)
                     ms = (time.perf_counter() - t0) / len(ims) * 1e3
+                outs = [p.inference(p.preprocess(im)[0]) for im in ims]
+                row: dict = {"ms_per_image": round(ms, 2), "boxes": n_boxes}
                 g = p.backend.graph
-                row = {"ms_per_image": round(ms, 2)}
                 if mode and ctx.gpu:
                     row["graph_active"] = g is not None and getattr(g, "active", True)
-                    if not row["graph_active"]:
-                        problems.append(f"{tag}: fell back to eager")
+                    problems += [] if row["graph_active"] else [f"{tag}: fell back to eager"]
                 if mode is None:
-                    ref[half] = dets
-                    if half:  # fp16 against fp32
-                        ok, n = _compare(ref[False], dets, 0.9, allowed=max(2, sum(len(d[0]) for d in dets) // 20))
-                        row.update(vs_fp32=n)
-                        problems += [] if ok else [f"{tag} vs fp32: {n}"]
-                else:
-                    ok, n = _compare(ref[half], dets, IOU_MIN["fp16" if half else "fp32"], allowed=1)
-                    row.update(n)
-                    problems += [] if ok else [f"{tag} vs eager: {n}"]
+                    ref[half] = outs
+                base = ref[False] if mode is None and half else ref[half] if mode else None
+                if base is not None:
+                    cmp = [compare_outputs(a, b, dtype) for a, b in zip(base, outs)]
+                    row["vs"] = "fp32_eager" if mode is None else f"{dtype}_eager"
+                    row.update(ok=all(c["ok"] for c in cmp), min_iou=min(c["min_iou"] for c in cmp),
+                               max_px=max(c["max_px"] for c in cmp), max_score=max(c["max_score"] for c in cmp))
+                    problems += [] if row["ok"] else [f"{tag} vs {row['vs']}: {row}"]
             except Exception as e:  # noqa: BLE001
                 row = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
                 problems.append(f"{tag}: {row['error']}")
@@ -318,30 +335,62 @@ def step_predict(ctx: Ctx, timeout: float) -> tuple[bool, dict, str]:
     return not problems, num, "; ".join(problems)
 
 
-def step_val(ctx: Ctx, timeout: float) -> tuple[bool, dict, str]:
+def _val_predictions(ctx: Ctx, weights: list[Path], tag: str, extra: tuple, batch: int):
+    """val_dual.py's own parsing and run, keeping each image's detections (original pixels)."""
     import val_dual
-    w1, w2 = ctx.weights("amp"), ctx.weights("compile")
-    runs = {"fp32_eager": ([w1], ()), "fp16_eager": ([w1], ("--half",)),
-            "fp32_capture": ([w1], ("--cuda-graph", "capture")), "fp16_capture": ([w1], ("--half", "--cuda-graph")),
-            "fp32_compile": ([w1], ("--cuda-graph", "compile")),
-            "ensemble_eager": ([w1, w2], ()), "ensemble_compile": ([w1, w2], ("--cuda-graph", "compile"))}
-    num, problems = {}, []
-    for tag, (weights, extra) in runs.items():
+
+    from utils.engine.config import ValJob
+    from utils.engine.validator import run_validation
+    opt = vars(val_dual.parse_opt(val_argv(ctx, weights, tag, *extra, batch=batch)))
+    return run_validation(ValJob.from_args({**opt, "return_predictions": True}))
+
+
+def _match_predictions(a: dict, b: dict, iou_min: float, conf: float = 0.1) -> dict:
+    """Detections (conf >= `conf`) of two validation runs matched image by image."""
+    boxes = unmatched = 0
+    ious = []
+    for k, pa in a.items():
+        pb = b.get(k, pa[:0])
+        pa, pb = pa[pa[:, 4] >= conf], pb[pb[:, 4] >= conf]
+        m = match_detections((pa[:, :4].numpy(), pa[:, 5].numpy()), (pb[:, :4].numpy(), pb[:, 5].numpy()), iou_min)
+        boxes, unmatched = boxes + len(pa), unmatched + m["unmatched"]
+        ious += [m["min_iou"]] if m["min_iou"] is not None else []
+    return {"boxes": boxes, "unmatched": unmatched, "min_iou": min(ious) if ious else None}
+
+
+def step_val(ctx: Ctx, timeout: float) -> tuple[bool, dict, str]:
+    """Batch 2: the val set's 6 aspect ratios give 6 rect batch shapes, which --cuda-graph pads to 4 (grey at the
+    bottom/right, so boxes near those edges may move: a looser comparison). Batch 16: one shape, no padding, so
+    graphs must equal eager closely; the compiled ensemble (two models concatenated) runs there, since
+    torch.compile compiles once per shape. The seeded checkpoint gives plenty of boxes to compare."""
+    w, trained = ctx.weights("seeded"), ctx.weights("amp")
+    runs = {"fp32_eager": ([w], (), 2), "fp16_eager": ([w], ("--half",), 2),
+            "fp32_capture": ([w], ("--cuda-graph", "capture"), 2), "fp16_capture": ([w], ("--half", "--cuda-graph"), 2),
+            "fp32_eager_b16": ([w], (), 16), "fp32_capture_b16": ([w], ("--cuda-graph",), 16),
+            "ensemble_eager": ([w, trained], (), 16), "ensemble_compile": ([w, trained], ("--cuda-graph", "compile"), 16)}
+    num, preds, problems = {}, {}, []
+    for tag, (weights, extra, batch) in runs.items():
         try:
-            r = val_dual.main(val_argv(ctx, weights, tag, *extra))
+            r = _val_predictions(ctx, weights, tag, extra, batch)
             num[tag] = {"map50": round(r.map50, 4), "map": round(r.map, 4), "seen": r.seen}
+            preds[tag] = r.predictions
         except Exception as e:  # noqa: BLE001
             num[tag] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
             problems.append(f"{tag}: {num[tag]['error']}")
-    pairs = (("fp16_eager", "fp32_eager", MAP_TOL["fp16"]), ("fp32_capture", "fp32_eager", MAP_TOL["fp32"]),
-             ("fp16_capture", "fp16_eager", MAP_TOL["fp32"]), ("fp32_compile", "fp32_eager", MAP_TOL["fp32"]),
-             ("ensemble_compile", "ensemble_eager", MAP_TOL["fp32"]))
-    for tag, base, tol in pairs:
-        a, b = num[tag], num[base]
-        if "map" in a and "map" in b:
-            a["diff"] = round(a["map"] - b["map"], 4)
-            if abs(a["diff"]) > tol or a["seen"] != b["seen"]:
-                problems.append(f"{tag}: mAP50-95 {a['map']} vs {base} {b['map']} (tolerance {tol})")
+    # (run, reference, IoU per box, share of boxes allowed to differ, mAP50-95 tolerance)
+    pairs = (("fp16_eager", "fp32_eager", 0.9, 0.05, MAP_TOL["fp16"]),
+             ("fp32_capture", "fp32_eager", 0.9, 0.15, MAP_TOL["fp32"]),
+             ("fp16_capture", "fp16_eager", 0.9, 0.15, MAP_TOL["fp32"]),
+             ("fp32_capture_b16", "fp32_eager_b16", IOU_MIN["fp32"], 0.01, MAP_TOL["fp32"]),
+             ("ensemble_compile", "ensemble_eager", IOU_MIN["fp16"], 0.01, MAP_TOL["fp32"]))
+    for tag, base, iou, share, tol in pairs:
+        if tag not in preds or base not in preds:
+            continue
+        m = _match_predictions(preds[base], preds[tag], iou)
+        num[tag].update(vs=base, map_diff=round(num[tag]["map"] - num[base]["map"], 4), **m)
+        if (m["boxes"] == 0 or m["unmatched"] > share * m["boxes"] or abs(num[tag]["map_diff"]) > tol
+                or num[tag]["seen"] != num[base]["seen"]):
+            problems.append(f"{tag} vs {base}: {num[tag]}")
     return not problems, num, "; ".join(problems)
 
 
@@ -359,7 +408,7 @@ def step_torchrun(ctx: Ctx, timeout: float) -> tuple[bool, dict, str]:
     num["mismatch"] = {"rc": rc, "lines": hits}
     if rc == 0 or hits != 1:
         problems.append(f"--device 0,1 with one process: rc {rc}, message printed {hits} time(s)")
-    w = ctx.weights("ddp" if not problems else "amp")
+    w = ctx.weights("seeded")  # plenty of boxes, so the metrics compared are not all zero
     out = {}
     for tag, prefix in (("single", [sys.executable, "tests/ddp_driver.py"]), ("sharded", torchrun("tests/ddp_driver.py", 29543))):
         f = ctx.work / f"val_{tag}.json"
@@ -398,8 +447,8 @@ STEPS = {
     "predict": (step_predict, (), 150, False),
     "val": (step_val, (), 150, False),
     "torchrun": (step_torchrun, (), 120, False),
-    "train_compile": (step_train, ("compile", ("--compile",)), 200, True),
     "speed": (step_speed, (), 150, True),
+    "train_compile": (step_train, ("compile", ("--compile",)), 200, True),
     "pytest_gpu": (step_pytest, (), 150, True),
 }
 
@@ -418,7 +467,7 @@ def run_one(name: str, ctx: Ctx, timeout: float, result: Path) -> None:
 # ---------------------------------------------------------------- orchestration
 
 def make_data(work: Path) -> None:
-    """64 training and 16 validation images; the validation images get 4 different aspect ratios, so
+    """64 training and 16 validation images; the validation images get 6 different aspect ratios, so
     rectangular batches come in several shapes."""
     import cv2
     import yaml
@@ -427,7 +476,7 @@ def make_data(work: Path) -> None:
     generate_shapes(work / "ds", n_train=64, n_val=16, seed=3)
     for i, f in enumerate(sorted((work / "ds" / "images" / "val").glob("*.jpg"))):
         im = cv2.imread(str(f))
-        cv2.imwrite(str(f), cv2.resize(im, [(160, 90), (120, 160), (160, 128), (100, 160)][i % 4]))
+        cv2.imwrite(str(f), cv2.resize(im, [(160, 90), (120, 160), (160, 128), (100, 160), (160, 60), (70, 160)][i % 6]))
     (work / "data.yaml").write_text(yaml.safe_dump({"path": str(work / "ds"), "train": "images/train",
                                                     "val": "images/val", "names": NAMES}))
 

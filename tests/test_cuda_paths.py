@@ -193,6 +193,16 @@ def test_compiled_ensemble_members_do_not_overwrite_each_other(monkeypatch):
     assert torch.equal(y, ref)
 
 
+def test_warmup_never_captures_or_compiles_a_shape():
+    from models.yolo import DetectionModel
+    from utils.engine.backend import Backend
+    b = Backend(DetectionModel("gelan-t.yaml", nc=3), device="cpu")
+    calls = []
+    b.graph = lambda x: calls.append(tuple(x.shape))
+    b.warmup((1, 3, 64, 64))
+    assert calls == [] and b.graph is not None
+
+
 def test_compile_runs_new_shapes_eager_past_its_limit_with_one_warning(monkeypatch, caplog):
     from utils.engine import graphs
     calls = static_buffer_compile(monkeypatch)

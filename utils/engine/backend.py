@@ -256,7 +256,13 @@ class Backend:
         return out.float() if self.jit else out
 
     def warmup(self, imgsz: tuple = (1, 3, 64, 64)) -> None:
+        """One eager forward (CUDA start-up, cuDNN's first choices). Never through --cuda-graph: a capture or a
+        compilation for a warm-up shape that may not come again costs more than it saves."""
         shape = list(imgsz)
         if self.fixed_imgsz is not None:
             shape[-2:] = self.fixed_imgsz
-        self(torch.zeros(*shape, device=self.device))
+        graph, self.graph = self.graph, None
+        try:
+            self(torch.zeros(*shape, device=self.device))
+        finally:
+            self.graph = graph

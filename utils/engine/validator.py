@@ -541,4 +541,5 @@ def _fix_graph_shapes(backends: Sequence[Backend], dataset, k: int = GRAPH_SHAPE
     for b in backends:
         b.graph_shapes = fixed
     LOGGER.info(f"--cuda-graph: {len({tuple(int(v) for v in s) for s in shapes})} rectangular batch shapes padded "
-                f"to {len(fixed)} fixed shapes {', '.join(f'{h}x{w}' for h, w in fixed)}")
+                f"to {len(fixed)} fixed shapes {', '.join(f'{h}x{w}' for h, w in fixed)} (grey at the bottom/right: "
+                f"boxes near those edges can differ slightly from validation without graphs)")
