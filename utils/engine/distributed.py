@@ -190,8 +190,8 @@ def all_true(flag: bool) -> bool:
     For decisions each rank makes on its own but all must share (whether AMP passed its check)."""
     if not is_dist():
         return bool(flag)
-    on_gpu = dist.get_backend() == "nccl"
-    t = torch.tensor([1.0 if flag else 0.0], device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item() == 1.0)
 
