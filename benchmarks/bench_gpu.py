@@ -10,7 +10,7 @@ fp16 autocast = AMP). Peak MiB = torch.cuda.max_memory_allocated during the time
 memory held before them (weights and input). Training = AMP forward + DetectionLoss + backward +
 GradScaler SGD step on random images and targets.
 
---speed runs the issue-17 tables instead: batch-1 fp16 latency eager vs CUDA-graph replay
+--speed runs the speed tables instead: batch-1 fp16 latency eager vs CUDA-graph replay
 (utils/engine/graphs.GraphRunner) vs torch.compile(mode="reduce-overhead") next to the batch-16 per-image
 time, with the max |graph - eager| output difference; and AMP training img/s at batch 8 (as before) vs
 channels_last at the autobatch size (utils/engine/autobatch, 60% of memory) with and without torch.compile,
@@ -55,14 +55,15 @@ def _build(name: str, device, train: bool = False):
 def forward_cost(model, batch: int, imgsz: int, amp: bool, warmup: int, runs: int) -> dict:
     """Median CUDA-event latency (ms) and peak activation memory (MiB) of repeated forwards."""
     import torch
-    x = torch.rand(batch, 3, imgsz, imgsz, device=next(model.parameters()).device)
+    device = next(model.parameters()).device
+    x = torch.rand(batch, 3, imgsz, imgsz, device=device)
     times = []
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=amp):
         for _ in range(warmup):
             model(x)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        held = torch.cuda.memory_allocated()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        held = torch.cuda.memory_allocated(device)
         for _ in range(runs):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -70,7 +71,7 @@ def forward_cost(model, batch: int, imgsz: int, amp: bool, warmup: int, runs: in
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
-    return {"ms": statistics.median(times), "peak_mib": (torch.cuda.max_memory_allocated() - held) / 2**20,
+    return {"ms": statistics.median(times), "peak_mib": (torch.cuda.max_memory_allocated(device) - held) / 2**20,
             "runs": runs}
 
 
@@ -102,15 +103,15 @@ def train_cost(model, batch: int, imgsz: int, warmup: int, steps: int, channels_
 
     for _ in range(warmup):
         step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(steps):
         step()
     end.record()
     end.synchronize()
-    return {"img_s": batch * steps / (start.elapsed_time(end) / 1000), "peak_mib": torch.cuda.max_memory_allocated() / 2**20,
+    return {"img_s": batch * steps / (start.elapsed_time(end) / 1000), "peak_mib": torch.cuda.max_memory_allocated(device) / 2**20,
             "batch": batch, "steps": steps, "step": step}
 
 
@@ -130,7 +131,7 @@ def _median_ms(fn, x, warmup: int, runs: int) -> float:
     import torch
     for _ in range(warmup):
         fn(x)
-    torch.cuda.synchronize()
+    torch.cuda.synchronize(x.device)
     times = []
     for _ in range(runs):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -205,7 +206,7 @@ def train_speed(name: str, device, imgsz: int, base_batch: int, steps: int, comp
 
 
 def speed_main(opt, device, env: dict) -> list[str]:
-    """The issue-17 tables (see the module docstring)."""
+    """The --speed tables (see the module docstring)."""
     import yaml
     from benchmarks.bench_data import bench as loader_throughput
     from utils.data import load_data_config
@@ -249,7 +250,7 @@ def speed_main(opt, device, env: dict) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="GPU AMP latency, memory, SDPA kernels and training img/s of the zoo")
     ap.add_argument("--models", default=",".join(LATENCY_MODELS), help="comma list for the latency table")
     ap.add_argument("--train-models", default=",".join(TRAIN_MODELS), help="comma list for training img/s")
@@ -261,17 +262,25 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--md", default="", help="write the tables as markdown")
     ap.add_argument("--json", default="", help="write the raw numbers as JSON")
     ap.add_argument("--csv", default="", help="write one row per model and measurement as CSV")
-    ap.add_argument("--speed", action="store_true", help="issue-17 tables: CUDA graphs, compile, autobatch, loader")
+    ap.add_argument("--speed", action="store_true", help="speed tables: CUDA graphs, compile, autobatch, loader")
     ap.add_argument("--no-compile", action="store_true", help="--speed: skip the torch.compile columns (slow to compile)")
     ap.add_argument("--loader-workers", type=int, nargs="+", default=[4, 8, 16], help="--speed: loader workers")
-    opt = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> None:
+    opt = parse_opt(argv)
     import torch
     from utils.general import LOGGER, UserError
+    from utils.torch_utils import select_device
     if not torch.cuda.is_available():
         raise UserError("bench_gpu.py needs a CUDA device (torch.cuda.is_available() is False)")
-    device = torch.device(f"cuda:{opt.device}" if opt.device.isdigit() else opt.device)
-    torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions
+    device = select_device(opt.device)  # also the current device: default streams and events live on it
+    if device.type != "cuda":
+        raise UserError(f"bench_gpu.py --device {opt.device}: needs a CUDA device")
+    # fixed shapes: let cuDNN pick its fastest convolutions (autobatch turns this off while it probes memory:
+    # the autotuner's trial workspaces would inflate the peaks it measures)
+    torch.backends.cudnn.benchmark = True
     batches = [int(b) for b in opt.batches.split(",") if b]
     env = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(device),
            "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}

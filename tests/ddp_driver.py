@@ -6,7 +6,8 @@ step: build the model, loss, optimizer (and under torchrun SyncBN + DDP) through
       float32 rounding (batch 4 vs 8 kernels, BN reductions) to ~1e-4 in the gradient, which would hide what
       the test is about (scaling, normaliser, SyncBN); in float64 the rounding stays ~1e-11.
       Rank 0 saves parameters/buffers before and after, the pre-clip gradient norm, and the validation of the
-      EMA model on the trainer's (sharded) val loader next to a plain single-process validation of it.
+      EMA model on the trainer's (sharded) val loader next to a plain single-process validation of it; and
+      each rank's (forced AMP check result, AMP decision): rank 0's check passes, rank 1's fails.
 val:  val_dual.main(argv) under torchrun or alone; rank 0 saves the ValResult numbers.
 """
 from __future__ import annotations
@@ -39,6 +40,9 @@ def step(out: Path, data: str, hyp: str, project: str, sync_bn: bool) -> None:
                       workers=0, sync_bn=sync_bn, project=project, name="step", noplots=True, tensorboard=False,
                       seed=1, optimizer="SGD")  # SGD: a step proportional to the gradient (Adam amplifies rounding)
     t = Trainer(cfg)
+    # one rank forced to fail the AMP check (rank 0 passes, rank 1 fails): every rank must end up with one decision
+    forced = {-1: False, 0: True, 1: False}
+    t._amp_ok = lambda: forced[ddp.rank()]
     torch.set_default_dtype(torch.float64)
     try:
         t.setup()
@@ -71,6 +75,7 @@ def step(out: Path, data: str, hyp: str, project: str, sync_bn: bool) -> None:
         torch.nn.utils.clip_grad_norm_ = clip
     assert items is not None and norms, "the step did not happen"
     after = {k: v.detach().clone() for k, v in unwrap(t.model).state_dict().items()}
+    amp = ddp.gather_objects((forced[ddp.rank()], t.amp))
     t.ema.ema.float()
     sharded = t._validate(t.ema.ema)  # the trainer's own (sharded under torchrun) validation
     if ddp.is_main():
@@ -80,7 +85,7 @@ def step(out: Path, data: str, hyp: str, project: str, sync_bn: bool) -> None:
         single = plain.run(t.ema.ema, loader)
         torch.save({"before": before, "after": after, "norm": norms[0], "world": w,
                     "val_sharded": result_numbers(sharded), "val_single": result_numbers(single),
-                    "val_batches": len(t.val_loader)}, out)
+                    "val_batches": len(t.val_loader), "amp": amp}, out)
     ddp.destroy()
 
 

@@ -90,3 +90,41 @@ def test_train_small_report_from_curves(tmp_path):
     rows = list(_csv.reader(open(tmp_path / "rep.csv")))
     assert rows[0] == ["setting", "seed", "epoch", "mAP50", "mAP50-95"] and len(rows) == 7
     assert (tmp_path / "rep.png").stat().st_size > 0
+
+
+# ---------------------------------------------------------------- the prepared GPU check (runs on CPU here)
+
+def test_gpu_check_script_parses_and_accepts_every_command_line(tmp_path, capsys):
+    """benchmarks/run_gpu_speed.sh is bash-valid and every command line gpu_check.py runs is accepted by the
+    parser of the script it calls (a typo in a flag would otherwise surface only on the GPU machine)."""
+    import subprocess
+    from pathlib import Path
+
+    from benchmarks import gpu_check
+    sh = Path(gpu_check.ROOT) / "benchmarks" / "run_gpu_speed.sh"
+    assert subprocess.run(["bash", "-n", str(sh)], capture_output=True).returncode == 0
+    assert gpu_check.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("PARSES") == 8 and "FAIL" not in out
+    assert all(f"  {name}" in gpu_check.__doc__ for name in gpu_check.STEPS)  # every step documented
+
+
+def test_gpu_check_step_failure_is_a_result_and_the_report_lists_every_step(tmp_path, monkeypatch):
+    from benchmarks import gpu_check
+
+    def broken(ctx, timeout):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setitem(gpu_check.STEPS, "broken", (broken, (), 10, False))
+    ctx = gpu_check.Ctx("cpu", tmp_path, tmp_path, tmp_path)
+    gpu_check.run_one("broken", ctx, 10, tmp_path / "r.json")
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["ok"] is False and "illegal memory access" in r["note"]
+    assert "RuntimeError" in (tmp_path / "broken.traceback.log").read_text()
+    results = {"broken": {"status": "FAIL", "seconds": 1.0, **r},
+               "speed": {"status": "SKIP", "note": "needs a GPU"},
+               "train_amp": {"status": "PASS", "seconds": 20.0, "ok": True, "numbers": {"map50": 0.5}, "note": ""}}
+    gpu_check.write_report(tmp_path, {"device": "CPU", "date": "d", "torch": "t", "cuda": None}, results, 21.0)
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "| broken | FAIL |" in md and "| speed | SKIP |" in md and '| train_amp | PASS | 20 | `{"map50": 0.5}`' in md
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["results"]["train_amp"]["numbers"]["map50"] == 0.5

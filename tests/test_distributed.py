@@ -86,6 +86,8 @@ def test_one_step_two_ranks_sync_bn_equals_one_process_batch_8(tmp_path):
     one = torch.load(tmp_path / "out_single.pt", weights_only=True)
     two = torch.load(tmp_path / "out_ddp.pt", weights_only=True)
     assert two["world"] == 2
+    # the AMP decision is made once for all ranks: rank 1's failed check turns AMP off on rank 0 too
+    assert two["amp"] == [(True, False), (False, False)] and one["amp"] == [(False, False)]
     from utils.engine.train.trainer import GRAD_CLIP
     assert 0.1 < one["norm"] < GRAD_CLIP  # not clipped: the update is proportional to the gradient
     assert two["norm"] == pytest.approx(one["norm"], rel=1e-6)

@@ -169,10 +169,13 @@ def make_anchors(feats: Sequence[Tensor], strides: Sequence[float] | Tensor,
     ref = feats[0]
     points, stride_list = [], []
     for feat, s in zip(feats, strides):
-        # no int(): under tracing/ONNX export the sizes stay symbolic, so the grid follows the input size
+        # No int(): under tracing/ONNX export the sizes stay symbolic, so the grid follows the input size.
+        # No torch.arange(device=...): a trace records that device as a constant, and a TorchScript file
+        # exported on CPU then fails on CUDA. A running sum of ones made from the feature map follows
+        # its device (and dtype; exact up to 2048 cells in fp16).
         h, w = feat.shape[-2], feat.shape[-1]
-        xs = torch.arange(w, device=ref.device, dtype=ref.dtype) + offset
-        ys = torch.arange(h, device=ref.device, dtype=ref.dtype) + offset
+        xs = ref.new_ones(w).cumsum(0) - (1 - offset)
+        ys = ref.new_ones(h).cumsum(0) - (1 - offset)
         gy, gx = torch.meshgrid(ys, xs, indexing="ij")
         pts = torch.stack((gx.reshape(-1), gy.reshape(-1)), dim=-1)
         points.append(pts)

@@ -16,9 +16,13 @@ def select_device(device: str | int | torch.device | None = "", batch_size: int 
     returned; several GPUs are used through torchrun/DDP), 'cuda', 'cuda:1'. With several GPUs the batch size
     must be a multiple of their number. CUDA_VISIBLE_DEVICES is never modified here: changing it after CUDA
     has started has no effect and silently misleads.
+
+    A CUDA device also becomes the current device (torch.cuda.set_device): calls that take no device
+    (default streams, CUDA-graph capture, synchronize, memory statistics) then act on the chosen GPU instead
+    of opening a context on GPU 0.
     """
     if isinstance(device, torch.device):
-        return device
+        return _make_current(device)
     spec = str(device if device is not None else "").strip().lower().replace(" ", "")
     spec = spec.removeprefix("cuda:") if spec.startswith("cuda:") else spec
     if spec in ("", "cuda"):
@@ -27,7 +31,7 @@ def select_device(device: str | int | torch.device | None = "", batch_size: int 
                             f"(torch {torch.__version__}); use --device cpu")
         dev = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
         LOGGER.info(f"Using device {_describe(dev)}")
-        return dev
+        return _make_current(dev)
     if spec == "cpu":
         LOGGER.info("Using device CPU")
         return torch.device("cpu")
@@ -49,6 +53,13 @@ def select_device(device: str | int | torch.device | None = "", batch_size: int 
         raise UserError(f"--batch-size {batch_size} must be a multiple of the GPU count {len(ids)}")
     dev = torch.device(f"cuda:{ids[0]}")
     LOGGER.info(f"Using device {_describe(dev)}")
+    return _make_current(dev)
+
+
+def _make_current(dev: torch.device) -> torch.device:
+    if dev.type == "cuda":
+        dev = torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
+        torch.cuda.set_device(dev)
     return dev
 
 
@@ -59,8 +70,23 @@ def _describe(dev: torch.device) -> str:
     return dev.type.upper()
 
 
-def time_sync() -> float:
-    """time.time() after waiting for queued CUDA work, so GPU timings are real."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
+def sync(device: torch.device | None = None) -> None:
+    """Wait for the work queued on a CUDA `device` (no-op for other devices). Without a device: the current
+    CUDA device, if CUDA has started."""
+    if device is None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+    elif device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_sync(device: torch.device | None = None) -> float:
+    """time.time() after waiting for the work queued on `device`, so GPU timings are real."""
+    sync(device)
     return time.time()
+
+
+def cuda_memory_gb(device: torch.device) -> float:
+    """Memory the caching allocator holds on a CUDA `device`, in GB (0 for other devices): the progress-bar
+    figure, read from the GPU that trains rather than from the current one."""
+    return torch.cuda.memory_reserved(device) / 1e9 if device.type == "cuda" else 0.0

@@ -1,5 +1,5 @@
 """Data package: data YAML, verified YOLO datasets with a safe cache, augmentations, loaders, synthetic default."""
-from .augment import letterbox, random_imgsz
+from .augment import letterbox, max_random_imgsz, random_imgsz
 from .config import DataConfig, load_data_config
 from .dataset import YOLODataset, imread
 from .loader import create_dataloader, multi_scale, seed_worker
@@ -7,5 +7,5 @@ from .synthetic import generate_shapes
 from .verify import IMG_FORMATS, img2label_paths, scan_dataset
 
 __all__ = ["DataConfig", "load_data_config", "create_dataloader", "YOLODataset", "letterbox", "generate_shapes",
-           "img2label_paths", "random_imgsz", "multi_scale", "seed_worker", "imread", "scan_dataset",
-           "IMG_FORMATS"]
+           "img2label_paths", "random_imgsz", "max_random_imgsz", "multi_scale", "seed_worker", "imread",
+           "scan_dataset", "IMG_FORMATS"]

@@ -233,3 +233,9 @@ def random_imgsz(imgsz: int, stride: int = 32, low: float = 0.5, high: float = 1
     """Multi-scale training: a random size in [low, high] * imgsz, rounded down to a stride multiple."""
     size = random.uniform(imgsz * low, imgsz * high + stride)
     return max(int(size // stride * stride), stride)
+
+
+def max_random_imgsz(imgsz: int, stride: int = 32, high: float = 1.5) -> int:
+    """The largest size `random_imgsz` can return (what memory planning for --multi-scale must allow for): the
+    largest stride multiple strictly below the top of its uniform draw."""
+    return max((math.ceil((imgsz * high + stride) / stride) - 1) * stride, stride)

@@ -51,11 +51,16 @@ def metadata(model: nn.Module, imgsz: tuple, batch: int, dynamic: bool, half: bo
             "model": str(model.yaml.get("yaml_file", "")), "source": weights.name}
 
 
-def export_torchscript(model: nn.Module, im: torch.Tensor, f: Path, meta: dict) -> Path:
+def trace_torchscript(model: nn.Module, im: torch.Tensor) -> torch.jit.ScriptModule:
+    """The traced model (call inside export_mode). Nothing in it names a device (see utils.boxes.make_anchors),
+    so a file exported on CPU runs on any GPU."""
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ts = torch.jit.trace(model, im, strict=False, check_trace=False)
-    ts.save(str(f), _extra_files={"config.txt": json.dumps(meta)})
+        return torch.jit.trace(model, im, strict=False, check_trace=False)
+
+
+def export_torchscript(model: nn.Module, im: torch.Tensor, f: Path, meta: dict) -> Path:
+    trace_torchscript(model, im).save(str(f), _extra_files={"config.txt": json.dumps(meta)})
     return f
 
 
@@ -114,7 +119,7 @@ def run(weights: str | Path, include: tuple = ("torchscript",), imgsz: tuple | l
         raise UserError(f"export.py: unknown --include {bad} (choose from {', '.join(FORMATS)})")
     if weights.suffix != ".pt":
         raise UserError(f"{weights}: export needs a .pt checkpoint of this project")
-    dev = select_device(device) if not isinstance(device, torch.device) else device
+    dev = select_device(device)
     if half and dev.type != "cuda":
         LOGGER.warning("WARNING: --half needs a CUDA device; exporting in fp32")
         half = False

@@ -48,6 +48,21 @@ def ort_session_options(threads: int | None = None):
     return so
 
 
+def ort_providers(device: torch.device, available: list[str]) -> list:
+    """ONNX Runtime providers for `device`: CUDA on that very GPU when onnxruntime-gpu offers it (its
+    device_id defaults to GPU 0 whatever --device says), with the CPU as fallback."""
+    if device.type == "cuda" and "CUDAExecutionProvider" in available:
+        return [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def pad_bottom_right(im: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """An image batch padded with letterbox grey to h x w at the bottom and right: pixel coordinates, and so
+    every predicted box, stay what they were."""
+    dh, dw = h - im.shape[-2], w - im.shape[-1]
+    return F.pad(im, (0, dw, 0, dh), value=PAD_VALUE) if dh or dw else im
+
+
 class Backend:
     """Callable model wrapper: float images [B,3,H,W] in 0..1 -> predictions [B, 4+nc, A] (main branch).
 
@@ -68,6 +83,7 @@ class Backend:
         self.train_imgsz: int | None = None  # image size the .pt checkpoint was trained at
         self._input_dtype = np.float32
         self.graph = None  # captured forward (--cuda-graph), see use_cuda_graph
+        self.graph_shapes: list[tuple[int, int]] = []  # fixed (h, w) inputs are padded to while graphs are on
         if isinstance(weights, nn.Module):
             self.model = weights
             self.weights = None
@@ -147,9 +163,7 @@ class Backend:
             import onnxruntime as ort
         except ImportError:
             raise UserError(f"{self.weights}: running .onnx files needs onnxruntime (pip install onnxruntime)") from None
-        providers = ["CPUExecutionProvider"]
-        if self.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
+        providers = ort_providers(self.device, ort.get_available_providers())
         try:
             self.session = ort.InferenceSession(str(self.weights), sess_options=ort_session_options(),
                                                 providers=providers)
@@ -188,7 +202,14 @@ class Backend:
         if h > fh or w > fw:
             raise UserError(f"{self.weights}: exported for {fh}x{fw} input, got {h}x{w}; "
                             f"letterbox to exactly {fh}x{fw} (--imgsz {fh} {fw}, no rectangular batches) or re-export")
-        return F.pad(im, (0, fw - w, 0, fh - h), value=PAD_VALUE)
+        return pad_bottom_right(im, fh, fw)
+
+    def _fit_graph(self, im: torch.Tensor) -> torch.Tensor:
+        """Pad to the smallest of `graph_shapes` the batch fits in (bottom/right, coordinates unchanged), so
+        the captured graphs see a few fixed shapes; unchanged when there are none or none fits."""
+        from utils.engine.graphs import fixed_shape_for
+        shape = fixed_shape_for(im.shape[-2], im.shape[-1], self.graph_shapes) if self.graph_shapes else None
+        return pad_bottom_right(im, *shape) if shape else im
 
     def _run_onnx(self, im: torch.Tensor) -> torch.Tensor:
         x = im.detach().cpu().numpy().astype(self._input_dtype, copy=False)
@@ -210,7 +231,8 @@ class Backend:
     def use_cuda_graph(self, mode: str | bool | None, max_shapes: int = 8) -> bool:
         """Replay captured CUDA graphs for repeated input shapes (--cuda-graph capture|compile); True if on.
 
-        Only PyTorch .pt models on CUDA; elsewhere one warning and eager inference.
+        Only PyTorch .pt models on CUDA; elsewhere one warning and eager inference. Set `graph_shapes` to pad
+        inputs to a few fixed shapes (rectangular validation batches: utils.engine.graphs.plan_fixed_shapes).
         """
         from utils.engine.graphs import check_mode, graph_forward, warn_once
         if check_mode(mode) is None:
@@ -227,14 +249,20 @@ class Backend:
         if self.onnx:
             return self._run_onnx(self._fit(im))
         if self.graph is not None:
-            return self.graph(im.to(self.device, self.dtype))
+            return self.graph(self._fit_graph(im.to(self.device, self.dtype)))
         im = self._fit(im) if self.jit else im
         out = self.model(im.to(self.device, self.dtype))
         out = out[0] if isinstance(out, (tuple, list)) else out
         return out.float() if self.jit else out
 
     def warmup(self, imgsz: tuple = (1, 3, 64, 64)) -> None:
+        """One eager forward (CUDA start-up, cuDNN's first choices). Never through --cuda-graph: a capture or a
+        compilation for a warm-up shape that may not come again costs more than it saves."""
         shape = list(imgsz)
         if self.fixed_imgsz is not None:
             shape[-2:] = self.fixed_imgsz
-        self(torch.zeros(*shape, device=self.device))
+        graph, self.graph = self.graph, None
+        try:
+            self(torch.zeros(*shape, device=self.device))
+        finally:
+            self.graph = graph

@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from utils.general import LOGGER, UserError
+from utils.torch_utils import select_device
 
 DEFAULT_TIMEOUT_S = 1800
 
@@ -100,19 +101,38 @@ def check_batch(batch_size: int, world: int) -> None:
         fail(f"--batch-size {batch_size} is the total over {world} processes: use a multiple of {world}")
 
 
+def rank_device(spec: str, local_rank: int, local_world: int) -> str:
+    """The --device of one torchrun process: the LOCAL_RANK-th GPU of the list (`--device 2,3`: local rank 0
+    trains on GPU 2, local rank 1 on GPU 3); GPU LOCAL_RANK when no GPU is named; 'cpu' / 'mps' unchanged.
+    A list whose length differs from the processes per node is refused in one line (printed by rank 0)."""
+    s = str(spec or "").strip().lower().replace(" ", "").removeprefix("cuda:")
+    if s in ("", "cuda"):
+        return str(local_rank)
+    if not re.fullmatch(r"\d+(,\d+)*", s):
+        return str(spec)  # cpu, mps, or a mistake select_device reports
+    ids = [int(x) for x in s.split(",")]
+    if len(ids) != local_world:
+        fail(f"--device {spec} names {len(ids)} GPU(s) but torchrun started {local_world} process(es) on this node: "
+             f"give one GPU per process (--nproc-per-node {len(ids)}, or {local_world} ids in --device)")
+    return str(ids[local_rank])
+
+
+def process_device(spec: str, batch_size: int = 0) -> torch.device:
+    """select_device for this process: under torchrun the GPU that `rank_device` maps LOCAL_RANK to (made the
+    current device), then the process group is joined; otherwise select_device(spec) as is."""
+    if not under_torchrun():
+        return select_device(spec, batch_size)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
+    return init_distributed(select_device(rank_device(spec, local_rank, local_world)))
+
+
 def init_distributed(device: torch.device) -> torch.device:
     """Join the process group torchrun prepared (nccl on CUDA, gloo otherwise), with a timeout on the
-    rendezvous and on every collective. Returns this process's device. No-op outside torchrun."""
+    rendezvous and on every collective. Returns this process's device (already chosen and made current by
+    `process_device`). No-op outside torchrun."""
     if not under_torchrun():
         return device
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device.type == "cuda":
-        n = torch.cuda.device_count()
-        if local_rank >= n:
-            raise UserError(f"LOCAL_RANK {local_rank}: only {n} CUDA device(s) visible on this node; "
-                            f"use --nproc-per-node {n} or fewer")
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
     if is_dist():
         return device
     t = timeout_s()
@@ -163,6 +183,17 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src)
     return box[0]
+
+
+def all_true(flag: bool) -> bool:
+    """True only if `flag` is True on every rank (one all-reduce MIN); the flag itself in a single process.
+    For decisions each rank makes on its own but all must share (whether AMP passed its check)."""
+    if not is_dist():
+        return bool(flag)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item() == 1.0)
 
 
 def gather_objects(obj: Any) -> list:

@@ -28,13 +28,15 @@ from utils.data.loader import ShardSampler
 from utils.engine import distributed as ddp
 from utils.engine.backend import Backend
 from utils.engine.config import ValJob, ValOptions
+from utils.engine.graphs import plan_fixed_shapes
 from utils.engine.tta import forward_augment
 from utils.general import LOGGER, UserError, check_img_size, increment_path
 from utils.metrics import ConfusionMatrix, ap_per_class, fitness, match_predictions
 from utils.nms import non_max_suppression
 from utils.plots import plot_images
-from utils.torch_utils import select_device, time_sync
+from utils.torch_utils import time_sync
 
+GRAPH_SHAPES = 4  # fixed input shapes of rectangular validation under --cuda-graph
 HEADER = ("%22s" + "%11s" * 6) % ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
 ROW = "%22s" + "%11i" * 2 + "%11.3g" * 4
 
@@ -278,23 +280,23 @@ class Validator:
     def _batch(self, batch_i: int, batch) -> None:
         im, targets, paths, shapes = batch
         opt = self.opt
-        t1 = time_sync()
+        t1 = time_sync(self.device)
         im = im.to(self.device, non_blocking=True)
         im = (im.half() if self.half else im.float()) / 255
         targets = targets.to(self.device)
         height, width = im.shape[2:]
         self.last_shape = (height, width)
-        t2 = time_sync()
+        t2 = time_sync(self.device)
         y, feats = forward_augment(self.forward, im, self.stride) if opt.augment else self.forward(im)
         if batch_i == 0 and not opt.single_cls and y.shape[1] - 4 != self.nc:
             raise UserError(f"validate: the model predicts {y.shape[1] - 4} classes but the data has {self.nc}")
-        t3 = time_sync()
+        t3 = time_sync(self.device)
         if self.want_loss and feats is not None:
             self.loss += self.loss_fn(feats, targets)[1].to(self.device).float()
-        t4 = time_sync()
+        t4 = time_sync(self.device)
         preds = non_max_suppression(y, opt.conf_thres, opt.iou_thres, multi_label=True, agnostic=opt.single_cls,
                                     max_det=opt.max_det)
-        t5 = time_sync()
+        t5 = time_sync(self.device)
         for i, dt in enumerate((t2 - t1, t3 - t2, t5 - t4)):
             self.dt[i] += dt
         for si, pred in enumerate(preds):
@@ -477,8 +479,7 @@ def run_validation(job: ValJob | None = None, **kwargs) -> ValResult:
     weights = list(job.weights)
     ddp.check_launch(job.device, script="val_dual.py")
     started = ddp.under_torchrun() and not ddp.is_dist()
-    dev = ddp.init_distributed(select_device(job.device.split(",")[0] if ddp.under_torchrun() else job.device,
-                                             job.batch_size))
+    dev = ddp.process_device(job.device, job.batch_size)
     try:
         return _run_validation(job, weights, dev)
     finally:
@@ -516,6 +517,7 @@ def _run_validation(job: ValJob, weights: list, dev: torch.device) -> ValResult:
                                   workers=job.workers, names=cfg.names, nc=cfg.nc, single_cls=job.single_cls,
                                   min_items=job.min_items, prefix=f"{job.task}: ",
                                   shard=(ddp.rank(), ddp.world_size()) if ddp.is_dist() else None)
+    _fix_graph_shapes(backends, loader.dataset)
     anno = (coco.find_annotations(cfg) or "auto") if job.options.save_json else None
     options = dataclasses.replace(job.options, save_dir=save_dir, is_coco=coco.is_coco_data(cfg), anno_json=anno,
                                   training=False)
@@ -525,3 +527,19 @@ def _run_validation(job: ValJob, weights: list, dev: torch.device) -> ValResult:
         LOGGER.info(f"{n} labels saved to {save_dir / 'labels'}")
     LOGGER.info(f"Results saved to {save_dir}")
     return out
+
+
+def _fix_graph_shapes(backends: Sequence[Backend], dataset, k: int = GRAPH_SHAPES) -> None:
+    """--cuda-graph with rectangular batches: pad every batch to one of k fixed shapes, so the whole val set
+    needs k captures (or compilations) instead of one per distinct batch shape. Padding is grey at the
+    bottom/right of the letterbox, so boxes keep their coordinates; predictions near those edges may change
+    slightly (the network sees more grey there)."""
+    shapes = getattr(dataset, "batch_shapes", None)
+    if shapes is None or not any(b.graph is not None for b in backends):
+        return
+    fixed = plan_fixed_shapes(shapes, k)
+    for b in backends:
+        b.graph_shapes = fixed
+    LOGGER.info(f"--cuda-graph: {len({tuple(int(v) for v in s) for s in shapes})} rectangular batch shapes padded "
+                f"to {len(fixed)} fixed shapes {', '.join(f'{h}x{w}' for h, w in fixed)} (grey at the bottom/right: "
+                f"boxes near those edges can differ slightly from validation without graphs)")

@@ -30,6 +30,7 @@ from utils.engine.track.sequence import SEQUENCE_HINT, SequenceTracker, is_singl
 from utils.engine.tta import forward_augment
 from utils.general import LOGGER, UserError, check_img_size, image_hw, increment_path
 from utils.nms import non_max_suppression
+from utils.torch_utils import select_device, sync
 
 
 def _plural(name: str, n: int) -> str:
@@ -114,11 +115,6 @@ def _names_by_id(r: Result) -> list[str]:
     return names
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class Predictor:
     """Load a detector once and run it on single images (`predict`) or as the engine of detect_dual.py.
 
@@ -133,12 +129,11 @@ class Predictor:
                  classes: list[int] | None = None, agnostic: bool = False, half: bool = False,
                  augment: bool = False, names: list[str] | None = None, cuda_graph: str | bool | None = None,
                  main_only: bool = True):
-        from utils.torch_utils import select_device
         if not 0 <= conf_thres <= 1 or not 0 <= iou_thres <= 1:
             raise UserError(f"--conf-thres {conf_thres} and --iou-thres {iou_thres} must lie in [0, 1]")
         if max_det < 1:
             raise UserError(f"--max-det {max_det}: must be at least 1")
-        self.device = select_device(device) if not isinstance(device, torch.device) else device
+        self.device = select_device(device)
         if half and self.device.type != "cuda":
             LOGGER.warning("WARNING: --half needs a CUDA device, running in fp32")
         self.backend = Backend(weights, self.device, half=half, fuse=True, main_only=main_only)
@@ -202,10 +197,10 @@ class Predictor:
             image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
         t0 = time.perf_counter()
         x, ratio_pad = self.preprocess(image)
-        _sync(self.device)
+        sync(self.device)
         t1 = time.perf_counter()
         pred = self.inference(x)
-        _sync(self.device)
+        sync(self.device)
         t2 = time.perf_counter()
         boxes, scores, cls = self.postprocess(pred, tuple(x.shape[2:]), image.shape[:2], ratio_pad)
         t3 = time.perf_counter()

@@ -3,16 +3,19 @@
 Peak memory of a training step grows about linearly with the batch (activations) on top of a fixed part
 (weights, gradients, optimizer state, cuDNN workspaces). `fit_batch_size` measures a few small batches
 through a callable, fits mem = slope * batch + intercept by least squares and solves for the batch that
-uses `fraction` of the total; it is a pure function so it is tested on CPU with a fake memory model.
-`cuda_batch_size` supplies the real measurement (one AMP forward + backward per probed batch).
+uses `fraction` of the available memory; it is a pure function so it is tested on CPU with a fake memory
+model. `cuda_batch_size` supplies the real measurement (one forward + backward per probed batch, on a copy of
+the model, in training's precision and at its largest image size).
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from utils.general import LOGGER, UserError
 
@@ -26,7 +29,7 @@ class AutoBatch:
 
     batch: int
     fraction: float
-    total_gib: float
+    total_gib: float  # the memory the fraction applies to
     measured: dict[int, float] = field(default_factory=dict)  # batch -> peak GiB (failed probes absent)
     slope_gib: float = 0.0  # GiB per extra image
     intercept_gib: float = 0.0
@@ -35,7 +38,7 @@ class AutoBatch:
 
     def summary(self) -> str:
         pts = ", ".join(f"b{b}={m:.2f}G" for b, m in sorted(self.measured.items()))
-        s = (f"AutoBatch: batch {self.batch} for {self.fraction:.0%} of {self.total_gib:.1f} GiB "
+        s = (f"AutoBatch: batch {self.batch} for {self.fraction:.0%} of {self.total_gib:.1f} GiB available "
              f"(peak memory {pts}; fit {self.slope_gib:.3f} GiB/image + {self.intercept_gib:.2f} GiB")
         s += f"; out of memory at b{self.failed_at}" if self.failed_at else ""
         return s + (f"; {self.note}" if self.note else "") + ")"
@@ -82,42 +85,54 @@ def fit_batch_size(measure: Callable[[int], float], total: float, fraction: floa
     return res
 
 
-def cuda_batch_size(model, imgsz: int, device, fraction: float = 0.6, amp: bool = True,
-                    loss_fn: Callable | None = None, max_batch: int = 1024) -> AutoBatch:
-    """Measure peak CUDA memory of AMP training steps of `model` at a few batches and fit (CUDA only).
+def cuda_batch_size(model: nn.Module, imgsz: int, device: torch.device, fraction: float = 0.6, amp: bool = True,
+                    loss_fn: Callable | None = None, max_batch: int = 1024, cuda: Any = torch.cuda) -> AutoBatch:
+    """Measure the peak memory of training steps at a few batches and fit (CUDA; `cuda` is the torch.cuda
+    namespace, a stand-in in tests).
 
+    What it measures is what training will run: forward + loss + backward in the precision training uses
+    (`amp`: the trainer's decision), on images of size `imgsz` (pass the largest --multi-scale size), in
+    channels_last. It probes a deep copy, so the model's weights, BatchNorm statistics and gradients are
+    never touched (train-mode probes on random images would drag its running statistics toward noise); the
+    copy's weights also stand in for the EMA copy training keeps. The budget is `fraction` of the memory this
+    process can have: what the driver reports free plus what the caching allocator already holds (other
+    processes and the CUDA context are left out). cuDNN autotuning is off during the probes: its trial
+    workspaces would inflate the peaks.
     loss_fn(pred, targets) -> (loss, items) like DetectionLoss; without it the mean of the outputs is used.
-    Gradients are zeroed afterwards, so the model is left as it was.
     """
-    props = torch.cuda.get_device_properties(device)
-    was = model.training
-    model.train()
+    cuda.synchronize(device)
+    cuda.empty_cache()
+    free, total = cuda.mem_get_info(device)
+    available = free + cuda.memory_reserved(device)
+    probe = copy.deepcopy(model).train()
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
 
     def measure(b: int) -> float:
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        x = torch.rand(b, 3, imgsz, imgsz, device=device)
-        with torch.autocast("cuda", enabled=amp):
-            pred = model(x)
-            if loss_fn is not None:
-                loss = loss_fn(pred, _targets(b, int(getattr(model, "nc", 1)), device))[0]
-            else:
-                loss = sum(t.float().mean() for t in _tensors(pred))
-        loss.backward()
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device)
-        model.zero_grad(set_to_none=True)
-        del x, pred, loss
-        return float(peak)
+        cuda.synchronize(device)
+        cuda.empty_cache()
+        cuda.reset_peak_memory_stats(device)
+        x = torch.rand(b, 3, imgsz, imgsz, device=device).contiguous(memory_format=torch.channels_last)
+        try:
+            with torch.autocast(device.type, enabled=amp):
+                pred = probe(x)
+                if loss_fn is not None:
+                    loss = loss_fn(pred, _targets(b, int(getattr(model, "nc", 1)), device))[0]
+                else:
+                    loss = sum(t.float().mean() for t in _tensors(pred))
+            loss.backward()
+            cuda.synchronize(device)
+            return float(cuda.max_memory_allocated(device))
+        finally:
+            probe.zero_grad(set_to_none=True)
 
     try:
-        res = fit_batch_size(measure, props.total_memory, fraction, max_batch=max_batch,
-                             oom=(torch.OutOfMemoryError,))
+        res = fit_batch_size(measure, available, fraction, max_batch=max_batch, oom=(torch.OutOfMemoryError,))
     finally:
-        model.zero_grad(set_to_none=True)
-        model.train(was)
-        torch.cuda.empty_cache()
+        torch.backends.cudnn.benchmark = benchmark
+        del probe
+        cuda.empty_cache()
+    res.note = "; ".join(x for x in (res.note, f"{total / 1024 ** 3:.1f} GiB on the device") if x)
     return res
 
 
@@ -141,14 +156,15 @@ def _tensors(x):
         yield x
 
 
-def auto_batch_size(model, imgsz: int, device, fraction: float = 0.6, loss_fn: Callable | None = None,
-                    world_size: int = 1) -> int:
-    """What `--batch-size -1` resolves to: measured on CUDA, the default 16 elsewhere (printed either way)."""
+def auto_batch_size(model: nn.Module, imgsz: int, device: torch.device, fraction: float = 0.6,
+                    loss_fn: Callable | None = None, world_size: int = 1, amp: bool = True) -> int:
+    """What `--batch-size -1` resolves to: measured on CUDA, the default 16 elsewhere (printed either way).
+    imgsz: the largest training image size (with --multi-scale, its top size); amp: training's precision."""
     if world_size > 1:
         raise UserError("--batch-size -1 (autobatch) works on a single GPU only; give a batch size under DDP")
     if getattr(device, "type", str(device)) != "cuda":
         LOGGER.warning(f"WARNING: --batch-size -1 (autobatch) needs a CUDA device; using the default batch {DEFAULT_BATCH}")
         return DEFAULT_BATCH
-    res = cuda_batch_size(model, imgsz, device, fraction, loss_fn=loss_fn)
+    res = cuda_batch_size(model, imgsz, device, fraction, amp=amp, loss_fn=loss_fn)
     LOGGER.info(res.summary())
     return res.batch

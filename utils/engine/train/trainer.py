@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import difflib
+import math
 import os
 import random
 import signal
@@ -27,7 +28,7 @@ from tqdm import tqdm
 from models.yolo import DetectionModel
 from utils.checkpoint import (find_newest, load_checkpoint, make_checkpoint, model_from_checkpoint,
                               save_checkpoint, strip_checkpoint, transfer_weights)
-from utils.data import create_dataloader, load_data_config, multi_scale
+from utils.data import create_dataloader, load_data_config, max_random_imgsz, multi_scale
 from utils.engine import distributed as ddp
 from utils.engine.train.autobatch import auto_batch_size
 from utils.engine.config import TrainConfig
@@ -38,7 +39,7 @@ from utils.engine.validator import ValOptions, ValResult, Validator
 from utils.general import LOGGER, ROOT, UserError, check_img_size, increment_path
 from utils.loss import DetectionLoss
 from utils.plots import plot_images, plot_labels, plot_results
-from utils.torch_utils import select_device
+from utils.torch_utils import cuda_memory_gb
 
 RESULT_COLUMNS = ["epoch", "train/box_loss", "train/cls_loss", "train/dfl_loss", "metrics/precision",
                   "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95", "val/box_loss", "val/cls_loss",
@@ -134,12 +135,20 @@ class Trainer:
         seed = cfg.seed + 1 + max(RANK, 0)
         random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
         self.model = self._build_model()
+        # one decision for every rank: the ranks' models differ until DDP broadcasts rank 0's weights, and
+        # ranks that disagreed would train with and without loss scaling while DDP averages their gradients
+        passed = self._amp_ok()
+        self.amp = ddp.all_true(passed)
+        if passed and not self.amp:
+            LOGGER.warning("WARNING: the AMP check failed on another rank; every rank trains in fp32")
         if cfg.batch_size == -1:  # autobatch: the largest batch within 60% of CUDA memory (printed)
-            bs = auto_batch_size(self.model, self.imgsz, self.device, loss_fn=DetectionLoss(self.model, self.hyp),
-                                 world_size=WORLD_SIZE)
+            size = max_random_imgsz(self.imgsz, self.gs) if cfg.multi_scale else self.imgsz
+            bs = auto_batch_size(self.model, size, self.device, loss_fn=DetectionLoss(self.model, self.hyp),
+                                 world_size=WORLD_SIZE, amp=self.amp)
             self.cfg = cfg = cfg.replace(batch_size=bs)
         self._make_run_folder()
         self._build_loaders()
+        self.cfg = cfg = self._batch_in_use(cfg)
         self._build_optimization()
         self._write_run_files()
         self.loss_fn = DetectionLoss(unwrap(self.model), self.hyp)
@@ -148,7 +157,19 @@ class Trainer:
             self.loss_fn.score_sum_fn = ddp.global_score_sum  # normalise by the global batch's score sum
 
     def _init_device(self, spec: str) -> torch.device:
-        return ddp.init_distributed(select_device(spec if LOCAL_RANK == -1 else spec.split(",")[0]))
+        return ddp.process_device(spec)
+
+    def _batch_in_use(self, cfg: TrainConfig) -> TrainConfig:
+        """The config with the batch the loaders really use: a batch larger than the training set is clamped
+        (one batch per epoch), and gradient accumulation and the weight-decay scaling must follow the clamped
+        value, not the requested one (autobatch 1024 on 128 images would otherwise decay 16x too hard)."""
+        per_rank = math.ceil(len(self.dataset) / WORLD_SIZE)  # what each rank's sampler yields per epoch
+        used = min(cfg.batch_size, per_rank * WORLD_SIZE)
+        if used < cfg.batch_size:
+            LOGGER.warning(f"WARNING: --batch-size {cfg.batch_size} is larger than the {len(self.dataset)} training "
+                           f"images; training with batch {used}")
+            return cfg.replace(batch_size=used)
+        return cfg
 
     def _plan_run(self) -> tuple[TrainConfig, dict | None]:
         """(config, checkpoint being resumed). After a torchelastic restart, the failed attempt's run folder
@@ -241,11 +262,10 @@ class Trainer:
                                                            last_epoch=self.start_epoch - 1)
         if cfg.sync_bn and LOCAL_RANK != -1:
             self.model = ddp.convert_sync_bn(self.model, self.device)
-        self.amp = self._amp_ok()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         if LOCAL_RANK != -1:
             self.model = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[LOCAL_RANK] if self.device.type == "cuda" else None)
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         # torch.compile of the training forward (opt-in; warns and runs eager where unsupported)
         self.forward = CompiledForward(self.model) if cfg.compile else self.model
 
@@ -342,7 +362,7 @@ class Trainer:
             if items is not None and self.main:
                 mloss = (mloss * n_seen + items) / (n_seen + 1)
                 n_seen += 1
-                mem = f"{torch.cuda.memory_reserved() / 1e9 if self.device.type == 'cuda' else 0:.3g}G"
+                mem = f"{cuda_memory_gb(self.device):.3g}G"
                 pbar.set_description(("%11s" * 2 + "%11.4g" * 5) % (
                     f"{epoch}/{cfg.epochs - 1}", mem, *mloss.tolist(), targets.shape[0], imgs.shape[-1]))
                 if ni < 3 and not cfg.noplots:
@@ -361,14 +381,24 @@ class Trainer:
         if self.cfg.multi_scale:
             imgs = multi_scale(imgs, self.imgsz, self.gs)
         imgs = imgs.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", enabled=self.amp):
-            pred = self.forward(imgs)
-            loss, items = self.loss_fn(pred, targets.to(self.device))
-        if not self._loss_is_finite(loss, epoch, ni, paths):
+        targets = targets.to(self.device)
+
+        def forward_backward(forward) -> torch.Tensor | None:
+            with torch.autocast("cuda", enabled=self.amp):
+                pred = forward(imgs)
+                loss, items = self.loss_fn(pred, targets)
+            if not self._loss_is_finite(loss, epoch, ni, paths):
+                return None
+            if LOCAL_RANK != -1:
+                loss = loss * WORLD_SIZE  # DDP averages gradients over ranks; this makes it the global-batch sum
+            self.scaler.scale(loss).backward()
+            return items
+
+        # --compile: the backward compiles lazily at the first backward(); if it fails, the step runs again eager
+        f = self.forward
+        items = f.with_fallback(forward_backward) if isinstance(f, CompiledForward) else forward_backward(f)
+        if items is None:
             return None
-        if LOCAL_RANK != -1:
-            loss = loss * WORLD_SIZE  # DDP averages gradients over ranks; this makes it the global-batch sum
-        self.scaler.scale(loss).backward()
         if ni - self.last_opt_step >= self.accumulate:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=GRAD_CLIP)
