@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.doc_commands import ROOT, Command, commands_in, parsers, problems
+from doc_commands import ROOT, Command, commands_in, parsers, problems
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
