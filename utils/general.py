@@ -4,9 +4,11 @@ Box geometry lives in utils/boxes.py."""
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -42,13 +44,29 @@ def cli(main: Callable) -> Callable:
         except UserError as e:
             if debug_enabled():
                 raise
-            print(f"ERROR: {e}", file=sys.stderr)
+            report_error(f"ERROR: {e}")
             sys.exit(1)
         except KeyboardInterrupt:
             print("Interrupted.", file=sys.stderr)
             sys.exit(130)
 
     return wrapper
+
+
+def report_error(line: str) -> None:
+    """Print a user error once per job, not once per process. Under torchrun every rank writes it to the error
+    file torchrun reads (TORCHELASTIC_ERROR_FILE), so torchrun's failure summary, the last thing it prints,
+    ends with this line instead of "To enable traceback see ..."; only global rank 0 (or a rank that
+    cannot hand the line to torchrun) also prints it to stderr."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        try:
+            with open(error_file, "w", encoding="utf-8") as f:
+                json.dump({"message": line, "timestamp": int(time.time())}, f)
+        except OSError:
+            error_file = None
+    if int(os.environ.get("RANK", "0") or 0) <= 0 or not error_file:
+        print(line, file=sys.stderr)
 
 
 def increment_path(path: str | Path, exist_ok: bool = False, mkdir: bool = False) -> Path:

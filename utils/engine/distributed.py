@@ -87,9 +87,8 @@ def check_launch(device: str, sync_bn: bool = False, script: str = "train_dual.p
 
 
 def fail(message: str) -> None:
-    """A user error every rank detects at once: rank 0 reports it (one line), the others just exit 1."""
-    if int(os.environ.get("RANK", "0") or 0) > 0:
-        raise SystemExit(1)
+    """A user error every rank detects at once: every rank raises it, and the script's `cli` wrapper prints it
+    from rank 0 only and hands it to torchrun's failure summary (utils.general.report_error)."""
     raise UserError(message)
 
 

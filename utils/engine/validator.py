@@ -477,8 +477,8 @@ def run_validation(job: ValJob | None = None, **kwargs) -> ValResult:
     weights = list(job.weights)
     ddp.check_launch(job.device, script="val_dual.py")
     started = ddp.under_torchrun() and not ddp.is_dist()
-    dev = ddp.init_distributed(select_device(job.device.split(",")[0] if ddp.under_torchrun() else job.device,
-                                             job.batch_size))
+    # the user's whole --device list is checked and echoed; under torchrun init_distributed picks this rank's GPU
+    dev = ddp.init_distributed(select_device(job.device, 0 if ddp.under_torchrun() else job.batch_size))
     try:
         return _run_validation(job, weights, dev)
     finally:
