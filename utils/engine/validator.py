@@ -489,7 +489,8 @@ def run_validation(job: ValJob | None = None, **kwargs) -> ValResult:
 def _run_validation(job: ValJob, weights: list, dev: torch.device) -> ValResult:
     """run_validation once the device (and under torchrun the process group) is ready: each rank validates
     its ShardSampler share, the Validator gathers before the summary."""
-    cfg = load_data_config(job.data)
+    split = "val" if job.task == "speed" else job.task
+    cfg = load_data_config(job.data, need=(split,))  # only the split validated must exist on this machine
     backends = [Backend(w, device=dev, half=job.half, fuse=True) for w in weights]
     for b in backends:
         b.use_cuda_graph(job.cuda_graph)
@@ -503,9 +504,12 @@ def _run_validation(job: ValJob, weights: list, dev: torch.device) -> ValResult:
     fixed = getattr(backends[0], "fixed_imgsz", None)
     if fixed and job.imgsz and job.imgsz != min(fixed):
         LOGGER.warning(f"WARNING: {weights[0]} was exported at {fixed[0]}x{fixed[1]}; validating at that size")
+    if fixed and job.task != "speed":
+        LOGGER.info(f"Note: {weights[0]} takes only {fixed[0]}x{fixed[1]} input, so it validates square letterboxed "
+                    f"images; a .pt (or an export with --dynamic) validates rectangular batches padded by half a "
+                    f"stride, which a fixed-size file cannot take, and scores a little differently")
     imgsz = backends[0].default_imgsz() if (fixed or not job.imgsz) else job.imgsz
     imgsz = check_img_size(imgsz, model.stride)
-    split = "val" if job.task == "speed" else job.task
     if not cfg.split(split):
         raise UserError(f"{cfg.yaml_file}: no '{split}' split")
     save_dir = ddp.broadcast_object(increment_path(Path(job.project) / job.name, exist_ok=job.exist_ok, mkdir=True)

@@ -256,7 +256,7 @@ class Predictor:
 
 def default_source(data: str | Path = "data/shapes.yaml") -> str:
     from utils.data import load_data_config
-    cfg = load_data_config(data)
+    cfg = load_data_config(data, need=("val",))
     return str(cfg.val[0])
 
 
@@ -357,7 +357,7 @@ def _names_for(predictor: Predictor, data: str | Path | None) -> None:
     if not predictor.has_default_names or not data:
         return
     from utils.data import load_data_config
-    names = load_data_config(data).names
+    names = load_data_config(data, need=()).names
     if len(names) == len(predictor.names):
         predictor.names = list(names)
     else:
