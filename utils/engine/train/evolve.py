@@ -158,8 +158,7 @@ class Heartbeat:
 
     def __init__(self, study, storage, trial):
         self.storage, self.stop_event = storage, threading.Event()
-        self.trial_id = storage.get_trial_id_from_study_id_trial_number(
-            storage.get_study_id_from_name(study.study_name), trial.number)
+        self.trial_id = _trial_id(study, storage, trial)
         storage.record_heartbeat(self.trial_id)
         self.thread = threading.Thread(target=self._beat, name="evolve-heartbeat", daemon=True)
         self.thread.start()
@@ -176,6 +175,11 @@ class Heartbeat:
         self.thread.join()
 
 
+def _trial_id(study, storage, trial) -> int:
+    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name),
+                                                           trial.number)
+
+
 def requeue_unfinished(study, storage, legacy: bool = False) -> list[int]:
     """Fail the RUNNING trials of dead processes (no heartbeat for the grace period; in a `legacy` study,
     written before heartbeats and by one process at a time, every RUNNING trial), then queue every FAIL trial
@@ -185,13 +189,11 @@ def requeue_unfinished(study, storage, legacy: bool = False) -> list[int]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
-    study_id = storage.get_study_id_from_name(study.study_name)
     trials = study.get_trials(deepcopy=False)
     if legacy:
         for t in trials:
             if t.state == state.RUNNING:
-                storage.set_trial_state_values(storage.get_trial_id_from_study_id_trial_number(study_id, t.number),
-                                               state.FAIL)
+                storage.set_trial_state_values(_trial_id(study, storage, t), state.FAIL)
         trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs.get("retry_of") for t in trials}
     queued = []
@@ -202,16 +204,22 @@ def requeue_unfinished(study, storage, legacy: bool = False) -> list[int]:
     return queued
 
 
-def claim_trial(study, seed: int):
+def claim_trial(study, storage, seed: int):
     """Ask the study for this process's next trial (a queued one first). Call under `study_lock`: the sampler is
     seeded with seed + the number of trials so far, so each trial of a study gets its own draw and one process
-    alone draws the same sequence every time."""
+    alone draws the same sequence every time. The trial gets its first heartbeat at once, so even a process
+    stopped right here leaves a trial the others can recognise as dead."""
     optuna = _optuna()
     study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.get_trials(deepcopy=False)))
     with warnings.catch_warnings():  # Optuna's hint that heartbeats suit Study.optimize: `Heartbeat` beats here
         warnings.filterwarnings("ignore", message="Heartbeat of storage")
         trial = study.ask()
-    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    try:
+        storage.record_heartbeat(_trial_id(study, storage, trial))
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    except BaseException:
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        raise
     return trial
 
 
@@ -347,7 +355,7 @@ def evolve(cfg: TrainConfig, n: int = DEFAULT_TRIALS, prune: bool = True, trial_
                 done, running = counts()
                 if done >= n or done + len(running) >= n:
                     break
-                trial = claim_trial(study, cfg.seed)
+                trial = claim_trial(study, storage, cfg.seed)
             _run_trial(study, storage, trial, cfg, base, out, prune, trial_plots, callbacks)
             with study_lock(out):
                 write_outputs(study, out)
