@@ -100,3 +100,24 @@ def test_converter_rejects_bad_input(tmp_path, capsys):
     assert e.value.code == 1
     err = capsys.readouterr().err
     assert "not found" in err and "Traceback" not in err
+
+
+def test_missing_split_stand_in_is_said(tmp_path, caplog):
+    """Converting one split writes the other as a stand-in so the YAML loads; that is said (log + YAML comment)
+    until the other split is converted too."""
+    import logging
+    caplog.set_level(logging.WARNING)
+    src = tmp_path / "ann.json"
+    src.write_text(json.dumps(COCO))
+    out = tmp_path / "out"
+    coco2yolo(src, out, "train")
+    text = (out / "data.yaml").read_text()
+    assert yaml.safe_load(text)["val"] == "images/train"
+    assert "# val: images/train stands in until the val annotations are converted (--split val)" in text
+    assert [r.getMessage() for r in caplog.records] == [
+        f"WARNING: {out / 'data.yaml'}: no val split converted yet, so the val split is the train images "
+        f"(val: images/train); convert the val annotations with --split val"]
+    caplog.clear()
+    coco2yolo(src, out, "val")
+    text = (out / "data.yaml").read_text()
+    assert yaml.safe_load(text)["val"] == "images/val" and "stands in" not in text and not caplog.records

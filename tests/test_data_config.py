@@ -69,6 +69,29 @@ def test_user_errors(tmp_path, text, match):
         load_data_config(write_yaml(tmp_path / "d.yaml", text))
 
 
+def test_validation_needs_only_its_split(tmp_path, one_thread):
+    """A machine holding only the val images (the YAML's train path missing, or no train key) validates; a
+    training with the same YAML still says the train path is missing."""
+    from helpers import seeded_tiny_checkpoint
+    from utils.engine.validator import run_validation
+    generate_shapes(tmp_path / "ds", n_train=0, n_val=3, seed=1, nc=2)
+    w = seeded_tiny_checkpoint(tmp_path / "w.pt", ["circle", "rectangle"])
+    head = f"path: {tmp_path / 'ds'}\nnames: [circle, rectangle]\nval: images/val\n"
+    for text in (head + "train: images/train_elsewhere\n", head):
+        f = write_yaml(tmp_path / "d.yaml", text)
+        r = run_validation(data=str(f), weights=str(w), imgsz=64, workers=0, project=str(tmp_path / "val"),
+                           plots=False)
+        assert r.seen == 3
+        d = load_data_config(f, need=("val",))
+        assert d.train is None and d.val == [tmp_path / "ds" / "images" / "val"]
+        with pytest.raises(UserError, match="train"):  # training needs it
+            load_data_config(f)
+        with pytest.raises(UserError, match="missing 'test' split"):  # the split asked for must be there
+            run_validation(data=str(f), weights=str(w), imgsz=64, task="test", workers=0,
+                           project=str(tmp_path / "val"))
+    assert load_data_config(f, need=()).names == ["circle", "rectangle"]  # names only (detect's --data)
+
+
 def test_missing_yaml_is_user_error(tmp_path):
     with pytest.raises(UserError, match="not found"):
         load_data_config(tmp_path / "none.yaml")

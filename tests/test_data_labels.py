@@ -174,6 +174,26 @@ def test_unwritable_cache_only_warns(tmp_path, caplog):
     assert not list((root / "labels").glob("train.cache.tmp*"))
 
 
+def test_no_label_folder_says_where_labels_were_looked_for(tmp_path, caplog):
+    """Images but no labels/ folder at all: one warning naming where the labels were looked for (not a
+    misleading 'cache not saved, not writeable'); one image with a label is a normal dataset again."""
+    caplog.set_level(logging.INFO)
+    root = tmp_path / "ds"
+    for stem in ("a", "b", "c"):
+        write_img(root / "images" / "val" / f"{stem}.png")
+    out = scan_dataset(root / "images" / "val", 2, prefix="val: ")
+    assert out.counts.backgrounds == 3
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == [f"val: WARNING: no label files found for any of the 3 images: looked for "
+                        f"{root / 'labels' / 'val' / '<image name>.txt'} (a labels/ folder beside images/, same "
+                        f"sub-folders); every image counts as background"], warnings
+    assert not (root / "labels").exists()  # nothing written into the dataset
+    caplog.clear()
+    write_label(root, "a", GOOD, split="val")
+    scan_dataset(root / "images" / "val", 2)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
 def test_no_images_and_missing_path_are_user_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no images found"):

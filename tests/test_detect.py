@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -149,6 +150,61 @@ def test_predict_path_and_tta(weights, tmp_path):
         assert (r.boxes[:, [0, 2]] <= 110).all() and (r.boxes[:, [1, 3]] <= 70).all()
     with pytest.raises(UserError):
         p.predict(tmp_path / "missing.jpg")
+
+
+def test_valid_sizes_do_not_warn(weights, caplog):
+    """A size that already is a multiple of the stride (as a tuple or a list) is used without a warning."""
+    from utils.engine.predict.predictor import Predictor
+    from utils.general import check_img_size
+    caplog.set_level(logging.WARNING)
+    assert check_img_size((128, 96), 32) == [128, 96] and check_img_size([128, 96], 32) == [128, 96]
+    assert Predictor(weights, device="cpu", imgsz=(128, 96)).imgsz == (128, 96)
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+    assert check_img_size((100, 96), 32) == [128, 96] and "using [128, 96]" in caplog.text  # a real change warns
+
+
+def test_predictor_reads_unambiguous_inputs_and_refuses_the_rest(weights, predictor, tmp_path):
+    from utils.engine.predict.predictor import Predictor
+    im = _image(96, 160, seed=8)
+    ref = predictor.predict(im)
+    assert len(ref) > 0
+    # the same picture as float 0..1, float 0..255, uint16, gray [h, w, 1]: read as the uint8 image
+    for x in (im.astype(np.float32) / 255, im.astype(np.float64), im.astype(np.uint16) * 257):
+        r = predictor.predict(x)
+        np.testing.assert_allclose(r.boxes, ref.boxes, atol=1e-4)
+        np.testing.assert_allclose(r.scores, ref.scores, atol=1e-6)
+    gray = cv2.cvtColor(im, cv2.COLOR_BGR2GRAY)
+    np.testing.assert_allclose(predictor.predict(gray[..., None]).boxes, predictor.predict(gray).boxes, atol=1e-4)
+    for x, words in ((im.transpose(2, 0, 1), "channels-first"), (np.zeros((0, 0, 3), np.uint8), "shape (0, 0, 3)"),
+                     (im.astype(np.float32) * 10, "expected 0..1 or 0..255"), (im[..., :2], "shape (96, 160, 2)"),
+                     ("not an array".split(), "got list")):
+        with pytest.raises(UserError, match=re.escape(words)):
+            predictor.predict(x)
+    # numeric sizes in any spelling; class ids as integers in range
+    assert Predictor(weights, device="cpu", imgsz=128.0).imgsz == (128, 128)
+    assert Predictor(weights, device="cpu", imgsz="128").imgsz == (128, 128)
+    assert Predictor(weights, device="cpu", imgsz=IMGSZ, classes=2).classes == [2]
+    for kw, words in ((dict(imgsz=128.5), "whole numbers"), (dict(imgsz="big"), "whole numbers"),
+                      (dict(classes="1"), "give class ids as integers"), (dict(classes=[3]), "classes 0..2")):
+        with pytest.raises(UserError, match=words):
+            Predictor(weights, device="cpu", **kw)
+    # track(): a sequence source, a tracker YAML / dict / TrackerConfig, a positive frame stride
+    folder = tmp_path / "seq"
+    folder.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(folder / f"{i}.jpg"), np.roll(im, 4 * i, axis=1))
+    tracked = list(predictor.track(folder, tracker={"track_high_thresh": 0.2, "new_track_thresh": 0.2}))
+    assert len(tracked) == 3 and all(r.track_ids is not None for r in tracked) and len(tracked[-1]) > 0
+    for kw, words in ((dict(source=im), "Predictor.predict takes image arrays"),
+                      (dict(source=folder, tracker=5), "tracker=5: give a tracker YAML path"),
+                      (dict(source=folder, tracker={"track_hi": 0.3}), "unknown key(s) track_hi"),
+                      (dict(source=folder, vid_stride=0), "--vid-stride 0: must be a whole number >= 1")):
+        with pytest.raises(UserError, match=re.escape(words)):
+            list(predictor.track(**kw))
+    from utils.engine.predict.predictor import run
+    with pytest.raises(UserError, match="--vid-stride -1: must be a whole number >= 1"):  # detect_dual.py too
+        run(_opt(weights, folder, tmp_path / "runs", "--vid-stride", "-1"))
+    assert not (tmp_path / "runs").exists()
 
 
 # ---------------------------------------------------------------- detect_dual.py

@@ -261,8 +261,20 @@ def test_launch_mistakes_give_one_clear_line(tmp_path, capsys, monkeypatch):
              "--batch-size", "7", "--data", data, "--epochs", "1", "--project", tmp_path / "runs"], tmp_path)
     out = r.stdout + r.stderr
     assert r.returncode != 0
-    assert out.count("ERROR: --batch-size 7 is the total over 2 processes: use a multiple of 2") == 1, out[-3000:]
+    line = "ERROR: --batch-size 7 is the total over 2 processes: use a multiple of 2"
+    assert [ln for ln in out.splitlines() if ln.startswith("ERROR:")] == [line], out[-3000:]  # printed once
     assert "[rank0]: Traceback" not in out and "[rank1]: Traceback" not in out
+
+    # a --device list no process can use (no CUDA here; no GPU 98 on a CUDA machine): the flag as typed, printed
+    # once (rank 0), and the last thing torchrun prints, its failure summary, ends with the same line
+    r = run([*TORCHRUN, "--nproc-per-node", "2", "--master-port", free_port(), ROOT / "train_dual.py", *TINY,
+             "--device", "98,99", "--data", data, "--epochs", "1", "--project", tmp_path / "runs"], tmp_path)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1
+    printed = [ln for ln in out.splitlines() if ln.startswith("ERROR:")]
+    assert len(printed) == 1 and printed[0].startswith("ERROR: --device 98,99: "), out[-3000:]
+    summary = [ln.strip() for ln in r.stderr.splitlines() if ln.strip() and set(ln.strip()) != {"="}]
+    assert summary[-1] == f"traceback : {printed[0]}", out[-3000:]
 
     # rank 0 of 2 whose partner never starts: a clear line after YOLO_DDP_TIMEOUT, not a hang
     t0 = time.time()

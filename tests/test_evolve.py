@@ -2,6 +2,8 @@
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import cv2
@@ -42,13 +44,18 @@ def _base_hyp():
 
 
 class InterruptAt:
-    """Trainer callback that plays Ctrl-C at the end of the first epoch of one trial folder."""
+    """Trainer callback that plays Ctrl-C in one trial folder: at the end of its first epoch, or while the
+    trial finishes (after its final validation)."""
 
-    def __init__(self, folder: str):
-        self.folder = folder
+    def __init__(self, folder: str, finishing: bool = False):
+        self.folder, self.finishing = folder, finishing
 
     def on_epoch_end(self, trainer, epoch, row):
-        if trainer.save_dir.name == self.folder:
+        if trainer.save_dir.name == self.folder and not self.finishing:
+            raise KeyboardInterrupt
+
+    def on_train_end(self, trainer, result):
+        if trainer.save_dir.name == self.folder and self.finishing:
             raise KeyboardInterrupt
 
 
@@ -104,44 +111,146 @@ def test_outputs_pick_the_best_finished_trial(tmp_path):
     assert im is not None and im.shape[0] > 500 and im.shape[1] > 1000
 
 
-def test_running_trial_of_a_dead_process_is_queued_again(tmp_path):
-    from utils.engine.train.evolve import open_study, requeue_unfinished
+def _until(cond, timeout: float = 60.0, poll: float = 0.1, what=lambda: ""):
+    """Wait for cond() to return something truthy (checked, never a fixed sleep); returns it."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        got = cond()
+        if got:
+            return got
+        time.sleep(poll)
+    raise AssertionError(f"condition not met within {timeout} s\n{what()}")
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the test asks trials by hand
+def test_only_trials_without_heartbeat_are_queued_again(tmp_path):
+    from utils.engine.train.evolve import Heartbeat, open_study, requeue_unfinished
     S = optuna.trial.TrialState
     db = tmp_path / "study.db"
-    study, _ = open_study(db, seed=0)
+    study, storage = open_study(db, seed=0, heartbeat=1, grace=6)
     done = study.ask()
     done.suggest_float("lr0", 1e-5, 0.1, log=True)
     study.tell(done, 0.4)
-    lost = study.ask()  # this process "dies" while the trial trains: it stays RUNNING in the file
-    lr0 = lost.suggest_float("lr0", 1e-5, 0.1, log=True)
-    study, storage = open_study(db, seed=0)  # a new process opens the same file
-    assert [t.state for t in study.trials] == [S.COMPLETE, S.RUNNING]
-    assert requeue_unfinished(study, storage) == [1]
-    trials = study.trials
-    assert [t.state for t in trials] == [S.COMPLETE, S.FAIL, S.WAITING]
-    assert trials[2].user_attrs["retry_of"] == 1
+    live, dead = study.ask(), study.ask()
+    live.suggest_float("lr0", 1e-5, 0.1, log=True)
+    lr0 = dead.suggest_float("lr0", 1e-5, 0.1, log=True)
+    beat = Heartbeat(study, storage, live)  # this process keeps training trial 1
+    Heartbeat(study, storage, dead).stop()  # trial 2's process beat once, then died
+    try:
+        study, storage = open_study(db, seed=0, heartbeat=1, grace=6)  # a second process opens the same file
+        assert requeue_unfinished(study, storage) == []  # within the grace period both may be alive
+        assert _until(lambda: requeue_unfinished(study, storage)) == [2]  # 6 s without a heartbeat: dead
+        assert [t.state for t in study.trials] == [S.COMPLETE, S.RUNNING, S.FAIL, S.WAITING]  # trial 1 untouched
+    finally:
+        beat.stop()
+    assert study.trials[3].user_attrs["retry_of"] == 2
     again = study.ask()
-    assert again.number == 2 and again.suggest_float("lr0", 1e-5, 0.1, log=True) == lr0  # same hyperparameters
+    assert again.number == 3 and again.suggest_float("lr0", 1e-5, 0.1, log=True) == lr0  # same hyperparameters
     study.tell(again, 0.5)
     assert requeue_unfinished(study, storage) == []  # queued once only
-    assert [t.state for t in study.trials] == [S.COMPLETE, S.FAIL, S.COMPLETE]
+    # a study written before heartbeats (one process at a time): its RUNNING trials are all dead
+    old, old_storage = open_study(tmp_path / "old.db", seed=0)
+    old.ask().suggest_float("lr0", 1e-5, 0.1, log=True)
+    assert requeue_unfinished(old, old_storage, legacy=True) == [0]
     from utils.general import UserError
     (tmp_path / "not_a.db").write_text("these are not SQLite pages\n")
     with pytest.raises(UserError, match="not_a.db: cannot open the study"):
         open_study(tmp_path / "not_a.db", seed=0)
 
 
-def test_three_trials_interrupt_resume_and_best_hyp_trains(tiny_data, tmp_path):
+# Test harness only: every trial's training waits until the file $EVOLVE_GO exists, so the test can start the
+# second process while the first one's trial is still RUNNING (a real trial may finish before it starts).
+HOLD_LAUNCHER = """
+import os, runpy, sys, time
+from pathlib import Path
+from utils.engine.train import trainer
+run = trainer.Trainer.run
+def held(self):
+    print(f"HARNESS holding {self.cfg.name}", flush=True)
+    while not Path(os.environ["EVOLVE_GO"]).exists():
+        time.sleep(0.05)
+    return run(self)
+trainer.Trainer.run = held
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+class _Lines:
+    """A process's merged output, read line by line in a thread (a test waits for a line to appear)."""
+
+    def __init__(self, p: subprocess.Popen):
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=lambda: self.lines.extend(p.stdout), daemon=True)
+        self.thread.start()
+
+    def text(self) -> str:
+        return "".join(self.lines)
+
+
+def test_two_processes_share_one_study(tiny_data, tmp_path):
+    """Two `train_dual.py --evolve 2` processes on one study (the second with --exist-ok, as for a second GPU):
+    each trains its own trial, neither fails the other's, both end with rc 0."""
+    launcher = tmp_path / "hold.py"
+    launcher.write_text(HOLD_LAUNCHER)
+    go = tmp_path / "go"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "EVOLVE_GO": str(go)}
+    cmd = [sys.executable, str(launcher), str(ROOT / "train_dual.py"), "--evolve", "2", "--cfg", "gelan-t.yaml",
+           "--data", str(tiny_data), "--epochs", "1", "--imgsz", "64", "--batch-size", "8", "--workers", "0",
+           "--project", str(tmp_path), "--name", "evo", "--exist-ok"]
+    procs, outs = [], []
+    try:
+        for trial in ("trial_0", "trial_1"):  # the second starts while the first one's trial 0 is RUNNING
+            procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True))
+            outs.append(_Lines(procs[-1]))
+            held = _until(lambda: f"HARNESS holding {trial}" in outs[-1].text() or procs[-1].poll() is not None, 240,
+                          what=lambda: outs[-1].text()[-3000:])
+            assert procs[-1].poll() is None and held, outs[-1].text()[-3000:]
+        go.touch()
+        for p in procs:
+            p.wait(timeout=400)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for o in outs:
+        o.thread.join(timeout=60)
+    texts = [o.text() for o in outs]
+    assert [p.returncode for p in procs] == [0, 0], [t[-2000:] for t in texts]
+    assert all("Traceback" not in t for t in texts)
+    study = optuna.load_study(study_name="evolve", storage=f"sqlite:///{tmp_path / 'evo' / 'study.db'}")
+    trials = study.trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    assert [t.user_attrs["worker"].split(":")[-1] for t in trials] == [str(p.pid) for p in procs]
+    assert "Trial 0 finished" in texts[0] and "Trial 1 finished" in texts[1]
+    assert "Trial 1 (seed" not in texts[0] and "Trial 0 (seed" not in texts[1]
+    kept = sorted(p.relative_to(tmp_path / "evo").as_posix() for p in (tmp_path / "evo").rglob("*.pt"))
+    assert kept == [f"trials/trial_{study.best_trial.number}/weights/best.pt"]
+
+
+def _weights(out):
+    return sorted(p.relative_to(out).as_posix() for p in out.rglob("*.pt"))
+
+
+def test_three_trials_interrupt_resume_and_best_hyp_trains(tiny_data, tmp_path, caplog):
     from utils.engine.train.evolve import SPACE, evolve
     from utils.engine.train.trainer import Trainer
     from utils.general import UserError
     S = optuna.trial.TrialState
+    caplog.set_level("INFO")
     cfg = _cfg(tiny_data, tmp_path)
     out = tmp_path / "evo"
-    with pytest.raises(KeyboardInterrupt):  # Ctrl-C during the third trial
-        evolve(cfg, 3, callbacks=[InterruptAt("trial_2")])
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C while the third trial finishes (its epoch is trained)
+        evolve(cfg, 3, callbacks=[InterruptAt("trial_2", finishing=True)])
     df = pd.read_csv(out / "evolve.csv")
     assert list(df["state"]) == ["COMPLETE", "COMPLETE", "FAIL"] and df["note"][2] == "interrupted"
+    assert list(df["epochs"]) == [1, 1, 1]  # the interrupted trial did train its epoch
+    # disk: the best finished trial keeps its (stripped) best.pt; the others, the interrupted one too, no weights
+    best0 = int(df.loc[df["state"] == "COMPLETE", "fitness"].idxmax())
+    assert _weights(out) == [f"trials/trial_{best0}/weights/best.pt"]
+    assert torch.load(out / _weights(out)[0], weights_only=True)["optimizer"] is None
+    assert f"MB on disk (weights kept: best.pt of trial {best0}" in caplog.text
     assert df["note"][0] == "baseline"
     # --optimizer auto (the default) is decided once for the study: this tiny run is short, so AdamW, and
     # the baseline trial starts from auto's lr0 / momentum / warmup_bias_lr, every other value the hyp file's
@@ -167,18 +276,18 @@ def test_three_trials_interrupt_resume_and_best_hyp_trains(tiny_data, tmp_path):
     for _, row in done.iterrows():  # the csv holds the hyperparameters each trial really trained with
         trained = yaml.safe_load((out / f"trials/trial_{row['trial']}/hyp.yaml").read_text())
         assert [row[k] for k in SPACE] == pytest.approx([trained[k] for k in SPACE])
-        assert (out / f"trials/trial_{row['trial']}/weights/best.pt").is_file()
         assert not (out / f"trials/trial_{row['trial']}/results.png").exists()  # trials plot nothing by default
         assert not list((out / f"trials/trial_{row['trial']}").glob("events.out.tfevents.*"))
     assert cv2.imread(str(out / "evolve.png")) is not None
     assert (out / "study.db").is_file()
+    best = max((t for t in trials if t.state == S.COMPLETE), key=lambda t: t.value)
+    assert _weights(out) == [f"trials/trial_{best.number}/weights/best.pt"]
 
     assert len(evolve(cfg, 3).trials) == 4  # already 3 finished trials: nothing more to train
     with pytest.raises(UserError, match="epochs"):  # continuing needs the same settings
         evolve(cfg.replace(epochs=2), 5)
 
     # hyp_evolve.yaml is the best finished trial's full hyp file and trains as --hyp
-    best = max((t for t in trials if t.state == S.COMPLETE), key=lambda t: t.value)
     written = yaml.safe_load((out / "hyp_evolve.yaml").read_text())
     assert written == best.user_attrs["hyp"]
     trainer = Trainer(cfg.replace(hyp=str(out / "hyp_evolve.yaml"), project=str(tmp_path), name="again",
@@ -192,7 +301,14 @@ def test_pruned_trial_stops_cleanly_and_prune_off_trains_on(tiny_data, tmp_path)
     from utils.engine.train.evolve import evolve
     S = optuna.trial.TrialState
     always = optuna.pruners.ThresholdPruner(lower=1.5)  # fitness <= 1: prunes at the first report
-    study = evolve(_cfg(tiny_data, tmp_path, epochs=2), 1, pruner=always)
+    seen = {}
+
+    class AtTrainEnd:  # the trial's weights as its training ends, before the study deletes them
+        def on_train_end(self, trainer, result):
+            seen["last"] = torch.load(trainer.wdir / "last.pt", weights_only=True)
+            seen["best"] = torch.load(trainer.wdir / "best.pt", weights_only=True)
+
+    study = evolve(_cfg(tiny_data, tmp_path, epochs=2), 1, pruner=always, callbacks=[AtTrainEnd()])
     (trial,) = study.trials
     assert trial.state == S.PRUNED
     run = tmp_path / "evo" / "trials" / "trial_0"
@@ -200,9 +316,9 @@ def test_pruned_trial_stops_cleanly_and_prune_off_trains_on(tiny_data, tmp_path)
     assert list(rows["epoch"]) == [0]  # stopped after epoch 0 of 2
     assert trial.intermediate_values == pytest.approx(
         {0: 0.1 * rows["metrics/mAP_0.5"][0] + 0.9 * rows["metrics/mAP_0.5:0.95"][0]}, abs=1e-6)
-    last = torch.load(run / "weights/last.pt", weights_only=True)
-    assert last["epoch"] == 0 and last["optimizer"] is not None  # resumable checkpoint of the last epoch
-    assert torch.load(run / "weights/best.pt", weights_only=True)["optimizer"] is None  # finish() ran
+    assert seen["last"]["epoch"] == 0 and seen["last"]["optimizer"] is not None  # checkpoint of the last epoch
+    assert seen["best"]["optimizer"] is None  # finish() ran
+    assert not (run / "weights").exists()  # a pruned trial keeps no weights
     df = pd.read_csv(tmp_path / "evo" / "evolve.csv")
     assert list(df["state"]) == ["PRUNED"] and df["note"][0] == "pruned after epoch 0"
     assert not (tmp_path / "evo" / "hyp_evolve.yaml").exists()  # no finished trial to recommend

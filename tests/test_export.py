@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -237,16 +238,19 @@ def test_dynamic_metadata_and_backend(mmqa_dynamic, tmp_path):
     assert Backend(fixed).fixed_imgsz == (DYN, DYN)
 
 
-def test_dynamic_onnx_validates_like_pt(mmqa_dynamic, tmp_path, monkeypatch):
-    """A dynamic ONNX file is validated with rect batches at the requested size, like the .pt it came from."""
-    from utils.data import generate_shapes
-    from utils.engine.validator import run_validation
+def _val_data(tmp_path, n_val: int, **shapes_kw):
+    """A generated 3-class shapes dataset and its data YAML."""
     import yaml
-    generate_shapes(tmp_path / "ds", n_train=2, n_val=5, seed=2, nc=3)
+    from utils.data import generate_shapes
+    generate_shapes(tmp_path / "ds", n_train=1, n_val=n_val, nc=3, **shapes_kw)
     data = tmp_path / "d.yaml"
     data.write_text(yaml.safe_dump({"path": str(tmp_path / "ds"), "train": "images/train", "val": "images/val",
                                     "names": NAMES}))
-    _, w, out = mmqa_dynamic
+    return data
+
+
+def _record_input_shapes(monkeypatch) -> list:
+    """The (h, w) of every batch any Backend is called with, in call order."""
     seen: list = []
     call = Backend.__call__
 
@@ -255,6 +259,15 @@ def test_dynamic_onnx_validates_like_pt(mmqa_dynamic, tmp_path, monkeypatch):
         return call(self, im)
 
     monkeypatch.setattr(Backend, "__call__", spy)
+    return seen
+
+
+def test_dynamic_onnx_validates_like_pt(mmqa_dynamic, tmp_path, monkeypatch):
+    """A dynamic ONNX file is validated with rect batches at the requested size, like the .pt it came from."""
+    from utils.engine.validator import run_validation
+    data = _val_data(tmp_path, 5, seed=2)
+    _, w, out = mmqa_dynamic
+    seen = _record_input_shapes(monkeypatch)
     res, shapes = {}, {}
     for key, f in (("pt", w), ("onnx", out["onnx"])):
         seen.clear()
@@ -265,3 +278,85 @@ def test_dynamic_onnx_validates_like_pt(mmqa_dynamic, tmp_path, monkeypatch):
     assert (DYN, DYN) not in shapes["onnx"]  # not forced to the export size ...
     assert any(h != w for h, w in shapes["onnx"])  # ... and rectangular batches were used
     assert res["onnx"] == pytest.approx(res["pt"], abs=1e-3)
+
+
+def test_opset_outside_the_exporters_range_is_one_line(mmqa, tmp_path, capsys):
+    shutil.copy(mmqa[1]["onnx"].with_suffix(".pt"), tmp_path / "w.pt")
+    top = export.max_opset()
+    for opset in (10, top + 1, 99):  # 10: the exporter fails inside; above: torch dumps its IR (~1,000 lines)
+        with pytest.raises(SystemExit) as e:
+            export_cli.cli(export_cli.main)(["--weights", str(tmp_path / "w.pt"), "--include", "onnx",
+                                             "--imgsz", "64", "--opset", str(opset)])
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert e.value.code == 1 and err == [f"ERROR: --opset {opset}: torch {torch.__version__.split('+')[0]} "
+                                             f"exports these models at ONNX opsets 11..{top} (default 17)"]
+    assert not (tmp_path / "w.onnx").exists()
+
+
+def _foreign_onnx(path, model: nn.Module, shape=(1, 3, 64, 64)):
+    with torch.no_grad():
+        torch.onnx.export(model.eval(), (torch.zeros(*shape),), str(path), dynamo=False, input_names=["x"])
+    return path
+
+
+def test_foreign_onnx_is_refused_by_detect_as_by_val(mmqa, tmp_path):
+    """ONNX files that are not this project's detectors are refused with the reason, in detection as in
+    validation; a detector-shaped file without metadata gets its class count from the output shape."""
+    from utils.engine.config import PredictJob
+    from utils.engine.predict.predictor import run
+    from utils.engine.validator import run_validation
+    from utils.general import UserError
+    import cv2
+    classifier = _foreign_onnx(tmp_path / "classifier.onnx", nn.Sequential(
+        nn.Conv2d(3, 8, 3, 2, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)))
+    features = _foreign_onnx(tmp_path / "features.onnx", nn.Conv2d(3, 4, 3, 2, 1))
+    narrow = _foreign_onnx(tmp_path / "narrow.onnx", nn.Sequential(nn.Conv2d(3, 3, 32, 32), nn.Flatten(2)))
+    cases = {classifier: "has shape [1, 10]", features: "has shape [1, 4, 32, 32]", narrow: "has 3 channels"}
+    src = tmp_path / "im.jpg"
+    cv2.imwrite(str(src), np.full((64, 80, 3), 90, np.uint8))
+    data = _val_data(tmp_path, 2, seed=1)
+    for f, why in cases.items():
+        with pytest.raises(UserError, match=f"{f.name}: not a detector exported by this project.*{re.escape(why)}"):
+            run(PredictJob.from_args(dict(weights=[str(f)], source=str(src), project=str(tmp_path / "det"))))
+        with pytest.raises(UserError, match="not a detector exported by this project"):
+            run_validation(data=str(data), weights=str(f), workers=0, project=str(tmp_path / "val"))
+    assert not (tmp_path / "det").exists()
+    # this project's export with its metadata removed: still a detector, 3 classes read from [1, 7, anchors]
+    bare = onnx.load(str(mmqa[1]["onnx"]))
+    del bare.metadata_props[:]
+    onnx.save(bare, str(tmp_path / "bare.onnx"))
+    b = Backend(tmp_path / "bare.onnx")
+    assert b.nc == 3 and b.names == ["0", "1", "2"]
+
+
+def test_fixed_size_export_states_its_geometry(mmqa, tmp_path, monkeypatch, caplog):
+    """A fixed-size file cannot take the .pt's rectangular batches (half a stride larger than --img): validation
+    says so, the speed line shows the shape the model really ran, and detection says when it ignores --imgsz."""
+    import logging
+    from utils.engine.predict.predictor import Predictor
+    from utils.engine.validator import run_validation
+    data = _val_data(tmp_path, 4, seed=2, sizes=[(160, 224)])
+    _, out = mmqa
+    seen = _record_input_shapes(monkeypatch)
+    caplog.set_level(logging.INFO)
+    ran = {}
+    for f in (out["onnx"].with_suffix(".pt"), out["onnx"]):
+        seen.clear()
+        caplog.clear()
+        run_validation(data=str(data), weights=str(f), batch_size=4, imgsz=96, workers=0,
+                       project=str(tmp_path / "val"), plots=False)
+        speed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Speed:")]
+        assert len(speed) == 1 and speed[0].endswith(f"at shape {(4, 3, *seen[-1])}"), (speed, seen)
+        noted = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Note:")]
+        assert noted == ([] if f.suffix == ".pt" else [
+            f"Note: {f} takes only {H}x{W} input, so it validates square letterboxed images; a .pt (or an export "
+            f"with --dynamic) validates rectangular batches padded by half a stride, which a fixed-size file cannot "
+            f"take, and scores a little differently"])
+        ran[f.suffix] = seen[-1]
+    assert ran[".pt"] == (128, 96)  # rectangular batches: 160 wide, 224 high images at --img 96, + half a stride
+    caplog.clear()
+    Predictor(out["onnx"], device="cpu", imgsz=(H, W))
+    Predictor(out["onnx"], device="cpu", imgsz=W)  # the long side: the same size
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    Predictor(out["onnx"], device="cpu", imgsz=128)
+    assert f"exported at {H}x{W}; running at that size (--imgsz 128 128 ignored" in caplog.text

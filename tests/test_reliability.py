@@ -272,7 +272,7 @@ def test_bad_data_yaml_one_error_line(case, small_data, tmp_path, run_cli):
     f.write_text(text.format(p=small_data.parent / "ds"))
     code, err = run_cli("train_dual", [*TINY, "--data", f, "--epochs", 1, "--project", tmp_path / "runs"])
     one_error(code, err, f.name, *words)
-    if case in ("syntax", "wrong_path", "no_val"):  # val_dual.py reads data YAMLs through the same code
+    if case in ("syntax", "no_val"):  # val_dual.py reads data YAMLs through the same code (train's path: unused)
         w = tmp_path / "w.pt"
         w.write_bytes(b"x")  # never loaded: the data YAML is read before the weights
         code, err = run_cli("val_dual", ["--weights", w, "--data", f, "--project", tmp_path / "val"])
@@ -351,12 +351,50 @@ def test_code_running_checkpoint_is_refused(small_data, tmp_path, run_cli):
     }
     for script, argv in calls.items():
         code, err = run_cli(script, argv)
-        one_error(code, err, "evil.pt", "not a loadable checkpoint")
+        one_error(code, err, "evil.pt", "a checkpoint of another project (it pickles code: posix.system)")
         assert not marker.exists(), script
     # the same file fed to --resume
     code, err = run_cli("train_dual", ["--resume", evil])
     one_error(code, err, "evil.pt")
     assert not marker.exists()
+
+
+def test_not_a_checkpoint_says_what_the_file_is(small_data, tmp_path, run_cli):
+    """Files that are not checkpoints of this project: one line saying what the file is and what to do, never
+    torch's text about re-running with weights_only=False."""
+    import warnings
+    from models.yolo import DetectionModel
+    from utils.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+    from utils.general import UserError
+    conv = torch.nn.Conv2d(3, 4, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(conv, (torch.zeros(1, 3, 8, 8),), str(tmp_path / "onnx.pt"), dynamo=False)
+        torch.jit.save(torch.jit.trace(conv, torch.zeros(1, 3, 8, 8)), str(tmp_path / "torchscript.pt"))
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    whole = save_checkpoint(make_checkpoint(DetectionModel("gelan-t.yaml", nc=2)), tmp_path / "whole.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(whole[: len(whole) // 2])
+    torch.save({"model": conv}, tmp_path / "pickled.pt")
+    torch.save(conv.state_dict(), tmp_path / "state_dict.pt")
+    cases = {
+        "empty.pt": "empty file (0 bytes), not a checkpoint",
+        "random.pt": "not a checkpoint (neither a torch zip archive nor an ONNX model",
+        "onnx.pt": "an ONNX model, not a checkpoint: name it .onnx",
+        "torchscript.pt": "a TorchScript file, not a checkpoint: name it .torchscript",
+        "truncated.pt": "a truncated or damaged zip archive",
+        "pickled.pt": "a checkpoint of another project (it pickles code: torch.nn.modules.conv.Conv2d)",
+        "state_dict.pt": "a torch file but not a checkpoint of this project (it holds weight, bias",
+    }
+    for name, words in cases.items():
+        with pytest.raises(UserError) as e:
+            load_checkpoint(tmp_path / name)
+        msg = str(e.value)
+        assert msg.startswith(f"{tmp_path / name}: {words}"), msg
+        assert "weights_only" not in msg and "Re-running" not in msg and "EOFError" not in msg, msg
+    code, err = run_cli("val_dual", ["--weights", tmp_path / "empty.pt", "--data", small_data,
+                                     "--project", tmp_path / "v"])
+    one_error(code, err, "empty.pt: empty file (0 bytes)")
 
 
 @pytest.mark.parametrize("download", [

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -172,12 +174,56 @@ def test_bad_hyp_and_data_are_one_line_errors(tiny_data, tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith("ERROR:") and "nope.yaml" in r.stderr
 
 
+def test_freezing_every_layer_is_one_line_before_any_folder(tiny_data, tmp_path, capsys):
+    import train_dual
+    for n in ("23", "99"):  # gelan-t has 23 layers (0..22): --freeze 23 leaves nothing to train
+        with pytest.raises(SystemExit) as e:
+            train_dual.main([*TINY, "--data", str(tiny_data), "--epochs", "1", "--project", str(tmp_path / "runs"),
+                             "--freeze", n])
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert e.value.code == 1 and len(err) == 1, err
+        assert err[0].startswith(f"ERROR: --freeze {n}: ") and "23-layer model" in err[0]
+        assert "nothing to train" in err[0]
+    assert not (tmp_path / "runs").exists()
+
+
 def _train_in_process(args):
     import train_dual
     from utils.engine.config import TrainConfig
     from utils.engine.train.trainer import Trainer
     trainer = Trainer(TrainConfig.from_args(train_dual.parse_opt([str(a) for a in args])))
     return trainer, trainer.run()
+
+
+def test_ctrl_c_in_final_validation_resumes_into_finishing(tiny_data, tmp_path, monkeypatch):
+    """Ctrl-C while best.pt is validated at the end: --resume finishes the run (strip, validation, plots)
+    instead of calling it finished; the epochs are not trained again."""
+    from utils.engine import validator
+    real = validator.Validator.run
+
+    def interrupted_final(self, model, loader):  # the final validation is the verbose one
+        if self.opt.verbose:
+            raise KeyboardInterrupt
+        return real(self, model, loader)
+
+    monkeypatch.setattr(validator.Validator, "run", interrupted_final)
+    with pytest.raises((SystemExit, KeyboardInterrupt)) as e:  # train_dual.py exits 130 either way
+        _train_in_process([*TINY, "--data", tiny_data, "--epochs", "1", "--project", tmp_path, "--name", "exp",
+                           "--no-tensorboard"])
+    run = tmp_path / "exp"
+    assert getattr(e.value, "code", 130) == 130 and not (run / "results.png").exists()
+    monkeypatch.setattr(validator.Validator, "run", real)
+    stamp = (run / "results.csv").read_text()
+    trainer, result = _train_in_process(["--resume", run / "weights" / "last.pt"])
+    assert result is not None and result.seen == 8  # best.pt validated
+    assert (run / "results.png").is_file() and (run / "confusion_matrix.png").is_file()
+    assert (run / "results.csv").read_text() == stamp  # nothing trained again
+    best = torch.load(run / "weights" / "best.pt", weights_only=True)
+    assert best["optimizer"] is None and all(v.dtype == torch.float16 for v in best["model"].values()
+                                             if v.is_floating_point())
+    assert sorted(f.name for f in (run / "weights").iterdir()) == ["best.pt", "last.pt"]
+    r = run_train(["--resume", str(run / "weights" / "last.pt")], tmp_path)  # now it is finished
+    assert r.returncode == 1 and "already finished" in r.stderr
 
 
 def _nan_at(monkeypatch, bad):
@@ -263,7 +309,15 @@ def test_torchrun_two_processes_cpu(tiny_data, tmp_path):
     assert (tmp_path / "ddp" / "weights" / "last.pt").is_file()
 
 
-def test_tensorboard_events_match_results_csv(tiny_data, tmp_path):
+def _event_images(run: Path) -> dict[str, list]:
+    """{tag: [(step, image event)]} over every event file of a run folder (a resumed run adds a file)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run), size_guidance={"images": 0})
+    acc.Reload()
+    return {tag: [(e.step, e) for e in acc.Images(tag)] for tag in acc.Tags()["images"]}
+
+
+def test_tensorboard_events_match_results_csv(tiny_data, tmp_path, capfd):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     _train_in_process([*TINY, "--data", tiny_data, "--epochs", "2", "--project", tmp_path, "--name", "tb"])
     run = tmp_path / "tb"
@@ -280,8 +334,27 @@ def test_tensorboard_events_match_results_csv(tiny_data, tmp_path):
             assert e.value == pytest.approx(float(row[col_i]), rel=1e-5, abs=1e-9), tag
     fit = [e.value for e in acc.Scalars("metrics/fitness")]
     assert fit == pytest.approx([0.1 * float(r[6]) + 0.9 * float(r[7]) for r in rows], rel=1e-5, abs=1e-9)
-    images = set(acc.Tags()["images"])
-    assert {"train_batch0", "val_batch0_labels", "val_batch0_pred", "PR_curve"} <= images
+    images = _event_images(run)
+    # one validation batch (8 images, batch 16): only the plots that exist are logged, without OpenCV read errors
+    assert set(images) == {"train_batch0", "train_batch1", "train_batch2", "val_batch0_labels", "val_batch0_pred",
+                           "PR_curve", "confusion_matrix"}
+    for tag, events in images.items():
+        assert len(events) == 1, tag
+        step, im = events[0]
+        assert im.encoded_image_string[:3] == b"\xff\xd8\xff", tag  # stored as JPEG, not as raw-size PNG
+        decoded = cv2.imdecode(np.frombuffer(im.encoded_image_string, np.uint8), cv2.IMREAD_COLOR)
+        assert decoded.shape[:2] == (im.height, im.width) and max(decoded.shape[:2]) <= 1024, tag
+        assert step == (0 if tag.startswith("train_batch") else 1), tag
+    # extending the run with --resume logs new scalars, but not the first epoch's train mosaics again
+    _train_in_process(["--resume", run / "weights" / "last.pt", "--epochs", "3"])
+    images = _event_images(run)
+    assert [s for s, _ in images["train_batch0"]] == [0] and [s for s, _ in images["PR_curve"]] == [1, 2]
+    # --noplots: no plot files, so nothing is read (no OpenCV "can't open/read file" lines) and no images logged
+    _train_in_process([*TINY, "--data", tiny_data, "--epochs", "1", "--project", tmp_path, "--name", "noplots",
+                       "--noplots"])
+    assert list((tmp_path / "noplots").glob("events.out.tfevents.*")) and not _event_images(tmp_path / "noplots")
+    err = capfd.readouterr().err
+    assert "can't open/read file" not in err, [ln for ln in err.splitlines() if "imread" in ln]
     # --no-tensorboard writes no event file
     _train_in_process([*TINY, "--data", tiny_data, "--epochs", "1", "--project", tmp_path, "--name", "off",
                        "--no-tensorboard", "--noplots"])

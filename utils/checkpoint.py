@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -126,15 +128,68 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: weights file not found")
+    if _is_torchscript(path):  # torch.load would hand it to torch.jit.load: refuse before that
+        raise UserError(f"{path}: {TORCHSCRIPT}")
     try:
         ck = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # unpickling refused, truncated or not a torch file
-        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise UserError(f"{path}: not a loadable checkpoint of this project ({msg}). Upstream YOLOv9 .pt files "
-                        f"pickle code: convert them with `python -m utils.deploy.upstream --weights {path}`") from None
+        raise UserError(f"{path}: {_what_instead(path, e)}") from None
     if not isinstance(ck, dict) or "model_yaml" not in ck or "model" not in ck:
-        raise UserError(f"{path}: not a checkpoint of this project (no model_yaml/model entries)")
+        keys = ", ".join(map(str, list(ck)[:4])) if isinstance(ck, dict) else type(ck).__name__
+        raise UserError(f"{path}: a torch file but not a checkpoint of this project (it holds {keys or 'nothing'}; "
+                        f"a checkpoint has model_yaml and model entries): use a .pt written by train_dual.py")
     return ck
+
+
+def _what_instead(path: Path, err: Exception) -> str:
+    """Why torch.load refused `path`, said as what the file is and what to do (torch's own text is about
+    re-running with weights_only=False, which this project never does)."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        return "empty file (0 bytes), not a checkpoint; the save or download was cut short, fetch or train it again"
+    if zipfile.is_zipfile(path):
+        text = str(err)
+        if "GLOBAL" in text or "Unsupported global" in text:
+            found = re.search(r"GLOBAL ([\w.]+)", text)
+            return (f"a checkpoint of another project (it pickles code{f': {found.group(1)}' if found else ''}), "
+                    f"which is never unpickled here; an upstream YOLOv9 .pt converts with "
+                    f"`python -m utils.deploy.upstream --weights {path}`")
+        found = re.search(r"WeightsUnpickler error:\s*(\S.*)", text)  # the reason, not the weights_only advice
+        detail = found.group(1) if found else (text.strip().splitlines() or [type(err).__name__])[0]
+        return f"a damaged torch archive ({detail[:160]}); fetch or train it again"
+    if head.startswith(b"PK\x03\x04"):
+        return "a truncated or damaged zip archive (what torch checkpoints are); the save or download was cut short"
+    if _looks_like_onnx(path):
+        return "an ONNX model, not a checkpoint: name it .onnx and run it with detect_dual.py/val_dual.py"
+    if head[:1] == b"\x80":
+        return ("a legacy (pre-1.6, non-zip) torch pickle, which is never unpickled here (it can run code); "
+                "re-save it as a zip checkpoint with a recent torch, then convert it with utils.deploy.upstream")
+    return f"not a checkpoint (neither a torch zip archive nor an ONNX model; it starts with bytes {head[:8].hex(' ')})"
+
+
+TORCHSCRIPT = "a TorchScript file, not a checkpoint: name it .torchscript and run it with detect_dual.py/val_dual.py"
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive (a zip with code/ and constants.pkl), told from its table of contents only."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any(n.endswith("/constants.pkl") or "/code/" in n for n in zf.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _looks_like_onnx(path: Path) -> bool:
+    """True when onnx (an optional package) parses the file as a model with a graph."""
+    try:
+        import onnx
+    except ImportError:
+        return False
+    try:
+        return len(onnx.load(str(path), load_external_data=False).graph.node) > 0
+    except Exception:  # not protobuf, or not a ModelProto
+        return False
 
 
 def model_from_checkpoint(ck: dict, use_ema: bool = True) -> nn.Module:

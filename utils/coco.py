@@ -169,7 +169,7 @@ def find_annotations(data: DataConfig) -> Path | None:
 
 def gt_from_data(data_yaml: str | Path, split: str = "val", out: str | Path = "gt.json") -> Path:
     """Write a COCO GT JSON for a YOLO split of a data YAML (same image ids the validator writes)."""
-    cfg = load_data_config(data_yaml)
+    cfg = load_data_config(data_yaml, need=(split,))
     if not cfg.split(split):
         raise UserError(f"{cfg.yaml_file}: no '{split}' split")
     scan = scan_dataset(cfg.split(split), cfg.nc, f"{split}: ")

@@ -40,9 +40,16 @@ def write_data_yaml(out_dir: Path, split: str, names: list[str]) -> Path:
                 raise UserError(f"{f}: existing names {old_list} differ from converted names {names}")
     data.update(path=str(out_dir.resolve()), names={i: n for i, n in enumerate(names)}, nc=len(names))
     data[split] = f"images/{split}"
-    for key in ("train", "val"):  # keep the YAML loadable: fall back to the converted split
+    missing = []
+    for key in ("train", "val"):  # keep the YAML loadable: the converted split stands in for a missing one
         data.setdefault(key, f"images/{split}")
-    f.write_text(yaml.safe_dump(data, sort_keys=False))
+        if key != split and data[key] == f"images/{split}":
+            missing.append(key)
+    notes = [f"{k}: images/{split} stands in until the {k} annotations are converted (--split {k})" for k in missing]
+    f.write_text(yaml.safe_dump(data, sort_keys=False) + "".join(f"# {n}\n" for n in notes))
+    for k in missing:
+        LOGGER.warning(f"WARNING: {f}: no {k} split converted yet, so the {k} split is the {split} images "
+                       f"({k}: images/{split}); convert the {k} annotations with --split {k}")
     return f
 
 

@@ -4,9 +4,11 @@ Box geometry lives in utils/boxes.py."""
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -42,13 +44,29 @@ def cli(main: Callable) -> Callable:
         except UserError as e:
             if debug_enabled():
                 raise
-            print(f"ERROR: {e}", file=sys.stderr)
+            report_error(f"ERROR: {e}")
             sys.exit(1)
         except KeyboardInterrupt:
             print("Interrupted.", file=sys.stderr)
             sys.exit(130)
 
     return wrapper
+
+
+def report_error(line: str) -> None:
+    """Print a user error once per job, not once per process. Under torchrun every rank writes it to the error
+    file torchrun reads (TORCHELASTIC_ERROR_FILE), so torchrun's failure summary, the last thing it prints,
+    ends with this line instead of "To enable traceback see ..."; only global rank 0 (or a rank that
+    cannot hand the line to torchrun) also prints it to stderr."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        try:
+            with open(error_file, "w", encoding="utf-8") as f:
+                json.dump({"message": line, "timestamp": int(time.time())}, f)
+        except OSError:
+            error_file = None
+    if int(os.environ.get("RANK", "0") or 0) <= 0 or not error_file:
+        print(line, file=sys.stderr)
 
 
 def increment_path(path: str | Path, exist_ok: bool = False, mkdir: bool = False) -> Path:
@@ -79,16 +97,36 @@ def check_img_size(imgsz: int | list, stride: int = 32) -> int | list:
     """Round image size(s) up to a multiple of the model stride, warning if changed."""
     if isinstance(imgsz, (list, tuple)):
         out = [max(make_divisible(x, stride), stride) for x in imgsz]
+        changed = out != list(imgsz)  # a tuple never equals a list: compare the values
     else:
         out = max(make_divisible(imgsz, stride), stride)
-    if out != imgsz:
+        changed = out != imgsz
+    if changed:
         LOGGER.warning(f"WARNING: image size {imgsz} must be a multiple of stride {stride}, using {out}")
     return out
 
 
+def _whole_number(v) -> int | None:
+    """v as an int when it plainly is one (7, 7.0, np.int64(7), "7"), else None."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, str):
+        v = v.strip()
+        return int(v) if v.isdigit() else None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return int(f) if f.is_integer() else None
+
+
 def image_hw(imgsz: int | tuple | list, flag: str = "--imgsz") -> tuple[int, int]:
-    """One size or (h, w) -> (h, w): the one reading of an image-size argument for detection and export."""
-    sz = [imgsz] * 2 if isinstance(imgsz, int) else list(imgsz) * (2 if len(imgsz) == 1 else 1)
-    if len(sz) != 2 or min(sz) < 1:
-        raise UserError(f"{flag} {imgsz}: give one size or two (h w), all positive")
-    return int(sz[0]), int(sz[1])
+    """One size or (h, w) -> (h, w): the one reading of an image-size argument for detection and export.
+    Whole numbers in any spelling (128, 128.0, "128") are accepted; anything else is one clear error."""
+    items = list(imgsz) if isinstance(imgsz, (list, tuple)) else [imgsz]
+    sz = [_whole_number(v) for v in items]
+    if len(sz) == 1:
+        sz *= 2
+    if len(sz) != 2 or any(v is None or v < 1 for v in sz):
+        raise UserError(f"{flag} {imgsz!r}: give one size or two (h w), whole numbers of pixels, all positive")
+    return sz[0], sz[1]

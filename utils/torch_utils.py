@@ -9,7 +9,8 @@ import torch
 from utils.general import LOGGER, UserError
 
 
-def select_device(device: str | int | torch.device | None = "", batch_size: int = 0) -> torch.device:
+def select_device(device: str | int | torch.device | None = "", batch_size: int = 0,
+                  typed: str | None = None) -> torch.device:
     """Turn a --device string into a torch.device, with a clear error when the request cannot be met.
 
     Accepted: '' / None (first CUDA GPU if any, else CPU), 'cpu', 'mps', '0', '0,1' (first listed GPU is
@@ -19,15 +20,17 @@ def select_device(device: str | int | torch.device | None = "", batch_size: int 
 
     A CUDA device also becomes the current device (torch.cuda.set_device): calls that take no device
     (default streams, CUDA-graph capture, synchronize, memory statistics) then act on the chosen GPU instead
-    of opening a context on GPU 0.
+    of opening a context on GPU 0. `typed` is the --device flag as the user wrote it, for the messages (under
+    torchrun each process is handed one id of the user's list).
     """
     if isinstance(device, torch.device):
         return _make_current(device)
+    shown = device if typed is None else typed
     spec = str(device if device is not None else "").strip().lower().replace(" ", "")
     spec = spec.removeprefix("cuda:") if spec.startswith("cuda:") else spec
     if spec in ("", "cuda"):
         if spec == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"--device {device}: CUDA requested but torch.cuda.is_available() is False "
+            raise UserError(f"--device {shown}: CUDA requested but torch.cuda.is_available() is False "
                             f"(torch {torch.__version__}); use --device cpu")
         dev = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
         LOGGER.info(f"Using device {_describe(dev)}")
@@ -37,18 +40,18 @@ def select_device(device: str | int | torch.device | None = "", batch_size: int 
         return torch.device("cpu")
     if spec == "mps":
         if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise UserError(f"--device {device}: Apple MPS requested but not available; use --device cpu")
+            raise UserError(f"--device {shown}: Apple MPS requested but not available; use --device cpu")
         return torch.device("mps")
     if not re.fullmatch(r"\d+(,\d+)*", spec):
-        raise UserError(f"--device {device!r}: expected '', 'cpu', 'mps', a GPU index like 0 or a list like 0,1")
+        raise UserError(f"--device {shown!r}: expected '', 'cpu', 'mps', a GPU index like 0 or a list like 0,1")
     ids = [int(x) for x in spec.split(",")]
     if not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA requested but torch.cuda.is_available() is False "
+        raise UserError(f"--device {shown}: CUDA requested but torch.cuda.is_available() is False "
                         f"(torch {torch.__version__}); use --device cpu")
     n = torch.cuda.device_count()
     bad = [i for i in ids if i >= n]
     if bad:
-        raise UserError(f"--device {device}: GPU index {bad[0]} does not exist ({n} CUDA device(s) visible)")
+        raise UserError(f"--device {shown}: GPU index {bad[0]} does not exist ({n} CUDA device(s) visible)")
     if len(ids) > 1 and batch_size > 0 and batch_size % len(ids):
         raise UserError(f"--batch-size {batch_size} must be a multiple of the GPU count {len(ids)}")
     dev = torch.device(f"cuda:{ids[0]}")

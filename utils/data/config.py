@@ -23,8 +23,8 @@ class DataConfig:
 
     yaml_file: str
     path: Path
-    train: list[Path]
-    val: list[Path]
+    train: list[Path] | None  # None only when the caller did not need it (e.g. val_dual.py on a val-only copy)
+    val: list[Path] | None
     test: list[Path] | None
     names: list[str]
     train_defaults: dict = field(default_factory=dict)  # e.g. epochs/imgsz for a short bundled run
@@ -123,11 +123,14 @@ def _download_hint(download: Any, yaml_file: Path, missing: Path) -> str:
             f"({kind}: {hint!r}); fetch the data yourself and place it so the train/val paths exist")
 
 
-def load_data_config(path: str | Path) -> DataConfig:
+def load_data_config(path: str | Path, need: tuple[str, ...] = ("train", "val")) -> DataConfig:
     """Read and check a data YAML.
 
-    Key variants from other tools (validation, class_list, class_num) are accepted. A whitelisted
-    `synthetic:` generator (e.g. 'shapes') creates the dataset when its folders are missing.
+    `need`: the splits this job reads; they must be given and exist (training: train and val; validation: the
+    split it validates; class names only: none). Other splits are resolved when present, else None, so a
+    machine holding only the val images can validate. Key variants from other tools (validation, class_list,
+    class_num) are accepted. A whitelisted `synthetic:` generator (e.g. 'shapes') creates the dataset when its
+    folders are missing.
     """
     yaml_file = _find_yaml(path)
     try:
@@ -144,10 +147,9 @@ def load_data_config(path: str | Path) -> DataConfig:
         if k2 in data and k2 != k:
             continue  # the canonical key wins over an alias
         data[k2] = v
-    if "train" not in data or data["train"] in (None, ""):
-        raise UserError(f"{yaml_file}: missing 'train' split")
-    if data.get("val") in (None, ""):
-        raise UserError(f"{yaml_file}: missing 'val' split")
+    for key in need:
+        if data.get(key) in (None, ""):
+            raise UserError(f"{yaml_file}: missing '{key}' split")
     names = _parse_names(data.get("names"), data.get("nc"), yaml_file)
     yaml_dir = yaml_file.parent
     root = _resolve_root(data.get("path"), yaml_dir)
@@ -166,13 +168,13 @@ def load_data_config(path: str | Path) -> DataConfig:
         try:
             splits[key] = _resolve_split(data.get(key), root, yaml_dir, key, yaml_file)
         except UserError:
-            if "download" in data and key != "test":
-                raise UserError(_download_hint(data["download"], yaml_file, root)) from None
+            if key in need:
+                if "download" in data:
+                    raise UserError(_download_hint(data["download"], yaml_file, root)) from None
+                raise
             if key == "test":
                 LOGGER.warning(f"WARNING: {yaml_file}: test split not found, ignoring it")
-                splits[key] = None
-                continue
-            raise
+            splits[key] = None
     defaults = data.get("train_defaults") or {}
     if not isinstance(defaults, dict):
         raise UserError(f"{yaml_file}: train_defaults must be a mapping (e.g. epochs: 20)")

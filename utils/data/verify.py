@@ -344,7 +344,7 @@ def scan_dataset(paths, nc: int, prefix: str = "", use_cache: bool = True) -> Da
         if orphans:
             msgs.append(f"{len(orphans)} label files have no image, e.g. {orphans[0]}")  # prefix added when logged
         cache = {"version": CACHE_VERSION, "hash": want, "records": recs, "msgs": msgs}
-        if use_cache:
+        if use_cache and cpath.parent.is_dir():  # no folder: no labels there either (said below), nothing to cache
             save_cache(cpath, cache, prefix)
     recs = cache["records"]
     good = [r for r in recs if r["status"] != "corrupt"]
@@ -364,6 +364,12 @@ def scan_dataset(paths, nc: int, prefix: str = "", use_cache: bool = True) -> Da
         examples = [img2label_paths([r["im_file"]])[0] for r in recs if r["clipped"]][:3]
         msgs.append(f"{counts.clipped_boxes} boxes extend past the image edge: clipped to it and kept "
                     f"({counts.clipped_files} label files, e.g. {', '.join(examples)})")
+    if counts.images and counts.missing_labels == counts.images:  # not one label file: a layout problem
+        folders = sorted({os.path.dirname(f) for f in img2label_paths([r["im_file"] for r in good])})
+        more = f" and {len(folders) - 1} more folder(s)" if len(folders) > 1 else ""
+        msgs.append(f"no label files found for any of the {counts.images} images: looked for "
+                    f"{os.path.join(folders[0], '<image name>.txt')}{more} (a labels/ folder beside images/, "
+                    f"same sub-folders); every image counts as background")
     for m in msgs:
         LOGGER.warning(f"{prefix}WARNING: {m}")
     LOGGER.info(f"{prefix}{counts.images} images, {counts.backgrounds} backgrounds, {counts.corrupt} corrupt, "

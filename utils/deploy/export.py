@@ -22,6 +22,25 @@ from utils.general import LOGGER, UserError, check_img_size, image_hw
 from utils.torch_utils import select_device
 
 FORMATS = ("torchscript", "onnx", "reparam")
+MIN_OPSET = 11  # opsets 7-10 stop inside torch's exporter on these models (IndexError in a transpose, torch 2.14)
+
+
+def max_opset() -> int:
+    """Newest ONNX opset this torch writes (23 for torch 2.14, checked against onnxruntime); 20 if torch
+    does not say (torch.onnx keeps the number in a private module)."""
+    try:
+        from torch.onnx import _constants
+        return int(_constants.ONNX_MAX_OPSET)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return 20
+
+
+def check_opset(opset: int) -> None:
+    """One line before any work instead of an exporter traceback or a 1,000-line IR dump."""
+    top = max_opset()
+    if not MIN_OPSET <= opset <= top:
+        raise UserError(f"--opset {opset}: torch {torch.__version__.split('+')[0]} exports these models at ONNX "
+                        f"opsets {MIN_OPSET}..{top} (default 17)")
 
 
 @contextlib.contextmanager
@@ -125,6 +144,8 @@ def run(weights: str | Path, include: tuple = ("torchscript",), imgsz: tuple | l
         half = False
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
+    if "onnx" in include:
+        check_opset(opset)
     sz = image_hw(imgsz)
 
     out: dict[str, Path] = {}

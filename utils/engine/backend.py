@@ -184,9 +184,33 @@ class Backend:
         self.fixed_batch = shape[0] if shape and isinstance(shape[0], int) else None
         if "float16" in inp.type:
             self._input_dtype = np.float16
+        self._check_detector_output(meta, bool(raw))
         if not raw:
             LOGGER.warning(f"WARNING: {self.weights}: no export metadata; class names unknown, stride 32")
         self._set_meta(meta)
+
+    def _check_detector_output(self, meta: dict, has_meta: bool) -> None:
+        """A foreign ONNX file (a classifier, another detector layout) is refused here, for detection and
+        validation alike: the output must be [batch, 4 + classes, anchors], and without metadata the class
+        count is read from that shape."""
+        out = self.session.get_outputs()[0]
+        shape = list(out.shape)
+        channels = shape[1] if len(shape) == 3 and isinstance(shape[1], int) else None
+        nc = meta.get("nc", len(meta["names"]) if isinstance(meta.get("names"), list) else None)
+        why = None
+        if len(shape) != 3:
+            why = f"its output '{out.name}' has shape {shape}"
+        elif channels is not None and channels < 5:
+            why = f"its output '{out.name}' has {channels} channels (4 box values + at least one class)"
+        elif isinstance(nc, int) and channels is not None and channels != 4 + nc:
+            why = f"its output has {channels} channels but its metadata says {nc} classes"
+        elif not has_meta and channels is None:
+            why = "it has no export metadata and its output's class count is not fixed"
+        if why:
+            raise UserError(f"{self.weights}: not a detector exported by this project ({why}; expected "
+                            f"[batch, 4 + classes, anchors]); export a checkpoint with export.py --include onnx")
+        if not has_meta:
+            meta["nc"] = channels - 4
 
     @property
     def dtype(self) -> torch.dtype:

@@ -88,9 +88,8 @@ def check_launch(device: str, sync_bn: bool = False, script: str = "train_dual.p
 
 
 def fail(message: str) -> None:
-    """A user error every rank detects at once: rank 0 reports it (one line), the others just exit 1."""
-    if int(os.environ.get("RANK", "0") or 0) > 0:
-        raise SystemExit(1)
+    """A user error every rank detects at once: every rank raises it, and the script's `cli` wrapper prints it
+    from rank 0 only and hands it to torchrun's failure summary (utils.general.report_error)."""
     raise UserError(message)
 
 
@@ -124,7 +123,7 @@ def process_device(spec: str, batch_size: int = 0) -> torch.device:
         return select_device(spec, batch_size)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
-    return init_distributed(select_device(rank_device(spec, local_rank, local_world)))
+    return init_distributed(select_device(rank_device(spec, local_rank, local_world), typed=spec))
 
 
 def init_distributed(device: torch.device) -> torch.device:

@@ -96,6 +96,10 @@ def resolve_source(source: str | Path) -> tuple[list[str], bool]:
     explicit is True when the user named the single item directly (then an unreadable item is an error,
     not a skip). Raises UserError for a missing source or a folder/glob/list with nothing usable.
     """
+    if isinstance(source, bool) or not isinstance(source, (str, Path, int)):
+        what = f"an array of shape {tuple(source.shape)}" if isinstance(source, np.ndarray) else type(source).__name__
+        raise UserError(f"source: expected a file, folder, glob, .txt list, video, URL or webcam index, got {what}"
+                        + (" (Predictor.predict takes image arrays)" if isinstance(source, np.ndarray) else ""))
     s = str(source).strip()
     if not s:
         raise UserError("--source: empty source")
@@ -142,6 +146,40 @@ def read_image(path: str | Path) -> np.ndarray | None:
         return None
     im = cv2.imdecode(buf, cv2.IMREAD_COLOR)
     return im if im is not None and im.size else None
+
+
+def as_bgr_uint8(image: np.ndarray, what: str = "predict") -> np.ndarray:
+    """An image array as the BGR uint8 [h, w, 3] every later step expects, or one clear UserError.
+
+    Unambiguous inputs are converted: gray [h, w] or [h, w, 1] and BGRA; uint16 (0..65535) and other integer
+    arrays in 0..255; float arrays in 0..1 (scaled by 255) or in 0..255. A channels-first array [3, h, w]
+    is refused (its channel order, RGB or BGR, cannot be told), as are empty, non-finite or out-of-range ones.
+    """
+    if not isinstance(image, np.ndarray):
+        raise UserError(f"{what}: expected an image array [h, w, 3] (BGR) or an image path, got {type(image).__name__}")
+    shape = tuple(image.shape)
+    if image.ndim not in (2, 3) or image.size == 0 or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
+        hint = (f"; it looks channels-first: pass image.transpose(1, 2, 0) (and [..., ::-1] if it is RGB)"
+                if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.size else "")
+        raise UserError(f"{what}: image array of shape {shape} is not an image [h, w], [h, w, 3] or [h, w, 4]{hint}")
+    if image.dtype == np.uint16:
+        image = ((image.astype(np.uint32) + 128) // 257).astype(np.uint8)  # 65535 -> 255, rounded
+    elif image.dtype != np.uint8:
+        if image.dtype.kind not in "biuf":
+            raise UserError(f"{what}: image array of dtype {image.dtype} is not an image")
+        x = image.astype(np.float64)
+        lo, hi = (float(x.min()), float(x.max())) if np.isfinite(x).all() else (float("nan"),) * 2
+        if not (lo >= 0 and hi <= 255):
+            raise UserError(f"{what}: {image.dtype} image values span {lo:g}..{hi:g}; expected 0..1 or 0..255 "
+                            f"(uint8 or uint16 images are read as they are)")
+        if image.dtype.kind == "f" and hi <= 1:
+            x = x * 255  # a float image in 0..1
+        image = np.round(x).astype(np.uint8)
+    if image.ndim == 2 or image.shape[2] == 1:
+        return cv2.cvtColor(np.ascontiguousarray(image.reshape(image.shape[:2])), cv2.COLOR_GRAY2BGR)
+    if image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    return image
 
 
 def _video_info(cap: cv2.VideoCapture, stream: bool) -> VideoInfo:
@@ -298,7 +336,10 @@ class LoadSources:
         self.incomplete: list[tuple[str, str]] = []
         self.source = str(source)
         self.items, self.explicit = resolve_source(source)
-        self.vid_stride = max(int(vid_stride), 1)
+        if isinstance(vid_stride, bool) or not isinstance(vid_stride, (int, np.integer)) or vid_stride < 1:
+            raise UserError(f"--vid-stride {vid_stride!r}: must be a whole number >= 1 (1 = every frame, 2 = every "
+                            f"second frame, ...)")
+        self.vid_stride = int(vid_stride)
         self.skipped: list[tuple[str, str]] = []
         self.nyield = 0
         kinds = ["stream" if is_stream(i) else file_kind(i) for i in self.items]

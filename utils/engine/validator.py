@@ -122,6 +122,15 @@ def _save_txt(predn: Tensor, save_conf: bool, shape: tuple, file: Path) -> None:
         f.write("".join(r + "\n" for r in rows))
 
 
+def _shape_text(batch: int, input_hw: set) -> str:
+    """'at shape (8, 3, 128, 160)', or the largest of several rectangular batch shapes: what the model really ran."""
+    if not input_hw:
+        return ""
+    h, w = max(hw[0] for hw in input_hw), max(hw[1] for hw in input_hw)
+    shape = (batch, 3, h, w)
+    return f"at shape {shape}" if len(input_hw) == 1 else f"at rectangular batch shapes up to {shape}"
+
+
 def _output_to_target(preds: list[Tensor], max_per_image: int = 15) -> Tensor:
     """NMS outputs -> [N, 7] (img, cls, xc, yc, w, h, conf) in input pixels for plot_images."""
     rows = []
@@ -267,7 +276,7 @@ class Validator:
         self.id_map = coco.image_id_map(getattr(dataloader.dataset, "im_files", [])) if opt.save_json else {}
         self.class_map = coco.coco80_to_coco91_class() if opt.is_coco else None
         self.predictions: dict[str, Tensor] = {}
-        self.last_shape = (0, 0)
+        self.input_hw: set[tuple[int, int]] = set()  # (h, w) of every batch: the speed line's true shape
 
     def _restore(self, model) -> None:
         if isinstance(model, nn.Module):
@@ -285,7 +294,7 @@ class Validator:
         im = (im.half() if self.half else im.float()) / 255
         targets = targets.to(self.device)
         height, width = im.shape[2:]
-        self.last_shape = (height, width)
+        self.input_hw.add((height, width))
         t2 = time_sync(self.device)
         y, feats = forward_augment(self.forward, im, self.stride) if opt.augment else self.forward(im)
         if batch_i == 0 and not opt.single_cls and y.shape[1] - 4 != self.nc:
@@ -366,7 +375,7 @@ class Validator:
         if not (isinstance(getattr(dataloader, "sampler", None), ShardSampler) and ddp.is_dist()):
             return
         mine = (self.stats, self.loss.cpu(), self.n_batches, self.jdict, self.dt, self.dt_metrics,
-                self.cm.matrix if self.plots else None, self.predictions, self.last_shape)
+                self.cm.matrix if self.plots else None, self.predictions, self.input_hw)
         parts = ddp.gather_objects(mine)
         self.stats = _Stats.merge([p[0] for p in parts])
         self.loss = sum(p[1] for p in parts).to(self.device)
@@ -377,7 +386,7 @@ class Validator:
         if self.plots:
             self.cm.matrix = sum(p[6] for p in parts)
         self.predictions = {k: v for p in parts for k, v in p[7].items()}
-        self.last_shape = parts[0][8]
+        self.input_hw = set().union(*(p[8] for p in parts))
 
     # ---- summary
     def _summary(self, dataloader) -> ValResult:
@@ -393,9 +402,8 @@ class Validator:
         ap_table = self._log_table(res, nt, mp, mr, map50, map_)
         speed = tuple(x / max(seen, 1) * 1e3 for x in self.dt)
         if not self.training:
-            imgsz = getattr(dataloader.dataset, "imgsz", self.last_shape[0])
-            shape = (getattr(dataloader, "batch_size", None) or 1, 3, imgsz, imgsz)
-            LOGGER.info(f"Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape {shape}" % speed)
+            LOGGER.info("Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image " % speed
+                        + _shape_text(getattr(dataloader, "batch_size", None) or 1, self.input_hw))
         if self.draw:
             self.cm.plot(save_dir=opt.save_dir, names=names)
         lossv = (self.loss.cpu() / max(self.n_batches, 1)).tolist()
@@ -490,7 +498,8 @@ def run_validation(job: ValJob | None = None, **kwargs) -> ValResult:
 def _run_validation(job: ValJob, weights: list, dev: torch.device) -> ValResult:
     """run_validation once the device (and under torchrun the process group) is ready: each rank validates
     its ShardSampler share, the Validator gathers before the summary."""
-    cfg = load_data_config(job.data)
+    split = "val" if job.task == "speed" else job.task
+    cfg = load_data_config(job.data, need=(split,))  # only the split validated must exist on this machine
     backends = [Backend(w, device=dev, half=job.half, fuse=True) for w in weights]
     for b in backends:
         b.use_cuda_graph(job.cuda_graph)
@@ -504,9 +513,12 @@ def _run_validation(job: ValJob, weights: list, dev: torch.device) -> ValResult:
     fixed = getattr(backends[0], "fixed_imgsz", None)
     if fixed and job.imgsz and job.imgsz != min(fixed):
         LOGGER.warning(f"WARNING: {weights[0]} was exported at {fixed[0]}x{fixed[1]}; validating at that size")
+    if fixed and job.task != "speed":
+        LOGGER.info(f"Note: {weights[0]} takes only {fixed[0]}x{fixed[1]} input, so it validates square letterboxed "
+                    f"images; a .pt (or an export with --dynamic) validates rectangular batches padded by half a "
+                    f"stride, which a fixed-size file cannot take, and scores a little differently")
     imgsz = backends[0].default_imgsz() if (fixed or not job.imgsz) else job.imgsz
     imgsz = check_img_size(imgsz, model.stride)
-    split = "val" if job.task == "speed" else job.task
     if not cfg.split(split):
         raise UserError(f"{cfg.yaml_file}: no '{split}' split")
     save_dir = ddp.broadcast_object(increment_path(Path(job.project) / job.name, exist_ok=job.exist_ok, mkdir=True)

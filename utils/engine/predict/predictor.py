@@ -25,7 +25,8 @@ from utils.checkpoint import find_newest
 from utils.engine.predict.annotate import draw_boxes, save_one_box
 from utils.engine.backend import Backend
 from utils.engine.config import PredictJob
-from utils.engine.sources import BackgroundCalls, Frame, LoadSources, is_stream, preprocess_image, read_image
+from utils.engine.sources import (BackgroundCalls, Frame, LoadSources, as_bgr_uint8, is_stream, preprocess_image,
+                                  read_image)
 from utils.engine.track.sequence import SEQUENCE_HINT, SequenceTracker, is_single_image, tracker_for_run
 from utils.engine.tta import forward_augment
 from utils.general import LOGGER, UserError, check_img_size, image_hw, increment_path
@@ -115,6 +116,23 @@ def _names_by_id(r: Result) -> list[str]:
     return names
 
 
+def _class_ids(classes: Any, nc: int) -> list[int] | None:
+    """classes=None, one id or a list of ids -> a list of ids within the model's 0..nc-1, or one clear error."""
+    if classes is None:
+        return None
+    items = [classes] if isinstance(classes, (int, np.integer)) else classes
+    if isinstance(items, (str, bytes)) or not hasattr(items, "__iter__"):
+        raise UserError(f"classes={classes!r}: give class ids as integers, e.g. classes=[0, 2]")
+    ids = list(items)
+    if not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) for c in ids):
+        raise UserError(f"classes={classes!r}: give class ids as integers, e.g. classes=[0, 2]")
+    bad = [int(c) for c in ids if not 0 <= c < nc]
+    if bad:
+        raise UserError(f"--classes {bad}: the model has classes 0..{nc - 1}")
+    return [int(c) for c in ids]
+
+
+
 class Predictor:
     """Load a detector once and run it on single images (`predict`) or as the engine of detect_dual.py.
 
@@ -141,13 +159,18 @@ class Predictor:
         self.stride = int(self.backend.stride)
         fixed = self.backend.fixed_imgsz
         if fixed:  # exported files run at their export size only
+            asked = image_hw(imgsz) if imgsz else tuple(fixed)
+            if asked != tuple(fixed) and max(asked) != max(fixed):
+                LOGGER.warning(f"WARNING: {weights} was exported at {fixed[0]}x{fixed[1]}; running at that size "
+                               f"(--imgsz {asked[0]} {asked[1]} ignored; export with --dynamic to choose the size "
+                               f"at run time)")
             imgsz = tuple(fixed)
         elif not imgsz:  # default: the size the checkpoint was trained at, else 640
             imgsz = self.backend.default_imgsz()
         sz = image_hw(imgsz)
         self.imgsz = tuple(check_img_size(sz, self.stride))
         self.conf_thres, self.iou_thres, self.max_det = conf_thres, iou_thres, max_det
-        self.classes = list(classes) if classes is not None else None
+        self.classes = _class_ids(classes, self.backend.nc)
         self.agnostic = agnostic
         self.names = list(names) if names else list(self.backend.names)
         self.augment = bool(augment)
@@ -189,12 +212,7 @@ class Predictor:
             image = read_image(image)
             if image is None:
                 raise UserError(f"{path}: image not found or unreadable")
-        if not isinstance(image, np.ndarray) or image.ndim not in (2, 3):
-            raise UserError("predict: expected a BGR image array [h, w, 3] or an image path")
-        if image.ndim == 2:
-            image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
-        elif image.shape[2] == 4:
-            image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+        image = as_bgr_uint8(image)
         t0 = time.perf_counter()
         x, ratio_pad = self.preprocess(image)
         sync(self.device)
@@ -219,10 +237,10 @@ class Predictor:
         Tracker state is per sequence (reset when the video/stream/folder changes). Detection runs at
         min(conf_thres, track_low_thresh) so the tracker sees its low-score candidates; a Result holds only
         boxes that belong to a confirmed track. A single still image is detected plainly (track_ids None).
-        tracker: a tracker YAML path/name, a TrackerConfig, or None for the defaults.
+        tracker: a tracker YAML path/name, a dict of its settings, a TrackerConfig, or None for the defaults.
         """
+        seq = SequenceTracker(tracker)  # a bad tracker setting fails before the source is opened
         dataset = LoadSources(source, vid_stride=vid_stride)
-        seq = SequenceTracker(tracker)
         single = is_single_image(dataset)
         if single:
             LOGGER.warning(f"WARNING: {source}: {SEQUENCE_HINT}; running plain detection")
@@ -251,7 +269,7 @@ class Predictor:
 
 def default_source(data: str | Path = "data/shapes.yaml") -> str:
     from utils.data import load_data_config
-    cfg = load_data_config(data)
+    cfg = load_data_config(data, need=("val",))
     return str(cfg.val[0])
 
 
@@ -352,7 +370,7 @@ def _names_for(predictor: Predictor, data: str | Path | None) -> None:
     if not predictor.has_default_names or not data:
         return
     from utils.data import load_data_config
-    names = load_data_config(data).names
+    names = load_data_config(data, need=()).names
     if len(names) == len(predictor.names):
         predictor.names = list(names)
     else:
@@ -384,10 +402,6 @@ def run(job: PredictJob | argparse.Namespace) -> Path:
                           cuda_graph=opt.cuda_graph, main_only=opt.main_only)
     _names_for(predictor, opt.data)
     names = predictor.names
-    if opt.classes is not None:
-        bad = [c for c in opt.classes if not 0 <= c < len(names)]
-        if bad:
-            raise UserError(f"--classes {bad}: the model has classes 0..{len(names) - 1}")
 
     save_dir = increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok, mkdir=True)
     if opt.save_txt:

@@ -70,10 +70,17 @@ class TrackerConfig:
         return asdict(self)
 
 
-def load_tracker_config(path: str | Path | None = None) -> TrackerConfig:
-    """Read a tracker YAML (a bare name like 'bytetrack.yaml' is looked up in data/trackers/); None: defaults."""
+def load_tracker_config(path: str | Path | dict | TrackerConfig | None = None) -> TrackerConfig:
+    """Read a tracker YAML (a bare name like 'bytetrack.yaml' is looked up in data/trackers/); None: defaults.
+    A dict of settings or a TrackerConfig is taken as it is (checked the same way)."""
     if path is None:
         return TrackerConfig()
+    if isinstance(path, TrackerConfig):
+        return path
+    if isinstance(path, dict):
+        return TrackerConfig.from_dict(path, "tracker settings")
+    if not isinstance(path, (str, Path)):
+        raise UserError(f"tracker={path!r}: give a tracker YAML path, a dict of settings or a TrackerConfig")
     p = Path(path)
     if not p.is_file() and (TRACKER_DIR / p.name).is_file():
         p = TRACKER_DIR / p.name

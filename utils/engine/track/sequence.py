@@ -61,8 +61,8 @@ class SequenceTracker:
     the original video) and, for image folders, the 1-based position of the image in the folder's sequence.
     """
 
-    def __init__(self, cfg: TrackerConfig | str | Path | None = None, save_dir: Path | None = None):
-        self.cfg = cfg if isinstance(cfg, TrackerConfig) else load_tracker_config(cfg)
+    def __init__(self, cfg: TrackerConfig | dict | str | Path | None = None, save_dir: Path | None = None):
+        self.cfg = load_tracker_config(cfg)
         self.tracker = ByteTracker(self.cfg)
         self.mot_dir = Path(save_dir) / "mot" if save_dir is not None else None
         self.key: str | None = None

@@ -6,15 +6,29 @@ in the evolve folder, so running the same command again (same --project/--name, 
 continues it: finished trials are kept, a trial that was interrupted or failed is trained again with the same
 hyperparameters. A median pruner stops trials whose per-epoch fitness trails the others' (`--evolve-prune off`).
 
+Several processes may work on one study at once (one per GPU: the same command with --exist-ok and its own
+--device): each claims its own trials. While a trial trains, its process writes a heartbeat into study.db every
+HEARTBEAT_S seconds; a RUNNING trial without one for GRACE_S seconds belongs to a process that died, and only
+then is it marked failed and queued again. Short sections (claiming a trial, tidying, writing outputs) hold a
+file lock on study.lock so two processes never claim, queue or write the same thing.
+
 Outputs beside study.db, rewritten after every trial: evolve.csv (one row per trial), hyp_evolve.yaml (the best
 trial's full hyp file, usable with --hyp), evolve.png (fitness against each searched hyperparameter).
-Each trial trains in trials/trial_<n> with plots and TensorBoard off unless `trial_plots` is set.
+Each trial trains in trials/trial_<n> with plots and TensorBoard off unless `trial_plots` is set. Disk: only the
+best finished trial keeps its weights (best.pt, stripped); a trial keeps last.pt only while it trains, and the
+weights of finished, pruned, failed or interrupted trials are deleted (a gelan-t trial wrote ~35 MB before).
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import socket
+import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import yaml
 
@@ -27,6 +41,8 @@ from utils.general import LOGGER, UserError, increment_path
 
 STUDY_NAME = "evolve"
 DEFAULT_TRIALS = 300  # upstream's --evolve default (generations)
+HEARTBEAT_S = 20  # a process training a trial records a heartbeat this often
+GRACE_S = 120  # a RUNNING trial with no heartbeat for this long belongs to a dead process
 
 
 @dataclass(frozen=True)
@@ -100,41 +116,145 @@ def make_pruner(prune: bool, epochs: int):
     return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=epochs // 3)
 
 
-def open_study(db: Path, seed: int, pruner=None):
-    """Create or load the study in `db` (SQLite); returns (study, storage). The sampler's seed moves on with
-    the number of trials so that a continued study does not draw the same random points again."""
+def open_study(db: Path, seed: int, pruner=None, heartbeat: int = HEARTBEAT_S, grace: int = GRACE_S):
+    """Create or load the study in `db` (SQLite); returns (study, storage). Heartbeats on: a RUNNING trial
+    whose process stopped beating for `grace` seconds is failed by `requeue_unfinished`. The sampler is
+    re-seeded for every trial (`claim_trial`), so `seed` seeds the first one."""
     optuna = _optuna()
     try:
-        storage = optuna.storages.RDBStorage(f"sqlite:///{db.resolve()}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat arguments
+            storage = optuna.storages.RDBStorage(
+                f"sqlite:///{db.resolve()}", heartbeat_interval=heartbeat, grace_period=grace,
+                engine_kwargs={"connect_args": {"timeout": 60}})  # another process's write: wait, not fail
     except Exception as e:  # not an SQLite file, or a study of an incompatible Optuna version
         raise UserError(f"{db}: cannot open the study ({str(e).splitlines()[0]})") from None
-    try:
-        n_before = len(optuna.load_study(study_name=STUDY_NAME, storage=storage).trials)
-    except KeyError:
-        n_before = 0
-    sampler = optuna.samplers.TPESampler(seed=seed + n_before)
-    study = optuna.create_study(study_name=STUDY_NAME, storage=storage, sampler=sampler, pruner=pruner,
-                                direction="maximize", load_if_exists=True)
+    study = optuna.create_study(study_name=STUDY_NAME, storage=storage, pruner=pruner, direction="maximize",
+                                sampler=optuna.samplers.TPESampler(seed=seed), load_if_exists=True)
     return study, storage
 
 
-def requeue_unfinished(study, storage) -> list[int]:
-    """Trials left RUNNING (the process died) or FAIL (interrupted, crashed) are marked FAIL and queued again
-    with the same hyperparameters, once each. Returns the numbers queued."""
+@contextlib.contextmanager
+def study_lock(folder: Path) -> Iterator[None]:
+    """Exclusive lock on folder/study.lock between the processes of one study (POSIX flock; the kernel drops it
+    when a process dies). Where flock does not exist (Windows), run one process per study."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(folder / "study.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class Heartbeat:
+    """Records the trial's heartbeat in the study now and every `storage.heartbeat_interval` seconds until
+    stopped (a thread: training keeps the main thread busy). Other processes read it to tell a live trial from
+    the trial of a dead process."""
+
+    def __init__(self, study, storage, trial):
+        self.storage, self.stop_event = storage, threading.Event()
+        self.trial_id = _trial_id(study, storage, trial)
+        storage.record_heartbeat(self.trial_id)
+        self.thread = threading.Thread(target=self._beat, name="evolve-heartbeat", daemon=True)
+        self.thread.start()
+
+    def _beat(self) -> None:
+        while not self.stop_event.wait(self.storage.get_heartbeat_interval()):
+            try:
+                self.storage.record_heartbeat(self.trial_id)
+            except Exception as e:  # a locked or unreachable db: try again next time
+                LOGGER.warning(f"WARNING: evolve heartbeat not recorded ({str(e).splitlines()[0][:120]})")
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.thread.join()
+
+
+def _trial_id(study, storage, trial) -> int:
+    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name),
+                                                           trial.number)
+
+
+def requeue_unfinished(study, storage, legacy: bool = False) -> list[int]:
+    """Fail the RUNNING trials of dead processes (no heartbeat for the grace period; in a `legacy` study,
+    written before heartbeats and by one process at a time, every RUNNING trial), then queue every FAIL trial
+    again with the same hyperparameters, once each. Returns the numbers queued."""
     optuna = _optuna()
     state = optuna.trial.TrialState
-    study_id = storage.get_study_id_from_name(study.study_name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
     trials = study.get_trials(deepcopy=False)
+    if legacy:
+        for t in trials:
+            if t.state == state.RUNNING:
+                storage.set_trial_state_values(_trial_id(study, storage, t), state.FAIL)
+        trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs.get("retry_of") for t in trials}
     queued = []
     for t in trials:
-        if t.state == state.RUNNING:  # one process per study: a RUNNING trial here belongs to a dead run
-            storage.set_trial_state_values(storage.get_trial_id_from_study_id_trial_number(study_id, t.number),
-                                           state.FAIL)
-        if t.state in (state.RUNNING, state.FAIL) and t.number not in retried and t.params:
+        if t.state == state.FAIL and t.number not in retried and t.params:
             study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number})
             queued.append(t.number)
     return queued
+
+
+def claim_trial(study, storage, seed: int):
+    """Ask the study for this process's next trial (a queued one first). Call under `study_lock`: the sampler is
+    seeded with seed + the number of trials so far, so each trial of a study gets its own draw and one process
+    alone draws the same sequence every time. The trial gets its first heartbeat at once, so even a process
+    stopped right here leaves a trial the others can recognise as dead."""
+    optuna = _optuna()
+    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.get_trials(deepcopy=False)))
+    with warnings.catch_warnings():  # Optuna's hint that heartbeats suit Study.optimize: `Heartbeat` beats here
+        warnings.filterwarnings("ignore", message="Heartbeat of storage")
+        trial = study.ask()
+    try:
+        storage.record_heartbeat(_trial_id(study, storage, trial))
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    except BaseException:
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        raise
+    return trial
+
+
+def tidy_weights(study, out: Path) -> tuple[int, int | None]:
+    """Delete the weights the study no longer needs: every finished, pruned or failed trial's, except the best
+    finished trial's best.pt (running trials are left alone: their last.pt may be another process's). Returns
+    (bytes the evolve folder now holds, the trial whose best.pt is kept or None)."""
+    state = _optuna().trial.TrialState
+    trials = study.get_trials(deepcopy=False)
+    best = study.best_trial.number if any(t.state == state.COMPLETE for t in trials) else None
+    for t in trials:
+        wdir = out / "trials" / f"trial_{t.number}" / "weights"
+        if t.state in (state.RUNNING, state.WAITING) or not wdir.is_dir():
+            continue
+        if t.number != best:
+            shutil.rmtree(wdir, ignore_errors=True)
+            continue
+        for f in wdir.iterdir():
+            if f.name != "best.pt":
+                f.unlink(missing_ok=True)
+    return _folder_bytes(out), best
+
+
+def _folder_bytes(folder: Path) -> int:
+    """Bytes of the files under `folder` (a file another process renames away meanwhile counts 0)."""
+    total = 0
+    for f in folder.rglob("*"):
+        with contextlib.suppress(OSError):
+            total += f.stat().st_size if f.is_file() else 0
+    return total
+
+
+def _report_disk(out: Path, used: int, best: int | None) -> None:
+    kept = f"best.pt of trial {best}" if best is not None else "no weights"
+    LOGGER.info(f"{out}: {used / 1e6:.1f} MB on disk (weights kept: {kept}; other trials keep their results only)")
 
 
 class _PruneReporter:
@@ -208,92 +328,140 @@ def evolve(cfg: TrainConfig, n: int = DEFAULT_TRIALS, prune: bool = True, trial_
         raise UserError(f"{out}: cannot create the evolve folder ({e.strerror or e})") from None
     db = out / "study.db"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study, storage = open_study(db, cfg.seed, pruner if pruner is not None else make_pruner(prune, cfg.epochs))
-    _check_settings(study, cfg, base, db)
     state = optuna.trial.TrialState
-    if not study.trials:
-        study.enqueue_trial(baseline_params(base), user_attrs={"baseline": True})
-    else:
-        so_far = len(study.trials)
-        again = requeue_unfinished(study, storage)
-        LOGGER.info(f"Continuing {db}: {so_far} trials so far"
-                    + (f"; training unfinished trial(s) {', '.join(map(str, again))} again" if again else ""))
+    with study_lock(out):  # another process may be opening, checking or starting the same study
+        study, storage = open_study(db, cfg.seed, pruner if pruner is not None else make_pruner(prune, cfg.epochs))
+        _check_settings(study, cfg, base, db)
+        if not study.trials:
+            study.enqueue_trial(baseline_params(base), user_attrs={"baseline": True})
+        else:
+            so_far = len(study.trials)
+            again = requeue_unfinished(study, storage, legacy=not study.user_attrs.get("heartbeats"))
+            LOGGER.info(f"Continuing {db}: {so_far} trials so far"
+                        + (f"; training unfinished trial(s) {', '.join(map(str, again))} again" if again else ""))
+        study.set_user_attr("heartbeats", True)  # from now on a RUNNING trial may belong to a live process
     LOGGER.info(f"Evolving hyperparameters: {n} trials of {cfg.epochs} epochs into {out} "
                 f"(optuna-dashboard sqlite:///{db})")
 
-    def finished() -> int:
-        return len(study.get_trials(deepcopy=False, states=(state.COMPLETE, state.PRUNED)))
+    def counts() -> tuple[int, list[int]]:
+        trials = study.get_trials(deepcopy=False)
+        return (sum(t.state in (state.COMPLETE, state.PRUNED) for t in trials),
+                [t.number for t in trials if t.state == state.RUNNING])
 
     try:
-        while finished() < n:
-            _run_trial(study, cfg, base, out, prune, trial_plots, callbacks)
-            write_outputs(study, out)
+        while True:
+            with study_lock(out):
+                requeue_unfinished(study, storage)
+                done, running = counts()
+                if done >= n or done + len(running) >= n:
+                    break
+                trial = claim_trial(study, storage, cfg.seed)
+            _run_trial(study, storage, trial, cfg, base, out, prune, trial_plots, callbacks)
+            with study_lock(out):
+                write_outputs(study, out)
+                _report_disk(out, *tidy_weights(study, out))
     except KeyboardInterrupt:
-        LOGGER.info(f"\nEvolution interrupted: {finished()} trials finished, study kept in {db}. Continue with "
+        LOGGER.info(f"\nEvolution interrupted: {counts()[0]} trials finished, study kept in {db}. Continue with "
                     f"the same command plus --project {cfg.project} --name {out.name} --exist-ok")
         raise
-    finally:  # also after a failed trial: the files show every trial told so far
-        write_outputs(study, out)
-    if finished() and any(t.state == state.COMPLETE for t in study.trials):
+    finally:  # also after a failed trial: the files show every trial told so far, no stray weights are left
+        with study_lock(out):
+            write_outputs(study, out)
+            tidy_weights(study, out)
+    done, running = counts()
+    if done < n and running:
+        LOGGER.info(f"{done} of {n} trials finished; trial(s) {', '.join(map(str, running))} are being trained by "
+                    f"other processes of this study (a trial whose process died counts as failed after {GRACE_S} s "
+                    f"without a heartbeat: then run the command again to train it)")
+    if done and any(t.state == state.COMPLETE for t in study.trials):
         best = study.best_trial
-        LOGGER.info(f"Evolution finished: {finished()} trials, best trial {best.number} fitness {best.value:.4f}\n"
+        LOGGER.info(f"Evolution finished: {done} trials, best trial {best.number} fitness {best.value:.4f}\n"
                     f"Results saved to {out}\nUsage: python train_dual.py --hyp {out / 'hyp_evolve.yaml'}")
     return study
 
 
-def _run_trial(study, cfg: TrainConfig, base: dict[str, float], out: Path, prune: bool, trial_plots: bool,
-               callbacks: Sequence[Callback]) -> None:
-    """Train one trial and tell the study how it ended. Ctrl-C marks it FAIL (it is trained again on
-    continue) and propagates; a run whose loss stays non-finite counts as fitness 0 (a hopeless region)."""
+def _run_trial(study, storage, trial, cfg: TrainConfig, base: dict[str, float], out: Path, prune: bool,
+               trial_plots: bool, callbacks: Sequence[Callback]) -> None:
+    """Train one claimed trial (heartbeats on) and tell the study how it ended. Ctrl-C marks it FAIL (it is
+    trained again on continue) and propagates; a run whose loss stays non-finite counts as fitness 0 (a
+    hopeless region)."""
     optuna = _optuna()
     state = optuna.trial.TrialState
-    trial = study.ask()
-    hyp = sample_hyp(trial, base)
-    seed = cfg.seed + trial.number
-    trial.set_user_attr("seed", seed)
-    trial.set_user_attr("hyp", hyp)
-    run_dir = out / "trials" / f"trial_{trial.number}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "hyp.yaml").write_text(yaml.safe_dump(hyp, sort_keys=False))
-    tcfg = cfg.replace(project=str(out / "trials"), name=run_dir.name, exist_ok=True, save_dir="", seed=seed,
-                       hyp=str(run_dir / "hyp.yaml"), noplots=cfg.noplots or not trial_plots,
-                       tensorboard=cfg.tensorboard and trial_plots)
-    LOGGER.info(f"\nTrial {trial.number} (seed {seed}): " + ", ".join(f"{k}={hyp[k]:.5g}" for k in SPACE))
-    reporter = _PruneReporter(trial, prune)
-    trainer = Trainer(tcfg, [reporter, *callbacks])
+    heartbeat = Heartbeat(study, storage, trial)
+    try:
+        hyp = sample_hyp(trial, base)
+        seed = cfg.seed + trial.number
+        trial.set_user_attr("seed", seed)
+        trial.set_user_attr("hyp", hyp)
+        run_dir = out / "trials" / f"trial_{trial.number}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "hyp.yaml").write_text(yaml.safe_dump(hyp, sort_keys=False))
+        tcfg = cfg.replace(project=str(out / "trials"), name=run_dir.name, exist_ok=True, save_dir="", seed=seed,
+                           hyp=str(run_dir / "hyp.yaml"), noplots=cfg.noplots or not trial_plots,
+                           tensorboard=cfg.tensorboard and trial_plots)
+        LOGGER.info(f"\nTrial {trial.number} (seed {seed}): " + ", ".join(f"{k}={hyp[k]:.5g}" for k in SPACE))
+        reporter = _PruneReporter(trial, prune)
+        trainer = Trainer(tcfg, [reporter, *callbacks])
+        outcome = _train(trainer, trial)
+    except BaseException:
+        heartbeat.stop()
+        _tell(study, trial, state=state.FAIL)
+        raise
+    heartbeat.stop()
+    if outcome is None:  # diverged: scored 0
+        _tell(study, trial, 0.0)
+        LOGGER.info(f"Trial {trial.number}: the loss diverged; scored fitness 0")
+        return
+    fitness = float(outcome.fitness) if outcome is not False else 0.0
+    if outcome is not False:
+        trial.set_user_attr("metrics", {k: float(getattr(outcome, a)) for k, a in METRICS.items()})
+        trial.set_user_attr("fitness", fitness)
+    if reporter.pruned_at is not None:
+        trial.set_user_attr("note", f"pruned after epoch {reporter.pruned_at}")
+        _tell(study, trial, state=state.PRUNED)
+    else:
+        _tell(study, trial, fitness)
+    LOGGER.info(f"Trial {trial.number} finished: fitness {fitness:.4f}"
+                + (" (pruned)" if reporter.pruned_at is not None else ""))
+
+
+def _train(trainer: Trainer, trial):
+    """trainer.run() for a trial: its ValResult (False when it returned none), None when the loss diverged;
+    Ctrl-C is re-raised as KeyboardInterrupt, anything else propagates. Epochs trained are recorded either way."""
     try:
         result = trainer.run()
     except (KeyboardInterrupt, SystemExit) as e:
+        _record_epochs(trainer, trial)
         if isinstance(e, SystemExit) and e.code != 130:
-            study.tell(trial, state=state.FAIL)
             raise
         trial.set_user_attr("note", "interrupted")
-        study.tell(trial, state=state.FAIL)
         raise KeyboardInterrupt from None
     except UserError:
+        _record_epochs(trainer, trial)
         if getattr(trainer, "nonfinite", 0) < MAX_NONFINITE:
-            study.tell(trial, state=state.FAIL)
             raise
         trial.set_user_attr("note", "loss not finite")
-        study.tell(trial, 0.0)
-        LOGGER.info(f"Trial {trial.number}: the loss diverged; scored fitness 0")
-        return
-    except BaseException:
-        study.tell(trial, state=state.FAIL)
-        raise
-    if result is not None:
-        trial.set_user_attr("metrics", {k: float(getattr(result, a)) for k, a in METRICS.items()})
-        trial.set_user_attr("fitness", float(result.fitness))
-    trial.set_user_attr("epochs_trained", len(trainer.csv_path.read_text().splitlines()) - 1
-                        if trainer.csv_path.exists() else 0)
-    fitness = float(result.fitness) if result is not None else 0.0
-    if reporter.pruned_at is not None:
-        trial.set_user_attr("note", f"pruned after epoch {reporter.pruned_at}")
-        study.tell(trial, state=state.PRUNED)
-    else:
-        study.tell(trial, fitness)
-    LOGGER.info(f"Trial {trial.number} finished: fitness {fitness:.4f}"
-                + (" (pruned)" if reporter.pruned_at is not None else ""))
+        return None
+    _record_epochs(trainer, trial)
+    return result if result is not None else False
+
+
+def _record_epochs(trainer: Trainer, trial) -> None:
+    csv_path = getattr(trainer, "csv_path", None)
+    rows = len(csv_path.read_text().splitlines()) - 1 if csv_path is not None and csv_path.exists() else 0
+    trial.set_user_attr("epochs_trained", max(rows, 0))
+
+
+def _tell(study, trial, value: float | None = None, state=None) -> None:
+    """study.tell, except that a trial another process already failed (its heartbeats went missing for the
+    grace period, e.g. a stalled disk) is reported instead of crashing this process."""
+    optuna = _optuna()
+    try:
+        study.tell(trial, value, state=state)
+    except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as e:
+        LOGGER.warning(f"WARNING: trial {trial.number} was already closed by another process of this study "
+                       f"({str(e).splitlines()[0][:120]}); its result is not counted, its hyperparameters are "
+                       f"trained again")
 
 
 def trials_table(study):
@@ -310,7 +478,8 @@ def trials_table(study):
                "fitness": t.value if t.value is not None else a.get("fitness", float("nan")),
                **{k: metrics.get(k, float("nan")) for k in METRICS},
                "seed": a.get("seed"), "epochs": a.get("epochs_trained", 0),
-               "retry_of": a.get("retry_of"), "note": a.get("note", "baseline" if a.get("baseline") else "")}
+               "retry_of": a.get("retry_of"), "worker": a.get("worker", ""),
+               "note": a.get("note", "baseline" if a.get("baseline") else "")}
         row.update(a.get("hyp", {}))
         rows.append(row)
     df = pd.DataFrame(rows)

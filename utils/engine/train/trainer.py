@@ -51,6 +51,9 @@ HYP_KEYS = ("lr0", "lrf", "momentum", "weight_decay", "warmup_epochs", "warmup_m
 HYP_OPTIONAL_KEYS = ("warmup_max_frac", "mixup", "copy_paste", "nbs", "cls_pw", "obj", "obj_pw", "iou_t", "anchor_t", "anchors",
                      "fl_gamma", "label_smoothing")
 MAX_NONFINITE = 10  # consecutive non-finite losses before the run stops
+# written in weights/ when training has ended and `finish` starts, removed when it is done: a run stopped while
+# finishing (Ctrl-C in the final validation) is then resumed into the finishing step, not called finished
+FINISH_PENDING = "finish.pending"
 GRAD_CLIP = 10.0
 
 
@@ -104,6 +107,11 @@ def resolve_config(cfg: TrainConfig) -> tuple[TrainConfig, dict | None]:
     if ck.get("optimizer") is None:
         raise UserError(f"{path}: stripped checkpoint (no optimizer state); it cannot be resumed")
     new = cfg.for_resume(ck.get("opt") or {}, path)
+    done = ck["epoch"] + 1  # epochs trained (an early stop may end before opt's epochs)
+    if (path.parent / FINISH_PENDING).is_file() and (cfg.epochs is None or cfg.epochs <= done):
+        LOGGER.info(f"Resuming {path}: training ended after {done} epochs but the run stopped while finishing; "
+                    f"finishing it now (strip best.pt, final validation, plots)")
+        return new.replace(epochs=done), ck
     if ck["epoch"] + 1 >= (new.epochs or 0):
         raise UserError(f"{path}: run already finished {ck['epoch'] + 1} epochs; "
                         f"extend it with --resume {path} --epochs N (N > {ck['epoch'] + 1})")
@@ -220,6 +228,11 @@ class Trainer:
         for k, p in model.named_parameters():
             if any(k.startswith(f) for f in freeze):
                 p.requires_grad_(False)
+        if freeze and not any(p.requires_grad for p in model.parameters()):  # before any run folder is made
+            n = len(model.model)
+            raise UserError(f"--freeze {' '.join(map(str, cfg.freeze))}: that freezes every trainable layer of this "
+                            f"{n}-layer model (layers 0..{n - 1}), leaving nothing to train; freeze fewer "
+                            f"(e.g. --freeze 10 for the backbone of the YOLOv9/GELAN models)")
         if freeze:
             LOGGER.info(f"Froze {len(freeze)} layer(s)")
         self.gs = max(int(model.stride.max()), 32)
@@ -317,9 +330,10 @@ class Trainer:
         prev_handler = signal.signal(signal.SIGINT, self._on_sigint) if self.main else None
         LOGGER.info(f"Image sizes {self.imgsz} train, {self.imgsz} val; {len(self.dataset)} train images, "
                     f"batch {cfg.batch_size} (accumulate {self.accumulate} -> nominal {self.nbs})\n"
-                    f"Logging results to {self.save_dir}\nStarting training for {cfg.epochs} epochs...")
+                    f"Logging results to {self.save_dir}\n" + (f"Starting training for {cfg.epochs} epochs..."
+                    if self.start_epoch < cfg.epochs else "Nothing left to train: finishing the run"))
         self._emit("on_train_start", self)
-        t0, epoch = time.time(), self.start_epoch
+        t0, epoch = time.time(), self.start_epoch - 1
         try:
             for epoch in range(self.start_epoch, cfg.epochs):
                 mloss = self.train_epoch(epoch)
@@ -334,8 +348,15 @@ class Trainer:
         finally:
             if prev_handler is not None:
                 signal.signal(signal.SIGINT, prev_handler)
-        LOGGER.info(f"\n{epoch - self.start_epoch + 1} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
-        return self.finish()
+        if epoch >= self.start_epoch:
+            LOGGER.info(f"\n{epoch - self.start_epoch + 1} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
+        try:
+            return self.finish()
+        except KeyboardInterrupt:
+            if self.main:
+                LOGGER.info(f"\nInterrupted while finishing: training itself is complete; strip best.pt, validate "
+                            f"and plot with python train_dual.py --resume {self.wdir / 'last.pt'}")
+            raise SystemExit(130)
 
     # ================================================================== one epoch
     def train_epoch(self, epoch: int) -> list[float]:
@@ -467,8 +488,11 @@ class Trainer:
     def finish(self) -> ValResult | None:
         """Strip best.pt, validate it with plots, draw results.png; tear down DDP."""
         result = self.last_result
-        best = self.wdir / "best.pt"
+        best, pending = self.wdir / "best.pt", self.wdir / FINISH_PENDING
         ck = None
+        if self.main:
+            pending.write_text(f"training ended; finishing (strip best.pt, final validation, plots) did not complete: "
+                               f"python train_dual.py --resume {self.wdir / 'last.pt'}\n")
         if self.main and best.exists():
             strip_checkpoint(best)
             LOGGER.info(f"\nValidating {best}...")
@@ -482,6 +506,7 @@ class Trainer:
                 plot_results(self.csv_path)
             LOGGER.info(f"Results saved to {self.save_dir}")
             self._emit("on_train_end", self, result)
+            pending.unlink(missing_ok=True)
         ddp.destroy()
         return result
 
