@@ -70,7 +70,7 @@ def create_dataloader(path, imgsz: int, batch_size: int, stride=32, hyp: dict | 
                       rect: bool = False, rank: int = -1, workers: int = 0, image_weights: bool = False,
                       shuffle: bool = False, seed: int = 0, names: list | None = None, nc: int | None = None,
                       single_cls: bool = False, min_items: int = 0, prefix: str = "",
-                      persistent: bool = True, shard: tuple[int, int] | None = None
+                      persistent: bool = True, shard: tuple[int, int] | None = None, upstream: bool = False
                       ) -> tuple[DataLoader, YOLODataset]:
     """Build (loader, dataset). Batches are (imgs uint8 [B,3,H,W] RGB, targets [N,6], paths, shapes).
 
@@ -80,6 +80,7 @@ def create_dataloader(path, imgsz: int, batch_size: int, stride=32, hyp: dict | 
     Workers are persistent (no re-spawn, re-import and re-seed at every epoch start); dataset state changed
     between epochs (close_mosaic, image-weight resampling) is held in shared memory by the dataset, so it
     reaches the live workers with the next batch requested. persistent=False restores per-epoch workers.
+    upstream=True: upstream YOLOv9's image reading for training (full-size decodes, fresh mosaic partners).
     """
     if isinstance(stride, (torch.Tensor, np.ndarray, list, tuple)):  # e.g. model.stride tensor([8, 16, 32])
         stride = int(max(float(x) for x in (stride.flatten().tolist() if hasattr(stride, "flatten") else stride)))
@@ -91,7 +92,7 @@ def create_dataloader(path, imgsz: int, batch_size: int, stride=32, hyp: dict | 
         image_weights = False
     dataset = YOLODataset(path, imgsz, batch_size, augment=augment, hyp=hyp, rect=rect,
                           image_weights=image_weights, cache=cache, single_cls=single_cls, stride=int(stride),
-                          pad=pad, min_items=min_items, prefix=prefix, nc=nc, names=names)
+                          pad=pad, min_items=min_items, prefix=prefix, nc=nc, names=names, upstream=upstream)
     batch_size = min(batch_size, len(dataset))
     world = (dist.get_world_size() if dist.is_available() and dist.is_initialized()
              else int(os.environ.get("WORLD_SIZE", 1))) if rank != -1 else 1

@@ -275,7 +275,7 @@ class Trainer:
         self.train_loader, self.dataset = create_dataloader(
             data.train, self.imgsz, per_rank, self.gs, hyp=self.hyp, augment=True, rect=cfg.rect, rank=ddp.rank(),
             image_weights=cfg.image_weights, shuffle=not cfg.rect, seed=cfg.seed, min_items=cfg.min_items,
-            prefix="train: ", **common)
+            prefix="train: ", upstream=cfg.upstream_loader, **common)
         self.val_loader, _ = create_dataloader(data.val, self.imgsz, per_rank * 2, self.gs, hyp=self.hyp, augment=False,
                                                rect=True, rank=-1, pad=0.5, prefix="val: ",
                                                shard=(ddp.rank(), ddp.world_size()), **common)
