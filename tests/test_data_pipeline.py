@@ -240,3 +240,24 @@ def test_copy_paste_region_equals_whole_canvas_mirror():
         assert np.array_equal(out, ref), t
         pasted += len(lb) - len(labels)
     assert pasted > 40
+
+
+class _ThreadProbe(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return cv2.getNumThreads()
+
+
+def test_loader_workers_use_one_opencv_thread():
+    from utils.data import seed_worker
+    loader = torch.utils.data.DataLoader(_ThreadProbe(), num_workers=1, worker_init_fn=seed_worker)
+    assert [int(x) for x in loader] == [1, 1]
+
+
+def test_upstream_loader_flag_reaches_the_training_config():
+    import train_dual
+    from utils.engine.config import TrainConfig
+    assert TrainConfig.from_args(train_dual.parse_opt(["--upstream-loader"])).upstream_loader
+    assert not TrainConfig.from_args(train_dual.parse_opt([])).upstream_loader

@@ -5,6 +5,7 @@ import math
 import os
 import random
 
+import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -18,10 +19,13 @@ from .dataset import YOLODataset
 
 
 def seed_worker(worker_id: int) -> None:
-    """Give each worker distinct but reproducible python/numpy seeds derived from torch's per-worker seed."""
+    """Give each worker distinct but reproducible python/numpy seeds derived from torch's per-worker seed, and
+    one OpenCV thread: the workers are the parallelism (torch already gives each one thread), and OpenCV's own
+    thread pool in every worker would oversubscribe the cores the workers were sized to."""
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+    cv2.setNumThreads(1)
 
 
 class ShardSampler(Sampler):
