@@ -243,8 +243,8 @@ def copy_paste(img: np.ndarray, labels: np.ndarray, segments: list, p: float) ->
         mask = np.zeros((y2 - y1, x2 - x1), np.uint8)
         for q in outlines:  # one call each: overlapping outlines given together would cancel out
             cv2.fillPoly(mask, [(q - [x1, y1]).astype(np.int32)], 255)
-        src = img[y1:y2, w - x2:w - x1][:, ::-1]  # the mirror image of the region
-        out[y1:y2, x1:x2][mask > 0] = src[mask > 0]
+        mirrored = cv2.flip(img[y1:y2, w - x2:w - x1], 1)  # what the flipped canvas holds in the region
+        cv2.copyTo(mirrored, mask, out[y1:y2, x1:x2])  # writes through the view (tested against the definition)
     return out, np.concatenate([labels, np.array(new_labels, labels.dtype)], 0), list(segments) + new_segments
 
 
