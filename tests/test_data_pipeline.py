@@ -261,3 +261,28 @@ def test_upstream_loader_flag_reaches_the_training_config():
     from utils.engine.config import TrainConfig
     assert TrainConfig.from_args(train_dual.parse_opt(["--upstream-loader"])).upstream_loader
     assert not TrainConfig.from_args(train_dual.parse_opt([])).upstream_loader
+
+
+def test_batches_pinned_only_for_a_cuda_consumer(tmp_path, monkeypatch):
+    """A CUDA build training on --device cpu must not pin batches (host memory and a copy per batch, no use)."""
+    from types import SimpleNamespace
+
+    from utils.engine.train import trainer as trainer_mod
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    src = _write_set(tmp_path / "d", [(96, 64), (64, 96)])
+    kw = dict(hyp=MOSAIC, augment=True, workers=1, nc=3)
+    assert not create_dataloader(str(src), 64, 2, **kw)[0].pin_memory
+    assert create_dataloader(str(src), 64, 2, pin_memory=True, **kw)[0].pin_memory
+
+    calls = []
+    monkeypatch.setattr(trainer_mod, "create_dataloader", lambda *a, **k: (calls.append(k) or [], None))
+    t = trainer_mod.Trainer.__new__(trainer_mod.Trainer)
+    cfg = SimpleNamespace(batch_size=2, cache=None, workers=1, single_cls=False, rect=False, image_weights=False,
+                          seed=0, min_items=0, upstream_loader=False)
+    t.cfg, t.data = cfg, SimpleNamespace(train="t", val="v", names=["a"], nc=1)
+    t.imgsz, t.gs, t.hyp, t.main = 64, 32, {}, False
+    for dev, pinned in (("cpu", False), ("cuda", True)):
+        calls.clear()
+        t.device = torch.device(dev)
+        t._build_loaders()
+        assert [k.get("pin_memory") for k in calls] == [pinned, pinned]

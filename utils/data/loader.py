@@ -74,8 +74,8 @@ def create_dataloader(path, imgsz: int, batch_size: int, stride=32, hyp: dict | 
                       rect: bool = False, rank: int = -1, workers: int = 0, image_weights: bool = False,
                       shuffle: bool = False, seed: int = 0, names: list | None = None, nc: int | None = None,
                       single_cls: bool = False, min_items: int = 0, prefix: str = "",
-                      persistent: bool = True, shard: tuple[int, int] | None = None, upstream: bool = False
-                      ) -> tuple[DataLoader, YOLODataset]:
+                      persistent: bool = True, shard: tuple[int, int] | None = None, upstream: bool = False,
+                      pin_memory: bool = False) -> tuple[DataLoader, YOLODataset]:
     """Build (loader, dataset). Batches are (imgs uint8 [B,3,H,W] RGB, targets [N,6], paths, shapes).
 
     rank >= 0: training under DDP, a DistributedSampler over the GLOBAL rank and world size (padded, shuffled
@@ -85,6 +85,8 @@ def create_dataloader(path, imgsz: int, batch_size: int, stride=32, hyp: dict | 
     between epochs (close_mosaic, image-weight resampling) is held in shared memory by the dataset, so it
     reaches the live workers with the next batch requested. persistent=False restores per-epoch workers.
     upstream=True: upstream YOLOv9's image reading for training (full-size decodes, fresh mosaic partners).
+    pin_memory: page-locked batches (workers > 0 only), for a consumer on a CUDA device; pinning for a CPU
+    consumer only costs host memory and a copy per batch.
     """
     if isinstance(stride, (torch.Tensor, np.ndarray, list, tuple)):  # e.g. model.stride tensor([8, 16, 32])
         stride = int(max(float(x) for x in (stride.flatten().tolist() if hasattr(stride, "flatten") else stride)))
@@ -111,7 +113,7 @@ def create_dataloader(path, imgsz: int, batch_size: int, stride=32, hyp: dict | 
     gen = torch.Generator()
     gen.manual_seed(6148914691236517205 + seed + max(rank, 0))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, num_workers=nw,
-                        sampler=sampler, pin_memory=torch.cuda.is_available() and nw > 0,
+                        sampler=sampler, pin_memory=pin_memory and nw > 0,
                         collate_fn=YOLODataset.collate_fn, worker_init_fn=seed_worker, generator=gen,
                         drop_last=False, persistent_workers=persistent and nw > 0)
     return loader, dataset

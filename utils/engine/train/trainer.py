@@ -271,7 +271,8 @@ class Trainer:
     def _build_loaders(self) -> None:
         cfg, data = self.cfg, self.data
         per_rank = cfg.batch_size // WORLD_SIZE
-        common = dict(cache=cfg.cache, workers=cfg.workers, names=data.names, nc=data.nc, single_cls=cfg.single_cls)
+        common = dict(cache=cfg.cache, workers=cfg.workers, names=data.names, nc=data.nc, single_cls=cfg.single_cls,
+                      pin_memory=self.device.type == "cuda")
         self.train_loader, self.dataset = create_dataloader(
             data.train, self.imgsz, per_rank, self.gs, hyp=self.hyp, augment=True, rect=cfg.rect, rank=ddp.rank(),
             image_weights=cfg.image_weights, shuffle=not cfg.rect, seed=cfg.seed, min_items=cfg.min_items,
