@@ -19,13 +19,29 @@ from .dataset import YOLODataset
 
 
 def seed_worker(worker_id: int) -> None:
-    """Give each worker distinct but reproducible python/numpy seeds derived from torch's per-worker seed, and
-    one OpenCV thread: the workers are the parallelism (torch already gives each one thread), and OpenCV's own
-    thread pool in every worker would oversubscribe the cores the workers were sized to."""
+    """Give each worker distinct but reproducible python/numpy seeds derived from torch's per-worker seed."""
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
-    cv2.setNumThreads(1)
+
+
+class OneThreadWorkersLoader(DataLoader):
+    """A DataLoader whose worker processes run OpenCV with one thread: the workers are the parallelism (torch
+    already gives each one thread), and OpenCV's own pool in every worker would oversubscribe the cores the
+    workers were sized to. The count cannot be set inside a forked worker: when the parent's pthreads pool
+    has run, cv2.setNumThreads in the child waits forever on the pool's condition variables (the pool's
+    threads were not forked). So the parent drops to one thread while torch forks the workers (they inherit
+    it) and then restores its own count."""
+
+    def _get_iterator(self):
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        n = cv2.getNumThreads()
+        cv2.setNumThreads(1)
+        try:
+            return super()._get_iterator()
+        finally:
+            cv2.setNumThreads(n)
 
 
 class ShardSampler(Sampler):
@@ -112,10 +128,10 @@ def create_dataloader(path, imgsz: int, batch_size: int, stride=32, hyp: dict | 
         sampler = RecordingSampler(sampler, os.environ["YOLO_SAMPLER_LOG"], rank)
     gen = torch.Generator()
     gen.manual_seed(6148914691236517205 + seed + max(rank, 0))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, num_workers=nw,
-                        sampler=sampler, pin_memory=pin_memory and nw > 0,
-                        collate_fn=YOLODataset.collate_fn, worker_init_fn=seed_worker, generator=gen,
-                        drop_last=False, persistent_workers=persistent and nw > 0)
+    loader = OneThreadWorkersLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
+                                    num_workers=nw, sampler=sampler, pin_memory=pin_memory and nw > 0,
+                                    collate_fn=YOLODataset.collate_fn, worker_init_fn=seed_worker, generator=gen,
+                                    drop_last=False, persistent_workers=persistent and nw > 0)
     return loader, dataset
 
 
