@@ -30,6 +30,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--noval", action="store_true", help="only validate the final epoch")
     p.add_argument("--noplots", action="store_true", help="save no plot files")
     p.add_argument("--cache", type=str, nargs="?", const="ram", default=None, help="cache images in 'ram' (default) or 'disk'")
+    p.add_argument("--upstream-loader", action="store_true",
+                   help="upstream YOLOv9's training data pipeline: full-size decodes, 4 freshly decoded images per "
+                        "mosaic (default: reduced JPEG decode, partners from a per-worker buffer)")
     p.add_argument("--image-weights", action="store_true", help="weighted image selection for training")
     p.add_argument("--device", default="", help="cuda device, i.e. 0 or 0,1,2,3 or cpu")
     p.add_argument("--multi-scale", action="store_true", help="vary img-size +/- 50%%")

@@ -155,6 +155,39 @@ def polygon_box_in_image(poly: np.ndarray, width: float, height: float) -> np.nd
     return box
 
 
+def convex_boxes_in_image(polys: np.ndarray, width: float, height: float) -> np.ndarray:
+    """polygon_box_in_image for n convex outlines at once ([n, k, 2] -> [n, 4] xyxy), e.g. warped boxes.
+
+    The part of a convex outline inside the image is convex, and its corners are the outline's vertices inside
+    the image, the outline's crossings of the image edges, and the image corners inside the outline; the box of
+    those points is the exact box of the visible part. A zero box when nothing is inside.
+    """
+    a = np.asarray(polys, np.float64)
+    n = len(a)
+    lim = np.array([width, height], np.float64)
+    d = np.roll(a, -1, axis=1) - a  # edge i runs from vertex i to vertex i + 1
+    pts, ok = [a], [((a >= 0) & (a <= lim)).all(2)]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for axis in (0, 1):
+            other = 1 - axis
+            for line in (0.0, lim[axis]):
+                t = (line - a[..., axis]) / d[..., axis]  # inf/nan for an edge parallel to the line: never kept
+                p = a + t[..., None] * d
+                p[..., axis] = line
+                pts.append(p)
+                ok.append((t >= 0) & (t <= 1) & (p[..., other] >= 0) & (p[..., other] <= lim[other]))
+    corners = np.array([[0, 0], [width, 0], [width, height], [0, height]], np.float64)
+    rel = corners[None, None] - a[:, :, None]  # [n, k, 4 corners, 2]
+    side = d[:, :, None, 0] * rel[..., 1] - d[:, :, None, 1] * rel[..., 0]  # which side of each edge
+    area = (a[..., 0] * np.roll(a[..., 1], -1, 1) - np.roll(a[..., 0], -1, 1) * a[..., 1]).sum(1)
+    pts.append(np.broadcast_to(corners, (n, 4, 2)))
+    ok.append(((side >= 0).all(1) | (side <= 0).all(1)) & (np.abs(area) > 0)[:, None])  # flat outlines hold none
+    pts, ok = np.concatenate(pts, 1), np.concatenate(ok, 1)[..., None]
+    box = np.concatenate([np.where(ok, pts, np.inf).min(1), np.where(ok, pts, -np.inf).max(1)], 1)
+    box[~ok.any(1)[:, 0]] = 0
+    return np.clip(box, 0, np.concatenate([lim, lim]))
+
+
 # ---- anchors and the head's distance encoding ----
 
 def make_anchors(feats: Sequence[Tensor], strides: Sequence[float] | Tensor,

@@ -1,7 +1,8 @@
 """Data package: data YAML, verified YOLO datasets with a safe cache, augmentations, loaders, synthetic default."""
 from .augment import letterbox, max_random_imgsz, random_imgsz
 from .config import DataConfig, load_data_config
-from .dataset import YOLODataset, imread
+from .dataset import YOLODataset
+from .images import imread
 from .loader import create_dataloader, multi_scale, seed_worker
 from .synthetic import generate_shapes
 from .verify import IMG_FORMATS, img2label_paths, scan_dataset

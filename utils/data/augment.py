@@ -14,7 +14,7 @@ import random
 import cv2
 import numpy as np
 
-from utils.boxes import box_ioa, clip_polygon, polygon_box_in_image, xywhn2xyxy
+from utils.boxes import box_ioa, clip_polygon, convex_boxes_in_image, polygon_box_in_image, xywhn2xyxy
 
 
 def letterbox(img: np.ndarray, new_shape: int | tuple = 640, color: tuple = (114, 114, 114), auto: bool = False,
@@ -43,16 +43,18 @@ def letterbox(img: np.ndarray, new_shape: int | tuple = 640, color: tuple = (114
 
 
 def augment_hsv(img: np.ndarray, hgain: float = 0.5, sgain: float = 0.5, vgain: float = 0.5) -> None:
-    """Random hue/saturation/value gains, in place on a BGR uint8 image (lookup tables, so it is cheap)."""
+    """Random hue/saturation/value gains, in place on a BGR uint8 image: one 3-channel lookup table applied in
+    place on the HSV image (no split/merge copies)."""
     if not (hgain or sgain or vgain):
         return
     r = np.random.uniform(-1, 1, 3) * [hgain, sgain, vgain] + 1
-    hue, sat, val = cv2.split(cv2.cvtColor(img, cv2.COLOR_BGR2HSV))
     x = np.arange(256, dtype=np.float32)
-    lut_h = ((x * r[0]) % 180).astype(np.uint8)
-    lut_s = np.clip(x * r[1], 0, 255).astype(np.uint8)
-    lut_v = np.clip(x * r[2], 0, 255).astype(np.uint8)
-    hsv = cv2.merge((cv2.LUT(hue, lut_h), cv2.LUT(sat, lut_s), cv2.LUT(val, lut_v)))
+    lut = np.empty((256, 1, 3), np.uint8)
+    lut[:, 0, 0] = (x * r[0]) % 180
+    lut[:, 0, 1] = np.clip(x * r[1], 0, 255)
+    lut[:, 0, 2] = np.clip(x * r[2], 0, 255)
+    hsv = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)
+    cv2.LUT(hsv, lut, dst=hsv)
     cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR, dst=img)
 
 
@@ -141,7 +143,7 @@ def random_perspective(img: np.ndarray, labels: np.ndarray, degrees: float = 10,
         corners = corners @ m.T
         corners = corners[:, :2] / corners[:, 2:3] if perspective else corners[:, :2]
         quads = corners.reshape(n, 4, 2)[:, [0, 3, 1, 2]]  # x1y1, x2y1, x2y2, x1y2: polygon order
-        new = np.stack([polygon_box_in_image(q, width, height) for q in quads], 0)
+        new = convex_boxes_in_image(quads, width, height)
         keep = box_candidates(labels[:, 1:5].T * s, new.T, area_thr=0.10)
         labels = np.concatenate([labels[keep, :1], new[keep]], 1)
     return img, labels
@@ -162,7 +164,7 @@ def mosaic4(items: list[tuple], imgsz: int) -> tuple[np.ndarray, np.ndarray, lis
     out, segs_out = [], []
     for i, item in enumerate(items):
         img, lb = item[0], item[1]
-        segs = item[2] if len(item) > 2 and item[2] else [None] * len(lb)
+        segs = item[2] if len(item) > 2 and item[2] else None
         h, w = img.shape[:2]
         if i == 0:  # top left
             x1a, y1a, x2a, y2a = max(xc - w, 0), max(yc - h, 0), xc, yc
@@ -183,12 +185,27 @@ def mosaic4(items: list[tuple], imgsz: int) -> tuple[np.ndarray, np.ndarray, lis
             xy[:, 0] = lb[:, 0]
             xy[:, 1:] = xywhn2xyxy(lb[:, 1:5], w, h, padw, padh)
             out.append(xy)
-            for sg in segs:  # outlines move with their tile and are cut at the canvas edge like their boxes
-                on_canvas = None if sg is None else clip_polygon(sg * [w, h] + [padw, padh], 2 * s, 2 * s)
-                segs_out.append(None if sg is None else on_canvas.clip(0, 2 * s))  # clip(): -1e-15 residue at cuts
+            segs_out += [None] * len(lb) if segs is None else _outlines_on_canvas(segs, w, h, padw, padh, 2 * s)
     labels = np.concatenate(out, 0) if out else np.zeros((0, 5))
     labels[:, 1:] = labels[:, 1:].clip(0, 2 * s)
     return canvas, labels, (segs_out if any(sg is not None for sg in segs_out) else None)
+
+
+def _outlines_on_canvas(segs: list, w: int, h: int, padw: int, padh: int, size: int) -> list:
+    """One tile's normalised outlines (None for box rows) in canvas pixels, moved with the tile and cut at the
+    canvas edge like their boxes; only outlines that cross the edge are clipped (one vectorised inside test)."""
+    keep = [k for k, sg in enumerate(segs) if sg is not None]
+    out: list = [None] * len(segs)
+    if not keep:
+        return out
+    lens = [len(segs[k]) for k in keep]
+    pts = np.concatenate([segs[k] for k in keep], 0) * [w, h] + [padw, padh]
+    starts = np.r_[0, np.cumsum(lens)[:-1]]
+    inside = (np.minimum.reduceat(pts, starts, 0) >= 0).all(1) & (np.maximum.reduceat(pts, starts, 0) <= size).all(1)
+    for k, a, n, ok in zip(keep, starts, lens, inside):
+        q = pts[a:a + n]
+        out[k] = q if ok else clip_polygon(q, size, size).clip(0, size)  # clip(): -1e-15 residue at cuts
+    return out
 
 
 def copy_paste(img: np.ndarray, labels: np.ndarray, segments: list, p: float) -> tuple[np.ndarray, np.ndarray, list]:
@@ -210,22 +227,31 @@ def copy_paste(img: np.ndarray, labels: np.ndarray, segments: list, p: float) ->
     k = round(p * len(cand))
     if k == 0:
         return img, labels, segments
-    mask = np.zeros(img.shape[:2], np.uint8)
-    new_labels, new_segments = [], []
+    new_labels, new_segments, outlines = [], [], []
     for j in random.sample(cand.tolist(), k):
         poly = segments[j].copy()
         poly[:, 0] = w - poly[:, 0]
-        cv2.fillPoly(mask, [np.round(poly).astype(np.int32)], 255)
+        outlines.append(np.round(poly).astype(np.int32))
         new_labels.append([labels[j, 0], *mirror[j]])
         new_segments.append(poly)
-    img = cv2.copyTo(cv2.flip(img, 1), mask, img.copy())  # flipped pixels where the mask is set
-    return img, np.concatenate([labels, np.array(new_labels, labels.dtype)], 0), list(segments) + new_segments
+    # only the region the pasted outlines cover is masked and mirrored (not the whole canvas)
+    pts = np.concatenate(outlines, 0)
+    x1, y1 = np.maximum(pts.min(0), 0)
+    x2, y2 = np.minimum(pts.max(0) + 1, [w, img.shape[0]])
+    out = img.copy()
+    if x2 > x1 and y2 > y1:
+        mask = np.zeros((y2 - y1, x2 - x1), np.uint8)
+        for q in outlines:  # one call each: overlapping outlines given together would cancel out
+            cv2.fillPoly(mask, [(q - [x1, y1]).astype(np.int32)], 255)
+        mirrored = cv2.flip(img[y1:y2, w - x2:w - x1], 1)  # what the flipped canvas holds in the region
+        cv2.copyTo(mirrored, mask, out[y1:y2, x1:x2])  # writes through the view (tested against the definition)
+    return out, np.concatenate([labels, np.array(new_labels, labels.dtype)], 0), list(segments) + new_segments
 
 
 def mixup(img: np.ndarray, labels: np.ndarray, img2: np.ndarray, labels2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Blend two same-size images (ratio ~ Beta(32, 32)) and keep both label sets."""
+    """Blend two same-size images (ratio ~ Beta(32, 32), rounded in one uint8 pass) and keep both label sets."""
     r = np.random.beta(32.0, 32.0)
-    img = (img.astype(np.float32) * r + img2.astype(np.float32) * (1 - r)).astype(np.uint8)
+    img = cv2.addWeighted(img, r, img2, 1 - r, 0.0)
     return img, np.concatenate((labels, labels2), 0)
 
 

@@ -1,5 +1,7 @@
 """YOLODataset: verified YOLO-format images + labels with mosaic/mixup/perspective/HSV/flip, rect batches
-and RAM/disk image caching."""
+and RAM/disk image caching. Training images are decoded at the smallest JPEG scale that still fills the target
+size, and mosaic/mixup partners come from a bounded per-worker buffer of recently decoded images (utils/data/
+images.py); `upstream=True` restores upstream YOLOv9's full-size decodes and freshly decoded partners."""
 from __future__ import annotations
 
 import hashlib
@@ -10,34 +12,20 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from utils.boxes import xywhn2xyxy, xyxy2xywhn
 from utils.general import LOGGER, UserError
 
 from .augment import augment_hsv, copy_paste, letterbox, mixup, mosaic4, random_perspective
+from .images import TileBuffer, imread, read_reduced
 from .verify import parse_label_file, scan_dataset
 
+# Per-process bound of the mosaic partner buffer: at most this many bytes of resized images (an image is at most
+# imgsz x imgsz x 3 bytes), so 109 images at 640 px, 27 at 1280 px, the whole bundled set at 128 px.
+BUFFER_BYTES = 128 * 2**20
 DEFAULT_HYP = dict(hsv_h=0.015, hsv_s=0.7, hsv_v=0.4, degrees=0.0, translate=0.1, scale=0.9, shear=0.0,
                    perspective=0.0, flipud=0.0, fliplr=0.5, mosaic=1.0, mixup=0.15)
-
-
-def imread(path: str) -> np.ndarray:
-    """Read any supported image as 3-channel uint8 BGR, EXIF-rotated (gray/RGBA/16-bit converted)."""
-    img = cv2.imread(path, cv2.IMREAD_COLOR)  # applies EXIF orientation; gray/alpha/16-bit -> 8-bit BGR
-    if img is None:  # formats cv2 cannot read (some TIFF/WebP variants): fall back to PIL
-        try:
-            with Image.open(path) as im:
-                im = ImageOps.exif_transpose(im)
-                if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                    arr = np.asarray(im, np.float64)
-                    arr = (arr / max(arr.max(), 1) * 255) if arr.max() > 255 else arr
-                    im = Image.fromarray(arr.astype(np.uint8))
-                img = cv2.cvtColor(np.asarray(im.convert("RGB")), cv2.COLOR_RGB2BGR)
-        except Exception as e:
-            raise OSError(f"{path}: cannot read image ({e})") from None
-    return img
 
 
 class YOLODataset(Dataset):
@@ -46,8 +34,9 @@ class YOLODataset(Dataset):
     def __init__(self, path, imgsz: int = 640, batch_size: int = 16, augment: bool = False, hyp: dict | None = None,
                  rect: bool = False, image_weights: bool = False, cache: str | bool | None = None,
                  single_cls: bool = False, stride: int = 32, pad: float = 0.0, min_items: int = 0,
-                 prefix: str = "", nc: int | None = None, names: list | None = None):
+                 prefix: str = "", nc: int | None = None, names: list | None = None, upstream: bool = False):
         self.imgsz, self.augment, self.rect, self.stride = imgsz, augment, rect, int(stride)
+        self.upstream = upstream  # upstream YOLOv9's exact pipeline: full-size decodes, fresh mosaic partners
         self.hyp = {**DEFAULT_HYP, **(hyp or {})}
         self.image_weights = image_weights
         self.prefix = prefix
@@ -87,9 +76,35 @@ class YOLODataset(Dataset):
             self.resample_image_weights()
         self.ims: list = [None] * n  # RAM cache of resized images
         self.npy_files = self._npy_paths()
-        self.cache = (cache if isinstance(cache, str) else ("ram" if cache else None))
+        self.cache = (cache.lower() if isinstance(cache, str) else ("ram" if cache else None))
         if self.cache:
-            self._cache_images(self.cache.lower())
+            self._cache_images(self.cache)
+        self._tiles: TileBuffer | None = None  # this process's partner buffer, made on first use
+        self.buffer_capacity = 0 if upstream else (n if self.cache == "ram" else
+                                                   min(n, max(4, BUFFER_BYTES // (3 * imgsz * imgsz))))
+        if self.mosaic:
+            self._log_pipeline()
+
+    def _log_pipeline(self) -> None:
+        """Say how training images are read and what the partner buffer may hold (it is per worker process)."""
+        if self.upstream:
+            LOGGER.info(f"{self.prefix}upstream loader: full-size decodes, 4 freshly decoded images per mosaic")
+            return
+        cap, n = self.buffer_capacity, len(self)
+        if self.cache == "ram":
+            how = "from the RAM cache"
+        elif cap >= n:
+            how = (f"from a per-worker buffer of decoded images that grows to the whole set "
+                   f"(<= {cap * 3 * self.imgsz ** 2 / 2**20:.1f} MiB per worker)")
+        else:
+            how = (f"from each worker's last {cap} decoded images "
+                   f"(<= {cap * 3 * self.imgsz ** 2 / 2**20:.1f} MiB per worker)")
+        LOGGER.info(f"{self.prefix}JPEGs decoded at 1/2-1/8 scale where {self.imgsz} px allows; "
+                    f"mosaic/mixup partners {how}; --upstream-loader for full decodes and fresh partners")
+
+    def __getstate__(self) -> dict:
+        """Pickled for spawned workers: the partner buffer stays behind (each process fills its own)."""
+        return {**self.__dict__, "_tiles": None}
 
     @property
     def mosaic(self) -> bool:
@@ -188,7 +203,8 @@ class YOLODataset(Dataset):
                     LOGGER.warning(f"{self.prefix}WARNING: disk cache disabled, cannot write {tmp} ({e.strerror or e})")
                     self.cache = None
                     return
-        LOGGER.info(f"{self.prefix}Cached images ({kind}{f', {nbytes / 1e9:.2f} GB' if nbytes else ''})")
+        held = f", {nbytes / 2**20:.1f} MiB of images resized to {self.imgsz} px" if kind == "ram" else ""
+        LOGGER.info(f"{self.prefix}Cached images ({kind}{held})")
 
     def __len__(self) -> int:
         return len(self.im_files)
@@ -222,21 +238,60 @@ class YOLODataset(Dataset):
             return im, (int(h0), int(w0)), im.shape[:2]
         if self.cache == "disk" and Path(self.npy_files[i]).exists():
             im = np.load(self.npy_files[i], allow_pickle=False)
-        else:
+            h0, w0 = im.shape[:2]
+        elif self.augment and not self.upstream:  # training: decode only the pixels the target size keeps
+            w0, h0 = (int(v) for v in self.shapes[i])
+            im = read_reduced(self.im_files[i], (h0, w0), self.imgsz)
+        else:  # validation and --upstream-loader: full decode, so val mAP does not depend on this speed-up
             im = imread(self.im_files[i])
-        h0, w0 = im.shape[:2]
+            h0, w0 = im.shape[:2]
         r = self.imgsz / max(h0, w0)
         if r != 1:
             interp = cv2.INTER_LINEAR if (self.augment or r > 1) else cv2.INTER_AREA
             im = cv2.resize(im, (max(int(round(w0 * r)), 1), max(int(round(h0 * r)), 1)), interpolation=interp)
         return im, (h0, w0), im.shape[:2]
 
-    def _load_mosaic(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        idx = [index] + random.choices(range(len(self.im_files)), k=3)
+    # ---- mosaic partners ----
+    def _buffer(self) -> TileBuffer | None:
+        """This process's partner buffer (a new, empty one in a new worker process); None for --upstream-loader."""
+        if not self.buffer_capacity:
+            return None
+        if self._tiles is None or self._tiles.pid != os.getpid():
+            self._tiles = TileBuffer(self.buffer_capacity)
+        return self._tiles
+
+    def _from_buffer(self) -> TileBuffer | None:
+        """The buffer when partners are drawn from it: it is full and smaller than the dataset. Until then
+        (and whenever the whole dataset fits) partners are drawn from the whole dataset as upstream does, with
+        the same random draws, and each decoded one is buffered."""
+        buf = self._buffer()
+        return buf if buf is not None and buf.full and buf.capacity < len(self) else None
+
+    def _tile(self, i: int) -> tuple[np.ndarray, list | None]:
+        """(resized image, polygon rows or None) of image i: buffered, or decoded and buffered."""
+        buf = self._buffer()
+        item = buf.get(i) if buf is not None else None
+        if item is None:
+            item = (self.load_image(i)[0], self.segments(i) if self.polygons[i] else None)
+            if buf is not None:
+                buf.put(i, item)
+        return item
+
+    def _mosaic_tiles(self, index: int, partners: list[int]) -> list[tuple]:
+        """[(img, labels, polygons)] in a random order: the primary image and its partners. Partners are read
+        first: buffering the primary (a decode) may evict one of them."""
+        idx = [index] + partners
         random.shuffle(idx)
+        tiles: dict[int, tuple] = {}
+        for i in sorted(set(idx), key=lambda j: j == index):
+            tiles[i] = self._tile(i)
+        return [(tiles[i][0], self.labels[i], tiles[i][1]) for i in idx]
+
+    def _load_mosaic(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        buf = self._from_buffer()
+        partners = random.choices(buf.keys if buf else range(len(self.im_files)), k=3)
         h = self.hyp
-        items = [(self.load_image(i)[0], self.labels[i], self.segments(i) if self.polygons[i] else None) for i in idx]
-        img, labels, segments = mosaic4(items, self.imgsz)
+        img, labels, segments = mosaic4(self._mosaic_tiles(index, partners), self.imgsz)
         p_cp = float(h.get("copy_paste", 0) or 0)
         if segments is not None and p_cp > 0:
             img, labels, segments = copy_paste(img, labels, segments, p_cp)
@@ -252,9 +307,12 @@ class YOLODataset(Dataset):
             img, labels = self._load_mosaic(index)
             shapes = None
             if random.random() < hyp.get("mixup", 0):
-                img2, labels2 = self._load_mosaic(random.randrange(len(self.im_files)))
+                buf = self._from_buffer()
+                img2, labels2 = self._load_mosaic(random.choice(buf.keys) if buf else random.randrange(len(self)))
                 img, labels = mixup(img, labels, img2, labels2)
         else:
+            if not self.mosaic:
+                self._tiles = None  # mosaic is off for good (close_mosaic): free the partner buffer
             img, (h0, w0), (h, w) = self.load_image(index)
             shape = self.batch_shapes[self.batch[index]] if self.rect else self.imgsz
             img, ratio, pad = letterbox(img, shape, auto=False, scaleup=self.augment, stride=self.stride)

@@ -5,6 +5,7 @@ import math
 import os
 import random
 
+import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -22,6 +23,25 @@ def seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+
+
+class OneThreadWorkersLoader(DataLoader):
+    """A DataLoader whose worker processes run OpenCV with one thread: the workers are the parallelism (torch
+    already gives each one thread), and OpenCV's own pool in every worker would oversubscribe the cores the
+    workers were sized to. The count cannot be set inside a forked worker: when the parent's pthreads pool
+    has run, cv2.setNumThreads in the child waits forever on the pool's condition variables (the pool's
+    threads were not forked). So the parent drops to one thread while torch forks the workers (they inherit
+    it) and then restores its own count."""
+
+    def _get_iterator(self):
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        n = cv2.getNumThreads()
+        cv2.setNumThreads(1)
+        try:
+            return super()._get_iterator()
+        finally:
+            cv2.setNumThreads(n)
 
 
 class ShardSampler(Sampler):
@@ -70,8 +90,8 @@ def create_dataloader(path, imgsz: int, batch_size: int, stride=32, hyp: dict | 
                       rect: bool = False, rank: int = -1, workers: int = 0, image_weights: bool = False,
                       shuffle: bool = False, seed: int = 0, names: list | None = None, nc: int | None = None,
                       single_cls: bool = False, min_items: int = 0, prefix: str = "",
-                      persistent: bool = True, shard: tuple[int, int] | None = None
-                      ) -> tuple[DataLoader, YOLODataset]:
+                      persistent: bool = True, shard: tuple[int, int] | None = None, upstream: bool = False,
+                      pin_memory: bool = False) -> tuple[DataLoader, YOLODataset]:
     """Build (loader, dataset). Batches are (imgs uint8 [B,3,H,W] RGB, targets [N,6], paths, shapes).
 
     rank >= 0: training under DDP, a DistributedSampler over the GLOBAL rank and world size (padded, shuffled
@@ -80,6 +100,9 @@ def create_dataloader(path, imgsz: int, batch_size: int, stride=32, hyp: dict | 
     Workers are persistent (no re-spawn, re-import and re-seed at every epoch start); dataset state changed
     between epochs (close_mosaic, image-weight resampling) is held in shared memory by the dataset, so it
     reaches the live workers with the next batch requested. persistent=False restores per-epoch workers.
+    upstream=True: upstream YOLOv9's image reading for training (full-size decodes, fresh mosaic partners).
+    pin_memory: page-locked batches (workers > 0 only), for a consumer on a CUDA device; pinning for a CPU
+    consumer only costs host memory and a copy per batch.
     """
     if isinstance(stride, (torch.Tensor, np.ndarray, list, tuple)):  # e.g. model.stride tensor([8, 16, 32])
         stride = int(max(float(x) for x in (stride.flatten().tolist() if hasattr(stride, "flatten") else stride)))
@@ -91,7 +114,7 @@ def create_dataloader(path, imgsz: int, batch_size: int, stride=32, hyp: dict | 
         image_weights = False
     dataset = YOLODataset(path, imgsz, batch_size, augment=augment, hyp=hyp, rect=rect,
                           image_weights=image_weights, cache=cache, single_cls=single_cls, stride=int(stride),
-                          pad=pad, min_items=min_items, prefix=prefix, nc=nc, names=names)
+                          pad=pad, min_items=min_items, prefix=prefix, nc=nc, names=names, upstream=upstream)
     batch_size = min(batch_size, len(dataset))
     world = (dist.get_world_size() if dist.is_available() and dist.is_initialized()
              else int(os.environ.get("WORLD_SIZE", 1))) if rank != -1 else 1
@@ -105,10 +128,10 @@ def create_dataloader(path, imgsz: int, batch_size: int, stride=32, hyp: dict | 
         sampler = RecordingSampler(sampler, os.environ["YOLO_SAMPLER_LOG"], rank)
     gen = torch.Generator()
     gen.manual_seed(6148914691236517205 + seed + max(rank, 0))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, num_workers=nw,
-                        sampler=sampler, pin_memory=torch.cuda.is_available() and nw > 0,
-                        collate_fn=YOLODataset.collate_fn, worker_init_fn=seed_worker, generator=gen,
-                        drop_last=False, persistent_workers=persistent and nw > 0)
+    loader = OneThreadWorkersLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
+                                    num_workers=nw, sampler=sampler, pin_memory=pin_memory and nw > 0,
+                                    collate_fn=YOLODataset.collate_fn, worker_init_fn=seed_worker, generator=gen,
+                                    drop_last=False, persistent_workers=persistent and nw > 0)
     return loader, dataset
 
 

@@ -38,6 +38,7 @@ class TrainConfig:
     noval: bool = False
     noplots: bool = False
     cache: str | None = None
+    upstream_loader: bool = False  # training images: full decodes, fresh mosaic partners (upstream's pipeline)
     image_weights: bool = False
     device: str = ""
     multi_scale: bool = False

@@ -527,7 +527,7 @@ def _run_validation(job: ValJob, weights: list, dev: torch.device) -> ValResult:
     pad, rect = (0.0, False) if (job.task == "speed" or fixed) else (0.5, True)  # exported files: one fixed size
     loader, _ = create_dataloader(cfg.split(split), imgsz, job.batch_size, model.stride, pad=pad, rect=rect,
                                   workers=job.workers, names=cfg.names, nc=cfg.nc, single_cls=job.single_cls,
-                                  min_items=job.min_items, prefix=f"{job.task}: ",
+                                  min_items=job.min_items, prefix=f"{job.task}: ", pin_memory=dev.type == "cuda",
                                   shard=(ddp.rank(), ddp.world_size()) if ddp.is_dist() else None)
     _fix_graph_shapes(backends, loader.dataset)
     anno = (coco.find_annotations(cfg) or "auto") if job.options.save_json else None

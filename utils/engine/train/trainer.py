@@ -304,11 +304,12 @@ class Trainer:
     def _build_loaders(self) -> None:
         cfg, data = self.cfg, self.data
         per_rank = cfg.batch_size // WORLD_SIZE
-        common = dict(cache=cfg.cache, workers=cfg.workers, names=data.names, nc=data.nc, single_cls=cfg.single_cls)
+        common = dict(cache=cfg.cache, workers=cfg.workers, names=data.names, nc=data.nc, single_cls=cfg.single_cls,
+                      pin_memory=self.device.type == "cuda")
         self.train_loader, self.dataset = create_dataloader(
             data.train, self.imgsz, per_rank, self.gs, hyp=self.hyp, augment=True, rect=cfg.rect, rank=ddp.rank(),
             image_weights=cfg.image_weights, shuffle=not cfg.rect, seed=cfg.seed, min_items=cfg.min_items,
-            prefix="train: ", **common)
+            prefix="train: ", upstream=cfg.upstream_loader, **common)
         self.val_loader, _ = create_dataloader(data.val, self.imgsz, per_rank * 2, self.gs, hyp=self.hyp, augment=False,
                                                rect=True, rank=-1, pad=0.5, prefix="val: ",
                                                shard=(ddp.rank(), ddp.world_size()), **common)
