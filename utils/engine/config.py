@@ -59,6 +59,7 @@ class TrainConfig:
     close_mosaic: int | None = None
     tensorboard: bool = True  # event files in the run folder (rank 0)
     compile: bool = False  # torch.compile the training forward
+    amp: bool | None = None  # mixed precision: None = auto (CUDA fp16 after a check; CPU see Trainer.amp_dtype)
     save_dir: str = ""  # the run folder, decided once by the trainer (or taken from a resumed checkpoint)
 
     @classmethod
