@@ -8,9 +8,11 @@ On a shared machine the load average is printed: compare rows of one run only.
 
 --pipeline compares the whole detect_dual.py video path (decode -> infer -> draw -> encode .mp4), frames/s
 end to end including model load, for each model: the old sequential path (threaded=False, .pt with its
-auxiliary branch), the new .pt path (background decode and encode, dual-head models without their
-auxiliary branch), and the same with the exported .onnx run by ONNX Runtime (ORT_ENABLE_ALL). Modes are interleaved over --rounds and the best round of each is kept, so
-noise from other jobs on a shared machine hits all modes alike; the ratio to the sequential path is printed.
+auxiliary branch), background decode and encode threads always on (threaded I/O), and detect_dual.py's
+default (background threads only when a core is spare beyond the inference threads, else inline; dual-head
+models without their auxiliary branch), each for .pt and for the exported .onnx run by ONNX Runtime
+(ORT_ENABLE_ALL). Modes are interleaved over --rounds and the best round of each is kept, so noise from other
+jobs on a shared machine hits all modes alike; the ratio to the sequential path is printed.
 
 Usage:
     python benchmarks/bench_detect.py [--models yolov9-t-MMQA,yolov9-c,yolov9-c-MMQA-P4P5] [--frames 10]
@@ -89,16 +91,18 @@ def export_pair(cfg: str, folder: Path, imgsz: tuple[int, int], nc: int) -> tupl
     return pt, onnx
 
 
-def run_detect(weights: Path, video: Path, project: Path, threaded: bool, imgsz: tuple[int, int]) -> float:
+def run_detect(weights: Path, video: Path, project: Path, threaded: bool | None, imgsz: tuple[int, int],
+               main_only: bool = True, half: bool = False) -> float:
     """Seconds for one detect_dual.py run on the video (annotated .mp4 saved), model load included.
 
-    threaded=False is the old path throughout: sequential decode/encode and the dual-head model as loaded.
+    threaded: False = sequential decode/encode, True = background threads, None = detect_dual.py's default
+    (background threads only when a core is spare). main_only=False runs dual-head models as loaded (the old path).
     """
     import detect_dual
     from utils.engine.predict.predictor import run
     opt = detect_dual.parse_opt(["--weights", str(weights), "--source", str(video), "--project", str(project),
                                  "--name", "run", "--exist-ok", "--imgsz", *map(str, imgsz), "--device", "cpu"])
-    opt.threaded = opt.main_only = threaded
+    opt.threaded, opt.main_only, opt.half = threaded, main_only, half
     t0 = time.perf_counter()
     run(opt)
     return time.perf_counter() - t0
@@ -112,13 +116,15 @@ def bench_pipeline(cfgs: list[str], frames: int, rounds: int, nc: int, tmp: Path
     rows = []
     for cfg in cfgs:
         pt, onnx = export_pair(cfg, tmp, shape, nc)
-        modes = {"sequential .pt (old)": (pt, False), "new .pt": (pt, True), "new .onnx (ORT)": (onnx, True)}
+        modes = {"sequential .pt (old)": (pt, False, False), "threaded I/O .pt": (pt, True, True),
+                 "default .pt": (pt, None, True), "sequential .onnx": (onnx, False, True),
+                 "threaded I/O .onnx": (onnx, True, True), "default .onnx": (onnx, None, True)}
         best = {m: float("inf") for m in modes}
         run_detect(pt, video, tmp / "out", True, shape)  # warm caches (imports, codec, allocator)
         for r in range(rounds):
-            for m, (w, th) in modes.items():
+            for m, (w, th, main) in modes.items():
                 print(f"{cfg} round {r + 1}/{rounds}: {m} ...", file=sys.stderr, flush=True)
-                best[m] = min(best[m], run_detect(w, video, tmp / "out", th, shape))
+                best[m] = min(best[m], run_detect(w, video, tmp / "out", th, shape, main))
         base = frames / best["sequential .pt (old)"]
         for m in modes:
             fps = frames / best[m]

@@ -280,6 +280,18 @@ class BackgroundCalls:
         self._raise()
 
 
+def background_io(infer_threads: int | None = None) -> bool:
+    """Whether background decode/encode threads get a core of their own: more usable cores than inference
+    threads (torch's, which ONNX Runtime and OpenVINO also use). Without a spare core they compete with
+    inference (gelan-t .pt on 2 cores: 0.87x the sequential path), so decoding and encoding then run inline."""
+    import torch
+    try:
+        cores = len(os.sched_getaffinity(0))  # the cores this process may use (containers, taskset)
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return cores > (infer_threads if infer_threads is not None else torch.get_num_threads())
+
+
 class LoadSources:
     """Iterate every image / video frame / stream frame of a source, yielding `Frame`s (unpackable as
     path, im0, frame, video_info).
@@ -288,12 +300,12 @@ class LoadSources:
     `.skipped`; a directly named file that cannot be read raises UserError. vid_stride > 1 keeps every
     n-th video frame (the others are grabbed but not decoded). A video that stops decoding before its
     stated frame count is reported (warning, and listed in `.incomplete`).
-    threaded (default): files are read and decoded in a background thread, `buffer` frames ahead
-    (`Prefetcher`); threaded=False reads in the caller's thread (the old sequential path).
+    threaded: files are read and decoded in a background thread, `buffer` frames ahead (`Prefetcher`);
+    False reads in the caller's thread (the sequential path); None (default) = `background_io()`.
     """
 
-    def __init__(self, source: str | Path, vid_stride: int = 1, threaded: bool = True, buffer: int = 4):
-        self.threaded, self.buffer = bool(threaded), int(buffer)
+    def __init__(self, source: str | Path, vid_stride: int = 1, threaded: bool | None = None, buffer: int = 4):
+        self.threaded, self.buffer = background_io() if threaded is None else bool(threaded), int(buffer)
         self.reader: Prefetcher | None = None
         self.incomplete: list[tuple[str, str]] = []
         self.source = str(source)
