@@ -190,7 +190,7 @@ class ValJob:
             raise UserError("val_dual.py: --weights is required (a .pt checkpoint written by train_dual.py)")
         weights = (weights,) if isinstance(weights, (str, Path)) else tuple(weights)
         for w in weights:
-            if not Path(w).is_file():
+            if not Path(w).exists():  # a file, or an OpenVINO *_openvino_model folder
                 raise UserError(f"{w}: weights file not found")
         task = raw.get("task", "val")
         if task not in ("val", "test", "speed"):

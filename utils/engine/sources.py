@@ -18,7 +18,7 @@ from typing import Iterable, Iterator
 import cv2
 import numpy as np
 
-from utils.data.augment import letterbox
+from utils.data.augment import preprocess_image  # noqa: F401  (inference preprocessing, shared with INT8 calibration)
 from utils.data.verify import IMG_FORMATS
 from utils.general import LOGGER, UserError
 
@@ -390,13 +390,3 @@ class LoadSources:
             yield Frame(path, im0, None, None, i, len(self.items))
         if not self.nyield and self.skipped:
             raise UserError(f"{self.source}: none of the {len(self.items)} files could be read")
-
-
-def preprocess_image(im0: np.ndarray, imgsz: int | tuple, stride: int = 32, auto: bool = True) -> tuple[np.ndarray, tuple]:
-    """Letterbox (shared with validation) + BGR->RGB + HWC->CHW, contiguous uint8.
-
-    Returns (img [3,h,w], ratio_pad ((rh, rw), (padw, padh))) as `scale_boxes` expects.
-    """
-    img, (rw, rh), pad = letterbox(im0, imgsz, auto=auto, stride=stride)
-    img = np.ascontiguousarray(img[..., ::-1].transpose(2, 0, 1))
-    return img, ((rh, rw), pad)

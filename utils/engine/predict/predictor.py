@@ -139,8 +139,6 @@ class Predictor:
         if max_det < 1:
             raise UserError(f"--max-det {max_det}: must be at least 1")
         self.device = select_device(device) if not isinstance(device, torch.device) else device
-        if half and self.device.type != "cuda":
-            LOGGER.warning("WARNING: --half needs a CUDA device, running in fp32")
         self.backend = Backend(weights, self.device, half=half, fuse=True, main_only=main_only)
         self.backend.use_cuda_graph(cuda_graph)
         self.stride = int(self.backend.stride)
