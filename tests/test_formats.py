@@ -106,13 +106,15 @@ def _assert_matches(ref, got, min_iou: float, score_tol: float, exact_count: boo
                 assert iou[k] >= min_iou and abs(b.scores[same][k] - score) <= score_tol, (r.path, iou[k], score)
 
 
-# tolerances: fp32 formats differ from PyTorch by float reassociation only (~1e-5 in the outputs); bf16 keeps
-# 8 significant bits through the backbone (boxes are decoded in fp32), measured here IoU >= 0.97 and score
-# changes <= 0.02; INT8 (256 levels per tensor) measured IoU >= 0.94 and score changes <= 0.04. The checks
-# allow about twice the measured error.
+# tolerances: fp32 formats differ from PyTorch by float reassociation only (~1e-5 in the outputs: exact box
+# counts). bf16 keeps 8 significant bits through the backbone (boxes decoded in fp32): measured on this fitted
+# model min matched IoU 0.994 and max score change 0.005 (.pt autocast and OpenVINO bf16). INT8 (256 levels per
+# activation tensor, per-channel weights): measured min IoU 0.987 and max score change 0.008 (ONNX Runtime and
+# NNCF). The checks allow about 3-4x the measured box error (1 - IoU) and score change, for other CPUs' kernels
+# and runtime versions; boxes within score_tol of the confidence threshold may appear on one side only.
 FP32 = dict(min_iou=0.999, score_tol=1e-3, exact_count=True)
-BF16_TOL = dict(min_iou=0.93, score_tol=0.05, exact_count=False)
-INT8_TOL = dict(min_iou=0.88, score_tol=0.08, exact_count=False)
+BF16_TOL = dict(min_iou=0.975, score_tol=0.02, exact_count=False)
+INT8_TOL = dict(min_iou=0.95, score_tol=0.03, exact_count=False)
 
 
 def test_trained_model_detects(trained):
