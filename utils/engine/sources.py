@@ -280,16 +280,17 @@ class BackgroundCalls:
         self._raise()
 
 
-def background_io(infer_threads: int | None = None) -> bool:
-    """Whether background decode/encode threads get a core of their own: more usable cores than inference
-    threads (torch's, which ONNX Runtime and OpenVINO also use). Without a spare core they compete with
-    inference (gelan-t .pt on 2 cores: 0.87x the sequential path), so decoding and encoding then run inline."""
-    import torch
+def background_io() -> bool:
+    """Whether to decode and encode in background threads: when this process may use more than one core
+    (containers and taskset included). On one core they only time-slice with inference, so I/O runs inline.
+    Measured on 2 shared cores (benchmarks/results/detect_threads.md): inline vs background decode/encode is
+    model-dependent within +-7% (gelan-t .pt inline 1.05-1.07x, yolov9-t-MMQA 0.93-0.96x), so 2+ cores keep
+    the background threads."""
     try:
-        cores = len(os.sched_getaffinity(0))  # the cores this process may use (containers, taskset)
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count() or 1
-    return cores > (infer_threads if infer_threads is not None else torch.get_num_threads())
+    return cores > 1
 
 
 class LoadSources:

@@ -374,7 +374,7 @@ def run(job: PredictJob | argparse.Namespace) -> Path:
         LOGGER.info("--dnn: ignored (OpenCV DNN backend not used)")
     source = str(opt.source) if opt.source not in (None, "") else default_source(opt.data)
     dataset = LoadSources(source, vid_stride=opt.vid_stride, threaded=opt.threaded)  # a bad source fails early
-    threaded = dataset.threaded  # decode and encode alike: background threads only with a spare core
+    threaded = dataset.threaded  # decode and encode alike: background threads with 2+ usable cores
     track_cfg = tracker_for_run(opt, dataset)  # None unless --track on a sequence
     weights = opt.weights or find_newest("train/*/weights/best.pt", "--weights")
     if isinstance(weights, (list, tuple)):
