@@ -14,7 +14,7 @@ decoding kept in fp32, and with the default fp32 set (decoding and attention sof
 
 Usage:
     python benchmarks/bench_formats.py --weights gelan-t=runs/train/a/weights/best.pt,yolov9-t-MMQA=... \
-        --data data/shapes.yaml [--sizes 320 640] [--threads 1] [--rounds 3] [--iters 5] [--sensitivity] \
+        --data data/shapes.yaml [--sizes 320 640] [--threads 1] [--rounds 3] [--iters 5] [--sensitivity] [--video 30] \
         [--md benchmarks/results/formats.md]
 """
 from __future__ import annotations
@@ -43,8 +43,8 @@ FORMATS = {"pt FP32": ("pt", False), "pt bf16 (--half)": ("pt", True), "torchscr
            "openvino bf16 (--half)": ("openvino", True), "openvino INT8": ("openvino-int8", False)}
 
 
-def export_all(pt: Path, folder: Path, size: int, data: str, calib: int) -> dict[str, Path]:
-    """Every format of checkpoint `pt` at size x size, written into `folder` (a copy of pt sits there)."""
+def export_all(pt: Path, folder: Path, size: int | tuple[int, int], data: str, calib: int) -> dict[str, Path]:
+    """Every format of checkpoint `pt` at `size` (square, or (h, w)), written into `folder` (a copy of pt)."""
     from utils.deploy.export import run
     folder.mkdir(parents=True, exist_ok=True)
     w = Path(shutil.copy(pt, folder / "model.pt"))
@@ -116,11 +116,28 @@ def sensitivity(files: dict[str, Path], data: str, size: int, calib: int, tmp: P
     return out
 
 
-def table(model: str, eval_size: int, sizes: list[int], sizes_mb: dict, ms: dict, maps: dict) -> str:
+def video_fps(pt: Path, folder: Path, data: str, frames: int, rounds: int, tmp: Path) -> dict[str, float]:
+    """Frames/s of whole detect_dual.py runs (model load, decode, infer, NMS, draw, encode .mp4) on a generated
+    640x360 clip, each format exported at 384x640 (what the .pt letterboxes the clip to); interleaved rounds."""
+    from benchmarks.bench_detect import make_video, run_detect
+    files = export_all(pt, folder, (384, 640), data, 20)
+    video = make_video(tmp / "clip.mp4", frames)
+    best: dict[str, float] = {}
+    for r in range(rounds):
+        for name, (key, half) in _formats(files).items():
+            print(f"video round {r + 1}/{rounds}: {name} ...", file=sys.stderr, flush=True)
+            t = run_detect(files[key], video, tmp / "video", None, (384, 640), True, half)
+            best[name] = min(best.get(name, float("inf")), t)
+    return {n: frames / t for n, t in best.items()}
+
+
+def table(model: str, eval_size: int, sizes: list[int], sizes_mb: dict, ms: dict, maps: dict,
+          fps: dict | None = None) -> str:
     base = {s: ms[s].get("pt FP32") for s in sizes}
+    fps = fps or {}
     head = ("| format | file MB | " + " | ".join(f"ms/img {s} | x FP32 .pt {s}" for s in sizes) +
-            f" | mAP50-95 ({eval_size} px) |")
-    out = [f"### {model}", "", head, "|---|---:|" + "---:|---:|" * len(sizes) + "---:|"]
+            (" | video frames/s | x FP32 .pt video" if fps else "") + f" | mAP50-95 ({eval_size} px) |")
+    out = [f"### {model}", "", head, "|---|---:|" + "---:|---:|" * (len(sizes) + bool(fps)) + "---:|"]
     for name in FORMATS:
         if not any(name in ms[s] for s in sizes) and name not in maps:
             continue
@@ -128,6 +145,9 @@ def table(model: str, eval_size: int, sizes: list[int], sizes_mb: dict, ms: dict
         for s in sizes:
             v = ms[s].get(name)
             cells += ["-", "-"] if v is None else [f"{v:.1f}", f"{base[s] / v:.2f}"]
+        if fps:
+            f = fps.get(name)
+            cells += ["-", "-"] if f is None else [f"{f:.2f}", f"{f / fps['pt FP32']:.2f}"]
         cells.append(f"{maps[name]:.4f}" if name in maps else "-")
         out.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(out)
@@ -144,6 +164,7 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--iters", type=int, default=5, help="forwards per format per round (median kept)")
     ap.add_argument("--calib-images", type=int, default=200, help="INT8 calibration images (mAP exports)")
     ap.add_argument("--sensitivity", action="store_true", help="also measure INT8 ONNX with fewer fp32 nodes")
+    ap.add_argument("--video", type=int, default=0, help="also time whole detect_dual.py runs on a clip of N frames")
     ap.add_argument("--md", default="", help="also write the tables to this markdown file")
     opt = ap.parse_args(argv)
     torch.set_num_threads(opt.threads)
@@ -166,7 +187,8 @@ def main(argv: list[str] | None = None) -> str:
                 print(f"{model}: timing at {s} ...", file=sys.stderr, flush=True)
                 ms[s] = latency(files, s, opt.rounds, opt.iters)
                 sizes_mb = {n: _size_mb(files[k]) for n, (k, _) in FORMATS.items() if k in files}
-            parts.append(table(model, eval_size, opt.sizes, sizes_mb, ms, maps))
+            fps = video_fps(pt, tmp / model / "video", opt.data, opt.video, opt.rounds, tmp) if opt.video else None
+            parts.append(table(model, eval_size, opt.sizes, sizes_mb, ms, maps, fps))
             if opt.sensitivity:
                 sens = sensitivity(at_eval, opt.data, eval_size, opt.calib_images, tmp)
                 parts.append(f"\nINT8 ONNX sensitivity, {model} at {eval_size} px (FP32 onnx {maps['onnx FP32']:.4f}): " +
