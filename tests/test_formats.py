@@ -163,6 +163,32 @@ def test_val_half_on_cpu_runs_bf16(trained, monkeypatch):
     assert a > 0.2 and abs(a - b) < 0.05, (a, b)
 
 
+def test_track_half_on_cpu(trained, tmp_path, monkeypatch):
+    """detect_dual.py --track --half on CPU runs bf16 (where the CPU has it): same tracks (class, id) as fp32 on
+    the fitted model's images, box centres and sizes within 0.01 of the image (bf16 IoU >= 0.99 measured)."""
+    import detect_dual
+    from utils.engine import backend
+    from utils.engine.predict.predictor import run
+    files, data, _ = trained
+    seen = []
+    real = backend.Backend.autocast
+    monkeypatch.setattr(backend.Backend, "autocast", lambda self: seen.append(self.bf16) or real(self))
+    src = Path(data).parent / "ds" / "images" / "train"
+    rows = {}
+    for half in (False, True):
+        opt = detect_dual.parse_opt(["--weights", str(files["pt"]), "--source", str(src), "--track", "--save-txt",
+                                     "--imgsz", str(IMGSZ), "--device", "cpu", "--project", str(tmp_path),
+                                     "--name", str(half)] + ["--half"] * half)
+        d = run(opt)
+        rows[half] = [sorted(map(str.split, f.read_text().splitlines())) for f in sorted((d / "labels").glob("*.txt"))]
+    assert seen[-1] == BF16 and not seen[0]
+    assert len(rows[False]) >= 2 and len(rows[True]) == len(rows[False])  # frames with confirmed tracks
+    for a, b in zip(rows[False], rows[True]):
+        assert [(r[0], r[-1]) for r in a] == [(r[0], r[-1]) for r in b]  # class and track id
+        np.testing.assert_allclose(np.array([r[1:5] for r in b], float), np.array([r[1:5] for r in a], float),
+                                   atol=0.01)
+
+
 @pytest.mark.parametrize("fmt", ["onnx-int8", "openvino-int8"])
 def test_int8_formats_match_pt(trained, fmt):
     files, _, images = trained
