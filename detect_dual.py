@@ -48,7 +48,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--line-thickness", default=3, type=int, help="bounding box thickness (pixels)")
     p.add_argument("--hide-labels", action="store_true", help="hide labels")
     p.add_argument("--hide-conf", action="store_true", help="hide confidences")
-    p.add_argument("--half", action="store_true", help="FP16 inference (CUDA only)")
+    p.add_argument("--half", action="store_true", help="half precision: FP16 on CUDA, bfloat16 on CPUs with native bf16 (AVX512-BF16/AMX)")
     p.add_argument("--cuda-graph", nargs="?", const="capture", default=None, choices=("capture", "compile"),
                    help="CUDA only: replay the forward as a CUDA graph per input shape ('capture', the default, "
                         "or 'compile' = torch.compile reduce-overhead); warns and runs eager elsewhere")

@@ -65,6 +65,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--evolve-prune", choices=["on", "off"], default="on",
                    help="stop trials whose per-epoch fitness trails the others (median pruner)")
     p.add_argument("--evolve-plots", action="store_true", help="keep plots and TensorBoard files of every trial")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="mixed precision: fp16 autocast on CUDA (after a check), bf16 autocast on CPUs with native "
+                        "bf16 (AVX512-BF16/AMX/ARM BF16); default: on for CUDA and off for CPU; --no-amp: fp32")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the training forward (first steps compile; warns and runs eager if unsupported)")
     opt = p.parse_args(argv)

@@ -46,7 +46,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--project", default="runs/val", help="save to project/name")
     p.add_argument("--name", default="exp", help="save to project/name")
     p.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
-    p.add_argument("--half", action="store_true", help="use FP16 half-precision inference (CUDA only)")
+    p.add_argument("--half", action="store_true", help="half precision: FP16 on CUDA, bfloat16 on CPUs with native bf16 (AVX512-BF16/AMX)")
     p.add_argument("--cuda-graph", nargs="?", const="capture", default=None, choices=("capture", "compile"),
                    help="CUDA only: replay the forward as a CUDA graph per batch shape ('capture', the default, "
                         "or 'compile' = torch.compile reduce-overhead); warns and runs eager elsewhere")

@@ -8,15 +8,19 @@ On a shared machine the load average is printed: compare rows of one run only.
 
 --pipeline compares the whole detect_dual.py video path (decode -> infer -> draw -> encode .mp4), frames/s
 end to end including model load, for each model: the old sequential path (threaded=False, .pt with its
-auxiliary branch), the new .pt path (background decode and encode, dual-head models without their
-auxiliary branch), and the same with the exported .onnx run by ONNX Runtime (ORT_ENABLE_ALL). Modes are interleaved over --rounds and the best round of each is kept, so
-noise from other jobs on a shared machine hits all modes alike; the ratio to the sequential path is printed.
+auxiliary branch), background decode and encode threads always on (threaded I/O), and detect_dual.py's
+default (background threads with 2+ usable cores, else inline; dual-head
+models without their auxiliary branch), each for .pt and for the exported .onnx run by ONNX Runtime
+(ORT_ENABLE_ALL). Modes are interleaved over --rounds and the best round of each is kept, so noise from other
+jobs on a shared machine hits all modes alike; the ratio to the sequential path is printed.
 
 Usage:
     python benchmarks/bench_detect.py [--models yolov9-t-MMQA,yolov9-c,yolov9-c-MMQA-P4P5] [--frames 10]
         [--imgsz 640] [--threads N] [--device cpu] [--md benchmarks/results/detect.md]
     python benchmarks/bench_detect.py --pipeline --models yolov9-t,gelan-t --frames 60 --threads 2 --rounds 3
         --md benchmarks/results/detect_pipeline.md
+    python benchmarks/bench_detect.py --pipeline --vs-base /tmp/base --models gelan-t,yolov9-t-MMQA --frames 30
+        --rounds 2 --md benchmarks/results/detect_vs_base.md   # /tmp/base: git worktree add /tmp/base <commit>
 """
 from __future__ import annotations
 
@@ -89,16 +93,18 @@ def export_pair(cfg: str, folder: Path, imgsz: tuple[int, int], nc: int) -> tupl
     return pt, onnx
 
 
-def run_detect(weights: Path, video: Path, project: Path, threaded: bool, imgsz: tuple[int, int]) -> float:
+def run_detect(weights: Path, video: Path, project: Path, threaded: bool | None, imgsz: tuple[int, int],
+               main_only: bool = True, half: bool = False) -> float:
     """Seconds for one detect_dual.py run on the video (annotated .mp4 saved), model load included.
 
-    threaded=False is the old path throughout: sequential decode/encode and the dual-head model as loaded.
+    threaded: False = sequential decode/encode, True = background threads, None = detect_dual.py's default
+    (background threads with 2+ usable cores). main_only=False runs dual-head models as loaded (the old path).
     """
     import detect_dual
     from utils.engine.predict.predictor import run
     opt = detect_dual.parse_opt(["--weights", str(weights), "--source", str(video), "--project", str(project),
                                  "--name", "run", "--exist-ok", "--imgsz", *map(str, imgsz), "--device", "cpu"])
-    opt.threaded = opt.main_only = threaded
+    opt.threaded, opt.main_only, opt.half = threaded, main_only, half
     t0 = time.perf_counter()
     run(opt)
     return time.perf_counter() - t0
@@ -112,13 +118,15 @@ def bench_pipeline(cfgs: list[str], frames: int, rounds: int, nc: int, tmp: Path
     rows = []
     for cfg in cfgs:
         pt, onnx = export_pair(cfg, tmp, shape, nc)
-        modes = {"sequential .pt (old)": (pt, False), "new .pt": (pt, True), "new .onnx (ORT)": (onnx, True)}
+        modes = {"sequential .pt (old)": (pt, False, False), "threaded I/O .pt": (pt, True, True),
+                 "default .pt": (pt, None, True), "sequential .onnx": (onnx, False, True),
+                 "threaded I/O .onnx": (onnx, True, True), "default .onnx": (onnx, None, True)}
         best = {m: float("inf") for m in modes}
         run_detect(pt, video, tmp / "out", True, shape)  # warm caches (imports, codec, allocator)
         for r in range(rounds):
-            for m, (w, th) in modes.items():
+            for m, (w, th, main) in modes.items():
                 print(f"{cfg} round {r + 1}/{rounds}: {m} ...", file=sys.stderr, flush=True)
-                best[m] = min(best[m], run_detect(w, video, tmp / "out", th, shape))
+                best[m] = min(best[m], run_detect(w, video, tmp / "out", th, shape, main))
         base = frames / best["sequential .pt (old)"]
         for m in modes:
             fps = frames / best[m]
@@ -126,8 +134,38 @@ def bench_pipeline(cfgs: list[str], frames: int, rounds: int, nc: int, tmp: Path
     return rows
 
 
-def pipeline_table(rows: list[dict]) -> str:
-    out = ["| model | path | ms/frame | frames/s | x sequential .pt |", "|---|---|---:|---:|---:|"]
+def bench_vs_base(cfgs: list[str], frames: int, rounds: int, nc: int, tmp: Path, base: Path) -> list[dict]:
+    """Whole `python detect_dual.py` processes (start-up, model load, decode, infer, draw, encode .mp4) of the
+    checkout at `base` and of this one, with their default settings, on the same clip and weights; trees
+    interleaved per round, best round kept."""
+    import subprocess
+    video = make_video(tmp / "clip.mp4", frames)
+    shape = (384, 640)
+    trees = {"base": Path(base).resolve(), "new": ROOT}
+    rows = []
+    for cfg in cfgs:
+        pt, onnx = export_pair(cfg, tmp, shape, nc)
+        best = {}
+        for r in range(rounds):
+            for fmt, w in ((".pt", pt), (".onnx", onnx)):
+                for tree, root in trees.items():
+                    print(f"{cfg} round {r + 1}/{rounds}: {tree} {fmt} ...", file=sys.stderr, flush=True)
+                    cmd = [sys.executable, str(root / "detect_dual.py"), "--weights", str(w), "--source", str(video),
+                           "--project", str(tmp / tree), "--name", "run", "--exist-ok", "--imgsz", "640",
+                           "--device", "cpu"]
+                    t0 = time.perf_counter()
+                    subprocess.run(cmd, cwd=root, check=True, capture_output=True)
+                    dt = time.perf_counter() - t0
+                    best[(tree, fmt)] = min(best.get((tree, fmt), float("inf")), dt)
+        for fmt in (".pt", ".onnx"):
+            b, n = best[("base", fmt)], best[("new", fmt)]
+            rows.append({"model": cfg, "mode": f"{fmt}: base {frames / b:.2f} fps, new {frames / n:.2f} fps",
+                         "fps": frames / n, "ms": n / frames * 1e3, "ratio": b / n})
+    return rows
+
+
+def pipeline_table(rows: list[dict], ratio: str = "x sequential .pt") -> str:
+    out = [f"| model | path | ms/frame | frames/s | {ratio} |", "|---|---|---:|---:|---:|"]
     out += [f"| {r['model']} | {r['mode']} | {r['ms']:.1f} | {r['fps']:.2f} | {r['ratio']:.2f} |" for r in rows]
     return "\n".join(out)
 
@@ -152,19 +190,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--md", type=str, default="", help="also write the table to this markdown file")
     ap.add_argument("--pipeline", action="store_true", help="compare the sequential / threaded / ONNX video paths")
     ap.add_argument("--rounds", type=int, default=3, help="--pipeline: interleaved rounds (best kept)")
+    ap.add_argument("--vs-base", default="", help="--pipeline: instead compare whole detect_dual.py processes of "
+                                                  "this checkout and the one at this path (e.g. a git worktree)")
     opt = ap.parse_args(argv)
     if opt.threads:
         torch.set_num_threads(opt.threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     if opt.pipeline:
         with tempfile.TemporaryDirectory(prefix="bench_detect_") as tmp:
-            rows = bench_pipeline([m.strip() for m in opt.models.split(",") if m.strip()], opt.frames, opt.rounds,
-                                  opt.nc, Path(tmp))
+            models = [m.strip() for m in opt.models.split(",") if m.strip()]
+            rows = (bench_vs_base(models, opt.frames, opt.rounds, opt.nc, Path(tmp), Path(opt.vs_base)) if opt.vs_base
+                    else bench_pipeline(models, opt.frames, opt.rounds, opt.nc, Path(tmp)))
         load2 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-        text = (f"detect_dual.py on a generated 640x360 clip ({opt.frames} frames, mp4v in and out, input 384x640), "
+        what = (f"whole detect_dual.py processes, this checkout vs {opt.vs_base} (x = base time / new time)"
+                if opt.vs_base else "detect_dual.py")
+        text = (f"{what} on a generated 640x360 clip ({opt.frames} frames, mp4v in and out, input 384x640), "
                 f"CPU, torch/ORT threads {torch.get_num_threads()}, {os.cpu_count()} cores, best of {opt.rounds} "
                 f"interleaved rounds, model load included; load average {load:.2f} before, {load2:.2f} after\n\n"
-                f"{pipeline_table(rows)}")
+                f"{pipeline_table(rows, 'x base' if opt.vs_base else 'x sequential .pt')}")
         print(text)
         if opt.md:
             write_md(opt.md, text + "\n")

@@ -14,6 +14,7 @@ Settings (all at batch 16, upstream hyp data/hyps/hyp.scratch-high.yaml unless -
   new         --optimizer auto (the default)
   adamw-upw   AdamW with auto's lr/beta1/bias-lr but upstream's warmup (to measure the warmup cap)
   adamw-2e-3  AdamW lr0 0.002, capped warmup (fine-tuning: auto's scratch lr instead of its fine-tune lr)
+  fp32, bf16  --optimizer auto with --no-amp / --amp (on CPU: bf16 autocast), to decide the CPU precision default
 Each run is a train_dual.py subprocess with one torch thread; --jobs runs several at once. A finished run
 (results.csv complete) is reused, so re-running only adds what is missing and rebuilds the report.
 """
@@ -37,7 +38,8 @@ sys.path.insert(0, str(ROOT))
 from utils.engine.train.optim import AUTO_ADAMW_BETA1, AUTO_ADAMW_LR, AUTO_WARMUP_MAX_FRAC  # noqa: E402
 
 LABELS = {"old": "old: --optimizer SGD (upstream)", "new": "new: --optimizer auto",
-          "adamw-upw": "AdamW, upstream warmup", "adamw-2e-3": "AdamW lr0 0.002"}
+          "adamw-upw": "AdamW, upstream warmup", "adamw-2e-3": "AdamW lr0 0.002",
+          "fp32": "--optimizer auto --no-amp (fp32)", "bf16": "--optimizer auto --amp (CPU: bf16 autocast)"}
 # Harder than the bundled set: smaller objects, more of them per image (more clutter), few images.
 HARD = dict(obj_size=(0.08, 0.25), max_objects=10)
 
@@ -77,6 +79,8 @@ def setting_args(setting: str, hyp: Path, work: Path) -> list[str]:
         return ["--optimizer", "auto", "--hyp", str(hyp)]
     if setting == "adamw-upw":
         return ["--optimizer", "AdamW", "--hyp", str(adamw_hyp(hyp, work / "hyp_adamw_upw.yaml", AUTO_ADAMW_LR, False))]
+    if setting in ("fp32", "bf16"):  # the default recipe without / with mixed precision
+        return ["--optimizer", "auto", "--hyp", str(hyp), "--amp" if setting == "bf16" else "--no-amp"]
     if setting == "adamw-2e-3":
         return ["--optimizer", "AdamW", "--hyp", str(adamw_hyp(hyp, work / "hyp_adamw_2e-3.yaml", 0.002, True))]
     raise SystemExit(f"unknown setting {setting}")
@@ -150,6 +154,8 @@ def report(args: argparse.Namespace, work: Path, times: dict) -> None:
             eps = [next((r["epoch"] + 1 for r in c if r["map50"] >= target), None) for c in done]
             txt = ", ".join("never" if e is None else str(e) for e in eps)
             lines = [ln.replace(f"{{reach_{s}}}", f"{txt} (target {target:.3f})") for ln in lines]
+    if "fp32" in finals and "bf16" in finals and finals["fp32"] > 0:
+        lines += ["", f"**bf16 / fp32 final mAP50: {finals['bf16'] / finals['fp32']:.3f}**"]
     if "old" in finals and finals["old"] > 0:
         for s, v in finals.items():
             if s != "old":
@@ -161,6 +167,10 @@ def report(args: argparse.Namespace, work: Path, times: dict) -> None:
         lines += ["", "Wall time per run (1 torch thread each, "
                   f"{args.jobs} at once on a shared machine): " +
                   ", ".join(f"{k} {v / 60:.1f} min" for k, v in sorted(times.items()) if v == v)]
+    pairs = [(times[f"fp32_s{k}"], times[f"bf16_s{k}"]) for k in args.seeds if f"fp32_s{k}" in times and f"bf16_s{k}" in times]
+    if pairs:  # the two precisions of a seed ran side by side, so their ratio is fair on a shared machine
+        lines += ["", "fp32 / bf16 wall time per run (speed-up of bf16, per seed): " +
+                  ", ".join(f"{a / b:.2f}x" for a, b in pairs)]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib

@@ -47,6 +47,10 @@ class DDetect(nn.Module):
         return [torch.cat((box[i](x[i]), cls[i](x[i])), 1) for i in range(len(box))]
 
     def _decode(self, feats: list[torch.Tensor], dfl: DFL) -> torch.Tensor:
+        dev = feats[0].device.type
+        if torch.is_autocast_enabled(dev):  # bf16/fp16 autocast: pixel coordinates need fp32 (bf16 steps 2-4 px at 640)
+            with torch.autocast(dev, enabled=False):
+                return self._decode([f.float() for f in feats], dfl)
         b = feats[0].shape[0]
         anchors, strides = make_anchors(feats, self.stride, 0.5)
         flat = torch.cat([f.reshape(b, self.no, -1) for f in feats], 2)

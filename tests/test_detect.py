@@ -294,3 +294,14 @@ def test_cli_source_errors_are_one_line(weights, tmp_path):
         err = [line for line in stderr.splitlines() if line.startswith("ERROR:")]
         assert len(err) == 1 and str(src) in err[0], stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_background_io_only_with_several_cores(monkeypatch, tmp_path):
+    """Decode/encode threads with 2+ usable cores; on one core they run inline; an explicit choice is kept."""
+    from utils.engine import sources
+    cv2.imwrite(str(tmp_path / "a.jpg"), np.zeros((8, 8, 3), np.uint8))
+    for cores, expect in (({0}, False), ({0, 1}, True)):
+        monkeypatch.setattr(sources.os, "sched_getaffinity", lambda pid, c=cores: c, raising=False)
+        assert sources.background_io() is expect
+        assert sources.LoadSources(str(tmp_path)).threaded is expect  # the default follows the cores
+        assert sources.LoadSources(str(tmp_path), threaded=not expect).threaded is (not expect)

@@ -182,6 +182,7 @@ class DetectionLoss:
 
     def _branch(self, feats: Sequence[Tensor], targets: Tensor) -> Tensor:
         """Un-gained [box, cls, dfl] for one head branch."""
+        feats = [f.float() for f in feats]  # autocast (bf16/fp16) outputs: anchors and boxes in fp32
         device = feats[0].device
         stride = self.stride.to(device)
         pred_dist, pred_logits = self._split(feats)

@@ -93,3 +93,29 @@ def cuda_memory_gb(device: torch.device) -> float:
     """Memory the caching allocator holds on a CUDA `device`, in GB (0 for other devices): the progress-bar
     figure, read from the GPU that trains rather than from the current one."""
     return torch.cuda.memory_reserved(device) / 1e9 if device.type == "cuda" else 0.0
+
+
+def cpu_bf16_native() -> bool:
+    """True when this CPU computes bfloat16 in hardware (x86: AVX512-BF16 or AMX; ARM: the BF16 extension).
+
+    Why: bf16 autocast on a CPU without these units is emulated and slower than fp32, so --half / --amp on such
+    a CPU fall back to fp32 with one note instead.
+    """
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    if caps.get("architecture", "").startswith(("x86", "amd64", "i686")):
+        return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+    try:  # other architectures: oneDNN's own check (cpuinfo's BF16 flag on aarch64)
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def cpu_bf16(requested: bool, what: str = "--half") -> bool:
+    """Whether a CPU run asked for reduced precision gets bf16: only with native support, else one note."""
+    if not requested:
+        return False
+    if cpu_bf16_native():
+        return True
+    LOGGER.warning(f"WARNING: {what} on CPU needs native bfloat16 (AVX512-BF16 / AMX / ARM BF16), which this CPU "
+                   f"lacks; running in fp32")
+    return False

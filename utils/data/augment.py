@@ -42,6 +42,17 @@ def letterbox(img: np.ndarray, new_shape: int | tuple = 640, color: tuple = (114
     return img, (w / w0, h / h0), (float(left), float(top))
 
 
+def preprocess_image(im0: np.ndarray, imgsz: int | tuple, stride: int = 32, auto: bool = True) -> tuple[np.ndarray, tuple]:
+    """Inference preprocessing (detection and INT8 calibration): letterbox (shared with validation) + BGR->RGB
+    + HWC->CHW, contiguous uint8.
+
+    Returns (img [3,h,w], ratio_pad ((rh, rw), (padw, padh))) as `scale_boxes` expects.
+    """
+    img, (rw, rh), pad = letterbox(im0, imgsz, auto=auto, stride=stride)
+    img = np.ascontiguousarray(img[..., ::-1].transpose(2, 0, 1))
+    return img, ((rh, rw), pad)
+
+
 def augment_hsv(img: np.ndarray, hgain: float = 0.5, sgain: float = 0.5, vgain: float = 0.5) -> None:
     """Random hue/saturation/value gains, in place on a BGR uint8 image: one 3-channel lookup table applied in
     place on the HSV image (no split/merge copies)."""

@@ -1,14 +1,19 @@
-"""Export engine: TorchScript / ONNX files with metadata, and the GELAN re-parameterisation step.
+"""Export engine: TorchScript / ONNX / OpenVINO files with metadata, INT8 copies (utils/deploy/quantize.py),
+and the GELAN re-parameterisation step.
 
 Exported files return y [B, 4+nc, A] (xywh pixels + class scores; the main branch for dual-head models).
 By default they are fixed to one input size; with dynamic=True batch, height and width are dynamic (any
 multiple of the stride; the anchor grid follows the input). Class names, stride, nc, imgsz and dynamic_hw
-are stored in the file and read back by utils/engine/backend.py.
+are stored in the file and read back by utils/engine/backend.py. OpenVINO models are converted from the ONNX
+graph (the same traced graph; a temporary .onnx when onnx itself is not requested) and saved with FP32 weights
+as `<name>_openvino_model/<name>.xml/.bin`, metadata in the IR's rt_info. With int8=True each of onnx and
+openvino also gets a statically quantized copy (`<name>-int8.onnx`, `<name>-int8_openvino_model/`).
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -17,11 +22,12 @@ import torch.nn as nn
 
 from models.attention import MultiQueryAttentionLayerWithDownSampling as MQA
 from utils.checkpoint import load_checkpoint, load_model
+from utils.deploy import quantize
 from utils.deploy.reparam import main_branch_only, reparam_checkpoint
 from utils.general import LOGGER, UserError, check_img_size, image_hw
 from utils.torch_utils import select_device
 
-FORMATS = ("torchscript", "onnx", "reparam")
+FORMATS = ("torchscript", "onnx", "openvino", "reparam")
 MIN_OPSET = 11  # opsets 7-10 stop inside torch's exporter on these models (IndexError in a transpose, torch 2.14)
 
 
@@ -113,6 +119,35 @@ def export_onnx(model: nn.Module, im: torch.Tensor, f: Path, meta: dict, opset: 
     return f
 
 
+def export_openvino(onnx_file: Path, d: Path, meta: dict, int8_images: list | None = None) -> Path:
+    """OpenVINO IR folder `d` (d/<d's stem>.xml + .bin, FP32 weights) converted from `onnx_file`; with
+    int8_images, NNCF-quantized on them first."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise UserError("export.py: --include openvino needs the openvino package (pip install openvino)") from None
+    model = ov.convert_model(str(onnx_file))
+    if int8_images is not None:
+        model = quantize.quantize_openvino(model, int8_images)
+    model.set_rt_info(json.dumps({**meta, "int8": int8_images is not None}), ["yolo", "metadata"])
+    d.mkdir(parents=True, exist_ok=True)
+    xml = d / (d.name.removesuffix("_openvino_model") + ".xml")
+    ov.save_model(model, str(xml), compress_to_fp16=False)
+    return d
+
+
+def calibration_data(weights: Path, data: str | Path | None) -> str:
+    """--data, else the data YAML the checkpoint was trained on (its opt), else a one-line error."""
+    data = data or (load_checkpoint(weights).get("opt") or {}).get("data")
+    if not data:
+        raise UserError(f"{weights}: --int8 needs --data (the data YAML whose train images calibrate INT8)")
+    return str(data)
+
+
+def _size_mb(p: Path) -> float:
+    return sum(f.stat().st_size for f in ([p] if p.is_file() else p.rglob("*"))) / 1e6
+
+
 def _onnx_check(f: Path, model: nn.Module, im: torch.Tensor) -> None:
     """Log the max difference between onnxruntime and PyTorch on the export input (skipped without onnxruntime)."""
     try:
@@ -129,8 +164,10 @@ def _onnx_check(f: Path, model: nn.Module, im: torch.Tensor) -> None:
 
 def run(weights: str | Path, include: tuple = ("torchscript",), imgsz: tuple | list | int = (640, 640),
         batch_size: int = 1, dynamic: bool = False, half: bool = False, opset: int = 17, simplify: bool = False,
-        device: str = "cpu", fuse: bool = True) -> dict[str, Path]:
-    """Export `weights` to each format in include; returns {format: written path}."""
+        device: str = "cpu", fuse: bool = True, int8: bool = False, data: str | Path | None = None,
+        calib_images: int = quantize.DEFAULT_IMAGES) -> dict[str, Path]:
+    """Export `weights` to each format in include; returns {format: written path} (int8 copies under
+    'onnx-int8' / 'openvino-int8', calibrated on `calib_images` training images of `data`)."""
     weights = Path(weights)
     include = [x.lower() for x in include]
     bad = [x for x in include if x not in FORMATS]
@@ -146,6 +183,10 @@ def run(weights: str | Path, include: tuple = ("torchscript",), imgsz: tuple | l
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
     if "onnx" in include:
         check_opset(opset)
+    if int8 and not {"onnx", "openvino"} & set(include):
+        raise UserError("export.py: --int8 quantizes onnx and openvino exports; add --include onnx and/or openvino")
+    if int8 and half:
+        raise UserError("export.py: --int8 and --half exclude each other")
     sz = image_hw(imgsz)
 
     out: dict[str, Path] = {}
@@ -172,19 +213,38 @@ def run(weights: str | Path, include: tuple = ("torchscript",), imgsz: tuple | l
     if half:
         model, im = model.half(), im.half()
     meta = metadata(model, (h, w), batch_size, dynamic, half, weights)
-    with export_mode(model):
+    images = None
+    if int8:
+        images = quantize.calibration_images(calibration_data(weights, data), (h, w), stride, calib_images,
+                                             auto=dynamic)
+    with export_mode(model), tempfile.TemporaryDirectory() as tmp:
         with torch.no_grad():
             for _ in range(2):
                 model(im)  # dry runs
         if "torchscript" in targets:
             out["torchscript"] = export_torchscript(model, im, weights.with_suffix(".torchscript"), meta)
             LOGGER.info(f"TorchScript: saved {out['torchscript']} ({out['torchscript'].stat().st_size / 1e6:.1f} MB)")
-        if "onnx" in targets:
-            f = export_onnx(model, im, weights.with_suffix(".onnx"), meta, opset, dynamic, simplify)
-            out["onnx"] = f
-            LOGGER.info(f"ONNX (opset {opset}): saved {f} ({f.stat().st_size / 1e6:.1f} MB)")
+        if "onnx" in targets or "openvino" in targets:
+            keep = "onnx" in targets
+            f = export_onnx(model, im, weights.with_suffix(".onnx") if keep else Path(tmp) / f"{weights.stem}.onnx",
+                            meta, opset, dynamic, simplify)
+            if keep:
+                out["onnx"] = f
+                LOGGER.info(f"ONNX (opset {opset}): saved {f} ({_size_mb(f):.1f} MB)")
             if not half:
                 _onnx_check(f, model, im)
+            if keep and int8:
+                q = quantize.quantize_onnx(f, weights.with_name(f"{weights.stem}-int8.onnx"), images)
+                out["onnx-int8"] = q
+                LOGGER.info(f"ONNX INT8 (QDQ, per-channel): saved {q} ({_size_mb(q):.1f} MB)")
+            if "openvino" in targets:
+                d = export_openvino(f, weights.with_name(f"{weights.stem}_openvino_model"), meta)
+                out["openvino"] = d
+                LOGGER.info(f"OpenVINO (FP32 IR): saved {d} ({_size_mb(d):.1f} MB)")
+                if int8:
+                    d = export_openvino(f, weights.with_name(f"{weights.stem}-int8_openvino_model"), meta, images)
+                    out["openvino-int8"] = d
+                    LOGGER.info(f"OpenVINO INT8 (NNCF): saved {d} ({_size_mb(d):.1f} MB)")
     if dynamic:
         LOGGER.info(f"Export done, traced at [{batch_size}, 3, {h}, {w}] with dynamic batch and height/width "
                     f"(multiples of {stride}); run with: python detect_dual.py --weights <file> --imgsz <size>")

@@ -1,4 +1,5 @@
-"""One inference loader for validation, detection and export checks: .pt (this project), .torchscript, .onnx.
+"""One inference loader for validation, detection and export checks: .pt (this project), .torchscript, .onnx
+(FP32 or INT8) and OpenVINO IR (a `*_openvino_model/` folder or its .xml file, FP32 or INT8).
 
 Every format takes float images [B,3,H,W] in 0..1 and returns y [B, 4+nc, A] (main branch of dual models).
 Files exported without --dynamic take one input size: `fixed_imgsz` is then (h, w) and callers should
@@ -6,9 +7,15 @@ letterbox to exactly that size (validator: no rect batches). Smaller inputs are 
 (box coordinates stay valid); larger ones are refused. Files exported with --dynamic (metadata
 'dynamic_hw': true, or an ONNX input with symbolic height/width) take any multiple of the stride:
 `fixed_imgsz` is None, as for .pt, so rect batches and minimal-padding letterbox are used.
+
+half=True: fp16 on CUDA; on a CPU with native bfloat16 (utils.torch_utils.cpu_bf16_native) .pt and
+.torchscript run under bf16 autocast (the head decodes boxes in fp32) and OpenVINO runs with its bf16
+inference precision; without half every CPU format computes in fp32 (OpenVINO too, whose own default on
+AMX CPUs is bf16), so results do not depend on the CPU.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from pathlib import Path
@@ -21,8 +28,10 @@ import torch.nn.functional as F
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.deploy.reparam import main_branch_only
 from utils.general import LOGGER, UserError
+from utils.torch_utils import cpu_bf16
 
 PAD_VALUE = 114 / 255.0  # letterbox grey
+SUFFIXES = (".pt", ".torchscript", ".onnx", ".xml")  # plus OpenVINO folders (*_openvino_model/)
 
 
 def _json(s, default=None):
@@ -66,17 +75,19 @@ def pad_bottom_right(im: torch.Tensor, h: int, w: int) -> torch.Tensor:
 class Backend:
     """Callable model wrapper: float images [B,3,H,W] in 0..1 -> predictions [B, 4+nc, A] (main branch).
 
-    Attributes: stride (int), names, nc, pt (PyTorch module), jit, onnx, model (nn.Module / ScriptModule or
-    None), device, dtype, fixed_imgsz ((h, w) for exported files, else None), fixed_batch (int or None).
+    Attributes: stride (int), names, nc, pt (PyTorch module), jit, onnx, openvino, model (nn.Module /
+    ScriptModule or None), device, dtype, bf16 (CPU bfloat16), fixed_imgsz ((h, w) for exported files, else
+    None), fixed_batch (int or None).
     """
 
     def __init__(self, weights: str | Path | nn.Module, device: str | torch.device = "cpu", half: bool = False,
                  fuse: bool = True, main_only: bool = False):
         self.device = torch.device(device)
         self.half = bool(half) and self.device.type == "cuda"
+        self.bf16 = self.device.type == "cpu" and cpu_bf16(half)  # bf16 autocast / OpenVINO bf16 precision
         self.model: nn.Module | None = None
         self.session = None
-        self.jit = self.onnx = False
+        self.jit = self.onnx = self.openvino = False
         self.fixed_imgsz: tuple[int, int] | None = None
         self.fixed_batch: int | None = None
         self.metadata: dict = {}
@@ -89,10 +100,11 @@ class Backend:
             self.weights = None
         else:
             self.weights = Path(weights)
-            suffix = self.weights.suffix.lower()
-            if suffix not in (".pt", ".torchscript", ".onnx"):
-                raise UserError(f"{weights}: unsupported weights format '{suffix}' (use .pt, .torchscript or .onnx)")
-            if not self.weights.is_file():
+            suffix = ".xml" if self.weights.is_dir() else self.weights.suffix.lower()
+            if suffix not in SUFFIXES:
+                raise UserError(f"{weights}: unsupported weights format '{suffix}' (use .pt, .torchscript, .onnx "
+                                f"or an OpenVINO *_openvino_model folder)")
+            if not self.weights.exists():
                 raise UserError(f"{weights}: weights file not found")
             if suffix == ".pt":
                 ck = load_checkpoint(self.weights)
@@ -104,8 +116,14 @@ class Backend:
                 self.train_imgsz = (ck.get("opt") or {}).get("imgsz")
             elif suffix == ".torchscript":
                 self._load_torchscript()
+            elif suffix == ".xml":
+                self._load_openvino()
             else:
                 self._load_onnx()
+        if self.bf16 and self.onnx:
+            LOGGER.warning(f"WARNING: --half: {self.weights.name} runs in the precision it was exported in "
+                           f"(ONNX Runtime has no bf16 CPU kernels); export --include openvino for bf16")
+            self.bf16 = False
         if self.model is not None and not self.jit:
             self.model.to(self.device, memory_format=torch.channels_last).eval()  # NHWC: faster CPU and CUDA convs
             if self.half:
@@ -212,6 +230,42 @@ class Backend:
         if not has_meta:
             meta["nc"] = channels - 4
 
+    def _load_openvino(self) -> None:
+        """An OpenVINO IR (folder written by export.py --include openvino, or its .xml) compiled for the CPU."""
+        try:
+            import openvino as ov
+        except ImportError:
+            raise UserError(f"{self.weights}: running OpenVINO models needs openvino (pip install openvino)") from None
+        xml = self.weights
+        if xml.is_dir():
+            found = sorted(xml.glob("*.xml"))
+            if len(found) != 1:
+                raise UserError(f"{xml}: expected one OpenVINO .xml model in the folder, found {len(found)}")
+            xml = found[0]
+        core = ov.Core()
+        try:
+            model = core.read_model(str(xml))
+        except Exception as e:
+            raise UserError(f"{xml}: not a loadable OpenVINO model ({str(e).splitlines()[0][:120]})") from None
+        meta = {}
+        if model.has_rt_info(["yolo", "metadata"]):
+            meta = _json(model.get_rt_info(["yolo", "metadata"]).astype(str), {}) or {}
+        else:
+            LOGGER.warning(f"WARNING: {xml}: no export metadata; class names unknown, stride 32")
+        shape = model.input(0).get_partial_shape()
+        if shape.rank.is_static and shape.rank.get_length() == 4 and shape[2].is_static and shape[3].is_static:
+            meta["imgsz"], meta["dynamic_hw"] = [shape[2].get_length(), shape[3].get_length()], False
+        else:
+            meta["dynamic_hw"] = True
+        self.fixed_batch = shape[0].get_length() if shape.rank.is_static and shape[0].is_static else None
+        # f32 unless --half: OpenVINO would otherwise pick bf16 on AMX CPUs by itself (results would differ by CPU)
+        config = {"INFERENCE_PRECISION_HINT": "bf16" if self.bf16 else "f32", "PERFORMANCE_HINT": "LATENCY",
+                  "INFERENCE_NUM_THREADS": int(torch.get_num_threads())}
+        self.session = core.compile_model(model, "CPU", config).create_infer_request()
+        self.openvino = True
+        self.precision = config["INFERENCE_PRECISION_HINT"]
+        self._set_meta(meta)
+
     @property
     def dtype(self) -> torch.dtype:
         return torch.float16 if self.half else torch.float32
@@ -235,22 +289,30 @@ class Backend:
         shape = fixed_shape_for(im.shape[-2], im.shape[-1], self.graph_shapes) if self.graph_shapes else None
         return pad_bottom_right(im, *shape) if shape else im
 
-    def _run_onnx(self, im: torch.Tensor) -> torch.Tensor:
+    def _run_numpy(self, im: torch.Tensor) -> torch.Tensor:
+        """ONNX Runtime / OpenVINO: numpy in, numpy out; a fixed batch size runs in chunks, the last zero-padded."""
+        run = self._run_ov if self.openvino else self._run_ort
         x = im.detach().cpu().numpy().astype(self._input_dtype, copy=False)
         b = x.shape[0]
         fb = self.fixed_batch
         if fb is None or fb == b:
-            y = self.session.run(self.output_names[:1], {self.input_name: x})[0]
-        else:  # fixed batch size: run in chunks of fb, zero-padding the last one
+            y = run(x)
+        else:
             outs = []
             for s in range(0, b, fb):
                 chunk = x[s:s + fb]
                 n = chunk.shape[0]
                 if n < fb:
                     chunk = np.concatenate([chunk, np.zeros((fb - n, *chunk.shape[1:]), chunk.dtype)], 0)
-                outs.append(self.session.run(self.output_names[:1], {self.input_name: chunk})[0][:n])
+                outs.append(run(chunk)[:n])
             y = np.concatenate(outs, 0)
         return torch.from_numpy(np.ascontiguousarray(y)).to(self.device).float()
+
+    def _run_ort(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(self.output_names[:1], {self.input_name: x})[0]
+
+    def _run_ov(self, x: np.ndarray) -> np.ndarray:
+        return self.session.infer({0: x}, share_inputs=True)[0]
 
     def use_cuda_graph(self, mode: str | bool | None, max_shapes: int = 8) -> bool:
         """Replay captured CUDA graphs for repeated input shapes (--cuda-graph capture|compile); True if on.
@@ -268,16 +330,23 @@ class Backend:
         self.graph = graph_forward(self.model, mode, self.device, max_shapes)
         return self.graph is not None
 
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast for torch models on a bf16 CPU (--half), else nothing."""
+        if self.bf16 and self.model is not None:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     @torch.no_grad()
     def __call__(self, im: torch.Tensor) -> torch.Tensor:
-        if self.onnx:
-            return self._run_onnx(self._fit(im))
+        if self.onnx or self.openvino:
+            return self._run_numpy(self._fit(im))
         if self.graph is not None:
             return self.graph(self._fit_graph(im.to(self.device, self.dtype)))
         im = self._fit(im) if self.jit else im
-        out = self.model(im.to(self.device, self.dtype))
+        with self.autocast():
+            out = self.model(im.to(self.device, self.dtype))
         out = out[0] if isinstance(out, (tuple, list)) else out
-        return out.float() if self.jit else out
+        return out.float() if (self.jit or self.bf16) else out
 
     def warmup(self, imgsz: tuple = (1, 3, 64, 64)) -> None:
         """One eager forward (CUDA start-up, cuDNN's first choices). Never through --cuda-graph: a capture or a

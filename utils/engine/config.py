@@ -60,6 +60,7 @@ class TrainConfig:
     close_mosaic: int | None = None
     tensorboard: bool = True  # event files in the run folder (rank 0)
     compile: bool = False  # torch.compile the training forward
+    amp: bool | None = None  # mixed precision: None = auto (CUDA fp16 after a check; CPU see Trainer.amp_dtype)
     save_dir: str = ""  # the run folder, decided once by the trainer (or taken from a resumed checkpoint)
 
     @classmethod
@@ -190,7 +191,7 @@ class ValJob:
             raise UserError("val_dual.py: --weights is required (a .pt checkpoint written by train_dual.py)")
         weights = (weights,) if isinstance(weights, (str, Path)) else tuple(weights)
         for w in weights:
-            if not Path(w).is_file():
+            if not Path(w).exists():  # a file, or an OpenVINO *_openvino_model folder
                 raise UserError(f"{w}: weights file not found")
         task = raw.get("task", "val")
         if task not in ("val", "test", "speed"):
@@ -241,7 +242,7 @@ class PredictJob:
     vid_stride: int = 1
     track: bool = False
     tracker: str | None = None
-    threaded: bool = True  # False: the old sequential decode -> infer -> encode path (benchmarks)
+    threaded: bool | None = None  # background decode/encode; None: with 2+ usable cores (sources.background_io)
     main_only: bool = True  # run dual-head .pt models as their GELAN form (same boxes, less compute)
 
     @classmethod

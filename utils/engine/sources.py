@@ -18,7 +18,7 @@ from typing import Iterable, Iterator
 import cv2
 import numpy as np
 
-from utils.data.augment import letterbox
+from utils.data.augment import preprocess_image  # noqa: F401  (inference preprocessing, shared with INT8 calibration)
 from utils.data.verify import IMG_FORMATS
 from utils.general import LOGGER, UserError
 
@@ -318,6 +318,19 @@ class BackgroundCalls:
         self._raise()
 
 
+def background_io() -> bool:
+    """Whether to decode and encode in background threads: when this process may use more than one core
+    (containers and taskset included). On one core they only time-slice with inference, so I/O runs inline.
+    Measured on 2 shared cores (benchmarks/results/detect_threads.md): inline vs background decode/encode is
+    model-dependent within +-7% (gelan-t .pt inline 1.05-1.07x, yolov9-t-MMQA 0.93-0.96x), so 2+ cores keep
+    the background threads."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return cores > 1
+
+
 class LoadSources:
     """Iterate every image / video frame / stream frame of a source, yielding `Frame`s (unpackable as
     path, im0, frame, video_info).
@@ -326,12 +339,12 @@ class LoadSources:
     `.skipped`; a directly named file that cannot be read raises UserError. vid_stride > 1 keeps every
     n-th video frame (the others are grabbed but not decoded). A video that stops decoding before its
     stated frame count is reported (warning, and listed in `.incomplete`).
-    threaded (default): files are read and decoded in a background thread, `buffer` frames ahead
-    (`Prefetcher`); threaded=False reads in the caller's thread (the old sequential path).
+    threaded: files are read and decoded in a background thread, `buffer` frames ahead (`Prefetcher`);
+    False reads in the caller's thread (the sequential path); None (default) = `background_io()`.
     """
 
-    def __init__(self, source: str | Path, vid_stride: int = 1, threaded: bool = True, buffer: int = 4):
-        self.threaded, self.buffer = bool(threaded), int(buffer)
+    def __init__(self, source: str | Path, vid_stride: int = 1, threaded: bool | None = None, buffer: int = 4):
+        self.threaded, self.buffer = background_io() if threaded is None else bool(threaded), int(buffer)
         self.reader: Prefetcher | None = None
         self.incomplete: list[tuple[str, str]] = []
         self.source = str(source)
@@ -419,13 +432,3 @@ class LoadSources:
             yield Frame(path, im0, None, None, i, len(self.items))
         if not self.nyield and self.skipped:
             raise UserError(f"{self.source}: none of the {len(self.items)} files could be read")
-
-
-def preprocess_image(im0: np.ndarray, imgsz: int | tuple, stride: int = 32, auto: bool = True) -> tuple[np.ndarray, tuple]:
-    """Letterbox (shared with validation) + BGR->RGB + HWC->CHW, contiguous uint8.
-
-    Returns (img [3,h,w], ratio_pad ((rh, rw), (padw, padh))) as `scale_boxes` expects.
-    """
-    img, (rw, rh), pad = letterbox(im0, imgsz, auto=auto, stride=stride)
-    img = np.ascontiguousarray(img[..., ::-1].transpose(2, 0, 1))
-    return img, ((rh, rw), pad)

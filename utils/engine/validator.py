@@ -80,7 +80,11 @@ def _make_forward(model, want_feats: bool):
     if isinstance(model, Backend):
         if model.pt and want_feats:
             inner = model.model
-            return lambda x: _split_output(inner(x.to(model.device, model.dtype)))
+
+            def forward(x):
+                with model.autocast():
+                    return _split_output(inner(x.to(model.device, model.dtype)))
+            return forward
         return lambda x: (model(x), None)
     if isinstance(model, Ensemble):
         return lambda x: (model(x), None)

@@ -152,8 +152,6 @@ class Predictor:
         if max_det < 1:
             raise UserError(f"--max-det {max_det}: must be at least 1")
         self.device = select_device(device)
-        if half and self.device.type != "cuda":
-            LOGGER.warning("WARNING: --half needs a CUDA device, running in fp32")
         self.backend = Backend(weights, self.device, half=half, fuse=True, main_only=main_only)
         self.backend.use_cuda_graph(cuda_graph)
         self.stride = int(self.backend.stride)
@@ -303,7 +301,7 @@ class _VideoSink:
     """One cv2.VideoWriter per input video, same size and fps, mp4v codec, .mp4 output, written frame by frame
     (threaded: encoded in a background thread, in order, overlapping inference)."""
 
-    def __init__(self, save_dir: Path, threaded: bool = True):
+    def __init__(self, save_dir: Path, threaded: bool):
         self.threaded, self.bg = threaded, None  # writer thread started with the first video frame
         self.save_dir = save_dir
         self.src: str | None = None
@@ -389,6 +387,7 @@ def run(job: PredictJob | argparse.Namespace) -> Path:
         LOGGER.info("--dnn: ignored (OpenCV DNN backend not used)")
     source = str(opt.source) if opt.source not in (None, "") else default_source(opt.data)
     dataset = LoadSources(source, vid_stride=opt.vid_stride, threaded=opt.threaded)  # a bad source fails early
+    threaded = dataset.threaded  # decode and encode alike: background threads with 2+ usable cores
     track_cfg = tracker_for_run(opt, dataset)  # None unless --track on a sequence
     weights = opt.weights or find_newest("train/*/weights/best.pt", "--weights")
     if isinstance(weights, (list, tuple)):
@@ -408,7 +407,7 @@ def run(job: PredictJob | argparse.Namespace) -> Path:
         (save_dir / "labels").mkdir(parents=True, exist_ok=True)
     save_img = not opt.nosave
     viewer = _Viewer(opt.view_img)
-    sink = _VideoSink(save_dir, threaded=opt.threaded)
+    sink = _VideoSink(save_dir, threaded=threaded)
     seq = SequenceTracker(track_cfg, save_dir) if track_cfg is not None else None
     predictor.warmup()
 

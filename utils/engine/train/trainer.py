@@ -39,7 +39,7 @@ from utils.engine.validator import ValOptions, ValResult, Validator
 from utils.general import LOGGER, ROOT, UserError, check_img_size, increment_path
 from utils.loss import DetectionLoss
 from utils.plots import plot_images, plot_labels, plot_results
-from utils.torch_utils import cuda_memory_gb
+from utils.torch_utils import cpu_bf16, cuda_memory_gb
 
 RESULT_COLUMNS = ["epoch", "train/box_loss", "train/cls_loss", "train/dfl_loss", "metrics/precision",
                   "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95", "val/box_loss", "val/cls_loss",
@@ -145,7 +145,7 @@ class Trainer:
         self.model = self._build_model()
         # one decision for every rank: the ranks' models differ until DDP broadcasts rank 0's weights, and
         # ranks that disagreed would train with and without loss scaling while DDP averages their gradients
-        passed = self._amp_ok()
+        passed = self._amp_ok() if cfg.amp is not False else False  # --no-amp: fp32 everywhere
         self.amp = ddp.all_true(passed)
         if passed and not self.amp:
             LOGGER.warning("WARNING: the AMP check failed on another rank; every rank trains in fp32")
@@ -275,6 +275,7 @@ class Trainer:
                                                            last_epoch=self.start_epoch - 1)
         if cfg.sync_bn and LOCAL_RANK != -1:
             self.model = ddp.convert_sync_bn(self.model, self.device)
+        self.amp_dtype = torch.float16 if self.amp else self._cpu_amp_dtype()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         if LOCAL_RANK != -1:
             self.model = nn.parallel.DistributedDataParallel(
@@ -300,6 +301,15 @@ class Trainer:
         ok = bool(torch.isfinite(b).all()) and torch.allclose(a[:, :4], b[:, :4], atol=tol)
         LOGGER.info(f"AMP checks {'passed' if ok else 'failed, training in fp32'}")
         return ok
+
+    def _cpu_amp_dtype(self) -> torch.dtype | None:
+        """bf16 autocast for CPU training when asked (--amp) and the CPU has native bf16; else None (fp32).
+        No gradient scaler: bf16 keeps fp32's exponent range."""
+        if self.device.type != "cpu" or not cpu_bf16(bool(self.cfg.amp), "--amp"):
+            return None
+        if self.main:
+            LOGGER.info("AMP: bfloat16 autocast on CPU (forward and backward; loss in fp32)")
+        return torch.bfloat16
 
     def _build_loaders(self) -> None:
         cfg, data = self.cfg, self.data
@@ -406,9 +416,9 @@ class Trainer:
         targets = targets.to(self.device)
 
         def forward_backward(forward) -> torch.Tensor | None:
-            with torch.autocast("cuda", enabled=self.amp):
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 pred = forward(imgs)
-                loss, items = self.loss_fn(pred, targets)
+            loss, items = self.loss_fn(pred, targets)  # fp32: the assigner and DFL need the precision
             if not self._loss_is_finite(loss, epoch, ni, paths):
                 return None
             if LOCAL_RANK != -1:

@@ -1,0 +1,349 @@
+"""Deployment formats and CPU precision on a trained tiny model: every format's detections against the FP32
+.pt model's, bfloat16 inference and training, INT8 ONNX / OpenVINO and their calibration, I/O threads sized
+to the cores, and one-line errors when an optional package is missing."""
+from __future__ import annotations
+
+import builtins
+import logging
+import sys
+from importlib.util import find_spec
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import yaml
+
+import export as export_cli
+from helpers import SHAPE_NAMES
+from utils.deploy import export
+from utils.general import UserError
+from utils.torch_utils import cpu_bf16_native
+
+pytest.importorskip("onnxruntime")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+IMGSZ = 64
+BF16 = cpu_bf16_native()
+
+
+def _fit_tiny(model: nn.Module, imgs: torch.Tensor, targets: torch.Tensor, steps: int = 40) -> nn.Module:
+    """AdamW steps on one batch, then BatchNorm statistics taken from that batch (so eval = fitted behaviour)."""
+    from utils.loss import DetectionLoss
+    loss_fn = DetectionLoss(model, {"box": 7.5, "cls": 0.5, "dfl": 1.5})
+    opt = torch.optim.AdamW(model.parameters(), lr=0.003)
+    model.train()
+    for _ in range(steps):
+        loss, _ = loss_fn(model(imgs), targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.reset_running_stats()
+                m.momentum = None  # cumulative: one pass sets the batch's statistics
+        model(imgs)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """gelan-t fitted on 4 generated 96x96 images with one or two large shapes each (detection scores > 0.9),
+    exported at 64x64 to every format; INT8 calibrated on the same training images."""
+    from models.yolo import DetectionModel
+    from utils.checkpoint import make_checkpoint, save_checkpoint
+    from utils.data import create_dataloader, generate_shapes, load_data_config
+    d = tmp_path_factory.mktemp("formats")
+    generate_shapes(d / "ds", n_train=4, n_val=2, seed=5, max_objects=2, empty_prob=0.0, obj_size=(0.35, 0.6),
+                    sizes=[(96, 96)])
+    data = d / "tiny.yaml"
+    # val = the training images: the model is fitted to them (the generated val images are for detection only)
+    data.write_text(yaml.safe_dump({"path": str(d / "ds"), "train": "images/train", "val": "images/train",
+                                    "names": SHAPE_NAMES}))
+    cfg = load_data_config(data)
+    loader, _ = create_dataloader(cfg.train, IMGSZ, 4, 32, workers=0, names=cfg.names, nc=cfg.nc)
+    imgs, targets, paths, _ = next(iter(loader))
+    torch.manual_seed(0)
+    model = _fit_tiny(DetectionModel("gelan-t.yaml", nc=len(SHAPE_NAMES)), imgs.float() / 255, targets)
+    w = save_checkpoint(make_checkpoint(model, names=SHAPE_NAMES, opt={"data": str(data)}), d / "tiny.pt")
+    ov = ("openvino",) if find_spec("openvino") and find_spec("nncf") else ()
+    out = export.run(w, include=("torchscript", "onnx", *ov), imgsz=IMGSZ, int8=True, data=str(data))
+    images = sorted(str(p) for p in (d / "ds" / "images").rglob("*.jpg"))
+    return {"pt": w, **out}, str(data), images
+
+
+
+def _detect(weights, images, half=False):
+    from utils.engine.predict.predictor import Predictor
+    p = Predictor(str(weights), device="cpu", imgsz=IMGSZ, conf_thres=0.25, half=half)
+    return [p.predict(f) for f in images]
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    lt, rb = np.maximum(a[:, None, :2], b[None, :, :2]), np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(2)
+    area = lambda x: (x[:, 2:] - x[:, :2]).prod(1)  # noqa: E731
+    return inter / (area(a)[:, None] + area(b)[None] - inter)
+
+
+def _assert_matches(ref, got, min_iou: float, score_tol: float, exact_count: bool, conf: float = 0.25) -> None:
+    """Each box of one side scoring clearly above the threshold (conf + score_tol) has a same-class box on the
+    other side with IoU >= min_iou and score within score_tol; boxes within score_tol of the threshold may
+    appear on one side only."""
+    for r, g in zip(ref, got):
+        if exact_count:
+            assert len(g) == len(r), (r.path, r.summary(), g.summary())
+        for a, b in ((r, g), (g, r)):
+            for box, score, cls in zip(a.boxes, a.scores, a.class_ids):
+                if score < conf + score_tol:
+                    continue
+                same = b.class_ids == cls
+                assert same.any(), (r.path, r.summary(), g.summary())
+                iou = _iou(box[None], b.boxes[same])[0]
+                k = int(iou.argmax())
+                assert iou[k] >= min_iou and abs(b.scores[same][k] - score) <= score_tol, (r.path, iou[k], score)
+
+
+# tolerances: fp32 formats differ from PyTorch by float reassociation only (~1e-5 in the outputs: exact box
+# counts). bf16 keeps 8 significant bits through the backbone (boxes decoded in fp32): measured on this fitted
+# model min matched IoU 0.994 and max score change 0.005 (.pt autocast and OpenVINO bf16). INT8 (256 levels per
+# activation tensor, per-channel weights): measured min IoU 0.987 and max score change 0.008 (ONNX Runtime and
+# NNCF). The checks allow about 3-4x the measured box error (1 - IoU) and score change, for other CPUs' kernels
+# and runtime versions; boxes within score_tol of the confidence threshold may appear on one side only.
+FP32 = dict(min_iou=0.999, score_tol=1e-3, exact_count=True)
+BF16_TOL = dict(min_iou=0.975, score_tol=0.02, exact_count=False)
+INT8_TOL = dict(min_iou=0.95, score_tol=0.03, exact_count=False)
+
+
+def test_trained_model_detects(trained):
+    files, _, images = trained
+    ref = [r for r in _detect(files["pt"], images) if len(r)]
+    assert len(ref) >= 3 and max(r.scores.max() for r in ref) > 0.9  # fitted, not a random head
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx", "openvino"])
+def test_fp32_formats_equal_pt(trained, fmt):
+    files, _, images = trained
+    if fmt not in files:
+        pytest.skip("openvino not installed")
+    ref, got = _detect(files["pt"], images), _detect(files[fmt], images)
+    _assert_matches(ref, got, **FP32)
+    for r, g in zip(ref, got):
+        np.testing.assert_allclose(g.boxes, r.boxes, atol=0.05)
+
+
+@pytest.mark.parametrize("fmt", ["pt", "openvino"])
+def test_bf16_half_on_cpu(trained, fmt, caplog):
+    files, _, images = trained
+    if fmt not in files:
+        pytest.skip("openvino not installed")
+    from utils.engine.backend import Backend
+    b = Backend(files[fmt], half=True)
+    assert b.bf16 == BF16 and b.dtype == torch.float32  # inputs stay fp32: autocast / OpenVINO convert inside
+    if fmt == "openvino":
+        assert b.precision == ("bf16" if BF16 else "f32")
+    _assert_matches(_detect(files["pt"], images), _detect(files[fmt], images, half=True), **BF16_TOL)
+
+
+def test_val_half_on_cpu_runs_bf16(trained, monkeypatch):
+    """val_dual.py --half on CPU: the .pt forward runs under bf16 autocast (where the CPU has it), boxes and
+    NMS in fp32, and the mAP50-95 stays within 0.05 of fp32 on the fitted model."""
+    from utils.engine import backend
+    from utils.engine.validator import run_validation
+    files, data, _ = trained
+    seen = []
+    real = backend.Backend.autocast
+    monkeypatch.setattr(backend.Backend, "autocast", lambda self: seen.append(self.bf16) or real(self))
+    kw = dict(weights=str(files["pt"]), data=data, imgsz=IMGSZ, workers=0, plots=False, device="cpu")
+    a = run_validation(**kw, project=str(Path(data).parent / "v32")).map
+    b = run_validation(**kw, half=True, project=str(Path(data).parent / "v16")).map
+    assert seen and seen[-1] == BF16 and not seen[0]
+    assert a > 0.2 and abs(a - b) < 0.05, (a, b)
+
+
+def test_track_half_on_cpu(trained, tmp_path, monkeypatch):
+    """detect_dual.py --track --half on CPU runs bf16 (where the CPU has it): same tracks (class, id) as fp32 on
+    the fitted model's images, box centres and sizes within 0.01 of the image (bf16 IoU >= 0.99 measured)."""
+    import detect_dual
+    from utils.engine import backend
+    from utils.engine.predict.predictor import run
+    files, data, _ = trained
+    seen = []
+    real = backend.Backend.autocast
+    monkeypatch.setattr(backend.Backend, "autocast", lambda self: seen.append(self.bf16) or real(self))
+    src = Path(data).parent / "ds" / "images" / "train"
+    rows = {}
+    for half in (False, True):
+        opt = detect_dual.parse_opt(["--weights", str(files["pt"]), "--source", str(src), "--track", "--save-txt",
+                                     "--imgsz", str(IMGSZ), "--device", "cpu", "--project", str(tmp_path),
+                                     "--name", str(half)] + ["--half"] * half)
+        d = run(opt)
+        rows[half] = [sorted(map(str.split, f.read_text().splitlines())) for f in sorted((d / "labels").glob("*.txt"))]
+    assert seen[-1] == BF16 and not seen[0]
+    assert len(rows[False]) >= 2 and len(rows[True]) == len(rows[False])  # frames with confirmed tracks
+    for a, b in zip(rows[False], rows[True]):
+        assert [(r[0], r[-1]) for r in a] == [(r[0], r[-1]) for r in b]  # class and track id
+        np.testing.assert_allclose(np.array([r[1:5] for r in b], float), np.array([r[1:5] for r in a], float),
+                                   atol=0.01)
+
+
+@pytest.mark.parametrize("fmt", ["onnx-int8", "openvino-int8"])
+def test_int8_formats_match_pt(trained, fmt):
+    files, _, images = trained
+    if fmt not in files:
+        pytest.skip("openvino not installed")
+    import onnx
+    if fmt == "onnx-int8":  # QDQ graph, per-channel weight scales, metadata carried over
+        m = onnx.load(str(files[fmt]))
+        assert any(n.op_type == "QuantizeLinear" for n in m.graph.node)
+        scales = [t for t in m.graph.initializer if t.name.endswith("weight_scale")]
+        assert scales and all(len(t.dims) == 1 and t.dims[0] > 1 for t in scales)
+        assert {p.key for p in m.metadata_props} >= {"names", "stride", "imgsz"}
+    from utils.engine.backend import Backend
+    b = Backend(files[fmt])
+    assert b.names == SHAPE_NAMES and b.fixed_imgsz == (IMGSZ, IMGSZ) and b.stride == 32
+    _assert_matches(_detect(files["pt"], images), _detect(files[fmt], images), **INT8_TOL)
+
+
+def test_int8_check_prints_both_maps(trained, caplog):
+    files, data, _ = trained
+    with caplog.at_level(logging.INFO, logger="yolov9mqa"):
+        maps = export_cli.check_int8(files, data, "cpu")
+    assert set(maps) == ({"onnx", "openvino"} if "openvino" in files else {"onnx"})
+    for fmt, (fp32, int8) in maps.items():
+        assert 0.3 < fp32 <= 1 and abs(fp32 - int8) < 0.15
+        assert f"INT8 check, {fmt}: mAP50-95 FP32 {fp32:.4f}, INT8 {int8:.4f}" in caplog.text
+
+
+def test_calibration_images_are_inference_inputs(trained):
+    """Calibration tensors equal what Predictor feeds the fixed-size export for the same training images."""
+    from utils.data.verify import collect_image_files
+    from utils.deploy.quantize import calibration_images
+    from utils.engine.predict.predictor import Predictor
+    files, data, _ = trained
+    cal = calibration_images(data, (IMGSZ, IMGSZ), 32, n=3)
+    train, _ = collect_image_files(Path(data).parent / "ds" / "images" / "train")
+    picked = [train[i] for i in (0, 2, 3)]  # evenly spaced: round(linspace(0, 3, 3)) = 0, 2, 3 (1.5 -> 2)
+    p = Predictor(str(files["onnx"]), device="cpu")
+    from utils.data import imread
+    for c, f in zip(cal, picked):
+        x, _ = p.preprocess(imread(f))
+        np.testing.assert_array_equal(c, x.numpy())
+
+
+def test_fp32_nodes_keep_decode_and_attention():
+    from utils.deploy.quantize import fp32_nodes
+    names = ["/model.0/conv/Conv", "/model.3/cv2/cv2.1/MatMul", "/model.3/cv2/cv2.1/Softmax",
+             "/model.3/cv2/cv2.1/MatMul_1", "/model.22/cv2.0/cv2.0.2/Conv", "/model.22/cv3.1/cv3.1.0/conv/Conv",
+             "/model.22/dfl/Softmax", "/model.22/dfl/conv/Conv", "/model.22/Sigmoid", "/model.22/Concat_9"]
+    assert fp32_nodes(names) == names[1:4] + names[6:]
+
+
+# ---------------------------------------------------------------- bfloat16 pieces
+
+def test_head_decodes_in_fp32_under_autocast():
+    """Under bf16 autocast the boxes are decoded in fp32: bf16 pixel coordinates step 2-4 px at 640."""
+    from models.yolo import DetectionModel
+    from helpers import perturb_bn
+    model = perturb_bn(DetectionModel("gelan-t.yaml", nc=3))
+    x = torch.rand(1, 3, 96, 640)
+    with torch.no_grad():
+        ref = model(x)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(x)[0]
+    assert y.dtype == torch.float32
+    # same fp32 decoding of the bf16 head outputs: box error from the network only, not from rounding x
+    assert (y[:, :4] - ref[:, :4]).abs().max() < 2.0
+
+
+def test_loss_in_fp32_for_bf16_maps():
+    """The loss decodes anchors and boxes in fp32 even when the head's maps come from bf16 autocast (a 160x160
+    grid needs anchor centres 159.5 that bf16 cannot hold)."""
+    from models.yolo import DetectionModel
+    from utils.loss import DetectionLoss
+    model = DetectionModel("gelan-t.yaml", nc=2)
+    loss_fn = DetectionLoss(model, {"box": 7.5, "cls": 0.5, "dfl": 1.5})
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.randn(1, 64 + 2, s, s, generator=g).bfloat16() for s in (160, 80, 40)]
+    targets = torch.tensor([[0, 1, 0.98, 0.97, 0.02, 0.03], [0, 0, 0.5, 0.5, 0.2, 0.1]])
+    a, _ = loss_fn(feats, targets)
+    b, _ = loss_fn([f.float() for f in feats], targets)
+    assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
+def test_bf16_falls_back_with_one_line(monkeypatch, caplog, trained):
+    import utils.torch_utils as tu
+    from utils.engine.backend import Backend
+    files, _, _ = trained
+    monkeypatch.setattr(tu.torch.cpu, "get_capabilities", lambda: {"architecture": "x86_64", "avx512_f": True})
+    assert not tu.cpu_bf16_native()
+    with caplog.at_level(logging.WARNING, logger="yolov9mqa"):
+        b = Backend(files["pt"], half=True)
+    assert not b.bf16 and b.dtype == torch.float32
+    lines = [r.getMessage() for r in caplog.records if "bfloat16" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0] and "fp32" in lines[0]
+
+
+def test_training_amp_on_cpu(tmp_path, monkeypatch):
+    """--amp on CPU: the forward runs under bf16 autocast (where the CPU has it), the loss outside it in fp32;
+    default and --no-amp train in fp32."""
+    from utils.engine.config import TrainConfig
+    from utils.engine.train.trainer import Trainer
+    from utils.data import generate_shapes
+    generate_shapes(tmp_path / "ds", n_train=4, n_val=2, seed=1)
+    data = tmp_path / "d.yaml"
+    data.write_text(yaml.safe_dump({"path": str(tmp_path / "ds"), "train": "images/train", "val": "images/val",
+                                    "names": SHAPE_NAMES}))
+    seen = {}
+    for amp in (True, None, False):
+        cfg = TrainConfig(data=str(data), cfg="gelan-t.yaml", epochs=1, batch_size=2, imgsz=64, workers=0,
+                          device="cpu", project=str(tmp_path / "runs"), name=str(amp), noplots=True,
+                          tensorboard=False, amp=amp)
+        t = Trainer(cfg)
+        t.setup()
+        t.nonfinite, t.last_opt_step = 0, -1  # what run() sets before the first step
+        inner = t.loss_fn
+
+        def spy(pred, targets, inner=inner, amp=amp):
+            seen[amp] = (pred[0].dtype, torch.is_autocast_enabled("cpu"))
+            return inner(pred, targets)
+
+        t.loss_fn = spy
+        imgs, targets, paths, _ = next(iter(t.train_loader))
+        t.train_step(0, 0, imgs.float() / 255, targets, paths)
+    assert seen[True] == ((torch.bfloat16 if BF16 else torch.float32), False)
+    assert seen[None] == seen[False] == (torch.float32, False)
+
+
+# ---------------------------------------------------------------- optional packages missing: one line
+
+def _without(monkeypatch, *names):
+    real = builtins.__import__
+
+    def fake(name, *a, **k):
+        if name.split(".")[0] in names:
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+    for n in list(sys.modules):
+        if n.split(".")[0] in names:
+            monkeypatch.delitem(sys.modules, n)
+
+
+def test_missing_openvino_or_nncf_is_one_line(trained, monkeypatch, tmp_path):
+    from utils.deploy import quantize
+    from utils.engine.backend import Backend
+    files, data, _ = trained
+    folder = tmp_path / "m_openvino_model"
+    folder.mkdir()
+    (folder / "m.xml").write_text("<net/>")
+    _without(monkeypatch, "openvino", "nncf")
+    with pytest.raises(UserError, match=r"needs openvino \(pip install openvino\)$"):
+        Backend(folder)
+    with pytest.raises(UserError, match=r"--include openvino needs the openvino package \(pip install openvino\)$"):
+        export.export_openvino(files["onnx"], tmp_path / "x_openvino_model", {})
+    with pytest.raises(UserError, match=r"needs nncf \(pip install nncf\)$"):
+        quantize.quantize_openvino(object(), [])
