@@ -87,7 +87,7 @@ def test_links_and_results_exist(doc):
 
 def test_no_issue_numbers_in_code_or_docs():
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
-    pattern = re.compile(r"\bissues?\s*#?\s*\d+\b", re.IGNORECASE)
+    pattern = re.compile(r"\bissues?[\s#_-]*\d+\b", re.IGNORECASE)
     hits = []
     for f in files:
         if Path(f).suffix in (".py", ".md", ".sh", ".yaml", ".txt", ".ini", ".cfg") and (ROOT / f).is_file():
