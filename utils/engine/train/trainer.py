@@ -15,6 +15,7 @@ import os
 import random
 import signal
 import time
+import warnings
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -402,7 +403,9 @@ class Trainer:
             if self.stop_requested:
                 raise KeyboardInterrupt
         self.lrs = [x["lr"] for x in self.optimizer.param_groups]
-        self.scheduler.step()
+        with warnings.catch_warnings():  # an epoch whose steps were all skipped (non-finite loss) already warned
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            self.scheduler.step()
         return mloss.tolist()
 
     def train_step(self, ni: int, epoch: int, imgs: torch.Tensor, targets: torch.Tensor,
