@@ -541,7 +541,8 @@ def _run_validation(job: ValJob, weights: list, dev: torch.device) -> ValResult:
     if (options.save_txt or options.save_hybrid) and ddp.is_main():
         n = len(list((save_dir / "labels").glob("*.txt")))
         LOGGER.info(f"{n} labels saved to {save_dir / 'labels'}")
-    LOGGER.info(f"Results saved to {save_dir}")
+    if save_dir.is_dir() and any(save_dir.iterdir()):  # a check without plots or files saves nothing to point at
+        LOGGER.info(f"Results saved to {save_dir}")
     return out
 
 
