@@ -347,3 +347,14 @@ def test_missing_openvino_or_nncf_is_one_line(trained, monkeypatch, tmp_path):
         export.export_openvino(files["onnx"], tmp_path / "x_openvino_model", {})
     with pytest.raises(UserError, match=r"needs nncf \(pip install nncf\)$"):
         quantize.quantize_openvino(object(), [])
+
+
+@pytest.mark.skipif(find_spec("openvino") is None, reason="openvino not installed")
+def test_foreign_openvino_model_is_refused(tmp_path):
+    import openvino as ov
+    from utils.engine.backend import Backend
+    classifier = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())  # output [1, 4]
+    ov.save_model(ov.convert_model(classifier, example_input=torch.rand(1, 3, 64, 64), input=[1, 3, 64, 64]),
+                  str(tmp_path / "classifier.xml"))
+    with pytest.raises(UserError, match=r"classifier.xml: not a detector exported by this project .*shape \[1, 4\]"):
+        Backend(tmp_path / "classifier.xml")

@@ -202,31 +202,30 @@ class Backend:
         self.fixed_batch = shape[0] if shape and isinstance(shape[0], int) else None
         if "float16" in inp.type:
             self._input_dtype = np.float16
-        self._check_detector_output(meta, bool(raw))
+        out = self.session.get_outputs()[0]
+        self._check_detector_output(meta, bool(raw), out.name, list(out.shape))
         if not raw:
             LOGGER.warning(f"WARNING: {self.weights}: no export metadata; class names unknown, stride 32")
         self._set_meta(meta)
 
-    def _check_detector_output(self, meta: dict, has_meta: bool) -> None:
-        """A foreign ONNX file (a classifier, another detector layout) is refused here, for detection and
-        validation alike: the output must be [batch, 4 + classes, anchors], and without metadata the class
-        count is read from that shape."""
-        out = self.session.get_outputs()[0]
-        shape = list(out.shape)
+    def _check_detector_output(self, meta: dict, has_meta: bool, name: str, shape: list) -> None:
+        """A foreign exported file (a classifier, another detector layout) is refused here, for detection and
+        validation alike: the first output (`name`, `shape` with ints for static sizes) must be
+        [batch, 4 + classes, anchors], and without metadata the class count is read from that shape."""
         channels = shape[1] if len(shape) == 3 and isinstance(shape[1], int) else None
         nc = meta.get("nc", len(meta["names"]) if isinstance(meta.get("names"), list) else None)
         why = None
         if len(shape) != 3:
-            why = f"its output '{out.name}' has shape {shape}"
+            why = f"its output '{name}' has shape {shape}"
         elif channels is not None and channels < 5:
-            why = f"its output '{out.name}' has {channels} channels (4 box values + at least one class)"
+            why = f"its output '{name}' has {channels} channels (4 box values + at least one class)"
         elif isinstance(nc, int) and channels is not None and channels != 4 + nc:
             why = f"its output has {channels} channels but its metadata says {nc} classes"
         elif not has_meta and channels is None:
             why = "it has no export metadata and its output's class count is not fixed"
         if why:
             raise UserError(f"{self.weights}: not a detector exported by this project ({why}; expected "
-                            f"[batch, 4 + classes, anchors]); export a checkpoint with export.py --include onnx")
+                            f"[batch, 4 + classes, anchors]); export a checkpoint of this project with export.py")
         if not has_meta:
             meta["nc"] = channels - 4
 
@@ -248,9 +247,14 @@ class Backend:
         except Exception as e:
             raise UserError(f"{xml}: not a loadable OpenVINO model ({str(e).splitlines()[0][:120]})") from None
         meta = {}
-        if model.has_rt_info(["yolo", "metadata"]):
+        has_meta = model.has_rt_info(["yolo", "metadata"])
+        if has_meta:
             meta = _json(model.get_rt_info(["yolo", "metadata"]).astype(str), {}) or {}
-        else:
+        out = model.output(0)
+        out_shape = [d.get_length() if d.is_static else None for d in out.get_partial_shape()] \
+            if out.get_partial_shape().rank.is_static else []
+        self._check_detector_output(meta, has_meta, next(iter(sorted(out.get_names())), "0"), out_shape)
+        if not has_meta:
             LOGGER.warning(f"WARNING: {xml}: no export metadata; class names unknown, stride 32")
         shape = model.input(0).get_partial_shape()
         if shape.rank.is_static and shape.rank.get_length() == 4 and shape[2].is_static and shape[3].is_static:
