@@ -9,10 +9,13 @@ step: build the model, loss, optimizer (and under torchrun SyncBN + DDP) through
       EMA model on the trainer's (sharded) val loader next to a plain single-process validation of it; and
       each rank's (forced AMP check result, AMP decision): rank 0's check passes, rank 1's fails.
 val:  val_dual.main(argv) under torchrun or alone; rank 0 saves the ValResult numbers.
+scan: every rank builds the training loader of a split together (gloo); rank 0 saves what each rank checked,
+      whether it came from the label store, which file it maps and its labels.
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -97,9 +100,25 @@ def val(out: Path, argv: list[str]) -> None:
         out.write_text(json.dumps(result_numbers(res)))
 
 
+def scan(out: Path, images: str) -> None:
+    import torch.distributed as dist
+    from utils.data import create_dataloader
+    from utils.engine import distributed as ddp
+    dist.init_process_group("gloo")
+    _, ds = create_dataloader(images, 64, 4, rank=dist.get_rank(), nc=5, workers=0, augment=True)
+    mine = {"rank": dist.get_rank(), "verified": ds.verified, "store": ds.store.path, "pid": os.getpid(),
+            "labels": np.concatenate(list(ds.labels)).tolist(), "files": list(ds.im_files)}
+    ranks = ddp.gather_objects(mine)
+    if dist.get_rank() == 0:
+        out.write_text(json.dumps(ranks))
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], Path(sys.argv[2])
     if mode == "step":
         step(out, sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6] == "1")
+    elif mode == "scan":
+        scan(out, sys.argv[3])
     else:
         val(out, sys.argv[3:])

@@ -9,10 +9,27 @@ import pytest
 from PIL import Image
 
 from utils.data import YOLODataset, create_dataloader, img2label_paths, imread
+from utils.data.store import LabelStore
 from utils.data.verify import CACHE_VERSION, scan_dataset
 from utils.general import UserError
 
 GOOD = "0 0.5 0.5 0.4 0.3\n"
+
+
+def store_meta(cache_file: Path) -> dict:
+    """The label store's metadata, read as plain arrays (nothing unpickled)."""
+    with np.load(cache_file, allow_pickle=False) as z:
+        return json.loads(z["meta"].tobytes())
+
+
+def rewrite_store(cache_file: Path, meta: dict | None = None, **arrays) -> None:
+    """Rewrite a label store with some arrays or metadata replaced (what another version might have written)."""
+    store = LabelStore.load(cache_file)
+    a = {k: np.array(v) for k, v in store.a.items()}
+    if meta is not None:
+        a["meta"] = np.frombuffer(json.dumps({**store.meta, **meta}).encode(), np.uint8)
+    a.update(arrays)
+    LabelStore(a).save(cache_file)
 
 
 def write_img(path: Path, w=64, h=48, colour=(40, 160, 90)) -> Path:
@@ -137,8 +154,7 @@ def test_cache_hit_and_invalidation(messy):
     assert not first.from_cache
     cache_file = Path(first.cache_file)
     assert cache_file == messy / "labels" / "train.cache" and cache_file.is_file()
-    cache = json.loads(cache_file.read_text())  # plain data, readable without executing anything
-    assert cache["version"] == CACHE_VERSION
+    assert store_meta(cache_file)["version"] == CACHE_VERSION  # plain arrays, readable without executing anything
     second = scan_dataset(src, 3)
     assert second.from_cache and second.counts == first.counts
     # a changed label file invalidates
@@ -151,13 +167,14 @@ def test_cache_hit_and_invalidation(messy):
     assert not scan_dataset(src, 5).from_cache
     assert scan_dataset(src, 5).counts.corrupt == 12 - 1  # class 3 now valid
     # a stale version or garbage cache is rebuilt, not trusted
-    cache = json.loads(cache_file.read_text())
-    cache["version"] = "old"
-    cache_file.write_text(json.dumps(cache))
+    rewrite_store(cache_file, meta={"version": "old"})
     assert not scan_dataset(src, 5).from_cache
     cache_file.write_text("\x00garbage")
     assert not scan_dataset(src, 5).from_cache
     assert scan_dataset(src, 5).from_cache
+    # the JSON cache of earlier versions is rescanned and replaced, not a crash
+    cache_file.write_text(json.dumps({"version": "yolo-mqa-labels-3", "hash": "x", "records": [], "msgs": []}))
+    assert not scan_dataset(src, 5).from_cache and store_meta(cache_file)["version"] == CACHE_VERSION
     # a new image invalidates
     write_img(src / "new.png")
     assert not scan_dataset(src, 5).from_cache
@@ -281,14 +298,14 @@ def test_label_cache_from_before_edge_clipping_is_rebuilt(messy, monkeypatch):
     monkeypatch.setattr(verify, "CACHE_VERSION", "yolo-mqa-labels-2")  # the version before this change
     first = scan_dataset(src, 3)
     cache_file = Path(first.cache_file)
-    cache = json.loads(cache_file.read_text())
-    rec = next(r for r in cache["records"] if r["im_file"].endswith("crossing.png"))
-    rec.update(status="corrupt", labels=[])  # what that version recorded for this image
-    cache_file.write_text(json.dumps(cache))
+    store = LabelStore.load(cache_file)
+    status = np.array(store.a["status"])
+    status[store.all_paths().index(str(src.resolve() / "crossing.png"))] = 2  # what that version recorded: corrupt
+    rewrite_store(cache_file, status=status)
     stale = scan_dataset(src, 3)
     assert stale.from_cache and not any(f.endswith("crossing.png") for f in stale.im_files)  # old code trusts it
     monkeypatch.undo()
     fresh = scan_dataset(src, 3)
     assert not fresh.from_cache and any(f.endswith("crossing.png") for f in fresh.im_files)
-    assert json.loads(cache_file.read_text())["version"] == CACHE_VERSION != "yolo-mqa-labels-2"
+    assert store_meta(cache_file)["version"] == CACHE_VERSION != "yolo-mqa-labels-2"
     assert scan_dataset(src, 3).from_cache
