@@ -70,13 +70,23 @@ def generate(root: Path, n: int, workers: int = 2, seed: int = 0) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- one phase
-def _private_mib(pid: int) -> float | None:
-    """Memory only this process holds (Private_Clean + Private_Dirty from /proc/<pid>/smaps_rollup), MiB."""
+def _private_mib(pid: int) -> list[float] | None:
+    """[Private_Dirty, Private_Clean] of a process, MiB (/proc/<pid>/smaps_rollup). Dirty: its own copies (heap,
+    copy-on-write pages of the parent); clean: file pages only it maps right now (e.g. parts of the label store
+    no other process has read), which the kernel can drop at any time."""
     try:
-        kb = sum(int(line.split()[1]) for line in open(f"/proc/{pid}/smaps_rollup") if line.startswith("Private_"))
-        return kb / 1024
+        kb = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in open(f"/proc/{pid}/smaps_rollup")
+                                                if line.startswith("Private_"))}
+        return [kb.get("Private_Dirty", 0) / 1024, kb.get("Private_Clean", 0) / 1024]
     except OSError:
         return None
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this process (all threads) and of its waited-for children (the scan's worker processes)."""
+    import resource
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 def _phase(kind: str, tree: str, images: str, tiny: str, workers: int, batch: int, pass_images: int) -> dict:
@@ -90,11 +100,11 @@ def _phase(kind: str, tree: str, images: str, tiny: str, workers: int, batch: in
     LOGGER.setLevel(logging.WARNING)
     YOLODataset(tiny, imgsz=64, augment=True, nc=80)  # the "empty" dataset: imports and first-use costs
     base = mem_baseline()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_s()
     if kind != "pass":
         ds = YOLODataset(images, imgsz=64, augment=True, nc=80)
-        return {"s": time.perf_counter() - t0, "peak_mib": mem_peak_growth(base), "n": len(ds),
-                "verified": getattr(ds, "verified", None)}
+        return {"s": time.perf_counter() - t0, "cpu_s": _cpu_s() - c0, "peak_mib": mem_peak_growth(base),
+                "n": len(ds), "verified": getattr(ds, "verified", None)}
     loader, ds = create_dataloader(images, 64, batch, 32, augment=True, workers=workers, shuffle=True, nc=80,
                                    hyp={"mosaic": 1.0, "mixup": 0.0})
     build = time.perf_counter() - t0
@@ -162,6 +172,55 @@ def edit_labels(root: Path, k: int = 10) -> list[tuple[Path, str]]:
     return saved
 
 
+def _fmt(r: dict | None, key: str, fmt: str = "{:.2f}") -> str:
+    if not r:
+        return "-"
+    if "error" in r:
+        return "error"
+    v = r.get(key)
+    return "-" if v is None else fmt.format(v)
+
+
+def _ratio(old: dict | None, new: dict | None, key: str) -> str:
+    try:
+        return f"{old[key] / new[key]:.1f}x"
+    except (TypeError, KeyError, ZeroDivisionError):
+        return "-"
+
+
+def markdown(out: dict, args: str) -> str:
+    """This run as a markdown section: previous and this code side by side, ratios previous / this."""
+    g = lambda name, side: out.get(f"{name}|{side}")  # noqa: E731
+    lines = [f"### {out['n']:,} images", "", f"`python benchmarks/bench_scale.py {args}`; load average "
+             f"{out['load_start']:.1f} at the start, {out['load_end']:.1f} at the end (2 shared cores).", "",
+             "| phase | previous | this | previous / this |", "|---|---:|---:|---:|"]
+    for name in ("first scan", "cached build", "10 labels edited"):
+        o, n = g(name, "old"), g(name, "new")
+        what = "rebuild after 10 label files changed" if name == "10 labels edited" else name
+        lines.append(f"| {what}: wall s | {_fmt(o, 's')} | {_fmt(n, 's')} | {_ratio(o, n, 's')} |")
+        lines.append(f"| {what}: CPU s (all processes) | {_fmt(o, 'cpu_s')} | {_fmt(n, 'cpu_s')} | "
+                     f"{_ratio(o, n, 'cpu_s')} |")
+        lines.append(f"| {what}: peak RSS above an empty dataset, MB | {_fmt(o, 'peak_mib', '{:.0f}')} | "
+                     f"{_fmt(n, 'peak_mib', '{:.0f}')} | {_ratio(o, n, 'peak_mib')} |")
+    lines.append(f"| images checked after 10 label files changed | {out['n']:,} (all) | "
+                 f"{_fmt(g('10 labels edited', 'new'), 'verified', '{:,}')} | |")
+    o, n = g("pass", "old"), g("pass", "new")
+    if o or n:
+        lines.append(f"| one pass, 2 workers, 64 px, mosaic: images/s | {_fmt(o, 'img_s', '{:.0f}')} | "
+                     f"{_fmt(n, 'img_s', '{:.0f}')} | {_ratio(n, o, 'img_s')} (this / previous) |")
+        lines += ["", "Loader workers' private memory (MB, dirty + clean, each worker) over the epoch; the mosaic "
+                  "partner buffer (<= 128 MiB per worker, full after ~11k images at 64 px) is part of it:", "",
+                  "| epoch done | previous | this |", "|---|---|---|"]
+        marks = sorted(set((o or {}).get("private_mib", {})) | set((n or {}).get("private_mib", {})), key=float)
+
+        def cell(r, m):
+            ws = (r or {}).get("private_mib", {}).get(m)
+            return " / ".join(f"{w[0]:.0f} + {w[1]:.0f}" if isinstance(w, list) else f"{w:.0f}"
+                              for w in ws) if ws else "-"
+        lines += [f"| {float(m):.0%} | {cell(o, m)} | {cell(n, m)} |" for m in marks]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("n", type=int, nargs="?", default=10_000, help="images in the generated split")
@@ -173,6 +232,7 @@ def main() -> None:
     p.add_argument("--pass-images", type=int, default=0, help="images in the timed pass (0 = one epoch)")
     p.add_argument("--no-pass", action="store_true")
     p.add_argument("--json", default="", help="write the numbers here")
+    p.add_argument("--md", default="", help="add this run's table to this markdown file")
     p.add_argument("--_phase", nargs=7, help=argparse.SUPPRESS)
     opt = p.parse_args()
     if opt._phase:
@@ -223,6 +283,9 @@ def main() -> None:
     out["load_end"] = os.getloadavg()[0]
     if opt.json:
         Path(opt.json).write_text(json.dumps(out, indent=1))
+    if opt.md:
+        with open(opt.md, "a") as f:
+            f.write(markdown(out, " ".join(sys.argv[1:])) + "\n")
     print(f"load average at the end {out['load_end']:.1f}")
 
 

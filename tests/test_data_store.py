@@ -174,3 +174,52 @@ def test_loader_workers_read_the_mapped_store(tmp_path):
             assert sorted(got.tolist()) == sorted(want[:, 0].tolist())
             seen += 1
     assert seen == 16 and ds.store.path is not None
+
+
+def test_fast_box_parser_equals_the_full_parser(tmp_path, monkeypatch):
+    """Clean box files take the numpy path; it must give the full parser's rows bit for bit, and leave every
+    file it cannot vouch for (clipping, duplicates, polygons, bad rows) to the full parser."""
+    rng = np.random.default_rng(0)
+    texts = []
+    for _ in range(300):
+        n = int(rng.integers(1, 15))
+        wh = rng.uniform(0.001, 0.6, (n, 2))
+        xy = rng.uniform(wh / 2, 1 - wh / 2)
+        rows = [f"{int(rng.integers(0, 80))} {x:.{d}f} {y:.{d}f} {w:.{d}f} {h:.{d}f}"
+                for (x, y), (w, h), d in zip(xy, wh, rng.integers(3, 9, n))]
+        texts.append("\n".join(rows) + rng.choice(["\n", "", "\r\n\n"]))
+    texts += ["0 0.99 0.5 0.1 0.2\n", "0 0.5 0.5 0.2 0.2\n0 0.5 0.5 0.2 0.2\n", "1 0.1 0.1 0.4 0.1 0.4 0.5\n",
+              "0 0.5 0.5 0 0.2\n", "80 0.5 0.5 0.1 0.1\n", "0 nan 0.5 0.1 0.1\n", "1.0 0.5 0.5 0.1 0.1\n"]
+    files = []
+    for i, t in enumerate(texts):
+        files.append(tmp_path / f"{i}.txt")
+        files[-1].write_bytes(t.encode())
+    fast = [checks.parse_label_file(str(f), 80) for f in files]
+    assert sum(checks._clean_boxes(f.read_text(), 80) is not None for f in files) == 301  # 300 + "1.0 ..."
+    monkeypatch.setattr(checks, "_clean_boxes", lambda text, nc: None)
+    full = [checks.parse_label_file(str(f), 80) for f in files]
+    for a, b in zip(fast, full):
+        assert a.labels.dtype == b.labels.dtype and a.labels.tobytes() == b.labels.tobytes()
+        assert (a.error, a.messages, a.n_duplicates, a.n_clipped) == (b.error, b.messages, b.n_duplicates, b.n_clipped)
+        assert len(a.segments) == len(b.segments)
+
+
+def test_listing_one_realpath_per_folder(tmp_path):
+    """Folders are listed without a stat or realpath per file; symlinked files still resolve to their target,
+    symlinked folders are not entered, hidden and non-image files are left out (the latter with a message)."""
+    root = tmp_path.resolve()
+    imgs, other = root / "imgs", root / "other"
+    (imgs / "sub" / "deep").mkdir(parents=True)
+    other.mkdir()
+    for f in ["a.jpg", "B.PNG", ".hid.jpg", "sub/c.jpeg", "sub/deep/d.webp", "notes.md", "x.txt", "noext", ".jpg"]:
+        (imgs / f).write_bytes(b"x")
+    (other / "t.jpg").write_bytes(b"x")
+    (imgs / "link.jpg").symlink_to(other / "t.jpg")
+    (imgs / "linkdir").symlink_to(other)
+    files, msgs = checks.collect_image_files(imgs, "p: ")
+    assert files == sorted(str(f) for f in (imgs / "B.PNG", imgs / "a.jpg", imgs / "sub" / "c.jpeg",
+                                            imgs / "sub" / "deep" / "d.webp", other / "t.jpg"))
+    assert msgs == [f"p: {imgs / 'noext'}: skipped, not an image file (suffix '')",
+                    f"p: {imgs / 'notes.md'}: skipped, not an image file (suffix '.md')"]
+    assert checks.img2label_paths(files[:2] + ["x.jpg", "/d/images/.a.b.jpg", "/d/images/x/images/y.jpg"]) == [
+        str(imgs / "B.txt"), str(imgs / "a.txt"), "x.txt", "/d/labels/.a.b.txt", "/d/images/x/labels/y.txt"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,9 +68,12 @@ def _walk_images(folder: Path, prefix: str, files: list[str], msgs: list[str]) -
         real += os.sep
         for e in plain:
             name = e.name
-            if name[0] != "." and name.rpartition(".")[2].lower() in IMG_FORMATS and _stem(name) != name:
+            if name[0] == ".":
+                continue
+            i = name.rfind(".")  # not hidden: a dot after the first character starts the suffix
+            if i > 0 and name[i + 1:].lower() in IMG_FORMATS:
                 files.append(real + name)
-            elif name[0] != ".":
+            else:
                 other.append(e.path)
         for e in odd:  # folders (symlinked ones are not entered) and symlinks
             if e.is_dir(follow_symlinks=False):
@@ -85,6 +89,24 @@ def _walk_images(folder: Path, prefix: str, files: list[str], msgs: list[str]) -
             msgs.append(f"{prefix}{Path(f)}: skipped, not an image file (suffix '{suffix}')")
 
 
+def _resolve_file(f: Path, real_dirs: dict[str, str]) -> str | None:
+    """str(f.resolve()) if f is a file, else None: one lstat per file and one realpath per folder (a realpath per
+    file costs an lstat per path component; lists of a million images are common)."""
+    try:
+        st = os.lstat(f)
+    except OSError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        return str(f.resolve()) if f.is_file() else None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    folder = str(f.parent)
+    real = real_dirs.get(folder)
+    if real is None:
+        real = real_dirs[folder] = os.path.realpath(folder)
+    return os.path.join(real, f.name)
+
+
 def collect_image_files(paths: list[str | Path] | str | Path, prefix: str = "") -> tuple[list[str], list[str]]:
     """Expand folders (recursively), .txt lists and single images into a sorted, de-duplicated list.
 
@@ -97,18 +119,19 @@ def collect_image_files(paths: list[str | Path] | str | Path, prefix: str = "") 
         if p.is_dir():
             _walk_images(p, prefix, files, msgs)
         elif p.is_file() and p.suffix.lower() == ".txt":
+            real_dirs: dict[str, str] = {}
             for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
                 line = line.strip()
                 if not line or line.startswith("#"):
                     continue
                 f = Path(line)
                 f = f if f.is_absolute() else (p.parent / f)
-                if f.suffix[1:].lower() not in IMG_FORMATS:
-                    msgs.append(f"{prefix}{f}: skipped, not an image file (listed in {p.name})")
-                elif not f.is_file():
-                    msgs.append(f"{prefix}{f}: skipped, image missing (listed in {p.name})")
+                resolved = None if f.suffix[1:].lower() not in IMG_FORMATS else _resolve_file(f, real_dirs)
+                if resolved is None:
+                    why = "not an image file" if f.suffix[1:].lower() not in IMG_FORMATS else "image missing"
+                    msgs.append(f"{prefix}{f}: skipped, {why} (listed in {p.name})")
                 else:
-                    files.append(str(f.resolve()))
+                    files.append(resolved)
         elif p.is_file() and p.suffix[1:].lower() in IMG_FORMATS:
             files.append(str(p.resolve()))
         elif p.exists():
@@ -191,13 +214,14 @@ def _clean_boxes(text: str, nc: int) -> np.ndarray | None:
         v = np.array([float(t) for p in parts for t in p], np.float64).reshape(-1, 5)  # float() as the full parser
     except ValueError:
         return None
-    c, xc, yc, w, h = v.T
-    x1, y1, x2, y2 = xc - w / 2, yc - h / 2, xc + w / 2, yc + h / 2
+    c, xy, wh = v[:, 0], v[:, 1:3], v[:, 3:5]
+    lo, hi = xy - wh / 2, xy + wh / 2  # x1 y1, x2 y2 as parse_label_file computes them
+    size = hi - lo
     if not (np.isfinite(v).all() and (c == np.floor(c)).all() and c.min() >= 0 and c.max() < nc
-            and (x2 - x1).min() > 0 and (y2 - y1).min() > 0 and w.min() > 0 and h.min() > 0
-            and x1.min() >= 0 and y1.min() >= 0 and x2.max() <= 1 and y2.max() <= 1):
+            and wh.min() > 0 and size.min() > 0 and lo.min() >= 0 and hi.max() <= 1):
         return None
-    lb = np.stack((c, (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1), 1).astype(np.float32)
+    lb = np.empty((len(v), 5), np.float32)
+    lb[:, 0], lb[:, 1:3], lb[:, 3:5] = c, (lo + hi) / 2, size
     return lb if len(set(map(tuple, lb.tolist()))) == len(lb) else None  # duplicates: the full parser says so
 
 

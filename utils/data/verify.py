@@ -44,13 +44,34 @@ def _stat_chunk(files: Sequence[str]) -> list[tuple[int, int]]:
     return out
 
 
+_FORKED_FILES: Sequence[str] = ()  # the list a forked stat process reads (inherited, never pickled)
+
+
+def _stat_span(a: int, b: int) -> np.ndarray:
+    return np.array(_stat_chunk(_FORKED_FILES[a:b]), np.int64).reshape(-1, 2)
+
+
 def stat_files(files: Sequence[str]) -> np.ndarray:
-    """[n, 2] int64 (size, mtime_ns) of each file, (-1, 0) when missing; threads overlap the system calls."""
-    if len(files) < 8192:
+    """[n, 2] int64 (size, mtime_ns) of each file, (-1, 0) when missing.
+
+    Every start of every process stats the whole split (that is what keys the label store), so at 100k+ files
+    the system calls run in forked processes (the list is inherited, not sent), else in threads."""
+    n = len(files)
+    if n < 8192:
         return np.array(_stat_chunk(files), np.int64).reshape(-1, 2)
+    cpus = min(os.cpu_count() or 1, 8)
+    if n >= 65536 and cpus > 1 and "fork" in multiprocessing.get_all_start_methods():
+        global _FORKED_FILES
+        step = -(-n // (4 * cpus))
+        _FORKED_FILES = files
+        try:
+            with ProcessPoolExecutor(cpus, mp_context=multiprocessing.get_context("fork")) as pool:
+                return np.concatenate(list(pool.map(_stat_span, range(0, n, step), range(step, n + step, step))))
+        finally:
+            _FORKED_FILES = ()
     step = 4096
-    with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
-        parts = list(pool.map(_stat_chunk, [files[i:i + step] for i in range(0, len(files), step)]))
+    with ThreadPoolExecutor(min(4, cpus)) as pool:
+        parts = list(pool.map(_stat_chunk, [files[i:i + step] for i in range(0, n, step)]))
     return np.array([x for p in parts for x in p], np.int64).reshape(-1, 2)
 
 
@@ -217,7 +238,8 @@ def _scan_or_load(paths, nc: int, prefix: str, use_cache: bool) -> tuple[LabelSt
     """(store, messages about the listing, cache path, images checked now)."""
     im_files, list_msgs = collect_image_files(paths)
     lb_files = img2label_paths(im_files)
-    im_stat, lb_stat = stat_files(im_files), stat_files(lb_files)
+    both = stat_files(im_files + lb_files)
+    im_stat, lb_stat = both[:len(im_files)], both[len(im_files):]
     blob, path_off = encode_strings(im_files)
     want = listing_hash(CACHE_VERSION, nc, blob, im_stat, lb_stat)
     cpath = cache_path_for(lb_files, paths)
