@@ -82,6 +82,15 @@ def _private_mib(pid: int) -> list[float] | None:
         return None
 
 
+def _proc_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) a process has used so far, from /proc/<pid>/stat."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _cpu_s() -> float:
     """CPU seconds of this process (all threads) and of its waited-for children (the scan's worker processes)."""
     import resource
@@ -118,8 +127,10 @@ def _phase(kind: str, tree: str, images: str, tiny: str, workers: int, batch: in
         if k in marks:
             priv[f"{k / total:.2f}"] = [_private_mib(p) for p in pids]
     sec = time.perf_counter() - t1
+    worker_cpu = sum(_proc_cpu_s(p) or 0.0 for p in pids)
     del it
-    return {"s": sec, "images": n, "img_s": n / sec, "build_s": build, "private_mib": priv}
+    return {"s": sec, "images": n, "img_s": n / sec, "worker_cpu_ms": worker_cpu / n * 1e3, "build_s": build,
+            "private_mib": priv}
 
 
 def run_phase(kind: str, tree: str, images: Path, tiny: Path, opt) -> dict:
@@ -208,6 +219,8 @@ def markdown(out: dict, args: str) -> str:
     if o or n:
         lines.append(f"| one pass, 2 workers, 64 px, mosaic: images/s | {_fmt(o, 'img_s', '{:.0f}')} | "
                      f"{_fmt(n, 'img_s', '{:.0f}')} | {_ratio(n, o, 'img_s')} (this / previous) |")
+        lines.append(f"| one pass: loader workers' CPU ms per image | {_fmt(o, 'worker_cpu_ms')} | "
+                     f"{_fmt(n, 'worker_cpu_ms')} | {_ratio(o, n, 'worker_cpu_ms')} |")
         lines += ["", "Loader workers' private memory (MB, dirty + clean, each worker) over the epoch; the mosaic "
                   "partner buffer (<= 128 MiB per worker, full after ~11k images at 64 px) is part of it:", "",
                   "| epoch done | previous | this |", "|---|---|---|"]

@@ -7,6 +7,7 @@ runs `verify_pairs` over chunks of the split in parallel and keeps the results i
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import stat
@@ -40,24 +41,26 @@ def _stem(name: str) -> str:
 def img2label_paths(img_paths: list[str]) -> list[str]:
     """.../images/x.jpg -> .../labels/x.txt (last /images/ only); same folder when there is none."""
     sa, sb = f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"
-    folders: dict[str, str] = {}  # image folder (with its separator) -> label folder, computed once per folder
-    out = []
-    for p in img_paths:
-        folder, slash, name = str(p).rpartition(os.sep)
-        lf = folders.get(folder)
-        if lf is None:
-            head, sep, tail = (folder + slash).rpartition(sa)
-            lf = folders[folder] = head + sb + tail if sep else folder + slash
-        out.append(f"{lf}{_stem(name)}.txt")
+    folder, lf, out = None, "", []
+    for p in img_paths:  # images of one folder come together: its label folder is computed once
+        f, slash, name = str(p).rpartition(os.sep)
+        if f != folder:
+            head, sep, tail = (f + slash).rpartition(sa)
+            folder, lf = f, (head + sb + tail if sep else f + slash)
+        i = name.rfind(".")
+        out.append(lf + (name[:i] if i > 0 and name[0] != "." else _stem(name)) + ".txt")
     return out
 
 
 def _walk_images(folder: Path, prefix: str, files: list[str], msgs: list[str]) -> None:
-    """Images under a folder, recursively (symlinked sub-folders are not entered), as resolved absolute paths.
+    """Images under a folder, recursively (symlinked sub-folders are not entered), as resolved absolute paths,
+    sorted.
 
     One realpath for the folder instead of one per file: os.scandir's entries know their type without a stat,
     so only symlinked files cost a resolve (they resolve to their target, as before)."""
     stack = [(str(folder), os.path.realpath(folder))]
+    found: list[tuple[str, list[str]]] = []  # (real folder + separator, image names in it)
+    links: list[str] = []  # resolved targets of symlinked images
     other: list[str] = []  # non-image files, reported in path order
     while stack:
         shown, real = stack.pop()
@@ -66,23 +69,31 @@ def _walk_images(folder: Path, prefix: str, files: list[str], msgs: list[str]) -
             for e in it:  # the entry type comes from the directory listing: no stat for regular files
                 (plain if e.is_file(follow_symlinks=False) else odd).append(e)
         real += os.sep
+        names = []
         for e in plain:
             name = e.name
             if name[0] == ".":
                 continue
             i = name.rfind(".")  # not hidden: a dot after the first character starts the suffix
             if i > 0 and name[i + 1:].lower() in IMG_FORMATS:
-                files.append(real + name)
+                names.append(name)
             else:
                 other.append(e.path)
+        found.append((real, names))
         for e in odd:  # folders (symlinked ones are not entered) and symlinks
             if e.is_dir(follow_symlinks=False):
                 stack.append((e.path, real + e.name))
             elif e.is_file() and not e.name.startswith("."):
                 if _stem(e.name) != e.name and e.name.rpartition(".")[2].lower() in IMG_FORMATS:
-                    files.append(os.path.realpath(e.path))
+                    links.append(os.path.realpath(e.path))
                 else:
                     other.append(e.path)
+    if len(found) == 1 and not links:  # one folder: sorting the names sorts the paths (short strings, faster)
+        real, names = found[0]
+        names.sort()
+        files += [real + n for n in names]
+    else:
+        files += sorted([real + n for real, names in found for n in names] + links)
     for f in sorted(other, key=Path):
         suffix = Path(f).suffix
         if suffix.lower() not in NOT_IMAGE_SUFFIXES:
@@ -138,7 +149,8 @@ def collect_image_files(paths: list[str | Path] | str | Path, prefix: str = "") 
             raise UserError(f"{p}: not a folder, .txt image list or image")
         else:
             raise UserError(f"{p}: path does not exist")
-    unique = sorted(set(files))
+    files.sort()  # a no-op pass when one folder gave them (already sorted)
+    unique = [f for f, _ in itertools.groupby(files)]
     if len(unique) < len(files):
         msgs.append(f"{prefix}{len(files) - len(unique)} image paths listed more than once, using each once")
     if not unique:
@@ -214,10 +226,12 @@ def _clean_boxes(text: str, nc: int) -> np.ndarray | None:
         v = np.array([float(t) for p in parts for t in p], np.float64).reshape(-1, 5)  # float() as the full parser
     except ValueError:
         return None
+    if not np.isfinite(v).all():
+        return None
     c, xy, wh = v[:, 0], v[:, 1:3], v[:, 3:5]
     lo, hi = xy - wh / 2, xy + wh / 2  # x1 y1, x2 y2 as parse_label_file computes them
     size = hi - lo
-    if not (np.isfinite(v).all() and (c == np.floor(c)).all() and c.min() >= 0 and c.max() < nc
+    if not ((c == np.floor(c)).all() and c.min() >= 0 and c.max() < nc
             and wh.min() > 0 and size.min() > 0 and lo.min() >= 0 and hi.max() <= 1):
         return None
     lb = np.empty((len(v), 5), np.float32)

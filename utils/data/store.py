@@ -201,7 +201,8 @@ def _map_members(f, mm: mmap.mmap, size: int) -> dict[str, np.ndarray] | None:
             else:
                 return None
             want, trailing = FIELDS[name]
-            if dtype.hasobject or fortran or dtype != np.dtype(want) or tuple(shape[1:]) != trailing:
+            if (dtype.hasobject or fortran or dtype != np.dtype(want) or tuple(shape[1:]) != trailing
+                    or min(shape, default=0) < 0):
                 return None
             count = int(np.prod(shape))
             start = f.tell()

@@ -138,15 +138,15 @@ class DatasetScan:
 @contextmanager
 def node_leader_first(enabled: bool):
     """Under torch.distributed: local rank 0 runs the block first; the node's other ranks wait at a barrier and
-    run it after (finding the cache it wrote). Every rank calls barrier() exactly once, also when the block
-    raises, so a failing leader never leaves the others waiting."""
+    run it after (finding the store it wrote). Yields True in those followers. Every rank calls barrier()
+    exactly once, also when the block raises, so a failing leader never leaves the others waiting."""
     import torch.distributed as dist
     active = enabled and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     leader = int(os.environ.get("LOCAL_RANK", "0")) == 0
     if active and not leader:
         dist.barrier()
     try:
-        yield
+        yield active and not leader
     finally:
         if active and leader:
             dist.barrier()
@@ -234,15 +234,22 @@ def _merge(n: int, old: LabelStore | None, old_idx: np.ndarray, reuse: np.ndarra
     return parts, msgs
 
 
-def _scan_or_load(paths, nc: int, prefix: str, use_cache: bool) -> tuple[LabelStore, list[str], str, int]:
-    """(store, messages about the listing, cache path, images checked now)."""
+def _scan_or_load(paths, nc: int, prefix: str, use_cache: bool,
+                  fresh: bool = False) -> tuple[LabelStore, list[str], str, int]:
+    """(store, messages about the listing, cache path, images checked now). fresh: the node's leader has just
+    checked this split against the files, so a store listing the same images is taken without a stat each."""
     im_files, list_msgs = collect_image_files(paths)
     lb_files = img2label_paths(im_files)
+    cpath = cache_path_for(lb_files, paths)
+    if fresh and use_cache:
+        store = LabelStore.load(cpath)
+        if (store is not None and store.meta.get("version") == CACHE_VERSION and store.meta.get("nc") == nc
+                and store.all_paths() == im_files):
+            return store, list_msgs, str(cpath), 0
     both = stat_files(im_files + lb_files)
     im_stat, lb_stat = both[:len(im_files)], both[len(im_files):]
     blob, path_off = encode_strings(im_files)
     want = listing_hash(CACHE_VERSION, nc, blob, im_stat, lb_stat)
-    cpath = cache_path_for(lb_files, paths)
     old = LabelStore.load(cpath) if use_cache else None
     if old is not None and (old.meta.get("version") != CACHE_VERSION or old.meta.get("nc") != nc):
         old = None  # other checking rules or class range: every verdict may differ
@@ -283,8 +290,8 @@ def scan_dataset(paths, nc: int, prefix: str = "", use_cache: bool = True, colle
     """Collect, verify (or load from the label store) and summarise a split; logs each problem once.
 
     collective=True: every rank of a torch.distributed job calls this together; local rank 0 scans first."""
-    with node_leader_first(collective):
-        store, list_msgs, cache_file, verified = _scan_or_load(paths, nc, prefix, use_cache)
+    with node_leader_first(collective) as follower:
+        store, list_msgs, cache_file, verified = _scan_or_load(paths, nc, prefix, use_cache, fresh=follower)
     a = store.a
     status, label = a["status"], a["label"]
     rows = np.flatnonzero(status != CORRUPT)
