@@ -110,12 +110,14 @@ def _phase(kind: str, tree: str, images: str, tiny: str, workers: int, batch: in
     YOLODataset(tiny, imgsz=64, augment=True, nc=80)  # the "empty" dataset: imports and first-use costs
     base = mem_baseline()
     t0, c0 = time.perf_counter(), _cpu_s()
-    if kind != "pass":
+    if kind == "build":
         ds = YOLODataset(images, imgsz=64, augment=True, nc=80)
         return {"s": time.perf_counter() - t0, "cpu_s": _cpu_s() - c0, "peak_mib": mem_peak_growth(base),
                 "n": len(ds), "verified": getattr(ds, "verified", None)}
-    loader, ds = create_dataloader(images, 64, batch, 32, augment=True, workers=workers, shuffle=True, nc=80,
-                                   hyp={"mosaic": 1.0, "mixup": 0.0})
+    # "pass": training (mosaic; each worker keeps a bounded buffer of decoded partners); "plain": letterbox only,
+    # nothing kept per image, so any growth is the dataset's own per-image objects
+    loader, ds = create_dataloader(images, 64, batch, 32, augment=kind == "pass", workers=workers, shuffle=True,
+                                   nc=80, hyp={"mosaic": 1.0, "mixup": 0.0})
     build = time.perf_counter() - t0
     total = min(len(loader), -(-pass_images // batch)) if pass_images else len(loader)
     marks = {max(1, round(total * f)) for f in (0.01, 0.25, 0.5, 0.75, 1.0)}
@@ -215,21 +217,24 @@ def markdown(out: dict, args: str) -> str:
                      f"{_fmt(n, 'peak_mib', '{:.0f}')} | {_ratio(o, n, 'peak_mib')} |")
     lines.append(f"| images checked after 10 label files changed | {out['n']:,} (all) | "
                  f"{_fmt(g('10 labels edited', 'new'), 'verified', '{:,}')} | |")
-    o, n = g("pass", "old"), g("pass", "new")
-    if o or n:
-        lines.append(f"| one pass, 2 workers, 64 px, mosaic: images/s | {_fmt(o, 'img_s', '{:.0f}')} | "
-                     f"{_fmt(n, 'img_s', '{:.0f}')} | {_ratio(n, o, 'img_s')} (this / previous) |")
-        lines.append(f"| one pass: loader workers' CPU ms per image | {_fmt(o, 'worker_cpu_ms')} | "
-                     f"{_fmt(n, 'worker_cpu_ms')} | {_ratio(o, n, 'worker_cpu_ms')} |")
-        lines += ["", "Loader workers' private memory (MB, dirty + clean, each worker) over the epoch; the mosaic "
-                  "partner buffer (<= 128 MiB per worker, full after ~11k images at 64 px) is part of it:", "",
-                  "| epoch done | previous | this |", "|---|---|---|"]
-        marks = sorted(set((o or {}).get("private_mib", {})) | set((n or {}).get("private_mib", {})), key=float)
+    def cell(r, m):
+        ws = (r or {}).get("private_mib", {}).get(m)
+        return " / ".join(f"{w[0]:.0f} + {w[1]:.0f}" if isinstance(w, list) else f"{w:.0f}" for w in ws) if ws else "-"
 
-        def cell(r, m):
-            ws = (r or {}).get("private_mib", {}).get(m)
-            return " / ".join(f"{w[0]:.0f} + {w[1]:.0f}" if isinstance(w, list) else f"{w:.0f}"
-                              for w in ws) if ws else "-"
+    passes = [(k, g(k, "old"), g(k, "new")) for k in ("pass", "plain") if g(k, "old") or g(k, "new")]
+    what = {"pass": "training pass (mosaic)", "plain": "plain pass (letterbox only)"}
+    for k, o, n in passes:
+        lines.append(f"| {what[k]}, 2 workers, 64 px: images/s | {_fmt(o, 'img_s', '{:.0f}')} | "
+                     f"{_fmt(n, 'img_s', '{:.0f}')} | {_ratio(n, o, 'img_s')} (this / previous) |")
+        lines.append(f"| {what[k]}: loader workers' CPU ms per image | {_fmt(o, 'worker_cpu_ms')} | "
+                     f"{_fmt(n, 'worker_cpu_ms')} | {_ratio(o, n, 'worker_cpu_ms')} |")
+    for k, o, n in passes:
+        note = (" The mosaic partner buffer (at most 128 MiB per worker; full after about 11k images at 64 px) is "
+                "part of it." if k == "pass" else " Nothing is kept per image: growth is the dataset's own objects "
+                "being copied into the worker as it touches them.")
+        lines += ["", f"Loader workers' private memory over one epoch of the {what[k]}, MB per worker, dirty + clean "
+                  f"(smaps_rollup).{note}", "", "| epoch done | previous | this |", "|---|---|---|"]
+        marks = sorted(set((o or {}).get("private_mib", {})) | set((n or {}).get("private_mib", {})), key=float)
         lines += [f"| {float(m):.0%} | {cell(o, m)} | {cell(n, m)} |" for m in marks]
     return "\n".join(lines) + "\n"
 
@@ -284,13 +289,13 @@ def main() -> None:
     finally:
         for f, text in saved:
             f.write_text(text)
-    if not opt.no_pass:
+    for kind in () if opt.no_pass else ("plain", "pass"):
         for side, tree in sides:
             slots.enter(side, True)
-            r = run_phase("pass", tree, images, tiny, opt)
+            r = run_phase(kind, tree, images, tiny, opt)
             slots.leave(side)
-            out[f"pass|{side}"] = r
-            print(f"  {'one pass':<24} {side:<4} {json.dumps(r)}", flush=True)
+            out[f"{kind}|{side}"] = r
+            print(f"  {'one pass (' + kind + ')':<24} {side:<4} {json.dumps(r)}", flush=True)
     for side, _ in sides:
         slots.slot(side).unlink(missing_ok=True)
     out["load_end"] = os.getloadavg()[0]
