@@ -115,7 +115,13 @@ def _phase(kind: str, tree: str, images: str, tiny: str, workers: int, batch: in
         return {"s": time.perf_counter() - t0, "cpu_s": _cpu_s() - c0, "peak_mib": mem_peak_growth(base),
                 "n": len(ds), "verified": getattr(ds, "verified", None)}
     # "pass": training (mosaic; each worker keeps a bounded buffer of decoded partners); "plain": letterbox only,
-    # nothing kept per image, so any growth is the dataset's own per-image objects
+    # nothing kept per image; "plain-empty": the same, but the batches carry no label rows (the workers still read
+    # every image's labels): what remains is the dataset itself, without the transport of the label tensors
+    if kind == "plain-empty":
+        import torch
+        collate = YOLODataset.collate_fn
+        YOLODataset.collate_fn = staticmethod(lambda batch: (*collate(batch)[:1], torch.zeros(0, 6),
+                                                             *collate(batch)[2:]))
     loader, ds = create_dataloader(images, 64, batch, 32, augment=kind == "pass", workers=workers, shuffle=True,
                                    nc=80, hyp={"mosaic": 1.0, "mixup": 0.0})
     build = time.perf_counter() - t0
@@ -209,29 +215,34 @@ def markdown(out: dict, args: str) -> str:
              "| phase | previous | this | previous / this |", "|---|---:|---:|---:|"]
     for name in ("first scan", "cached build", "10 labels edited"):
         o, n = g(name, "old"), g(name, "new")
+        if not (o or n):
+            continue
         what = "rebuild after 10 label files changed" if name == "10 labels edited" else name
         lines.append(f"| {what}: wall s | {_fmt(o, 's')} | {_fmt(n, 's')} | {_ratio(o, n, 's')} |")
         lines.append(f"| {what}: CPU s (all processes) | {_fmt(o, 'cpu_s')} | {_fmt(n, 'cpu_s')} | "
                      f"{_ratio(o, n, 'cpu_s')} |")
         lines.append(f"| {what}: peak RSS above an empty dataset, MB | {_fmt(o, 'peak_mib', '{:.0f}')} | "
                      f"{_fmt(n, 'peak_mib', '{:.0f}')} | {_ratio(o, n, 'peak_mib')} |")
-    lines.append(f"| images checked after 10 label files changed | {out['n']:,} (all) | "
-                 f"{_fmt(g('10 labels edited', 'new'), 'verified', '{:,}')} | |")
+    if g("10 labels edited", "new"):
+        lines.append(f"| images checked after 10 label files changed | {out['n']:,} (all) | "
+                     f"{_fmt(g('10 labels edited', 'new'), 'verified', '{:,}')} | |")
     def cell(r, m):
         ws = (r or {}).get("private_mib", {}).get(m)
         return " / ".join(f"{w[0]:.0f} + {w[1]:.0f}" if isinstance(w, list) else f"{w:.0f}" for w in ws) if ws else "-"
 
-    passes = [(k, g(k, "old"), g(k, "new")) for k in ("pass", "plain") if g(k, "old") or g(k, "new")]
-    what = {"pass": "training pass (mosaic)", "plain": "plain pass (letterbox only)"}
+    passes = [(k, g(k, "old"), g(k, "new")) for k in ("pass", "plain", "plain-empty") if g(k, "old") or g(k, "new")]
+    what = {"pass": "training pass (mosaic)", "plain": "plain pass (letterbox only)",
+            "plain-empty": "plain pass, batches without label rows"}
     for k, o, n in passes:
         lines.append(f"| {what[k]}, 2 workers, 64 px: images/s | {_fmt(o, 'img_s', '{:.0f}')} | "
                      f"{_fmt(n, 'img_s', '{:.0f}')} | {_ratio(n, o, 'img_s')} (this / previous) |")
         lines.append(f"| {what[k]}: loader workers' CPU ms per image | {_fmt(o, 'worker_cpu_ms')} | "
                      f"{_fmt(n, 'worker_cpu_ms')} | {_ratio(o, n, 'worker_cpu_ms')} |")
     for k, o, n in passes:
-        note = (" The mosaic partner buffer (at most 128 MiB per worker; full after about 11k images at 64 px) is "
-                "part of it." if k == "pass" else " Nothing is kept per image: growth is the dataset's own objects "
-                "being copied into the worker as it touches them.")
+        note = {"pass": " The mosaic partner buffer (at most 128 MiB per worker; full after about 11k images at 64 px) "
+                        "is part of it.",
+                "plain": " Nothing is kept per image.",
+                "plain-empty": " The workers read every image's labels but send none: the dataset's own cost."}[k]
         lines += ["", f"Loader workers' private memory over one epoch of the {what[k]}, MB per worker, dirty + clean "
                   f"(smaps_rollup).{note}", "", "| epoch done | previous | this |", "|---|---|---|"]
         marks = sorted(set((o or {}).get("private_mib", {})) | set((n or {}).get("private_mib", {})), key=float)
@@ -249,6 +260,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--pass-images", type=int, default=0, help="images in the timed pass (0 = one epoch)")
     p.add_argument("--no-pass", action="store_true")
+    p.add_argument("--passes", nargs="+", default=["plain", "plain-empty", "pass"],
+                   choices=["plain", "plain-empty", "pass"], help="loader passes to time (each a fresh process)")
+    p.add_argument("--only-passes", action="store_true", help="skip the scan phases")
     p.add_argument("--json", default="", help="write the numbers here")
     p.add_argument("--md", default="", help="add this run's table to this markdown file")
     p.add_argument("--_phase", nargs=7, help=argparse.SUPPRESS)
@@ -270,7 +284,7 @@ def main() -> None:
           f"load {os.getloadavg()[0]:.1f}", flush=True)
     warm(root)
     out = {"n": opt.n, "sides": [s for s, _ in sides], "load_start": os.getloadavg()[0]}
-    phases = [("first scan", "build", False), ("cached build", "build", True)]
+    phases = [] if opt.only_passes else [("first scan", "build", False), ("cached build", "build", True)]
     for name, kind, cached in phases:
         for side, tree in sides:
             slots.enter(side, cached)
@@ -278,9 +292,9 @@ def main() -> None:
             slots.leave(side)
             out[f"{name}|{side}"] = r
             print(f"  {name:<24} {side:<4} {json.dumps(r)}", flush=True)
-    saved = edit_labels(root)
+    saved = [] if opt.only_passes else edit_labels(root)
     try:
-        for side, tree in sides:
+        for side, tree in sides if saved else ():
             slots.enter(side, True)
             r = run_phase("build", tree, images, tiny, opt)
             slots.leave(side)
@@ -289,7 +303,7 @@ def main() -> None:
     finally:
         for f, text in saved:
             f.write_text(text)
-    for kind in () if opt.no_pass else ("plain", "pass"):
+    for kind in () if opt.no_pass else opt.passes:
         for side, tree in sides:
             slots.enter(side, True)
             r = run_phase(kind, tree, images, tiny, opt)

@@ -108,8 +108,8 @@ def scan(out: Path, images: str) -> None:
     stats, real = [], verify.stat_files
     verify.stat_files = lambda files: stats.append(len(files)) or real(files)  # count full stat passes
     _, ds = create_dataloader(images, 64, 4, rank=dist.get_rank(), nc=5, workers=0, augment=True)
-    mine = {"rank": dist.get_rank(), "verified": ds.verified, "store": ds.store.path, "pid": os.getpid(), "stats": stats,
-            "labels": np.concatenate(list(ds.labels)).tolist(), "files": list(ds.im_files)}
+    mine = {"rank": dist.get_rank(), "verified": ds.verified, "store": ds.store.path, "pid": os.getpid(),
+            "stats": stats, "labels": np.concatenate(list(ds.labels)).tolist(), "files": list(ds.im_files)}
     ranks = ddp.gather_objects(mine)
     if dist.get_rank() == 0:
         out.write_text(json.dumps(ranks))

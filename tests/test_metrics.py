@@ -208,8 +208,8 @@ def test_tied_iou_goes_to_the_later_gt_as_cocoeval():
     thresholds = [round(t, 2) for t in IOUV.tolist()]
     assert tp[0].tolist() == [t <= 0.82 for t in thresholds]
     assert tp[1].tolist() == [t < 0.7 or t > 0.82 for t in thresholds]
-    gt = yolo_labels_to_coco_gt(["a.jpg"], [(20, 20)], [np.array([[0, 0.25, 0.25, 0.5, 0.5], [0, 0.35, 0.25, 0.5, 0.5]])],
-                                names=["a"])
+    yolo = np.array([[0, 0.25, 0.25, 0.5, 0.5], [0, 0.35, 0.25, 0.5, 0.5]])  # the two GTs, normalised to 20 x 20
+    gt = yolo_labels_to_coco_gt(["a.jpg"], [(20, 20)], [yolo], names=["a"])
     jdict = detections_to_coco(det, 0, jdict=[])
     res = ap_per_class(tp.numpy(), det[:, 4].numpy(), det[:, 5].numpy(), labels[:, 0].numpy())
     assert res.map == pytest.approx(coco_evaluate(gt, jdict)[0], abs=1e-9)

@@ -324,8 +324,8 @@ def scan_dataset(paths, nc: int, prefix: str = "", use_cache: bool = True, colle
                 f"{counts.duplicates} duplicates removed, {counts.clipped_boxes} boxes clipped in "
                 f"{counts.clipped_files} files" + how)
     if not len(rows):
-        raise UserError(f"{prefix}{', '.join(str(p) for p in (paths if isinstance(paths, (list, tuple)) else [paths]))}: "
-                        f"no usable images ({counts.corrupt} corrupt)")
+        named = ", ".join(str(p) for p in (paths if isinstance(paths, (list, tuple)) else [paths]))
+        raise UserError(f"{prefix}{named}: no usable images ({counts.corrupt} corrupt)")
     return DatasetScan(
         im_files=PathList(store, rows), label_files=LabelPathList(store, rows), labels=LabelList(store, rows),
         polygons=a["polygons"][rows].tolist(), shapes=a["shape"][rows].astype(np.int64), counts=counts, msgs=msgs,
