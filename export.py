@@ -1,5 +1,5 @@
-"""Export a trained checkpoint to TorchScript / ONNX / OpenVINO (FP32 or INT8), or re-parameterise a dual-head
-model into GELAN.
+"""Export a trained checkpoint to TorchScript / ONNX / OpenVINO / LiteRT / ExecuTorch / NCNN / Core ML (the formats
+of utils/deploy/formats; FP32, FP16 or INT8 where the format has it), or re-parameterise a dual-head model into GELAN.
 
     python export.py --weights runs/train/exp/weights/best.pt --include torchscript onnx --imgsz 640
     python export.py --weights best.pt --include reparam        # -> best-gelan.pt (single head, same outputs)
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from utils.deploy.export import FORMATS, calibration_data, run  # noqa: E402
+from utils.deploy.export import calibration_data, include_choices, run  # noqa: E402
 from utils.deploy.quantize import DEFAULT_IMAGES  # noqa: E402
 from utils.general import LOGGER, cli  # noqa: E402
 
@@ -34,7 +34,7 @@ from utils.general import LOGGER, cli  # noqa: E402
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", required=True, help="checkpoint .pt of this project")
-    p.add_argument("--include", nargs="+", default=["torchscript"], help=f"formats: {', '.join(FORMATS)}")
+    p.add_argument("--include", nargs="+", default=["torchscript"], help=f"formats: {', '.join(include_choices())}")
     p.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=[640], help="input size: h [w]")
     p.add_argument("--batch-size", type=int, default=1, help="batch size of the traced input")
     p.add_argument("--dynamic", action="store_true",
@@ -60,8 +60,8 @@ def check_int8(out: dict[str, Path], data: str, device: str) -> dict[str, tuple[
     from utils.engine.validator import run_validation
     maps = {}
     with tempfile.TemporaryDirectory() as tmp:  # nothing of the check is kept but the printed numbers
-        for fmt in ("onnx", "openvino"):
-            if f"{fmt}-int8" in out:
+        for fmt in [k.removesuffix("-int8") for k in out if k.endswith("-int8")]:
+            if fmt in out:
                 maps[fmt] = tuple(run_validation(weights=str(out[k]), data=data, project=tmp, plots=False,
                                                  device=device, workers=0).map for k in (fmt, f"{fmt}-int8"))
     for fmt, (a, b) in maps.items():

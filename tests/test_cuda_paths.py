@@ -81,7 +81,7 @@ def test_process_device_under_torchrun_uses_and_selects_the_mapped_gpu(two_fake_
 
 
 def test_onnx_runtime_runs_on_the_chosen_gpu():
-    from utils.engine.backend import ort_providers
+    from utils.deploy.formats.onnx import providers as ort_providers
     available = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert ort_providers(torch.device("cuda", 1), available) == [("CUDAExecutionProvider", {"device_id": 1}),
                                                                  "CPUExecutionProvider"]
@@ -293,7 +293,8 @@ def test_torchscript_export_has_no_device_constants_and_runs_on_another_device(t
     (torch.arange(device=...)) fails when the file runs on another one ('meta' stands in for cuda:0)."""
     import export
     from utils.checkpoint import load_model
-    from utils.deploy.export import export_mode, trace_torchscript
+    from utils.deploy.export import export_mode
+    from utils.deploy.formats.torchscript import trace as trace_torchscript
     w = seeded_tiny_checkpoint(tmp_path / "tiny.pt", ["a", "b", "c"])
     f = export.run(w, include=("torchscript",), imgsz=(64, 96), dynamic=True)["torchscript"]
     with warnings.catch_warnings():
@@ -448,3 +449,23 @@ def test_val_under_graphs_pads_rect_batches_to_the_planned_shapes(tmp_path):
     padded = Validator(ValOptions(training=False)).run(b, loader)
     assert set(seen) <= set(b.graph_shapes) and padded.seen == eager.seen == 12
     assert abs(padded.map50 - eager.map50) < 0.05
+
+
+def test_fp32_torchscript_with_half_on_cuda_runs_in_its_own_precision(tmp_path, monkeypatch, caplog):
+    """--half with an fp32 TorchScript file on CUDA: the traced weights are fp32, so inputs must stay fp32 (fp16
+    input into fp32 weights failed at warm-up); one warning says why --half does not apply. torch.jit.load
+    loads onto the CPU here in place of the GPU."""
+    import export
+    from utils.engine.backend import Backend
+    w = seeded_tiny_checkpoint(tmp_path / "tiny.pt", ["a", "b", "c"])
+    f = export.run(w, include=("torchscript",), imgsz=64)["torchscript"]
+    real_load = torch.jit.load
+    monkeypatch.setattr(torch.jit, "load", lambda p, map_location=None, **k: real_load(p, map_location="cpu", **k))
+    with caplog.at_level(logging.WARNING, logger="yolov9mqa"):
+        b = Backend(f, device="cuda", half=True)
+    assert b.dtype == torch.float32 and not b.half and b.precision == "f32"
+    lines = [r.getMessage() for r in caplog.records if "--half" in r.getMessage()]
+    assert len(lines) == 1 and "fp32" in lines[0]
+    b.device = b.runner.device = torch.device("cpu")  # run the CPU copy: fp32 in, fp32 weights
+    x = torch.rand(1, 3, 64, 64)
+    torch.testing.assert_close(b(x.to(b.dtype)), Backend(w)(x), atol=1e-4, rtol=1e-4)

@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 
 import export as export_cli
-from utils.deploy import export
+from utils.deploy import export, formats
+from utils.deploy.formats.onnx import max_opset
 from models.yolo import DetectionModel
 from utils.checkpoint import make_checkpoint, save_checkpoint
 from utils.engine.backend import Backend
@@ -111,8 +112,10 @@ def test_dual_graph_export_dynamic_batch(tmp_path):
     meta = export.metadata(model, (H, W), 1, True, False, tmp_path / "w.pt")
     im = torch.zeros(1, 3, H, W)
     with export.export_mode(model):
-        f = export.export_onnx(model, im, tmp_path / "dual.onnx", meta, dynamic=True)
-        t = export.export_torchscript(model, im, tmp_path / "dual.torchscript", meta)
+        job = formats.ExportJob(model, im, meta, formats.ExportOptions(imgsz=(H, W), dynamic=True), tmp_path / "w.pt",
+                                tmp_path)
+        f = formats.get("onnx").export(job, tmp_path / "dual.onnx")
+        t = formats.get("torchscript").export(job, tmp_path / "dual.torchscript")
     assert not model.training and "export" not in model.head.__dict__  # state restored
     sess = ort.InferenceSession(str(f), providers=["CPUExecutionProvider"])
     _close(torch.from_numpy(sess.run(None, {"images": x.numpy()})[0]), ref)  # batch 2 on a dynamic-batch file
@@ -282,7 +285,7 @@ def test_dynamic_onnx_validates_like_pt(mmqa_dynamic, tmp_path, monkeypatch):
 
 def test_opset_outside_the_exporters_range_is_one_line(mmqa, tmp_path, capsys):
     shutil.copy(mmqa[1]["onnx"].with_suffix(".pt"), tmp_path / "w.pt")
-    top = export.max_opset()
+    top = max_opset()
     for opset in (10, top + 1, 99):  # 10: the exporter fails inside; above: torch dumps its IR (~1,000 lines)
         with pytest.raises(SystemExit) as e:
             export_cli.cli(export_cli.main)(["--weights", str(tmp_path / "w.pt"), "--include", "onnx",
