@@ -156,6 +156,11 @@ class Backend:
         shape = fixed_shape_for(im.shape[-2], im.shape[-1], self.graph_shapes) if self.graph_shapes else None
         return pad_bottom_right(im, *shape) if shape else im
 
+    def prepare_input_shape(self, h: int, w: int) -> bool:
+        """Tell an exported file's runtime that every input from now on is h x w (a video's or a camera's
+        letterboxed frames), so it can compile for that one shape where that is faster; True if it did."""
+        return self.runner.set_input_shape(h, w) if self.runner is not None else False
+
     def use_cuda_graph(self, mode: str | bool | None, max_shapes: int = 8) -> bool:
         """Replay captured CUDA graphs for repeated input shapes (--cuda-graph capture|compile); True if on.
 
