@@ -116,3 +116,18 @@ def test_a_new_runtime_is_one_module(tmp_path, monkeypatch):
     finally:
         formats.all_formats.cache_clear()
         sys.modules.pop("utils.deploy.formats.plainexport", None)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("openvino") is None, reason="openvino not installed")
+def test_openvino_load_error_keeps_the_reason(tmp_path):
+    """OpenVINO puts the reason on its message's last line ("bin file cannot be found"): the one-line error keeps it."""
+    import openvino as ov
+    import torch.nn as nn
+    d = tmp_path / "x_openvino_model"
+    d.mkdir()
+    ov.save_model(ov.convert_model(nn.Conv2d(3, 7, 3), example_input=torch.rand(1, 3, 8, 8)), str(d / "x.xml"))
+    (d / "x.bin").unlink()
+    with pytest.raises(UserError, match=r"x.xml: not a loadable OpenVINO model \(Exception from .* \.\.\. .*bin file "
+                                        r"cannot be found!\)$") as e:
+        Backend(d)
+    assert "\n" not in str(e.value)
