@@ -125,6 +125,35 @@ def test_gpu_check_dry_run_goes_end_to_end_within_its_budget(tmp_path, capsys, m
     assert all(f"| {name} | PASS |" in md for name in names) and not (tmp_path / "gpu_check.md").exists()
 
 
+def test_gpu_check_budget_every_step_runs_even_when_each_uses_its_whole_time(tmp_path, monkeypatch, capsys):
+    """The orchestrator's budget on a fake clock: every step hangs until it is killed, and still every step runs
+    with at least its own limit, and the whole run ends within the budget (the old limits summed to 2.6x the
+    budget, so the speed step was skipped). A step that finishes early leaves its time to the next one."""
+    from benchmarks import gpu_check
+    clock = [1000.0]
+    timeouts = {}
+
+    def fake_run_cli(ctx, log, cmd, timeout):
+        name = cmd[cmd.index("--step") + 1]
+        timeouts[name] = timeout
+        used = 1.0 if name == "predict" else timeout  # predict is quick; every other step hangs to its kill
+        clock[0] += used
+        return 124, f"TIMEOUT after {timeout:.0f} s"
+
+    monkeypatch.setattr(gpu_check, "_now", lambda: clock[0])
+    monkeypatch.setattr(gpu_check, "run_cli", fake_run_cli)
+    monkeypatch.setattr(gpu_check, "make_data", lambda work: None)
+    monkeypatch.setattr(gpu_check, "environment", lambda d: {"date": "d", "torch": "t", "cuda": "c", "device": "GPU"})
+    assert gpu_check.main(["--device", "0", "--out", str(tmp_path), "--work", str(tmp_path)]) == 1
+    names = list(gpu_check.STEPS)
+    assert list(timeouts) == names  # none skipped for lack of time
+    assert all(timeouts[n] >= gpu_check.STEPS[n][2] for n in names)
+    assert timeouts["val"] == gpu_check.STEPS["val"][2] + gpu_check.STEPS["predict"][2] - 1.0  # predict's time left over
+    assert clock[0] - 1000.0 <= gpu_check.BUDGET_S
+    out = capsys.readouterr().out
+    assert f"0 PASS, {len(names)} FAIL, 0 SKIP" in out and "TIMEOUT" in out
+
+
 def test_gpu_check_counts_the_torchrun_error_once_next_to_its_failure_summary():
     """Rank 0 prints the one-line error; torchrun's failure summary repeats it as 'traceback : ERROR: ...'. That
     is one line from the program, not two (the check used to count both and always failed)."""
