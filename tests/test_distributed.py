@@ -68,6 +68,34 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / a.norm().clamp(min=1e-30))
 
 
+# ---------------------------------------------------------------- --rect under DDP: whole rect batches per rank
+def test_rect_training_under_ddp_gives_each_rank_whole_rect_batches(tmp_path, monkeypatch):
+    """--rect with torchrun: each rank's loader batches must hold images of one rect shape (a DistributedSampler
+    interleaves images, so a batch mixed shapes of different rect batches and torch.stack failed), each batch
+    the one a single process forms, every image seen, and both ranks the same number of steps."""
+    import cv2
+
+    from utils.data import create_dataloader
+    data = make_data(tmp_path, n_train=9, n_val=2)
+    for i, f in enumerate(sorted((tmp_path / "ds" / "images" / "train").glob("*.jpg"))):  # 3 aspect ratios
+        cv2.imwrite(str(f), cv2.resize(cv2.imread(str(f)), [(160, 60), (60, 160), (160, 160)][i % 3]))
+    hyp = yaml.safe_load((ROOT / "data/hyps/hyp.scratch-high.yaml").read_text())
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    single, ds = create_dataloader(tmp_path / "ds" / "images" / "train", 64, 2, 32, hyp=hyp, augment=True, rect=True)
+    shape_of = {p: tuple(b[0].shape[2:]) for b in single for p in b[2]}  # the single-process rect shape per image
+    assert len(set(shape_of.values())) > 1
+    seen, steps = set(), []
+    for rank in (0, 1):
+        loader, _ = create_dataloader(tmp_path / "ds" / "images" / "train", 64, 2, 32, hyp=hyp, augment=True,
+                                      rect=True, rank=rank)
+        batches = list(loader)
+        steps.append(len(batches))
+        for imgs, _, paths, _ in batches:
+            assert all(shape_of[p] == tuple(imgs.shape[2:]) for p in paths)
+            seen.update(paths)
+    assert steps == [3, 3] and seen == set(shape_of)
+
+
 # ---------------------------------------------------------------- 1. one DDP step == one process, global batch
 def test_one_step_two_ranks_sync_bn_equals_one_process_batch_8(tmp_path):
     data = make_data(tmp_path, n_train=8, n_val=24)
@@ -109,6 +137,29 @@ def test_one_step_two_ranks_sync_bn_equals_one_process_batch_8(tmp_path):
     assert two["val_batches"] == 2 and two["val_single"]["seen"] == 24 and two["val_single"]["box"] > 0
     for k, v in two["val_single"].items():
         assert two["val_sharded"][k] == pytest.approx(v, abs=1e-6), k
+
+
+# ---------------------------------------------------------------- --compile, --image-weights, accumulation
+def test_ddp_compile_falls_back_together_image_weights_off_and_accumulation_reduces_once(tmp_path):
+    """Two ranks (gloo). --compile whose backward fails on rank 1 only: the ranks agree before the first step and
+    both train eager (an eager retry inside the step broke DDP). --image-weights: off on every rank (each rank
+    resampled with its own RNG). Accumulation over 2 micro-batches: gradients all-reduced only at the micro-batch
+    that ends in an optimizer step (steps 1 and 3 of 0-3), and both ranks end with the same weights."""
+    data = make_data(tmp_path, n_train=16, n_val=4)
+    hyp = yaml.safe_load((ROOT / "data/hyps/hyp.scratch-high.yaml").read_text())
+    hyp.update(nbs=16)
+    (tmp_path / "hyp.yaml").write_text(yaml.safe_dump(hyp))
+    r = run([*TORCHRUN, "--nproc-per-node", "2", "--master-port", free_port(), DRIVER, "paths", tmp_path / "out.pt",
+             data, tmp_path / "hyp.yaml", tmp_path / "runs"], tmp_path, timeout=600, YOLO_DDP_TIMEOUT="300")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    ranks = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert [x["eager"] for x in ranks] == [True, True]
+    assert [x["image_weights"] for x in ranks] == [False, False]
+    assert [x["reduced_at"] for x in ranks] == [[1, 3], [1, 3]]
+    assert torch.equal(ranks[0]["params"], ranks[1]["params"])
+    assert out.count("torch.compile failed on another rank; every rank trains eager") == 1  # rank 0's word
+    assert out.count("--image-weights is not supported under torchrun") == 1
 
 
 # ---------------------------------------------------------------- 2. two nodes on one machine

@@ -155,6 +155,7 @@ class ValOptions:
     anno_json: str | Path | None = None
     training: bool | None = None
     return_predictions: bool = False
+    autocast: Any = None  # a torch.dtype: a torch model's forward under autocast of this dtype (AMP training)
 
     def __post_init__(self):
         if self.save_dir is not None and not isinstance(self.save_dir, Path):

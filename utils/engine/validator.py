@@ -91,6 +91,13 @@ def _make_forward(model, want_feats: bool):
     return lambda x: _split_output(model(x))
 
 
+def _autocast(forward, device_type: str, dtype: torch.dtype):
+    def run(x):
+        with torch.autocast(device_type, dtype=dtype):
+            return forward(x)
+    return run
+
+
 def _model_device(model) -> torch.device:
     if isinstance(model, (Backend, Ensemble)):
         return model.device
@@ -269,6 +276,8 @@ class Validator:
                 self.halved = True
         self.want_loss = opt.compute_loss and self.loss_fn is not None
         self.forward = _make_forward(model, self.want_loss)
+        if opt.autocast is not None and not self.is_backend:  # the trainer's AMP: autocast, weights stay fp32
+            self.forward = _autocast(self.forward, self.device.type, opt.autocast)
         self.stride = _model_stride(model)
         self.iouv = torch.linspace(0.5, 0.95, 10)
         self.cm = ConfusionMatrix(nc=self.nc)

@@ -8,6 +8,7 @@ loop: warmup, forward, TAL loss, non-finite guard, accumulation to the nominal b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import difflib
 import math
@@ -33,7 +34,7 @@ from utils.data import create_dataloader, load_data_config, max_random_imgsz, mu
 from utils.engine import distributed as ddp
 from utils.engine.train.autobatch import auto_batch_size
 from utils.engine.config import TrainConfig
-from utils.engine.graphs import CompiledForward
+from utils.engine.graphs import CompiledForward, warn_once
 from utils.engine.train.optim import ModelEMA, build_optimizer, choose_optimizer, lr_lambda, unwrap, warmup_iterations
 from utils.engine.train.tensorboard import TensorBoardLogger
 from utils.engine.validator import ValOptions, ValResult, Validator
@@ -137,6 +138,12 @@ class Trainer:
         cfg, self.ckpt = ddp.broadcast_object(self._plan_run() if self.main else None)
         self.data = load_data_config(cfg.data)
         ddp.check_batch(cfg.batch_size, WORLD_SIZE)
+        if cfg.image_weights and WORLD_SIZE > 1:
+            # each rank would draw its own weighted image list (its own RNG) and the DistributedSampler's split
+            # of it would no longer cover the set once: off on every rank, said once
+            if self.main:
+                LOGGER.warning("WARNING: --image-weights is not supported under torchrun; training without it")
+            cfg = cfg.replace(image_weights=False)
         self.cfg = cfg
         self.hyp = dict(self.ckpt["hyp"]) if self.ckpt else load_hyp(cfg.hyp)
         self.names = ["item"] if cfg.single_cls else list(self.data.names)
@@ -281,8 +288,10 @@ class Trainer:
         if LOCAL_RANK != -1:
             self.model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        # torch.compile of the training forward (opt-in; warns and runs eager where unsupported)
+        # torch.compile of the training forward (opt-in; warns and runs eager where unsupported); under DDP the
+        # ranks agree on compiled or eager before the first step (`_agree_on_compile`)
         self.forward = CompiledForward(self.model) if cfg.compile else self.model
+        self.compile_agreed = LOCAL_RANK == -1 or not isinstance(self.forward, CompiledForward)
 
     def _amp_ok(self) -> bool:
         """Offline AMP check on this very model: fp16 autocast output must match fp32 closely."""
@@ -416,7 +425,9 @@ class Trainer:
         if self.cfg.multi_scale:
             imgs = multi_scale(imgs, self.imgsz, self.gs)
         imgs = imgs.contiguous(memory_format=torch.channels_last)
-        targets = targets.to(self.device)
+        # targets stay where the loader put them (the host): the loss pads them there and sends them once
+        if not self.compile_agreed:
+            self._agree_on_compile(imgs, targets)
 
         def forward_backward(forward) -> torch.Tensor | None:
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
@@ -431,10 +442,15 @@ class Trainer:
 
         # --compile: the backward compiles lazily at the first backward(); if it fails, the step runs again eager
         f = self.forward
-        items = f.with_fallback(forward_backward) if isinstance(f, CompiledForward) else forward_backward(f)
+        step_now = ni - self.last_opt_step >= self.accumulate
+        # gradient accumulation under DDP: only the micro-batch that ends in an optimizer step all-reduces (the
+        # gradients summed locally until then are reduced with it); the others skip DDP's reduction
+        sync = self.model.no_sync() if LOCAL_RANK != -1 and not step_now else contextlib.nullcontext()
+        with sync:
+            items = f.with_fallback(forward_backward) if isinstance(f, CompiledForward) else forward_backward(f)
         if items is None:
             return None
-        if ni - self.last_opt_step >= self.accumulate:
+        if step_now:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=GRAD_CLIP)
             self.scaler.step(self.optimizer)
@@ -444,6 +460,30 @@ class Trainer:
                 self.ema.update(self.model)
             self.last_opt_step = ni
         return items
+
+    def _agree_on_compile(self, imgs: torch.Tensor, targets: torch.Tensor) -> None:
+        """--compile under DDP, before the first step: every rank tries one compiled forward and backward on its
+        first batch with DDP's reduction off (no_sync) and a loss that needs no other rank, throws the gradients
+        away, and the ranks agree by all-reduce: compiled everywhere, or eager everywhere. Afterwards a compile
+        failure is an error, never an eager retry (it would run outside the step the other ranks are in)."""
+        self.compile_agreed = True
+        f = self.forward
+        local_loss = DetectionLoss(unwrap(self.model), self.hyp)  # this rank's own normaliser: no collective
+
+        def step(forward) -> None:
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                pred = forward(imgs)
+            local_loss(pred, targets)[0].backward()
+
+        with self.model.no_sync():
+            ok = f.probe(step)
+        self.optimizer.zero_grad()
+        if ddp.all_true(ok):
+            f.fallback = False
+            return
+        if ok:
+            warn_once("WARNING: torch.compile failed on another rank; every rank trains eager")
+        self.forward = self.model
 
     def _warmup(self, ni: int, epoch: int) -> None:
         """Ramp accumulation, LRs (bias from warmup_bias_lr, others from 0) and momentum over nw iterations."""
@@ -539,8 +579,10 @@ class Trainer:
         LOGGER.info("\nStopping after this batch (Ctrl-C again to stop at once)...")
 
     def _validate(self, model: nn.Module, plots: bool = False, verbose: bool = False) -> ValResult:
+        # AMP training validates under the same autocast (never model.half(): that would swap the BatchNorm
+        # buffers of the EMA for new tensors, and the EMA's cached references would stop updating them)
         opts = ValOptions(single_cls=self.cfg.single_cls, save_dir=self.save_dir, plots=plots, verbose=verbose,
-                          training=True)
+                          training=True, autocast=getattr(self, "amp_dtype", None))
         return Validator(opts, names=self.names, loss_fn=self.val_loss_fn).run(model, self.val_loader)
 
     def _save(self, epoch: int, name: str) -> None:
