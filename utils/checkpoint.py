@@ -13,6 +13,7 @@ import re
 import tempfile
 import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -223,14 +224,81 @@ def strip_checkpoint(path: str | Path) -> None:
     LOGGER.info(f"Optimizer stripped from {path}, {Path(path).stat().st_size / 1e6:.1f}MB")
 
 
-def transfer_weights(model: nn.Module, state: dict, exclude: tuple = ()) -> int:
-    """Load the entries of `state` whose names and shapes match; returns how many were transferred."""
+@dataclass(frozen=True)
+class Transfer:
+    """What `--weights` gave a new model. Counted are tensors that carry weights (parameters and BatchNorm
+    statistics, not the num_batches_tracked counters, which every BatchNorm has whatever the architecture)
+    and parameter elements; `fresh` names the parts that keep their initialisation."""
+
+    tensors: int  # weight tensors loaded from the file
+    total_tensors: int  # weight tensors of the model
+    params: int  # parameter elements loaded
+    total_params: int
+    fresh: tuple[str, ...] = ()
+
+    @property
+    def fraction(self) -> float:
+        return self.params / max(self.total_params, 1)
+
+
+def _carries_weights(key: str) -> bool:
+    return not key.endswith("num_batches_tracked")
+
+
+def _fresh_parts(model: nn.Module, missing: list[str], file_nc: int | None) -> list[str]:
+    """Readable names of the layers (or parts of layers) whose weight tensors were not in the file."""
+    mqa = [f"{n}." for n, m in model.named_modules() if type(m).__name__ == "MultiQueryAttentionLayerWithDownSampling"]
+    layers = getattr(model, "model", None)
+    head_i = len(layers) - 1 if layers is not None else -1
+    own = [k for k in model.state_dict() if _carries_weights(k)]
+    by_layer: dict[int, list[str]] = {}
+    for k in missing:
+        parts = k.split(".")
+        if len(parts) > 1 and parts[0] == "model" and parts[1].isdigit():
+            by_layer.setdefault(int(parts[1]), []).append(k)
+    out = []
+    for i, keys in sorted(by_layer.items()):
+        kind = type(layers[i]).__name__ if layers is not None else "layer"
+        n_layer = sum(k.startswith(f"model.{i}.") for k in own)
+        cls_branch = {f"model.{i}.cv3.", f"model.{i}.cv5."}
+        if any(k.startswith(p) for k in keys for p in mqa):
+            what = "Mobile MQA attention" + ("" if all(any(k.startswith(p) for p in mqa) for k in keys) else " and more")
+        elif i == head_i and all(any(k.startswith(p) for p in cls_branch) for k in keys):
+            nc = getattr(layers[i], "nc", None)
+            what = "class branch" + (f" (the file has {file_nc} classes, this model {nc})"
+                                     if file_nc is not None and nc is not None and file_nc != nc else "")
+        else:
+            what = "all of it" if len(keys) == n_layer else f"{len(keys)} of its {n_layer} weight tensors"
+        out.append(f"layer {i} {kind}: {what}")
+    return out
+
+
+def transfer_weights(model: nn.Module, state: dict, exclude: tuple = (), source: str = "pretrained weights",
+                     file_nc: int | None = None) -> Transfer:
+    """Load the entries of `state` whose names and shapes match, and say honestly what moved: weight tensors
+    and parameters loaded, the parts that start fresh, and a warning when less than half of the model's
+    parameters came from the file (the run is then close to training from scratch)."""
     own = model.state_dict()
     keep = {k: v for k, v in state.items()
             if k in own and v.shape == own[k].shape and not any(x in k for x in exclude)}
     model.load_state_dict(keep, strict=False)
-    LOGGER.info(f"Transferred {len(keep)}/{len(own)} items from pretrained weights")
-    return len(keep)
+    weights = [k for k in own if _carries_weights(k)]
+    params = dict(model.named_parameters())
+    missing = [k for k in weights if k not in keep]
+    t = Transfer(tensors=sum(k in keep for k in weights), total_tensors=len(weights),
+                 params=sum(p.numel() for k, p in params.items() if k in keep),
+                 total_params=sum(p.numel() for p in params.values()),
+                 fresh=tuple(_fresh_parts(model, missing, file_nc)))
+    LOGGER.info(f"Transferred {t.tensors}/{t.total_tensors} weight tensors ({t.params:,}/{t.total_params:,} "
+                f"parameters, {100 * t.fraction:.1f}%) from {source}")
+    if t.fresh:
+        parts = (["every layer (no weight of the file matched a name and shape here)"] if not t.tensors else
+                 list(t.fresh[:8]) + ([f"{len(t.fresh) - 8} more layers"] if len(t.fresh) > 8 else []))
+        LOGGER.info("Starting fresh (not in the file, or another shape): " + "; ".join(parts))
+    if t.fraction < 0.5:
+        LOGGER.warning(f"WARNING: only {100 * t.fraction:.1f}% of this model's parameters came from {source}: "
+                       f"the architectures differ, so this run is close to training from scratch (check --cfg)")
+    return t
 
 
 def find_newest(pattern: str, flag: str, root: Path = ROOT / "runs") -> Path:

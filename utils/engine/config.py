@@ -12,12 +12,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from utils.general import ROOT, UserError
+from utils.general import LOGGER, ROOT, UserError
 
 DEFAULT_HYP = str(ROOT / "data" / "hyps" / "hyp.scratch-high.yaml")
 # upstream's defaults, used when neither a flag nor the data YAML's train_defaults says otherwise
 UPSTREAM_DEFAULTS = {"epochs": 100, "imgsz": 640, "batch_size": 16, "close_mosaic": 0, "hyp": DEFAULT_HYP}
 RESUME_KEEPS = ("device", "workers", "exist_ok")  # flags a resumed run takes from the new command line
+RESUME_OWN = ("resume", "weights", "save_dir", "epochs", "tensorboard")  # decided by for_resume itself
 OPTIMIZERS = ("auto", "SGD", "Adam", "AdamW")
 
 
@@ -113,12 +114,30 @@ class TrainConfig:
 
     def for_resume(self, saved: Mapping[str, Any], path: Path) -> "TrainConfig":
         """The config of a resumed run: the checkpoint's options, this command line's device/workers/exist_ok,
-        and --epochs when given (to extend a finished run)."""
+        --epochs when given (to extend a finished run) and --no-tensorboard when given (a run that had
+        TensorBoard off keeps it off). Every other setting this command names differently is ignored, and said."""
         base = TrainConfig.from_args(dict(saved))
         keep = {k: getattr(self, k) for k in RESUME_KEEPS}
         if self.epochs is not None:
             keep["epochs"] = self.epochs
+        keep["tensorboard"] = base.tensorboard and self.tensorboard
+        ignored = self.ignored_on_resume(base)
+        if ignored:
+            LOGGER.warning(f"WARNING: --resume continues {path} with the settings it was started with; ignored: "
+                           + ", ".join(ignored))
         return base.replace(**keep, resume=str(path), weights=str(path), save_dir=str(path.parent.parent))
+
+    def ignored_on_resume(self, run: "TrainConfig") -> list[str]:
+        """'--flag value (the run's: value)' for each setting this config gives (differs from the default) that
+        the resumed run does not use because it keeps its own."""
+        out = []
+        for f in fields(self):
+            if f.name in (*RESUME_KEEPS, *RESUME_OWN):
+                continue
+            given, used = getattr(self, f.name), getattr(run, f.name)
+            if given != f.default and given != used:
+                out.append(f"{_as_flag(f.name, given)} (the run's: {_as_value(used)})")
+        return out
 
     @property
     def schedule(self) -> str:
@@ -127,6 +146,18 @@ class TrainConfig:
     def as_dict(self) -> dict[str, Any]:
         """Plain values for opt.yaml and checkpoints."""
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def _as_value(v: Any) -> str:
+    return "on" if v is True else "off" if v is False else " ".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+
+def _as_flag(name: str, v: Any) -> str:
+    """How the command line spells a setting: --imgsz 320, --rect, --no-amp, --freeze 3 5."""
+    flag = name.replace("_", "-")
+    if isinstance(v, bool):
+        return f"--{flag}" if v else f"--no-{flag}"
+    return f"--{flag} {_as_value(v)}"
 
 
 @dataclass(frozen=True)
