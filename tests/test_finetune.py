@@ -92,3 +92,28 @@ def test_resume_names_ignored_flags_keeps_tensorboard_off_and_checks_classes(tmp
     with pytest.raises(UserError, match=r"4 classes now, but .*last\.pt was trained on 5 \(circle"):
         _train(["--resume", last, "--epochs", "3"])
     assert (run / "results.csv").read_text() == before
+
+
+def test_exported_files_as_weights_say_what_to_do(tmp_path, capsys):
+    """--weights best.onnx (named right) must not be told to 'name it .onnx'; a folder is called a folder."""
+    import warnings
+
+    import train_dual
+    conv = torch.nn.Conv2d(3, 4, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(conv, (torch.zeros(1, 3, 8, 8),), str(tmp_path / "best.onnx"), dynamo=False)
+        torch.jit.save(torch.jit.trace(conv, torch.zeros(1, 3, 8, 8)), str(tmp_path / "best.torchscript"))
+    (tmp_path / "best_openvino_model").mkdir()
+    data = shapes_yaml(tmp_path, n_train=2, n_val=2)
+    for name, words in (("best.onnx", "an ONNX model (an export for inference), not a checkpoint: detect_dual.py "
+                                      "and val_dual.py run it; training, --resume and export.py start from a .pt"),
+                        ("best.torchscript", "a TorchScript file (an export for inference)"),
+                        ("best_openvino_model", "a folder, not a checkpoint file")):
+        with pytest.raises(SystemExit) as e:
+            train_dual.main(["--weights", str(tmp_path / name), "--data", str(data), "--epochs", "1",
+                             "--project", str(tmp_path / "runs"), "--workers", "0"])
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert e.value.code == 1 and len(err) == 1, err
+        assert err[0].startswith(f"ERROR: {tmp_path / name}: {words}") and "name it" not in err[0], err
+    assert not (tmp_path / "runs").exists()

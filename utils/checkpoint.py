@@ -127,10 +127,13 @@ def save_checkpoint(ckpt: dict, path: str | Path) -> Path:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Load a checkpoint of this project safely (no code runs); clear errors otherwise."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: a folder, not a checkpoint file (an OpenVINO export runs with detect_dual.py/"
+                        f"val_dual.py; training and export start from a .pt written by train_dual.py)")
     if not path.is_file():
         raise UserError(f"{path}: weights file not found")
     if _is_torchscript(path):  # torch.load would hand it to torch.jit.load: refuse before that
-        raise UserError(f"{path}: {TORCHSCRIPT}")
+        raise UserError(f"{path}: {_exported('a TorchScript file', '.torchscript', path)}")
     try:
         ck = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # unpickling refused, truncated or not a torch file
@@ -162,14 +165,21 @@ def _what_instead(path: Path, err: Exception) -> str:
     if head.startswith(b"PK\x03\x04"):
         return "a truncated or damaged zip archive (what torch checkpoints are); the save or download was cut short"
     if _looks_like_onnx(path):
-        return "an ONNX model, not a checkpoint: name it .onnx and run it with detect_dual.py/val_dual.py"
+        return _exported("an ONNX model", ".onnx", path)
     if head[:1] == b"\x80":
         return ("a legacy (pre-1.6, non-zip) torch pickle, which is never unpickled here (it can run code); "
                 "re-save it as a zip checkpoint with a recent torch, then convert it with utils.deploy.upstream")
     return f"not a checkpoint (neither a torch zip archive nor an ONNX model; it starts with bytes {head[:8].hex(' ')})"
 
 
-TORCHSCRIPT = "a TorchScript file, not a checkpoint: name it .torchscript and run it with detect_dual.py/val_dual.py"
+def _exported(what: str, suffix: str, path: Path) -> str:
+    """An exported model where a checkpoint is needed: already named as such, it only runs (training, resuming
+    and exporting start from the .pt it came from); under another name, it runs once renamed."""
+    if path.suffix.lower() == suffix:
+        return (f"{what} (an export for inference), not a checkpoint: detect_dual.py and val_dual.py run it; "
+                f"training, --resume and export.py start from a .pt written by train_dual.py (the one it was "
+                f"exported from)")
+    return f"{what}, not a checkpoint: name it {suffix} and run it with detect_dual.py/val_dual.py"
 
 
 def _is_torchscript(path: Path) -> bool:
