@@ -243,6 +243,9 @@ def test_three_trials_interrupt_resume_and_best_hyp_trains(tiny_data, tmp_path, 
     out = tmp_path / "evo"
     with pytest.raises(KeyboardInterrupt):  # Ctrl-C while the third trial finishes (its epoch is trained)
         evolve(cfg, 3, callbacks=[InterruptAt("trial_2", finishing=True)])
+    # the one command that continues is printed; no --resume hint for a trial's last.pt, which evolve deletes
+    assert not [r.getMessage() for r in caplog.records if "--resume" in r.getMessage()]
+    assert "Continue with the same command plus --exist-ok" in caplog.text
     df = pd.read_csv(out / "evolve.csv")
     assert list(df["state"]) == ["COMPLETE", "COMPLETE", "FAIL"] and df["note"][2] == "interrupted"
     assert list(df["epochs"]) == [1, 1, 1]  # the interrupted trial did train its epoch
@@ -379,3 +382,47 @@ def test_bad_hyp_files_are_one_line_errors(tiny_data, tmp_path, capsys):
             train_dual.main([*args, *extra])
         err = _errors(capsys.readouterr().err)
         assert len(err) == 1 and words in err[0], err
+
+
+def test_full_disk_evolve_outputs_are_one_line_and_intact(tmp_path, capfd):
+    """evolve.csv and hyp_evolve.yaml are written whole or not at all: on a full disk one UserError line,
+    the files of the last successful write unchanged, no temp files."""
+    from helpers import disk_full_after
+    from utils.engine.train.evolve import write_outputs
+    from utils.general import UserError
+    S = optuna.trial.TrialState
+    study = optuna.create_study(direction="maximize")
+    base = _base_hyp()
+    study.add_trial(_frozen((0.2, S.COMPLETE, {}), {**base, "lr0": 0.001}))
+    write_outputs(study, tmp_path)
+    before = {f: (tmp_path / f).read_bytes() for f in ("evolve.csv", "hyp_evolve.yaml")}
+    for i in range(40):  # a longer table and a new best trial
+        study.add_trial(_frozen((0.3 + i / 100, S.COMPLETE, {}), {**base, "lr0": 0.002 + i / 1000}))
+    capfd.readouterr()
+    limit = min(len(b) for b in before.values()) + 64  # fits neither new file
+    with disk_full_after(limit), pytest.raises(UserError, match="could not write \\(File too large\\); the "
+                                                              "previous file is unchanged"):
+        write_outputs(study, tmp_path)
+    assert {f: (tmp_path / f).read_bytes() for f in before} == before
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_auto_optimizer_counts_the_images_training_keeps(tmp_path, monkeypatch):
+    """--evolve decides --optimizer auto once, from the training images that survive verification (a corrupt
+    file is dropped by training, so it must not be counted)."""
+    from utils.engine.train import evolve as evolve_mod
+    data = shapes_yaml(tmp_path, n_train=6, n_val=2)
+    (tmp_path / "ds" / "images" / "train" / "broken.jpg").write_bytes(b"not a jpeg")
+    counted = []
+
+    class Decided(Exception):
+        pass
+
+    def spy(name, n_images, *args, **kwargs):
+        counted.append(n_images)
+        raise Decided
+
+    monkeypatch.setattr(evolve_mod, "choose_optimizer", spy)
+    with pytest.raises(Decided):
+        evolve_mod.evolve(_cfg(data, tmp_path), 1)
+    assert counted == [6]

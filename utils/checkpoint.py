@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from models.yolo import DetectionModel
-from utils.general import LOGGER, ROOT, UserError
+from utils.general import LOGGER, ROOT, UserError, file_mode, os_reason
 
 FORMAT_VERSION = 1
 
@@ -67,24 +67,6 @@ def make_checkpoint(model: nn.Module, *, ema: nn.Module | None = None, updates: 
     return ck
 
 
-def _os_reason(e: OSError) -> str:
-    """Readable reason even for OSError(errno.ENOSPC) raised without its text."""
-    code = e.errno if isinstance(e.errno, int) else (e.args[0] if len(e.args) == 1 and isinstance(e.args[0], int) else None)
-    return e.strerror or (os.strerror(code) if code is not None else "") or str(e) or type(e).__name__
-
-
-def _file_mode() -> int:
-    """Mode a plain open() would give (0o666 minus the umask): mkstemp makes 0o600 files, too strict for weights
-    shared with other users/containers. The umask is read, not set, so other threads are unaffected."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0o644
-
-
 def _remove_stale_temps(path: Path, before: float) -> None:
     """Drop `.{name}.*.tmp` files a killed save left behind (not touched since `before`, so not in use)."""
     for f in path.parent.glob(f".{path.name}.*.tmp"):
@@ -105,20 +87,20 @@ def save_checkpoint(ckpt: dict, path: str | Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
-        raise UserError(f"{path}: could not write checkpoint ({_os_reason(e)})") from None
+        raise UserError(f"{path}: could not write checkpoint ({os_reason(e)})") from None
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(ckpt, f)
             f.flush()
             os.fsync(f.fileno())
         with contextlib.suppress(OSError):
-            os.chmod(tmp, _file_mode())
+            os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(e, OSError):
-            raise UserError(f"{path}: could not write checkpoint ({_os_reason(e)}); the previous file is unchanged") from None
+            raise UserError(f"{path}: could not write checkpoint ({os_reason(e)}); the previous file is unchanged") from None
         raise
     _remove_stale_temps(path, t_start)
     return path

@@ -128,6 +128,7 @@ class Trainer:
         self.main = RANK in (-1, 0)
         self.stop_requested = False
         self.stop_after_epoch = False  # a callback may set it in on_epoch_end: training then ends cleanly (finish runs)
+        self.resume_hint = True  # after Ctrl-C, print the --resume command (--evolve prints its own instead)
 
     # ================================================================== setup
     def setup(self) -> None:
@@ -376,8 +377,9 @@ class Trainer:
         except KeyboardInterrupt:
             if self.main:
                 self._save(epoch - 1, "last.pt")
-                LOGGER.info(f"\nInterrupted: saved {self.wdir / 'last.pt'}; continue with "
-                            f"python train_dual.py --resume {self.wdir / 'last.pt'}")
+                if self.resume_hint:
+                    LOGGER.info(f"\nInterrupted: saved {self.wdir / 'last.pt'}; continue with "
+                                f"python train_dual.py --resume {self.wdir / 'last.pt'}")
             raise SystemExit(130)
         finally:
             if prev_handler is not None:
@@ -387,7 +389,7 @@ class Trainer:
         try:
             return self.finish()
         except KeyboardInterrupt:
-            if self.main:
+            if self.main and self.resume_hint:
                 LOGGER.info(f"\nInterrupted while finishing: training itself is complete; strip best.pt, validate "
                             f"and plot with python train_dual.py --resume {self.wdir / 'last.pt'}")
             raise SystemExit(130)
