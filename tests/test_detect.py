@@ -221,6 +221,9 @@ def test_folder_with_corrupt_file_txt_crops(weights, predictor, tmp_path, caplog
         save_dir = run(_opt(weights, src, tmp_path / "runs", "--save-txt", "--save-conf", "--save-crop"))
     log = caplog.text
     assert "corrupt.jpg" in log and "cannot decode image" in log
+    named = [r.getMessage() for r in caplog.records if "corrupt.jpg" in r.getMessage()]
+    assert len(named) == 1, named  # each skip said once (the summary counts, it does not repeat)
+    assert "WARNING: 1 of 4 files skipped (named above)" in log
     assert "Speed:" in log and "Results saved to" in log and "image 2/4" in log  # corrupt.jpg is item 1 of 4
     assert save_dir == tmp_path / "runs" / "exp"
     for stem, (h, w) in shapes.items():

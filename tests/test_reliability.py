@@ -444,7 +444,7 @@ def test_txt_list_outside_dataset_is_only_read(tmp_path):
     assert "Cached images (disk" in r.stdout + r.stderr
     # reading the split again hits our cache and still writes nothing outside
     from utils.data import YOLODataset
-    again = YOLODataset(ds / "train.txt", imgsz=64, nc=len(NAMES), cache="disk")
+    again = YOLODataset(ds / "train.txt", imgsz=64, nc=len(NAMES), cache="disk", augment=True)  # as training reads
     assert again.cache_file == str(ds / "train.cache") and again.counts.images == 8
     assert sorted(again.npy_files) == [str(f) for f in npy]
     assert _snapshot(ext) == before

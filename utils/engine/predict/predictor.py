@@ -468,9 +468,8 @@ def run(job: PredictJob | argparse.Namespace) -> Path:
         if seq is not None:
             seq.close()
 
-    if dataset.skipped:
-        LOGGER.warning(f"WARNING: {len(dataset.skipped)} file(s) skipped: "
-                       + "; ".join(f"{p} ({why})" for p, why in dataset.skipped))
+    if dataset.skipped:  # each was named with its reason when skipped: count them, do not repeat them
+        LOGGER.warning(f"WARNING: {len(dataset.skipped)} of {len(dataset)} files skipped (named above)")
     t = predictor.speed()
     LOGGER.info(f"Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape {(1, 3, *predictor.imgsz)}" % t)
     if opt.save_txt or save_img:
