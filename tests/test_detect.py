@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import seeded_tiny_checkpoint
+from helpers import limit, seeded_tiny_checkpoint
 from utils.general import ROOT, UserError
 
 NAMES = ["circle", "square", "cross"]
@@ -291,7 +291,7 @@ def test_cli_source_errors_are_one_line(weights, tmp_path):
         procs[src] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
                                       env=env)
     for src, proc in procs.items():
-        _, stderr = proc.communicate(timeout=180)
+        _, stderr = proc.communicate(timeout=limit(180))
         assert proc.returncode != 0
         assert "Traceback" not in stderr
         err = [line for line in stderr.splitlines() if line.startswith("ERROR:")]

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import shapes_yaml
+from helpers import limit, shapes_yaml
 
 optuna = pytest.importorskip("optuna")
 
@@ -114,12 +114,12 @@ def test_outputs_pick_the_best_finished_trial(tmp_path):
 def _until(cond, timeout: float = 60.0, poll: float = 0.1, what=lambda: ""):
     """Wait for cond() to return something truthy (checked, never a fixed sleep); returns it."""
     t0 = time.time()
-    while time.time() - t0 < timeout:
+    while time.time() - t0 < limit(timeout):
         got = cond()
         if got:
             return got
         time.sleep(poll)
-    raise AssertionError(f"condition not met within {timeout} s\n{what()}")
+    raise AssertionError(f"condition not met within {limit(timeout)} s\n{what()}")
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the test asks trials by hand
@@ -209,13 +209,13 @@ def test_two_processes_share_one_study(tiny_data, tmp_path):
             assert procs[-1].poll() is None and held, outs[-1].text()[-3000:]
         go.touch()
         for p in procs:
-            p.wait(timeout=400)
+            p.wait(timeout=limit(400))
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
     for o in outs:
-        o.thread.join(timeout=60)
+        o.thread.join(timeout=limit(60))
     texts = [o.text() for o in outs]
     assert [p.returncode for p in procs] == [0, 0], [t[-2000:] for t in texts]
     assert all("Traceback" not in t for t in texts)
@@ -361,7 +361,7 @@ def test_bad_hyp_files_are_one_line_errors(tiny_data, tmp_path, capsys):
     args = ["--cfg", "gelan-t.yaml", "--data", str(tiny_data), "--epochs", "1", "--imgsz", "64",
             "--project", str(tmp_path), "--workers", "0"]
     r = subprocess.run([sys.executable, str(ROOT / "train_dual.py"), *args, "--hyp", str(unknown), "--evolve", "2"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path, capture_output=True, text=True, timeout=limit(120),
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 1 and _errors(r.stderr) == [
         f"ERROR: {unknown}: unknown hyperparameter(s) mosiac (mosiac: did you mean mosaic?)"]

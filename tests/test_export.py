@@ -19,7 +19,7 @@ from models.yolo import DetectionModel
 from utils.checkpoint import make_checkpoint, save_checkpoint
 from utils.engine.backend import Backend
 from utils.general import ROOT
-from helpers import perturb_bn
+from helpers import limit, perturb_bn
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -148,7 +148,7 @@ def test_detect_dual_runs_on_onnx(mmqa, tmp_path):
     r = subprocess.run([sys.executable, str(script), "--weights", str(out["onnx"]), "--source", str(src),
                         "--imgsz", str(H), str(W), "--project", str(tmp_path / "runs"), "--name", "exp",
                         "--save-txt", "--conf-thres", "0.0001"],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=limit(300))
     assert r.returncode == 0, r.stderr[-2000:]
     saved = sorted(p.name for p in (tmp_path / "runs" / "exp").glob("*.jpg"))
     assert saved == ["im0.jpg", "im1.jpg"]
