@@ -33,9 +33,10 @@ def test_other_class_count_moves_all_but_the_class_branch(caplog):
         t = transfer_weights(model, state, source="src.pt", file_nc=80)
     tensors, params = _moved(model, state)
     assert (t.tensors, t.params) == (tensors, params)
-    weights = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
+    own = model.state_dict()
+    weights = [k for k in own if not k.endswith("num_batches_tracked")]
     assert t.total_tensors == len(weights) and t.total_params == sum(p.numel() for p in model.parameters())
-    fresh = [k for k in weights if not (k in state and state[k].shape == model.state_dict()[k].shape)]
+    fresh = [k for k in weights if not (k in state and state[k].shape == own[k].shape)]
     assert fresh and all(".cv3." in k or ".cv5." in k for k in fresh)  # class branches of both heads only
     assert t.fresh == ("layer 29 DualDDetect: class branch (the file has 80 classes, this model 3)",)
     assert 0.5 < t.fraction < 1 and "WARNING" not in caplog.text

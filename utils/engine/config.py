@@ -75,7 +75,9 @@ class TrainConfig:
         raw = dict(vars(args) if namespace else (args or {}))
         raw.update(overrides)
         known = {f.name for f in fields(cls)}
-        if strict if strict is not None else not namespace:
+        if strict is None:
+            strict = not namespace
+        if strict:
             check_keys(raw, known, "TrainConfig")
         kw = {k: v for k, v in raw.items() if k in known}
         resume = kw.get("resume", "")
