@@ -136,7 +136,8 @@ def test_test_time_limits_scale_with_the_machine_load():
             consts = []
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
                 consts = [k.value for k in node.keywords if k.arg == "timeout"]
-            elif isinstance(node, ast.Compare) and isinstance(node.left, ast.BinOp) and "time" in ast.unparse(node.left):
+            elif isinstance(node, ast.Compare) and isinstance(node.left, ast.BinOp) \
+                    and "time" in ast.unparse(node.left):
                 consts = [c for op, c in zip(node.ops, node.comparators) if isinstance(op, (ast.Lt, ast.LtE))]
             bare += [f"{f.name}:{node.lineno}: {ast.unparse(node)[:90]}" for c in consts
                      if isinstance(c, ast.Constant) and isinstance(c.value, (int, float))]

@@ -254,7 +254,8 @@ def _fresh_parts(model: nn.Module, missing: list[str], file_nc: int | None) -> l
         n_layer = sum(k.startswith(f"model.{i}.") for k in own)
         cls_branch = {f"model.{i}.cv3.", f"model.{i}.cv5."}
         if any(k.startswith(p) for k in keys for p in mqa):
-            what = "Mobile MQA attention" + ("" if all(any(k.startswith(p) for p in mqa) for k in keys) else " and more")
+            only = all(any(k.startswith(p) for p in mqa) for k in keys)
+            what = "Mobile MQA attention" + ("" if only else " and more")
         elif i == head_i and all(any(k.startswith(p) for p in cls_branch) for k in keys):
             nc = getattr(layers[i], "nc", None)
             what = "class branch" + (f" (the file has {file_nc} classes, this model {nc})"

@@ -172,8 +172,8 @@ def voc2yolo(src: str | Path | list, out_dir: str | Path, split: str = "train", 
     if images_dir:
         _copy_images(Path(images_dir), Path(out_dir) / "images" / split, [p[0] for p in parsed])
     write_data_yaml(Path(out_dir), split, names)
-    LOGGER.info(f"VOC: {len(parsed)} files, {len(names)} classes -> {lb_dir}"
-                + (f" ({difficult} objects marked difficult skipped; --keep-difficult keeps them)" if difficult else ""))
+    skipped = f" ({difficult} objects marked difficult skipped; --keep-difficult keeps them)" if difficult else ""
+    LOGGER.info(f"VOC: {len(parsed)} files, {len(names)} classes -> {lb_dir}{skipped}")
     return names
 
 

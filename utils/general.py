@@ -72,7 +72,9 @@ def report_error(line: str) -> None:
 
 def os_reason(e: OSError) -> str:
     """Readable reason even for OSError(errno.ENOSPC) raised without its text."""
-    code = e.errno if isinstance(e.errno, int) else (e.args[0] if len(e.args) == 1 and isinstance(e.args[0], int) else None)
+    code = e.errno if isinstance(e.errno, int) else None
+    if code is None and len(e.args) == 1 and isinstance(e.args[0], int):
+        code = e.args[0]
     return e.strerror or (os.strerror(code) if code is not None else "") or str(e) or type(e).__name__
 
 
