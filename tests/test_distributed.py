@@ -19,6 +19,7 @@ import pytest
 import torch
 import yaml
 
+from helpers import limit
 from utils.data import generate_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +54,7 @@ def make_data(root: Path, n_train: int = 16, n_val: int = 8) -> Path:
 
 def run(cmd: list, cwd: Path, timeout: float = 300, **extra) -> subprocess.CompletedProcess:
     return subprocess.run([str(c) for c in cmd], cwd=cwd, env=env(**extra), capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=limit(timeout))
 
 
 def epochs_in_csv(path: Path) -> list[int]:
@@ -175,7 +176,7 @@ def test_two_nodes_split_every_epoch_and_only_rank0_writes(tmp_path):
                "--project", "runs/train", "--name", "exp"]
         procs.append(subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env(YOLO_SAMPLER_LOG=str(log)),
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outs = [p.communicate(timeout=300)[0] for p in procs]
+    outs = [p.communicate(timeout=limit(300))[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]
     drawn = {}
@@ -234,14 +235,14 @@ def test_elastic_restart_after_sigkill_resumes_from_last_pt(tmp_path):
     csv_path, last = tmp_path / "exp" / "results.csv", tmp_path / "exp" / "weights" / "last.pt"
     victim, t0 = None, time.time()
     # kill local rank 1 once epoch 0 is saved and epoch 1 has trained a batch (progress bar "1/2")
-    while victim is None and time.time() - t0 < 200 and p.poll() is None:
+    while victim is None and time.time() - t0 < limit(200) and p.poll() is None:
         if epochs_in_csv(csv_path) == [0] and last.exists() and " 1/2 " in "".join(chunks):
             victim = next((c for c in _children(p.pid) if _local_rank(c) == "1"), None)
         time.sleep(0.02)
     assert victim is not None, "".join(chunks)[-3000:]
     os.kill(victim, signal.SIGKILL)
-    p.wait(timeout=300)
-    reader.join(timeout=30)
+    p.wait(timeout=limit(300))
+    reader.join(timeout=limit(30))
     out = "".join(chunks)
     (tmp_path / "torchrun.log").write_text(out)
     assert p.returncode == 0, out[-3000:]
@@ -335,7 +336,7 @@ def test_launch_mistakes_give_one_clear_line(tmp_path, capsys, monkeypatch):
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("ERROR:")]
     assert r.returncode == 1 and len(lines) == 1, (r.stdout + r.stderr)[-3000:]
     assert "rank 0 of 2" in lines[0] and "did not form within 4 s" in lines[0]
-    assert "Traceback" not in r.stderr and time.time() - t0 < 90
+    assert "Traceback" not in r.stderr and time.time() - t0 < limit(90)
 
 
 def test_survivor_of_a_killed_rank_stops_with_one_line(tmp_path):
@@ -355,16 +356,16 @@ def test_survivor_of_a_killed_rank_stops_with_one_line(tmp_path):
     reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: procs[0].stdout.read(64), "")), daemon=True)
     reader.start()
     t0 = time.time()
-    while " 1/2 " not in "".join(chunks) and procs[0].poll() is None and time.time() - t0 < 200:
+    while " 1/2 " not in "".join(chunks) and procs[0].poll() is None and time.time() - t0 < limit(200):
         time.sleep(0.02)  # poll until rank 0 has trained a batch of epoch 1
     assert procs[0].poll() is None, "".join(chunks)[-3000:]
     procs[1].send_signal(signal.SIGKILL)
-    procs[1].communicate(timeout=60)
+    procs[1].communicate(timeout=limit(60))
     t1 = time.time()
-    procs[0].wait(timeout=120)
-    reader.join(timeout=30)
+    procs[0].wait(timeout=limit(120))
+    reader.join(timeout=limit(30))
     out = "".join(chunks)
     errs = [ln for ln in out.splitlines() if ln.startswith("ERROR:")]
     assert procs[0].returncode == 1 and len(errs) == 1, out[-3000:]
     assert "rank 0 of 2: lost contact with the other processes" in errs[0]
-    assert "Traceback" not in out and time.time() - t1 < 70
+    assert "Traceback" not in out and time.time() - t1 < limit(70)

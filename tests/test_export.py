@@ -20,7 +20,7 @@ from models.yolo import DetectionModel
 from utils.checkpoint import make_checkpoint, save_checkpoint
 from utils.engine.backend import Backend
 from utils.general import ROOT
-from helpers import perturb_bn
+from helpers import limit, perturb_bn
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -151,7 +151,7 @@ def test_detect_dual_runs_on_onnx(mmqa, tmp_path):
     r = subprocess.run([sys.executable, str(script), "--weights", str(out["onnx"]), "--source", str(src),
                         "--imgsz", str(H), str(W), "--project", str(tmp_path / "runs"), "--name", "exp",
                         "--save-txt", "--conf-thres", "0.0001"],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=limit(300))
     assert r.returncode == 0, r.stderr[-2000:]
     saved = sorted(p.name for p in (tmp_path / "runs" / "exp").glob("*.jpg"))
     assert saved == ["im0.jpg", "im1.jpg"]
@@ -363,3 +363,23 @@ def test_fixed_size_export_states_its_geometry(mmqa, tmp_path, monkeypatch, capl
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     Predictor(out["onnx"], device="cpu", imgsz=128)
     assert f"exported at {H}x{W}; running at that size (--imgsz 128 128 ignored" in caplog.text
+
+
+def test_fixed_size_export_in_an_ensemble_and_no_rect(mmqa, tmp_path, monkeypatch):
+    """A fixed-size file anywhere in an ensemble makes validation letterbox square at its size (every member
+    takes that); --no-rect gives a .pt the same square batches. Neither ends in a size error."""
+    import val_dual
+    from utils.engine.validator import run_validation
+    data = _val_data(tmp_path, 4, seed=2, sizes=[(160, 224)])
+    _, out = mmqa
+    pt = out["onnx"].with_suffix(".pt")
+    seen = _record_input_shapes(monkeypatch)
+    run_validation(data=str(data), weights=[str(pt), str(out["onnx"])], batch_size=4, workers=0,
+                   project=str(tmp_path / "val"), plots=False)
+    assert seen and set(seen) == {(H, W), (min(H, W), min(H, W))}  # the export pads to its own 64x96
+    assert val_dual.parse_opt(["--no-rect"]).rect is False and val_dual.parse_opt([]).rect is True
+    for rect, want in ((False, {(96, 96)}), (True, {(128, 96)})):  # 160x224 images at --img 96
+        seen.clear()
+        run_validation(data=str(data), weights=str(pt), batch_size=4, imgsz=96, workers=0, rect=rect,
+                       project=str(tmp_path / "val"), plots=False)
+        assert set(seen[1:]) == want, seen  # after the square warmup

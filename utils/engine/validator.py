@@ -523,21 +523,26 @@ def _run_validation(job: ValJob, weights: list, dev: torch.device) -> ValResult:
     if not job.single_cls and model.nc != nc:
         raise UserError(f"{weights[0]}: model has {model.nc} classes but {cfg.yaml_file} has nc={nc}; "
                         f"pass matching --data (or --single-cls)")
-    fixed = getattr(backends[0], "fixed_imgsz", None)
+    # fixed-size exports (any member of an ensemble): square letterboxed images at the smallest of their sizes,
+    # which every one of them takes (padded at the bottom/right to its own size)
+    fixed_ones = [(w, b.fixed_imgsz) for w, b in zip(weights, backends) if getattr(b, "fixed_imgsz", None)]
+    w_fixed, fixed = min(fixed_ones, key=lambda x: min(x[1])) if fixed_ones else (None, None)
     if fixed and job.imgsz and job.imgsz != min(fixed):
-        LOGGER.warning(f"WARNING: {weights[0]} was exported at {fixed[0]}x{fixed[1]}; validating at that size")
+        LOGGER.warning(f"WARNING: {w_fixed} was exported at {fixed[0]}x{fixed[1]}; validating at that size")
     if fixed and job.task != "speed":
-        LOGGER.info(f"Note: {weights[0]} takes only {fixed[0]}x{fixed[1]} input, so it validates square letterboxed "
+        LOGGER.info(f"Note: {w_fixed} takes only {fixed[0]}x{fixed[1]} input, so it validates square letterboxed "
                     f"images; a .pt (or an export with --dynamic) validates rectangular batches padded by half a "
                     f"stride, which a fixed-size file cannot take, and scores a little differently")
-    imgsz = backends[0].default_imgsz() if (fixed or not job.imgsz) else job.imgsz
+    imgsz = min(fixed) if fixed else (job.imgsz or backends[0].default_imgsz())
     imgsz = check_img_size(imgsz, model.stride)
     if not cfg.split(split):
         raise UserError(f"{cfg.yaml_file}: no '{split}' split")
     save_dir = ddp.broadcast_object(increment_path(Path(job.project) / job.name, exist_ok=job.exist_ok, mkdir=True)
                                     if ddp.is_main() else None)
     model.warmup((1, 3, imgsz, imgsz))
-    pad, rect = (0.0, False) if (job.task == "speed" or fixed) else (0.5, True)  # exported files: one fixed size
+    # rectangular batches padded by half a stride (upstream's validation) unless --no-rect, --task speed or a
+    # fixed-size export: then square letterboxed images, no extra padding
+    pad, rect = (0.5, True) if (job.rect and job.task != "speed" and not fixed) else (0.0, False)
     loader, _ = create_dataloader(cfg.split(split), imgsz, job.batch_size, model.stride, pad=pad, rect=rect,
                                   workers=job.workers, names=cfg.names, nc=cfg.nc, single_cls=job.single_cls,
                                   min_items=job.min_items, prefix=f"{job.task}: ", pin_memory=dev.type == "cuda",

@@ -124,10 +124,12 @@ def resolve_config(cfg: TrainConfig) -> tuple[TrainConfig, dict | None]:
 class Trainer:
     def __init__(self, cfg: TrainConfig | argparse.Namespace, callbacks: Sequence[Callback] = ()):
         self.cfg = cfg if isinstance(cfg, TrainConfig) else TrainConfig.from_args(cfg)
-        self.callbacks = [TensorBoardLogger()] * self.cfg.tensorboard + list(callbacks)
+        self.user_callbacks = list(callbacks)
+        self.callbacks = self._with_tensorboard(self.cfg)  # built again once a resumed run's config is known
         self.main = RANK in (-1, 0)
         self.stop_requested = False
         self.stop_after_epoch = False  # a callback may set it in on_epoch_end: training then ends cleanly (finish runs)
+        self.resume_hint = True  # after Ctrl-C, print the --resume command (--evolve prints its own instead)
 
     # ================================================================== setup
     def setup(self) -> None:
@@ -145,8 +147,11 @@ class Trainer:
                 LOGGER.warning("WARNING: --image-weights is not supported under torchrun; training without it")
             cfg = cfg.replace(image_weights=False)
         self.cfg = cfg
+        self.callbacks = self._with_tensorboard(cfg)
         self.hyp = dict(self.ckpt["hyp"]) if self.ckpt else load_hyp(cfg.hyp)
         self.names = ["item"] if cfg.single_cls else list(self.data.names)
+        if self.ckpt:
+            self._check_resumed_data()
         self.save_dir, self.wdir = Path(cfg.save_dir), Path(cfg.save_dir) / "weights"
         seed = cfg.seed + 1 + max(RANK, 0)
         random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
@@ -171,6 +176,23 @@ class Trainer:
         self.val_loss_fn = DetectionLoss(unwrap(self.model), self.hyp)  # per rank: shards differ in length
         if LOCAL_RANK != -1:
             self.loss_fn.score_sum_fn = ddp.global_score_sum  # normalise by the global batch's score sum
+
+    def _with_tensorboard(self, cfg: TrainConfig) -> list:
+        return [TensorBoardLogger()] * cfg.tensorboard + self.user_callbacks
+
+    def _check_resumed_data(self) -> None:
+        """Before any step: the resumed model's classes must be the data's (an edited data YAML would
+        otherwise fail, or train the wrong classes, only after an epoch)."""
+        trained = [str(n) for n in self.ckpt.get("names") or []]
+        nc = int(self.ckpt["model_yaml"].get("nc", len(trained)))
+        if nc != len(self.names):
+            raise UserError(f"{self.cfg.data}: {len(self.names)} classes now, but {self.cfg.resume} was trained on "
+                            f"{nc} ({', '.join(trained[:10])}{' ...' if len(trained) > 10 else ''}); a run resumes "
+                            f"on the classes it started with: restore the data YAML, or start a new run on this "
+                            f"data with --weights {self.cfg.resume}")
+        if trained and trained != [str(n) for n in self.names]:
+            LOGGER.warning(f"WARNING: {self.cfg.data}: class names differ from the resumed run's "
+                           f"({', '.join(trained[:10])}); training goes on with the class ids as they are")
 
     def _init_device(self, spec: str) -> torch.device:
         return ddp.process_device(spec)
@@ -228,7 +250,8 @@ class Trainer:
             ck = load_checkpoint(cfg.weights)
             model = DetectionModel(cfg.cfg or ck["model_yaml"], nc=nc)
             exclude = ("anchor",) if (cfg.cfg or ck["model_yaml"].get("nc") == nc) else ()
-            transfer_weights(model, {k: v.float() for k, v in (ck.get("ema") or ck["model"]).items()}, exclude)
+            transfer_weights(model, {k: v.float() for k, v in (ck.get("ema") or ck["model"]).items()}, exclude,
+                             source=str(cfg.weights), file_nc=ck["model_yaml"].get("nc"))
         else:
             model = DetectionModel(cfg.cfg, nc=nc)
         model.names = self.names
@@ -363,8 +386,9 @@ class Trainer:
         except KeyboardInterrupt:
             if self.main:
                 self._save(epoch - 1, "last.pt")
-                LOGGER.info(f"\nInterrupted: saved {self.wdir / 'last.pt'}; continue with "
-                            f"python train_dual.py --resume {self.wdir / 'last.pt'}")
+                if self.resume_hint:
+                    LOGGER.info(f"\nInterrupted: saved {self.wdir / 'last.pt'}; continue with "
+                                f"python train_dual.py --resume {self.wdir / 'last.pt'}")
             raise SystemExit(130)
         finally:
             if prev_handler is not None:
@@ -374,7 +398,7 @@ class Trainer:
         try:
             return self.finish()
         except KeyboardInterrupt:
-            if self.main:
+            if self.main and self.resume_hint:
                 LOGGER.info(f"\nInterrupted while finishing: training itself is complete; strip best.pt, validate "
                             f"and plot with python train_dual.py --resume {self.wdir / 'last.pt'}")
             raise SystemExit(130)
