@@ -146,7 +146,7 @@ class Backend:
         fh, fw = self.fixed_imgsz
         if h > fh or w > fw:
             raise UserError(f"{self.weights}: exported for {fh}x{fw} input, got {h}x{w}; "
-                            f"letterbox to exactly {fh}x{fw} (--imgsz {fh} {fw}, no rectangular batches) or re-export")
+                            f"letterbox to exactly {fh}x{fw} (no rectangular batches) or export again with --dynamic")
         return pad_bottom_right(im, fh, fw)
 
     def _fit_graph(self, im: torch.Tensor) -> torch.Tensor:
