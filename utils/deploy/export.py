@@ -133,6 +133,19 @@ def _log_saved(fmt: Format, path: Path, int8: bool) -> None:
     LOGGER.info(f"{fmt.title}{' INT8' if int8 else ''}: saved {path} ({formats.size_mb(path):.1f} MB)")
 
 
+def _log_done(fmts: list[Format], shape: tuple[int, int, int], stride: int, dynamic: bool) -> None:
+    b, h, w = shape
+    elsewhere = "; ".join(f"{f.title} files run on {f.runs_on}" for f in fmts if not f.runs_here)
+    if dynamic:
+        done = (f"Export done, traced at [{b}, 3, {h}, {w}] with dynamic batch and height/width (multiples of "
+                f"{stride}) where the format allows it")
+        how = "python detect_dual.py --weights <file> --imgsz <size>"
+    else:
+        done, how = f"Export done for input [{b}, 3, {h}, {w}]", f"python detect_dual.py --weights <file> --imgsz {h} {w}"
+    here = f"run with: {how}" if any(f.runs_here for f in fmts) else ""
+    LOGGER.info("; ".join(x for x in (done, here, elsewhere) if x))
+
+
 def run(weights: str | Path, include: tuple = ("torchscript",), imgsz: tuple | list | int = (640, 640),
         batch_size: int = 1, dynamic: bool = False, half: bool = False, opset: int = 17, simplify: bool = False,
         device: str = "cpu", fuse: bool = True, int8: bool = False, data: str | Path | None = None,
@@ -180,13 +193,7 @@ def run(weights: str | Path, include: tuple = ("torchscript",), imgsz: tuple | l
                 _log_saved(fmt, out[f"{fmt.name}-int8"], True)
         if "onnx" in out and not half:
             _onnx_check(out["onnx"], model, im)
-    if dynamic:
-        LOGGER.info(f"Export done, traced at [{batch_size}, 3, {h}, {w}] with dynamic batch and height/width "
-                    f"(multiples of {stride}) where the format allows it; run with: "
-                    f"python detect_dual.py --weights <file> --imgsz <size>")
-    else:
-        LOGGER.info(f"Export done for input [{batch_size}, 3, {h}, {w}]; "
-                    f"run with: python detect_dual.py --weights <file> --imgsz {h} {w}")
+    _log_done(fmts, (batch_size, h, w), stride, dynamic)
     return out
 
 

@@ -51,6 +51,7 @@ class Backend:
     def __init__(self, weights: str | Path | nn.Module, device: str | torch.device = "cpu", half: bool = False,
                  fuse: bool = True, main_only: bool = False):
         self.device = torch.device(device)
+        self.asked_half = bool(half)
         self.half = bool(half) and self.device.type == "cuda"
         self.bf16 = self.device.type == "cpu" and cpu_bf16(half)  # bf16 autocast / OpenVINO bf16 precision
         self.model: nn.Module | None = None
@@ -99,7 +100,8 @@ class Backend:
             raise UserError(f"{self.weights}: {fmt.title} files run on {fmt.runs_on}, not here; on this machine run "
                             f"the .pt or another export (export.py --include {' '.join(formats.runnable_names())})")
         formats.check_runtime(fmt, self.weights)
-        self.runner = fmt.load(self.weights, LoadOptions(self.device, self.half, self.bf16, torch.get_num_threads()))
+        # half: what the user asked (each runtime decides what it can honour); bf16: a CPU that has it was asked
+        self.runner = fmt.load(self.weights, LoadOptions(self.device, self.asked_half, self.bf16, torch.get_num_threads()))
         self.format = fmt.name
         self.precision = self.runner.precision
         self.half = self.runner.precision == "fp16"

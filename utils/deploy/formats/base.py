@@ -39,8 +39,9 @@ class ExportOptions:
 
 @dataclass(frozen=True)
 class LoadOptions:
-    """What the caller asks of a runner: the torch device of its inputs/outputs, --half (fp16 on CUDA, bf16 on
-    a CPU that has it; a runner that cannot honour it runs in its file's own precision), intra-op threads."""
+    """What the caller asks of a runner: the torch device of its inputs/outputs, `half` = --half as given (a
+    runtime with fp16 kernels may use them; one that cannot honour it runs in its file's own precision), `bf16`
+    = --half on a CPU with native bfloat16, intra-op threads."""
     device: torch.device = torch.device("cpu")
     half: bool = False
     bf16: bool = False
