@@ -31,8 +31,9 @@ FP16_TOL = dict(min_iou=0.99, score_tol=0.01, exact_count=False)
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """The fitted gelan-t exported once at 64 px: fp32 and INT8 (calibrated on its training images) from one
-    conversion, and TorchScript (a fixed-size reference for validation); the --half export reuses that conversion's flatbuffer (fp16 weights are a post-conversion
-    cast of the same graph; a second litert-torch run would add ~40 s of CPU)."""
+    conversion, and TorchScript (a fixed-size reference for validation). The --half export reuses that
+    conversion's flatbuffer: fp16 weights are a post-conversion cast of the same graph, and a second
+    litert-torch run would add ~35 s of CPU."""
     d = tmp_path_factory.mktemp("litert")
     w, data, images = fitted_checkpoint(d)
     out = export.run(w, include=("torchscript", "litert"), imgsz=IMGSZ, int8=True, data=data)
@@ -156,6 +157,18 @@ def test_int8_of_everything_loses_the_detections(exported, tmp_path):
     everything.write_bytes(buf)
     assert sum(len(r) for r in detect(everything, images)) == 0
     assert sum(len(r) for r in detect(files["litert-int8"], images)) >= 3
+
+
+def test_int8_input_range_is_the_pixel_domain(exported):
+    """Calibration images without black or white pixels (squeezed here into 0.2..0.7) still give the input
+    scale 1/255 and zero point -128: every 8-bit pixel is exact and none is clipped."""
+    from ai_edge_litert.interpreter import Interpreter
+    from utils.deploy.quantize import calibration_images
+    files, data, _ = exported
+    dim = [0.2 + 0.5 * x for x in calibration_images(data, (IMGSZ, IMGSZ), 32)]
+    q = litert.full_int8(files["litert"].read_bytes(), dim, keep_float=[])
+    scale, zero = Interpreter(model_content=q).get_input_details()[0]["quantization"]
+    assert abs(scale - 1 / 255) < 1e-6 and zero == -128, (scale, zero)
 
 
 def test_val_and_track_run_the_tflite(exported, tmp_path):

@@ -136,7 +136,8 @@ def full_int8(buf: bytes, images: list[np.ndarray], keep_float: list[str]) -> by
     per channel) calibrated on `images` (NCHW float arrays), except ops whose output tensor name matches a
     regex of `keep_float`. Activation ranges are the min/max over all images, as ONNX Runtime's MinMax: the
     quantizer's default (a moving average, 0.95 on the ranges seen so far) kept the first images' ranges and
-    clipped the rest (fitted gelan-t: scores 0.92 -> 0.22)."""
+    clipped the rest (fitted gelan-t: scores 0.92 -> 0.22). The input's range is fixed to 0..1 (scale 1/255:
+    every 8-bit pixel exact): calibration images without a pure black or white pixel would clip others."""
     from ai_edge_quantizer import calibrator, qtyping, recipe_manager
     from ai_edge_quantizer.algorithm_manager import AlgorithmName
     from ai_edge_quantizer.utils import qsv_utils
@@ -152,8 +153,11 @@ def full_int8(buf: bytes, images: list[np.ndarray], keep_float: list[str]) -> by
         cal = calibrator.Calibrator(bytearray(buf), num_threads=max(1, torch.get_num_threads()),
                                     qsv_update_func=qsv_utils.min_max_update)
         cal.calibrate(data, recipe)
-        return bytes(q.quantize(cal.get_model_qsvs(), enable_progress_bar=False,
-                                enable_progress_report=False).quantized_model)
+        qsvs = cal.get_model_qsvs()
+        for t in _io_tensor_names(buf)[0]:  # the input's range is its domain, 0..1, not what calibration saw
+            if t in qsvs:
+                qsvs[t] = {**qsvs[t], "min": np.zeros_like(qsvs[t]["min"]), "max": np.ones_like(qsvs[t]["max"])}
+        return bytes(q.quantize(qsvs, enable_progress_bar=False, enable_progress_report=False).quantized_model)
 
 
 def _input_name(buf: bytes) -> str:
@@ -169,11 +173,12 @@ def _tensor_names(buf: bytes) -> list[str]:
     return [g.Tensors(i).Name().decode() for i in range(g.TensorsLength())]
 
 
-def _output_tensor_names(buf: bytes) -> list[str]:
+def _io_tensor_names(buf: bytes) -> tuple[list[str], list[str]]:
+    """Names of the main graph's input and output tensors."""
     from ai_edge_litert import schema_py_generated as fb
-    m = fb.Model.GetRootAs(buf, 0)
-    g = m.Subgraphs(0)
-    return [g.Tensors(g.Outputs(i)).Name().decode() for i in range(g.OutputsLength())]
+    g = fb.Model.GetRootAs(buf, 0).Subgraphs(0)
+    names = lambda idx, n: [g.Tensors(idx(i)).Name().decode() for i in range(n)]  # noqa: E731
+    return names(g.Inputs, g.InputsLength()), names(g.Outputs, g.OutputsLength())
 
 
 def with_metadata(buf: bytes, meta: dict) -> bytes:
@@ -220,7 +225,7 @@ def export(job: ExportJob, f: Path) -> Path:
 def export_int8(job: ExportJob, f: Path) -> Path:
     from importlib.metadata import version
     buf = convert(job)
-    keep = int8_float_scopes(job, _output_tensor_names(buf))
+    keep = int8_float_scopes(job, _io_tensor_names(buf)[1])
     if not any(re.search(keep[0], n) for n in _tensor_names(buf)):
         raise UserError(f"export.py --include litert --int8: no tensor of the detect head's decoding found by "
                         f"name in the converted graph (litert-torch {version('litert-torch')}); INT8 would put "
