@@ -67,6 +67,9 @@ class Backend:
         else:
             self.weights = Path(weights)
             fmt = None if self.weights.suffix.lower() == ".pt" else formats.for_path(self.weights)
+            if fmt is None and self.weights.is_dir():
+                raise UserError(f"{weights}: is a folder; give a weights file or an exported model's folder "
+                                f"({formats.accepted_suffixes()})")
             if fmt is None and self.weights.suffix.lower() != ".pt":
                 raise UserError(f"{weights}: unsupported weights format '{self.weights.suffix or self.weights.name}' "
                                 f"(use {formats.accepted_suffixes()})")

@@ -153,9 +153,6 @@ class Predictor:
             raise UserError(f"--max-det {max_det}: must be at least 1")
         if imgsz is not None:
             image_hw(imgsz)  # 0, negative or non-whole sizes: one error before the weights load
-        if isinstance(weights, (str, Path)) and Path(weights).is_dir() and not any(Path(weights).glob("*.xml")):
-            raise UserError(f"{weights}: is a folder; give a weights file (.pt, or an exported .onnx, .torchscript, "
-                            f"...) or an OpenVINO *_openvino_model folder")
         self.device = select_device(device)
         self.backend = Backend(weights, self.device, half=half, fuse=True, main_only=main_only)
         self.backend.use_cuda_graph(cuda_graph)
