@@ -135,6 +135,20 @@ def test_not_a_program_is_one_line(tmp_path):
     assert et.read_program(f) == (None, 0, 0)
 
 
+def test_missing_executorch_is_one_line(exported, monkeypatch):
+    """Without the package: export stops before any work, and the loader names the pip package."""
+    from utils.deploy.formats import base
+    from utils.engine.backend import Backend
+    w, pte, _, _, _ = exported
+    real = base.find_spec
+    monkeypatch.setattr(base, "find_spec", lambda n: None if n == "executorch" else real(n))
+    with pytest.raises(UserError, match=r"^export.py --include executorch: needs executorch \(for executorch\); "
+                                        r"install with: pip install executorch$"):
+        export.run(w, include=("executorch",), imgsz=IMGSZ)
+    with pytest.raises(UserError, match=r"tiny.pte: running ExecuTorch models needs executorch \(pip install executorch\)"):
+        Backend(pte)
+
+
 class Rewritten(nn.Module):
     """Every op REWRITES replaces, in the forms these models use them."""
 
@@ -190,9 +204,11 @@ def test_anchor_grid_folds_to_constants():
         torch.testing.assert_close(gm(feats), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_mobile_mqa_lowers_whole():
+def test_mobile_mqa_lowers_whole(tmp_path):
     """One Mobile MQA block (query and key/value downsampling, 4 heads sharing one key/value head) in export
-    mode: XNNPACK takes every op, and the program computes the block's output."""
+    mode: XNNPACK takes every op, and the program computes the block's output. As a .pte it is no detector:
+    the loader refuses it in one line."""
+    from utils.engine.backend import Backend
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
     from executorch.runtime import Runtime
@@ -210,5 +226,10 @@ def test_mobile_mqa_lowers_whole():
                                            partitioner=[XnnpackPartitioner()])
     parts, ops = et.outside_delegate(edge.exported_program())
     assert parts == 1 and not ops, ops
-    program = Runtime.get().load_program(edge.to_executorch().buffer)
+    f = tmp_path / "block.pte"
+    f.write_bytes(edge.to_executorch().buffer)
+    program = Runtime.get().load_program(f)
     torch.testing.assert_close(program.load_method("forward").execute((x,))[0], ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(UserError, match=r"block.pte: not a detector exported by this project \(its output 'output 0' "
+                                        r"has shape \[1, 32, 8, 12\]"):
+        Backend(f)
