@@ -149,6 +149,43 @@ def test_missing_executorch_is_one_line(exported, monkeypatch):
         Backend(pte)
 
 
+class TinyDetector(nn.Module):
+    """[B, 3, H, W] -> [B, 4 + 2, H/8 * W/8]: the detector contract in one convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(3, 128, 8, 8), nn.Conv2d(128, 6, 1))
+
+    def forward(self, x):
+        y = self.conv(x)
+        return torch.cat((y[:, :4] * 8 + 16, y[:, 4:].sigmoid()), 1).flatten(2)
+
+
+def test_half_writes_an_fp16_program(tmp_path):
+    """--half: an fp16 program (fp16 input and activations; XNNPACK keeps convolution weights fp32 in the file and
+    packs them to fp16 at load), read back as an fp16 runner that takes the usual fp32 images and returns fp32
+    within fp16 rounding of the fp32 model (the whole fitted model measured: matched IoU 0.998, scores within
+    0.001; mAP50-95 0.5987 against 0.5975 fp32 for gelan-t trained at 128 px)."""
+    from utils.deploy.formats import ExportJob, ExportOptions
+    from utils.engine.backend import Backend
+    torch.manual_seed(0)
+    model = TinyDetector().eval()
+    im = torch.zeros(1, 3, 32, 64)
+    meta = {"names": ["a", "b"], "nc": 2, "stride": 8, "imgsz": [32, 64], "dynamic": False, "half": False}
+    job = ExportJob(model, im, meta, ExportOptions(imgsz=(32, 64), half=True), tmp_path / "t.pt", tmp_path)
+    f = et.export(job, tmp_path / "t.pte")
+    assert et.read_program(f) == ({**meta, "half": True}, 0, 1)
+    b = Backend(f)
+    assert (b.precision, b.names, b.fixed_imgsz, b.stride) == ("fp16", ["a", "b"], (32, 64), 8)
+    x = torch.rand(2, 3, 32, 64)
+    y = b(x)
+    with torch.no_grad():
+        ref = model(x)
+    assert y.dtype == torch.float32 and y.shape == (2, 6, 32)
+    torch.testing.assert_close(y, ref, atol=0.05, rtol=2e-3)
+    assert (y - ref).abs().max() > 1e-3  # fp16 rounding of values ~16: computed in fp16, not fp32
+
+
 class Rewritten(nn.Module):
     """Every op REWRITES replaces, in the forms these models use them."""
 

@@ -6,8 +6,9 @@ method, and this loader reads it from the program's tables without running anyth
 XNNPACK takes every op of these models once a few are written the way its partitioner accepts them (REWRITES:
 splits as slices, softmax over the last axis, nearest upsampling as a broadcast multiply, batched matmuls
 without broadcasting, arithmetic scalars as tensors of the graph's dtype) and the anchor grid is folded into a
-constant; export logs which ops, if any, stay outside the delegate. --half: an fp16 program (weights and
-activations), for ARM CPUs with fp16 arithmetic.
+constant; export logs which ops, if any, stay outside the delegate. --half: an fp16 program (fp16 input and
+activations; XNNPACK stores convolution weights fp32 and packs them to fp16 at load), for ARM CPUs with fp16
+arithmetic: on x86 without it, slower than fp32.
 """
 from __future__ import annotations
 
@@ -306,6 +307,6 @@ FORMAT = Format(
     name="executorch", title="ExecuTorch", order=50, suffix=".pte", folder=False,
     export=export, load=ExecuTorchRunner,
     export_packages=(("executorch", "executorch"),), run_packages=(("executorch", "executorch"),),
-    half="fp16 program (XNNPACK fp16, for ARM)",
+    half="fp16 activations (ARM CPUs with fp16 arithmetic)",
     runs_on="Android / iOS apps, Raspberry Pi and ARM boards (XNNPACK CPU); x86",
 )
