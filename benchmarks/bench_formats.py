@@ -36,6 +36,8 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import functools
+import logging
 import os
 import platform
 import shutil
@@ -123,26 +125,24 @@ def export_all(pt: Path, folder: Path, size: int | tuple[int, int], data: str | 
     return out
 
 
+@functools.lru_cache(maxsize=None)
 def _bf16_runs(path: Path) -> bool:
     """Whether --half makes this file compute in bf16 here (the .pt on a bf16 CPU, OpenVINO's bf16 hint...);
-    elsewhere a --half row would repeat the FP32 row."""
+    elsewhere a --half row would repeat the FP32 row (the runner's one-line note about it is not shown)."""
     from utils.engine.backend import Backend
-    return Backend(path, half=True, main_only=True).precision == "bf16"
+    from utils.general import LOGGER
+    level = LOGGER.level
+    LOGGER.setLevel(logging.ERROR)
+    try:
+        return Backend(path, half=True, main_only=True).precision == "bf16"
+    finally:
+        LOGGER.setLevel(level)
 
 
 def rows_for(files: dict[str, Path]) -> list[Row]:
     """The registry's rows that this export produced and that differ from each other on this CPU."""
-    rows, bf16 = [], {}
-    for r in registry_rows():
-        if r.key not in files or (ONLY and r.name not in ONLY and r.name != "pt FP32"):
-            continue
-        if r.half:
-            if r.key not in bf16:
-                bf16[r.key] = _bf16_runs(files[r.key])
-            if not bf16[r.key]:
-                continue
-        rows.append(r)
-    return rows
+    return [r for r in registry_rows() if r.key in files and (not ONLY or r.name in ONLY or r.name == "pt FP32")
+            and (not r.half or _bf16_runs(files[r.key]))]
 
 
 def _call_times(b, x, iters: int) -> tuple[float, float]:
@@ -261,50 +261,51 @@ def cpu_summary(cpuinfo: str | None = None) -> str:
             f"{', '.join(has) or 'no AVX2/AVX512/ARM dot-product flags'}")
 
 
-def _how_to_run(row: Row, files: dict[str, Path], weights: str, size: int) -> str:
+def _how_to_run(row: Row, weights: Path, size: int) -> str:
     from utils.deploy import formats
+    half = " --half" if row.half else ""
     if row.key == "pt":
-        return f"python detect_dual.py --weights {weights}{' --half' if row.half else ''}"
+        return f"python detect_dual.py --weights {weights}{half}"
     fmt = formats.get(row.key.removesuffix("-int8"))
     int8 = row.key.endswith("-int8")
-    out = fmt.path(Path(weights), int8=int8).name
-    return (f"python export.py --weights {weights} --include {fmt.name} --imgsz {size}"
-            f"{' --int8' if int8 else ''} && python detect_dual.py --weights {out}{' --half' if row.half else ''}")
+    return (f"python export.py --weights {weights} --include {fmt.name} --imgsz {size}{' --int8' if int8 else ''} "
+            f"&& python detect_dual.py --weights {fmt.path(weights, int8=int8)}{half}")
 
 
-def recommend(model: str, pt: Path, data: str | None, size: int, rounds: int, iters: int, clock: str,
-              calib: int, tmp: Path) -> str:
-    """Time every row at `size` on this machine, check INT8/bf16 accuracy where there is data, and name the
-    fastest row that keeps accuracy (INT8 within the export check's limit of its fp32 file, bf16 within the
-    float limit of the .pt)."""
+def recommend(model: str, pt: Path, data: str | None, size: int, eval_size: int, rounds: int, iters: int,
+              clock: str, calib: int, tmp: Path) -> str:
+    """Time every row at `size` on this machine, check bf16/INT8 accuracy at the checkpoint's training size
+    where there is data (bf16 within the export check's float limit of the .pt, INT8 within its INT8 limit of
+    its fp32 file), and name the fastest row that keeps accuracy, with the commands that make and run it."""
     from utils.deploy.accuracy import FLOAT_MAX_DROP, INT8_MAX_DROP
     files = export_all(pt, tmp / model / "recommend", size, data, calib)
     ms = latency(files, size, rounds, iters, clock)
-    maps = accuracy(files, data, size) if data else {}
+    maps = {}
+    if data:
+        at_eval = files if eval_size == size else export_all(pt, tmp / model / "recommend-map", eval_size, data, calib)
+        maps = accuracy(at_eval, data, eval_size)
     lost = {}
     for r in rows_for(files):
         if r.name in maps and r.name != "pt FP32":
-            ref = f"{r.key.removesuffix('-int8')} FP32" if r.key.endswith("-int8") else "pt FP32"
-            limit = INT8_MAX_DROP if r.key.endswith("-int8") else FLOAT_MAX_DROP
-            drop = (maps.get(ref, maps["pt FP32"]) - maps[r.name]) * 100
-            if drop > limit:
-                lost[r.name] = f"lost {drop:.2f} points of mAP50-95 (limit {limit})"
-    ranked = sorted((v, n) for n, v in ms.items() if n not in lost)
+            int8 = r.key.endswith("-int8")
+            ref = maps.get(f"{r.key.removesuffix('-int8')} FP32" if int8 else "pt FP32", maps["pt FP32"])
+            limit = INT8_MAX_DROP if int8 else FLOAT_MAX_DROP
+            if (ref - maps[r.name]) * 100 > limit:
+                lost[r.name] = f"lost {(ref - maps[r.name]) * 100:.2f} points of mAP50-95 (limit {limit})"
     base = ms["pt FP32"]
-    lines = [f"### Which format on this CPU: {model}", "", f"CPU: {cpu_summary()}; {torch.get_num_threads()} threads, "
-             f"batch 1, {size}x{size}, {'wall clock' if clock == 'wall' else 'process CPU time'} per forward "
-             f"(load average {os.getloadavg()[0]:.1f}).", "",
-             f"| format | {'ms' if clock == 'wall' else 'CPU ms'}/img | x FP32 .pt | mAP50-95 | note |",
-             "|---|---:|---:|---:|---|"]
-    for v, n in sorted((v, n) for n, v in ms.items()):
-        lines.append(f"| {n} | {v:.1f} | {base / v:.2f} | {maps[n]:.4f} |" if n in maps else f"| {n} | {v:.1f} | "
-                     f"{base / v:.2f} | - |")
-        lines[-1] += f" {lost.get(n, '')} |"
-    best = next(n for _, n in ranked)
+    unit = "ms" if clock == "wall" else "CPU ms"
+    lines = [f"### Which format on this CPU: {model}", "",
+             f"{torch.get_num_threads()} thread(s), batch 1, {size}x{size}, {unit} per forward; mAP50-95 of files "
+             f"exported at {eval_size} px (the training size) on the val split.", "",
+             f"| format | {unit}/img | x FP32 .pt | mAP50-95 | note |", "|---|---:|---:|---:|---|"]
+    for n, v in sorted(ms.items(), key=lambda kv: kv[1]):
+        m = f"{maps[n]:.4f}" if n in maps else "-"
+        lines.append(f"| {n} | {v:.1f} | {base / v:.2f} | {m} | {lost.get(n, '')} |")
+    best = min((n for n in ms if n not in lost), key=ms.get)
     row = next(r for r in rows_for(files) if r.name == best)
     lines += ["", f"Use **{best}** here: {base / ms[best]:.2f}x the FP32 .pt"
-              + ("" if maps else " (accuracy not checked: pass --data)") + ".",
-              f"`{_how_to_run(row, files, str(pt), size)}`"]
+              + ("" if maps else " (accuracy not checked: no data YAML)") + ".",
+              f"`{_how_to_run(row, pt, size)}`"]
     return "\n".join(lines)
 
 
@@ -406,7 +407,8 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--data", default=None, help="data YAML: INT8 calibration (train) and mAP (val); default: the "
                                                  "data each checkpoint was trained on")
     ap.add_argument("--sizes", type=int, nargs="*", default=None,
-                    help="latency input sizes (square); no value: no latency (default 320 640; --recommend 640)")
+                    help="latency input sizes (square); no value: no latency (default 320 640; --recommend: the "
+                         "checkpoint's training size)")
     ap.add_argument("--eval-size", type=int, default=0, help="mAP image size (0: the checkpoint's training size)")
     ap.add_argument("--threads", type=int, default=0,
                     help="intra-op threads of torch, ONNX Runtime and OpenVINO (default 1; --recommend: all cores)")
@@ -432,7 +434,7 @@ def main(argv: list[str] | None = None) -> str:
     known = {r.name for r in registry_rows()}
     if set(opt.formats) - known:
         ap.error(f"--formats: unknown {sorted(set(opt.formats) - known)} (rows: {', '.join(sorted(known))})")
-    sizes = opt.sizes if opt.sizes is not None else ([640] if opt.recommend else [320, 640])
+    sizes = opt.sizes if opt.sizes is not None else ([] if opt.recommend else [320, 640])
     torch.set_num_threads(opt.threads or ((os.cpu_count() or 1) if opt.recommend else 1))
     ONLY.clear()
     ONLY.update(opt.formats)
@@ -453,14 +455,16 @@ def main(argv: list[str] | None = None) -> str:
             except UserError:
                 data = None
                 _note(f"{model}: no data YAML (--data): INT8 rows and mAP skipped")
+            train_size = int((load_checkpoint(pt).get("opt") or {}).get("imgsz") or 640)
             if opt.recommend:
-                parts.append(recommend(model, pt, None if opt.no_map else data, sizes[-1], opt.rounds, opt.iters,
-                                       opt.clock, opt.calib_images, tmp))
+                size = sizes[-1] if opt.sizes else train_size
+                parts.append(recommend(model, pt, None if opt.no_map else data, size, opt.eval_size or train_size,
+                                       opt.rounds, opt.iters, opt.clock, opt.calib_images, tmp))
                 continue
             if opt.static_shape:
                 parts.append(f"### {model}: fixed-size frames on a --dynamic export\n\n" + static_shape(
                     pt, tmp / model / "static", tuple(opt.static_shape), data, opt.rounds, opt.iters, opt.clock))
-            eval_size = opt.eval_size or int((load_checkpoint(pt).get("opt") or {}).get("imgsz") or 640)
+            eval_size = opt.eval_size or train_size
             maps, sizes_mb, at_eval = {}, {}, {}
             if not opt.no_map and data:
                 at_eval = export_all(pt, tmp / model / str(eval_size), eval_size, data, opt.calib_images)

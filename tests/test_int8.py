@@ -127,20 +127,34 @@ def test_quiet_quantizers_hide_only_third_party_noise(caplog, capfd):
     assert "a real problem" in shown and "after: shown again" in shown
 
 
-def test_average_pools_quantize_as_convolutions(tmp_path):
-    """An unpadded AveragePool becomes a depthwise convolution with the same fp32 numbers, so ONNX Runtime's
-    fast int8 convolution runs it instead of its slow quantized pool."""
+class _PoolSoftmax(nn.Module):
+    """conv -> 2x2 average pool (ADown) -> softmax over axis 1 of [1, 4, 2, A] (the DFL's layout)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.pool = nn.Conv2d(3, 8, 3, padding=1), nn.AvgPool2d(2, 1, 0)
+
+    def forward(self, x):
+        return self.pool(self.conv(x)).view(1, 4, 2, -1).softmax(1)
+
+
+def test_graph_rewrites_keep_the_numbers(tmp_path):
+    """Before quantizing: an unpadded AveragePool becomes a depthwise convolution and an inner-axis Softmax
+    becomes reductions, the same fp32 numbers (ONNX Runtime runs both faster quantized / in fp32)."""
     import onnx
     import onnxruntime as ort
-    src = _tiny_onnx(tmp_path / "p.onnx", pool=True)
-    m = quantize.pools_as_convolutions(onnx.load(str(src)))
-    assert not any(n.op_type == "AveragePool" for n in m.graph.node)
+    src = tmp_path / "p.onnx"
+    torch.onnx.export(_PoolSoftmax().eval(), (torch.rand(1, 3, 16, 16),), str(src), dynamo=False,
+                      input_names=["images"], output_names=["output0"], opset_version=17)
+    m = quantize.softmax_as_reductions(quantize.pools_as_convolutions(onnx.load(str(src))))
+    ops = [n.op_type for n in m.graph.node]
+    assert "AveragePool" not in ops and "Softmax" not in ops and {"ReduceMax", "ReduceSum", "Exp"} <= set(ops)
     onnx.save(m, str(tmp_path / "c.onnx"))
     x = np.random.default_rng(0).random((1, 3, 16, 16), np.float32)
     ref, got = (ort.InferenceSession(str(p)).run(None, {"images": x})[0] for p in (src, tmp_path / "c.onnx"))
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
-    q = quantize.quantize_onnx(src, tmp_path / "q.onnx", [x])
-    assert not any(n.op_type == "AveragePool" for n in onnx.load(str(q)).graph.node)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-7)
+    q = onnx.load(str(quantize.quantize_onnx(src, tmp_path / "q.onnx", [x])))
+    assert not any(n.op_type in ("AveragePool", "Softmax") for n in q.graph.node)
 
 
 # ---------------------------------------------------------------- the accuracy check

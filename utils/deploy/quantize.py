@@ -173,11 +173,46 @@ def pools_as_convolutions(model):
     return model
 
 
+def softmax_as_reductions(model):
+    """Softmax over an axis that is not the last (the DFL's 16 bins, axis 1 of [B, 16, 4, A]) written as
+    ReduceMax, Sub, Exp, ReduceSum, Div over that axis: the same numbers (bit-identical here), but ONNX Runtime
+    transposes such a softmax to rows of 16 values (1.9 ms of 22 for gelan-t INT8 at 384x640, one thread),
+    while the reductions run along contiguous memory (the INT8 file 8% faster). The new nodes are named
+    `<softmax>/...`, so a node list naming the softmax names them too."""
+    import onnx
+    from onnx import helper, numpy_helper
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+    ranks = {}
+    for v in list(onnx.shape_inference.infer_shapes(model).graph.value_info) + list(model.graph.input):
+        ranks[v.name] = len(v.type.tensor_type.shape.dim)
+    nodes = []
+    for n in model.graph.node:
+        axis = next((helper.get_attribute_value(a) for a in n.attribute if a.name == "axis"), -1)
+        rank = ranks.get(n.input[0], 0) if n.input else 0
+        if n.op_type != "Softmax" or opset < 13 or not rank or axis in (-1, rank - 1):
+            nodes.append(n)
+            continue
+        x, y, p = n.input[0], n.output[0], n.name
+        axes = numpy_helper.from_array(np.array([axis], np.int64), f"{p}/axes")
+        model.graph.initializer.append(axes)
+        by_input = opset >= 18  # ReduceMax takes its axes as an input from opset 18 (ReduceSum from 13)
+        nodes += [helper.make_node("ReduceMax", [x, axes.name] if by_input else [x], [f"{p}/max"], name=f"{p}/ReduceMax",
+                                   keepdims=1, **({} if by_input else {"axes": [axis]})),
+                  helper.make_node("Sub", [x, f"{p}/max"], [f"{p}/shifted"], name=f"{p}/Sub"),
+                  helper.make_node("Exp", [f"{p}/shifted"], [f"{p}/exp"], name=f"{p}/Exp"),
+                  helper.make_node("ReduceSum", [f"{p}/exp", axes.name], [f"{p}/sum"], name=f"{p}/ReduceSum", keepdims=1),
+                  helper.make_node("Div", [f"{p}/exp", f"{p}/sum"], [y], name=f"{p}/Div")]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
 def quantize_onnx(src: Path, dst: Path, images: Sequence[np.ndarray], keep_fp32: Sequence[str] | None = None) -> Path:
     """Static INT8 copy of the ONNX file `src`, metadata kept: QDQ, per-channel symmetric int8 weights, uint8
     activations (x86 runs u8 x s8; s8 activations left most convolutions unfused here, 2x slower than fp32),
     MinMax ranges over every calibration image, average pools as depthwise convolutions
-    (`pools_as_convolutions`). keep_fp32: node names to leave unquantized (default `fp32_nodes`)."""
+    (`pools_as_convolutions`), an inner-axis softmax as reductions (`softmax_as_reductions`). keep_fp32: node
+    names to leave unquantized (default `fp32_nodes`)."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
@@ -194,12 +229,16 @@ def quantize_onnx(src: Path, dst: Path, images: Sequence[np.ndarray], keep_fp32:
 
     model = onnx.load(str(src))
     meta = list(model.metadata_props)
-    exclude = fp32_nodes([n.name for n in model.graph.node]) if keep_fp32 is None else list(keep_fp32)
+    model = softmax_as_reductions(pools_as_convolutions(model))
+    names = [n.name for n in model.graph.node]
+    exclude = fp32_nodes(names) if keep_fp32 is None else list(keep_fp32)
+    # a rewritten node's parts stay fp32 with it (today's quantizer has no int8 kernels for them anyway)
+    exclude += [n for n in names if any(n.startswith(k + "/") for k in exclude)]
     # no CalibMaxIntermediateOutputs: ONNX Runtime drops the ranges of every full chunk it clears (ranges came
     # from the last len % chunk images only, and a multiple of the chunk size failed "No data is collected");
     # the collected outputs are per-tensor min/max scalars, so keeping all of them costs little memory
     with quiet_quantizers():
-        quantize_static(pools_as_convolutions(model), str(dst), Reader(), quant_format=QuantFormat.QDQ,
+        quantize_static(model, str(dst), Reader(), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         nodes_to_exclude=exclude)
     q = onnx.load(str(dst))
