@@ -1,9 +1,11 @@
 """INT8 post-training quantization of exported models, calibrated on training images of the data YAML.
 
-The calibration images go through inference's own preprocessing (utils.data.augment.preprocess_image at the
-export size, RGB, 0..1), evenly spaced over the train split. ONNX: ONNX Runtime's static quantization (QDQ
-format, per-channel symmetric int8 weights, uint8 activations with MinMax ranges). OpenVINO: NNCF's
-post-training quantization of the OpenVINO model itself (no torch involved) on the same images.
+The calibration images are the training images that training's own verification keeps (utils.data.verify),
+evenly spaced, put through inference's own preprocessing (utils.data.augment.preprocess_image at the export
+size, RGB, 0..1) and read one at a time (CalibrationImages). ONNX: ONNX Runtime's static quantization (QDQ
+format, per-channel symmetric int8 weights, uint8 activations with MinMax ranges over every image), on a graph
+whose average pools and inner-axis softmax are rewritten for ONNX Runtime's faster kernels (same fp32 numbers).
+OpenVINO: NNCF's post-training quantization of the OpenVINO model itself (no torch involved) on the same images.
 Both keep the detect head's box decoding (the DFL softmax and expectation, anchor arithmetic, score sigmoid)
 and the attention's softmax and matmuls in fp32 (`fp32_nodes`): int8 pixel coordinates would step in 1/256
 of the image size.
