@@ -202,3 +202,25 @@ def test_gpu_check_step_failure_is_a_result_and_the_report_lists_every_step(tmp_
     md = (tmp_path / "gpu_check.md").read_text()
     assert "| broken | FAIL |" in md and "| speed | SKIP |" in md and '| train_amp | PASS | 20 | `{"map50": 0.5}`' in md
     assert json.loads((tmp_path / "gpu_check.json").read_text())["results"]["train_amp"]["numbers"]["map50"] == 0.5
+
+
+def test_bench_formats_rows_follow_the_registry(monkeypatch):
+    """bench_formats measures what utils/deploy/formats holds: a row per format (FP32, --half, INT8 where the
+    format has it), and a format whose packages are missing is skipped with a note naming the pip package."""
+    from benchmarks import bench_formats
+    from utils.deploy import formats
+    from utils.deploy.formats import base
+    names = {r.name for r in bench_formats.registry_rows()}
+    for f in formats.all_formats():
+        assert {f"{f.name} FP32", f"{f.name} bf16 (--half)"} <= names
+        assert (f"{f.name} INT8" in names) == (f.export_int8 is not None)
+    real = base.find_spec
+    monkeypatch.setattr(base, "find_spec", lambda m: None if m.split(".")[0] == "onnx" else real(m))
+    bench_formats.NOTES.clear()
+    kept = [f.name for f, _ in bench_formats.exportable(int8=True)]
+    assert "onnx" not in kept and "openvino" not in kept  # OpenVINO converts from ONNX: needs onnx too
+    assert any(n.startswith("onnx: skipped, needs onnx") and "pip install onnx" in n for n in bench_formats.NOTES)
+    zen = bench_formats.cpu_summary("model name\t: AMD EPYC 9R45\nflags\t\t: fpu avx2 avx512f avx512_vnni avx512_bf16\n")
+    assert zen.startswith("AMD EPYC 9R45,") and "AVX512-BF16, AVX512-VNNI, AVX512, AVX2" in zen and "AMX" not in zen
+    arm = bench_formats.cpu_summary("processor\t: 0\nFeatures\t: fp asimd asimddp bf16 i8mm\n")
+    assert "ARM dot product, ARM BF16, ARM I8MM" in arm and "AVX" not in arm

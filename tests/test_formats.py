@@ -129,14 +129,32 @@ def test_int8_formats_match_pt(trained, fmt):
     assert_matches(detect(files["pt"], images), detect(files[fmt], images), **INT8_TOL)
 
 
-def test_int8_check_prints_both_maps(trained, caplog):
+def test_accuracy_check_table(trained, caplog):
+    """export.py's accuracy check on the fitted model: every file in one table next to the .pt, fp32 files equal
+    to it, INT8 within 0.15 of its fp32 file (the fitted model's measured change is a few hundredths)."""
+    from utils.deploy.accuracy import Limits
     files, data, _ = trained
+    out = {k: v for k, v in files.items() if k != "pt"}
     with caplog.at_level(logging.INFO, logger="yolov9mqa"):
-        maps = export_cli.check_int8(files, data, "cpu")
-    assert set(maps) == ({"onnx", "openvino"} if "openvino" in files else {"onnx"})
-    for fmt, (fp32, int8) in maps.items():
-        assert 0.3 < fp32 <= 1 and abs(fp32 - int8) < 0.15
-        assert f"INT8 check, {fmt}: mAP50-95 FP32 {fp32:.4f}, INT8 {int8:.4f}" in caplog.text
+        rows = export_cli.accuracy_check(files["pt"], IMGSZ, "cpu", Limits(int8=15.0))(out, data)
+    maps = {r.key: r.map for r in rows}
+    assert set(maps) == {"pt", *out} and 0.3 < maps["pt"] <= 1
+    for key in out:
+        ref = maps[key.removesuffix("-int8")] if key.endswith("-int8") else maps["pt"]
+        assert abs(maps[key] - ref) < (0.15 if key.endswith("-int8") else 0.003), (key, maps)
+    table = caplog.text[caplog.text.index("Accuracy check"):].splitlines()
+    assert len(table) == 2 + len(maps)  # title, column names, one line per file
+    assert "reference" in table[2] and all(" ok: " in ln for ln in table[3:])
+    for row, ln in zip(rows, table[2:]):
+        assert row.path.name in ln.split() and f"{row.map:.4f}" in ln
+
+
+def test_fixed_size_exports_have_no_shape_to_prepare(trained):
+    from utils.engine.backend import Backend
+    files, _, _ = trained
+    for key in ("onnx", "openvino"):
+        if key in files:
+            assert not Backend(files[key]).prepare_input_shape(IMGSZ, IMGSZ)
 
 
 def test_calibration_images_are_inference_inputs(trained):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -108,14 +109,24 @@ def _check_request(weights: Path, fmts: list[Format], opts: ExportOptions, dev: 
                        f"exporting {'them' if len(cuda_half) > 1 else 'it'} in fp32")
 
 
-def _check_classes(model: nn.Module, data: str) -> None:
-    """INT8 calibrates and validates on `data`: its classes must be the model's, checked before any work."""
+def _check_classes(weights: Path, data: str) -> None:
+    """INT8 calibrates and the accuracy check validates on `data`: its classes must be the model's, checked
+    before any work; the message names the data YAML the checkpoint was trained on when that file is here."""
     from utils.data import load_data_config
-    cfg = load_data_config(data)
-    if cfg.nc != model.nc:
-        raise UserError(f"{cfg.yaml_file} has nc={cfg.nc} but the model has {model.nc} classes: --int8 calibrates and "
-                        f"checks on the data the model was trained for; pass that data YAML with --data "
-                        f"(or leave --data out to use the one stored in the checkpoint)")
+    cfg = load_data_config(data, need=())
+    ck = load_checkpoint(weights)
+    names = [str(n) for n in ck.get("names") or []]
+    nc = len(names) or int((ck.get("model_yaml") or {}).get("nc") or 0)
+    if not nc or cfg.nc == nc:
+        return
+    listed = f" ({', '.join(names[:6])}{', ...' if nc > 6 else ''})" if names else ""
+    stored = (ck.get("opt") or {}).get("data")
+    if stored and Path(stored).is_file() and Path(stored).resolve() != Path(cfg.yaml_file).resolve():
+        hint = f"pass --data {stored} (stored in {weights.name}: the data it was trained on)"
+    else:
+        hint = "pass the data YAML it was trained on with --data"
+    raise UserError(f"{cfg.yaml_file} has nc={cfg.nc} but {weights.name} has {nc} classes{listed}: INT8 "
+                    f"calibration and the accuracy check use the model's own data; {hint}")
 
 
 def _export_model(weights: Path, dev: torch.device, fuse: bool, half: bool) -> nn.Module:
@@ -149,9 +160,12 @@ def _log_done(fmts: list[Format], shape: tuple[int, int, int], stride: int, dyna
 def run(weights: str | Path, include: tuple = ("torchscript",), imgsz: tuple | list | int = (640, 640),
         batch_size: int = 1, dynamic: bool = False, half: bool = False, opset: int = 17, simplify: bool = False,
         device: str = "cpu", fuse: bool = True, int8: bool = False, data: str | Path | None = None,
-        calib_images: int = quantize.DEFAULT_IMAGES) -> dict[str, Path]:
+        calib_images: int = quantize.DEFAULT_IMAGES,
+        check: Callable[[dict[str, Path], str], object] | None = None) -> dict[str, Path]:
     """Export `weights` to each format in include; returns {format: written path} (INT8 copies under
-    '<format>-int8', calibrated on `calib_images` training images of `data`)."""
+    '<format>-int8', calibrated on `calib_images` training images of `data`). `check(out, data)`, when given,
+    runs after the last file is written (export.py passes the accuracy check, utils/deploy/accuracy.py); its
+    data YAML is `data` or the checkpoint's, whose classes are checked against the model before any work."""
     weights = Path(weights)
     fmts, reparam = _parse_include(include)
     dev = select_device(device)
@@ -159,6 +173,9 @@ def run(weights: str | Path, include: tuple = ("torchscript",), imgsz: tuple | l
                          opset=opset, simplify=simplify, data=str(data) if data else None, calib_images=calib_images)
     _check_request(weights, fmts, opts, dev)
     half = half and dev.type == "cuda"
+    if int8 or check is not None:
+        data = calibration_data(weights, data)
+        _check_classes(weights, data)
 
     out: dict[str, Path] = {}
     if reparam:
@@ -168,6 +185,8 @@ def run(weights: str | Path, include: tuple = ("torchscript",), imgsz: tuple | l
         else:
             LOGGER.warning(f"WARNING: {weights} is already single-head; --include reparam skipped")
     if not fmts:
+        if check is not None:
+            check(out, str(data))
         return out
 
     model = _export_model(out.get(REPARAM, weights), dev, fuse, half)
@@ -176,8 +195,6 @@ def run(weights: str | Path, include: tuple = ("torchscript",), imgsz: tuple | l
     im = torch.zeros(batch_size, 3, h, w, device=dev, dtype=torch.float16 if half else torch.float32)
     calibrate = None
     if int8:
-        data = calibration_data(weights, data)
-        _check_classes(model, data)
         calibrate = lambda: quantize.calibration_images(data, (h, w), stride, calib_images, auto=dynamic)  # noqa: E731
     with export_mode(model), tempfile.TemporaryDirectory(prefix="yolo-export-") as tmp:
         with torch.no_grad():
@@ -194,6 +211,8 @@ def run(weights: str | Path, include: tuple = ("torchscript",), imgsz: tuple | l
         if "onnx" in out and not half:
             _onnx_check(out["onnx"], model, im)
     _log_done(fmts, (batch_size, h, w), stride, dynamic)
+    if check is not None:
+        check(out, str(data))
     return out
 
 

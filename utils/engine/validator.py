@@ -574,3 +574,35 @@ def _fix_graph_shapes(backends: Sequence[Backend], dataset, k: int = GRAPH_SHAPE
     LOGGER.info(f"--cuda-graph: {len({tuple(int(v) for v in s) for s in shapes})} rectangular batch shapes padded "
                 f"to {len(fixed)} fixed shapes {', '.join(f'{h}x{w}' for h, w in fixed)} (grey at the bottom/right: "
                 f"boxes near those edges can differ slightly from validation without graphs)")
+
+
+def validate_files(weights: Sequence[str | Path], data: str | Path, imgsz: int, device: str = "cpu",
+                   batch_size: int = 16, half: Sequence[bool] | None = None) -> tuple[list[ValResult], str]:
+    """Several models (a .pt and its exports) on the very same val images, quietly: one loader, so every file
+    sees the same letterbox (square at the export size when any file takes one fixed size, else rectangular
+    batches as for a .pt) and the differences are the files'. Returns (results in order, what was validated).
+    What export.py's accuracy check compares (utils/deploy/accuracy.py). half: --half per file."""
+    import contextlib
+    import io
+    import logging
+    from utils.torch_utils import select_device
+    dev = select_device(device)
+    cfg = load_data_config(data, need=("val",))
+    level = LOGGER.level
+    LOGGER.setLevel(logging.WARNING)  # no per-file tables, speed lines or scan summaries; warnings still show
+    try:
+        backends = [Backend(w, device=dev, half=h, fuse=True) for w, h in zip(weights, half or [False] * len(weights))]
+        fixed = [b.fixed_imgsz for b in backends if b.fixed_imgsz]
+        size = int(min(fixed[0])) if fixed else check_img_size(imgsz, max(b.stride for b in backends))
+        loader, _ = create_dataloader(cfg.val, size, batch_size, max(b.stride for b in backends),
+                                      pad=0.0 if fixed else 0.5, rect=not fixed, workers=0, names=cfg.names,
+                                      nc=cfg.nc, prefix="accuracy check: ")
+        results = []
+        for b in backends:
+            b.warmup((1, 3, size, size))
+            with contextlib.redirect_stderr(io.StringIO()):  # the progress bar
+                results.append(Validator(ValOptions(plots=False), names=cfg.names).run(b, loader))
+    finally:
+        LOGGER.setLevel(level)
+    how = f"letterboxed to {size}x{size}" if fixed else f"in rectangular batches at {size}"
+    return results, f"the val split of {Path(cfg.yaml_file).name} ({len(loader.dataset)} images {how}, alike for every file)"

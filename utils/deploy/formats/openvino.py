@@ -57,8 +57,9 @@ class OpenVinoRunner(NumpyRunner):
         import openvino as ov
         xml = _xml(path)
         self.core = ov.Core()
+        self.static: tuple[tuple[int, ...], object] | None = None  # (input shape, request) after set_input_shape
         try:
-            model = self.core.read_model(str(xml))
+            self.model = model = self.core.read_model(str(xml))
         except Exception as e:  # the reason ("bin file cannot be found", "tags mismatch") is on OpenVINO's last line
             raise UserError(f"{xml}: not a loadable OpenVINO model ({first_line_and_reason(e)})") from None
         has_meta = model.has_rt_info(["yolo", "metadata"])
@@ -72,13 +73,39 @@ class OpenVinoRunner(NumpyRunner):
         self.precision = "bf16" if opts.bf16 else "f32"
         self.config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY",
                        "INFERENCE_NUM_THREADS": int(opts.threads or torch.get_num_threads())}
+        self.xml = xml
+        self._request = None if self.meta.get("dynamic_hw") else self._compile(model, "")
+
+    def _compile(self, model, what: str):
         try:
-            self.request = self.core.compile_model(model, "CPU", self.config).create_infer_request()
+            return self.core.compile_model(model, "CPU", self.config).create_infer_request()
         except Exception as e:
-            raise UserError(f"{xml}: OpenVINO could not compile it for the CPU ({first_line_and_reason(e)})") from None
+            raise UserError(f"{self.xml}: OpenVINO could not compile it for the CPU{what} "
+                            f"({first_line_and_reason(e)})") from None
+
+    @property
+    def request(self):
+        """The compilation for any input shape; a dynamic model compiles it on first use, so a video that calls
+        set_input_shape first compiles once, for its frame shape (startup: one compilation, not two)."""
+        if self._request is None:
+            self._request = self._compile(self.model, " with dynamic shapes")
+        return self._request
+
+    def set_input_shape(self, h: int, w: int) -> bool:
+        """A model with dynamic height/width about to see only [1, 3, h, w] inputs (a video's letterboxed
+        frames): a copy reshaped to that shape and compiled once, so the CPU plugin picks its kernels and memory
+        for it instead of per call (benchmarks/bench_formats.py --static-shape measures it); other shapes use
+        the dynamic compilation. False for a model that is already static."""
+        if self.model.input(0).get_partial_shape().is_static:
+            return False
+        model = self.model.clone()
+        model.reshape({model.input(0): [1, 3, h, w]})
+        self.static = ((1, 3, h, w), self._compile(model, f" at {h}x{w}"))
+        return True
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        return self.request.infer({0: x}, share_inputs=True)[0]
+        request = self.static[1] if self.static and x.shape == self.static[0] else self.request
+        return request.infer({0: x}, share_inputs=True)[0]
 
 
 FORMAT = Format(
