@@ -233,3 +233,13 @@ def test_matching_equals_cocoeval_greedy_in_crowds(seed):
         lab = torch.tensor(labels, dtype=torch.float32)
         want = coco_greedy(det, lab, np.linspace(0.5, 0.95, 10))
         assert np.array_equal(match_predictions(det, lab, IOUV).numpy(), want)
+
+
+def test_class_without_predictions_has_precision_zero():
+    """Upstream's ap_per_class starts precision at zeros and skips classes without predictions: P 0, not 1."""
+    tp = np.array([[True] * 10])
+    res = ap_per_class(tp, np.array([0.9]), np.array([0]), np.array([0, 1]))
+    assert res.p.tolist() == pytest.approx([1.0, 0.0]) and res.r.tolist() == pytest.approx([1.0, 0.0])
+    assert res.mp == pytest.approx(0.5) and res.map50 == pytest.approx(0.5)
+    none = ap_per_class(np.zeros((0, 10), bool), np.zeros(0), np.zeros(0), np.array([0, 0, 1]))
+    assert none.p.tolist() == [0.0, 0.0] and none.mp == 0.0

@@ -437,7 +437,7 @@ def test_onnx_backend_uses_optimised_session(weights, tmp_path):
     w = Path(shutil.copy(weights, tmp_path / "tiny.pt"))
     onnx = export.run(w, include=("onnx",), imgsz=(64, 96))["onnx"]
     b = Backend(onnx)
-    so = b.session.get_session_options()
+    so = b.runner.session.get_session_options()
     assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert so.intra_op_num_threads == torch.get_num_threads() == 1 and so.inter_op_num_threads == 1
     x = torch.rand(1, 3, 64, 96)

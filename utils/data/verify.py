@@ -276,7 +276,10 @@ def _scan_or_load(paths, nc: int, prefix: str, use_cache: bool,
     new = verify_parallel([im_files[i] for i in todo], [lb_files[i] for i in todo], nc,
                           im_stat[todo, 0].tolist(), lb_stat[todo, 0].tolist(), known, prefix)
     parts, msgs = _merge(n, old, old_idx, np.flatnonzero(reuse), todo, new)
-    orphans = _orphan_labels(lb_files)
+    # a .txt image list names a subset on purpose (train.txt and val.txt share one labels/ folder): only a
+    # split given as folders says which label files lack their image
+    folders = all(Path(p).is_dir() for p in (paths if isinstance(paths, (list, tuple)) else [paths]))
+    orphans = _orphan_labels(lb_files) if folders else []
     notes = [f"{len(orphans)} label files have no image, e.g. {orphans[0]}"] if orphans else []
     store = build_store(blob, path_off, im_stat, lb_stat, parts, msgs,
                         {"version": CACHE_VERSION, "nc": nc, "hash": want, "notes": notes})

@@ -151,19 +151,21 @@ class Predictor:
             raise UserError(f"--conf-thres {conf_thres} and --iou-thres {iou_thres} must lie in [0, 1]")
         if max_det < 1:
             raise UserError(f"--max-det {max_det}: must be at least 1")
+        if imgsz is not None:
+            image_hw(imgsz)  # 0, negative or non-whole sizes: one error before the weights load
         self.device = select_device(device)
         self.backend = Backend(weights, self.device, half=half, fuse=True, main_only=main_only)
         self.backend.use_cuda_graph(cuda_graph)
         self.stride = int(self.backend.stride)
         fixed = self.backend.fixed_imgsz
         if fixed:  # exported files run at their export size only
-            asked = image_hw(imgsz) if imgsz else tuple(fixed)
+            asked = image_hw(imgsz) if imgsz is not None else tuple(fixed)
             if asked != tuple(fixed) and max(asked) != max(fixed):
                 LOGGER.warning(f"WARNING: {weights} was exported at {fixed[0]}x{fixed[1]}; running at that size "
                                f"(--imgsz {asked[0]} {asked[1]} ignored; export with --dynamic to choose the size "
                                f"at run time)")
             imgsz = tuple(fixed)
-        elif not imgsz:  # default: the size the checkpoint was trained at, else 640
+        elif imgsz is None:  # default: the size the checkpoint was trained at, else 640
             imgsz = self.backend.default_imgsz()
         sz = image_hw(imgsz)
         self.imgsz = tuple(check_img_size(sz, self.stride))
@@ -207,6 +209,9 @@ class Predictor:
         """Detect on one BGR image (or an image file). Boxes are xyxy pixels of the original image."""
         if isinstance(image, (str, Path)):
             path = str(image)
+            if Path(path).is_dir():
+                raise UserError(f"{path}: is a folder; predict() takes one image (a file or an array): run a folder "
+                                f"with detect_dual.py --source, or loop over its files")
             image = read_image(image)
             if image is None:
                 raise UserError(f"{path}: image not found or unreadable")
@@ -460,9 +465,8 @@ def run(job: PredictJob | argparse.Namespace) -> Path:
         if seq is not None:
             seq.close()
 
-    if dataset.skipped:
-        LOGGER.warning(f"WARNING: {len(dataset.skipped)} file(s) skipped: "
-                       + "; ".join(f"{p} ({why})" for p, why in dataset.skipped))
+    if dataset.skipped:  # each was named with its reason when skipped: count them, do not repeat them
+        LOGGER.warning(f"WARNING: {len(dataset.skipped)} of {len(dataset)} files skipped (named above)")
     t = predictor.speed()
     LOGGER.info(f"Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape {(1, 3, *predictor.imgsz)}" % t)
     if opt.save_txt or save_img:
