@@ -30,10 +30,16 @@ def _write_chunk(args: tuple) -> int:
     """Images [lo, hi) of a dataset: flat-coloured rectangles on a flat background, a YOLO label file each."""
     import cv2
     import numpy as np
-    root, lo, hi, seed = args
+    root, lo, hi, seed, link = args
     rng = np.random.default_rng([seed, lo])
     img_dir, lb_dir = Path(root) / "images" / "train", Path(root) / "labels" / "train"
     for i in range(lo, hi):
+        if link and i >= link:  # labels-only variant: the image is a hard link to one of the first `link` images
+            rows = [f"{int(rng.integers(0, 80))} " + " ".join(f"{v:.6f}" for v in rng.uniform(0.2, 0.4, 4)) + "\n"
+                    for _ in range(int(rng.integers(1, 21)))]
+            os.link(img_dir / f"{i % link:07d}.jpg", img_dir / f"{i:07d}.jpg")
+            (lb_dir / f"{i:07d}.txt").write_text("".join(rows))
+            continue
         w, h = int(rng.integers(64, 161)), int(rng.integers(48, 121))
         img = np.empty((h, w, 3), np.uint8)
         img[:] = rng.integers(0, 256, 3, dtype=np.uint8)
@@ -51,15 +57,19 @@ def _write_chunk(args: tuple) -> int:
     return hi - lo
 
 
-def generate(root: Path, n: int, workers: int = 2, seed: int = 0) -> Path:
-    """root/images/train + root/labels/train with n images; reused when root/DONE says n."""
+def generate(root: Path, n: int, workers: int = 2, seed: int = 0, link: int = 0) -> Path:
+    """root/images/train + root/labels/train with n images; reused when root/DONE says n. link > 0: only the
+    first `link` images are distinct files, the others hard links to them (each its own name and label file,
+    no image data on disk): every image is still listed, stat'ed and checked."""
     done = root / "DONE"
     if done.is_file() and done.read_text().strip() == str(n):
         return root
     (root / "images" / "train").mkdir(parents=True, exist_ok=True)
     (root / "labels" / "train").mkdir(parents=True, exist_ok=True)
-    jobs = [(str(root), lo, min(lo + CHUNK, n), seed) for lo in range(0, n, CHUNK)]
-    t0, made = time.time(), 0
+    if link:
+        _write_chunk((str(root), 0, min(link, n), seed, 0))
+    jobs = [(str(root), lo, min(lo + CHUNK, n), seed, link) for lo in range(min(link, n), n, CHUNK)]
+    t0, made = time.time(), min(link, n)
     with ProcessPoolExecutor(workers) as pool:
         for k in pool.map(_write_chunk, jobs):
             made += k
@@ -211,7 +221,10 @@ def markdown(out: dict, args: str) -> str:
     """This run as a markdown section: previous and this code side by side, ratios previous / this."""
     g = lambda name, side: out.get(f"{name}|{side}")  # noqa: E731
     lines = [f"### {out['n']:,} images", "", f"`python benchmarks/bench_scale.py {args}`; load average "
-             f"{out['load_start']:.1f} at the start, {out['load_end']:.1f} at the end (2 shared cores).", "",
+             f"{out['load_start']:.1f} at the start, {out['load_end']:.1f} at the end (2 shared cores)."
+             + (f" Labels-only variant: {out['link']:,} distinct JPEGs, every other image a hard link to one of "
+                f"them (own name, own label file; listed, stat'ed and checked like any image)." if out.get("link")
+                else ""), "",
              "| phase | previous | this | previous / this |", "|---|---:|---:|---:|"]
     for name in ("first scan", "cached build", "10 labels edited"):
         o, n = g(name, "old"), g(name, "new")
@@ -256,6 +269,8 @@ def main() -> None:
     p.add_argument("--data-root", default="/work/scale_data")
     p.add_argument("--base", default="", help="an older checkout (e.g. a git worktree) run side by side")
     p.add_argument("--base-max", type=int, default=200_000, help="skip the base tree above this many images")
+    p.add_argument("--link-images", type=int, default=0, metavar="K",
+                   help="labels-only variant where disk is short: K distinct images, the rest hard links to them")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--pass-images", type=int, default=0, help="images in the timed pass (0 = one epoch)")
@@ -272,7 +287,9 @@ def main() -> None:
         print("RESULT " + json.dumps(_phase(kind, tree, images, tiny, int(workers), int(batch), int(pass_images))))
         return
     data_root = Path(opt.data_root)
-    root, tiny = generate(data_root / f"n{opt.n}", opt.n), generate(data_root / "n16", 16)
+    name = f"n{opt.n}" + (f"-link{opt.link_images}" if opt.link_images else "")
+    root = generate(data_root / name, opt.n, link=opt.link_images)
+    tiny = generate(data_root / "n16", 16)
     images = root / "images" / "train"
     sides = [("new", str(HERE))]
     if opt.base and opt.n <= opt.base_max:
@@ -283,7 +300,7 @@ def main() -> None:
     print(f"{opt.n} images under {root}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"load {os.getloadavg()[0]:.1f}", flush=True)
     warm(root)
-    out = {"n": opt.n, "sides": [s for s, _ in sides], "load_start": os.getloadavg()[0]}
+    out = {"n": opt.n, "sides": [s for s, _ in sides], "load_start": os.getloadavg()[0], "link": opt.link_images}
     phases = [] if opt.only_passes else [("first scan", "build", False), ("cached build", "build", True)]
     for name, kind, cached in phases:
         for side, tree in sides:

@@ -148,7 +148,15 @@ def test_bad_inputs_outcomes(messy, caplog):
         assert img.shape == (3, 64, 64) and lb.shape[1] == 6
 
 
-def test_cache_hit_and_invalidation(messy):
+def notes(caplog) -> list[str]:
+    """The 'checking every image again' lines logged since the last call."""
+    out = [r.getMessage() for r in caplog.records if "checking every image again" in r.getMessage()]
+    caplog.clear()
+    return out
+
+
+def test_cache_hit_and_invalidation(messy, caplog):
+    caplog.set_level(logging.INFO)
     src = messy / "images" / "train"
     first = scan_dataset(src, 3)
     assert not first.from_cache
@@ -164,17 +172,27 @@ def test_cache_hit_and_invalidation(messy):
     assert not third.from_cache
     assert len(third.labels[third.im_files.index(str(src.resolve() / "good.jpg"))]) == 2
     # a different nc invalidates (class range checks depend on it)
+    caplog.clear()
     assert not scan_dataset(src, 5).from_cache
+    assert notes(caplog) == [f"{cache_file}: written for 3 classes, not 5; checking every image again and "
+                             f"replacing it"]
     assert scan_dataset(src, 5).counts.corrupt == 12 - 1  # class 3 now valid
-    # a stale version or garbage cache is rebuilt, not trusted
+    assert notes(caplog) == []  # a cache hit says nothing
+    # a stale version or garbage cache is rebuilt, not trusted, with one line saying why
     rewrite_store(cache_file, meta={"version": "old"})
     assert not scan_dataset(src, 5).from_cache
+    assert notes(caplog) == [f"{cache_file}: written with other checking rules (old); checking every image again "
+                             f"and replacing it"]
     cache_file.write_text("\x00garbage")
     assert not scan_dataset(src, 5).from_cache
+    assert len(notes(caplog)) == 1
     assert scan_dataset(src, 5).from_cache
     # the JSON cache of earlier versions is rescanned and replaced, not a crash
     cache_file.write_text(json.dumps({"version": "yolo-mqa-labels-3", "hash": "x", "records": [], "msgs": []}))
     assert not scan_dataset(src, 5).from_cache and store_meta(cache_file)["version"] == CACHE_VERSION
+    assert [n.split(": ", 1)[1] for n in notes(caplog)] == [
+        "not a label store of this version (an older cache, damaged or tampered with); checking every image again "
+        "and replacing it"]
     # a new image invalidates
     write_img(src / "new.png")
     assert not scan_dataset(src, 5).from_cache

@@ -251,8 +251,16 @@ def _scan_or_load(paths, nc: int, prefix: str, use_cache: bool,
     blob, path_off = encode_strings(im_files)
     want = listing_hash(CACHE_VERSION, nc, blob, im_stat, lb_stat)
     old = LabelStore.load(cpath) if use_cache else None
-    if old is not None and (old.meta.get("version") != CACHE_VERSION or old.meta.get("nc") != nc):
-        old = None  # other checking rules or class range: every verdict may differ
+    why = ""
+    if old is None and use_cache and cpath.is_file():
+        why = "not a label store of this version (an older cache, damaged or tampered with)"
+    elif old is not None and old.meta.get("version") != CACHE_VERSION:
+        why = f"written with other checking rules ({old.meta.get('version')})"
+    elif old is not None and old.meta.get("nc") != nc:
+        why = f"written for {old.meta.get('nc')} classes, not {nc}"
+    if why:  # other checking rules or class range: every verdict may differ
+        LOGGER.info(f"{prefix}{cpath}: {why}; checking every image again and replacing it")
+        old = None
     if old is not None and old.hash == want:
         return old, list_msgs, str(cpath), 0
     n = len(im_files)
