@@ -140,6 +140,7 @@ class Format:
     export_int8: Callable[[ExportJob, Path], Path] | None = None
     half: str = "not supported"                   # what --half means at export (docs table)
     half_needs_cuda: bool = False                 # --half halves the torch model itself (needs a CUDA device)
+    half_file: bool = False                       # --half at export writes a reduced-precision file on any device
     dynamic: bool = False                         # --dynamic can make height/width/batch free
     marker: str = ""                              # folder formats: a glob that identifies one by its content
     file_suffixes: tuple[str, ...] = ()           # other file suffixes that stand for this format (OpenVINO .xml)

@@ -66,6 +66,6 @@ FORMAT = Format(
     name="coreml", title="Core ML", order=70, suffix=".mlpackage", folder=True,
     export=export, load=None, marker="Data/com.apple.CoreML/*.mlmodel", file_suffixes=(".mlmodel",),
     export_packages=(("coremltools", "coremltools"),),
-    half="fp16 compute (for the Neural Engine)", runs_here=False,
+    half="fp16 compute (for the Neural Engine)", runs_here=False, half_file=True,
     runs_on="macOS, iOS and iPadOS",
 )

@@ -265,6 +265,6 @@ FORMAT = Format(
     export=export, load=LiteRTRunner, export_int8=export_int8,
     export_packages=(("litert_torch", "litert-torch"),), run_packages=(("ai_edge_litert", "ai-edge-litert"),),
     int8_packages=(("ai_edge_quantizer", "ai-edge-quantizer"),),
-    half="fp16 weights (any device)",
+    half="fp16 weights (any device)", half_file=True,
     runs_on="Android and iOS phones, Raspberry Pi / ARM boards (XNNPACK CPU, GPU/NPU delegates), x86 CPUs",
 )
