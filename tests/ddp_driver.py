@@ -9,6 +9,8 @@ step: build the model, loss, optimizer (and under torchrun SyncBN + DDP) through
       EMA model on the trainer's (sharded) val loader next to a plain single-process validation of it; and
       each rank's (forced AMP check result, AMP decision): rank 0's check passes, rank 1's fails.
 val:  val_dual.main(argv) under torchrun or alone; rank 0 saves the ValResult numbers.
+scan: every rank builds the training loader of a split together (gloo); rank 0 saves what each rank checked,
+      whether it came from the label store, which file it maps and its labels.
 paths: --compile, --image-weights and gradient accumulation 2 under torchrun: torch.compile is a stand-in whose
       backward fails on rank 1 only; a DDP communication hook records at which steps gradients are all-reduced.
       Rank 0 saves what every rank ended with.
@@ -16,6 +18,7 @@ paths: --compile, --image-weights and gradient accumulation 2 under torchrun: to
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -143,10 +146,28 @@ def val(out: Path, argv: list[str]) -> None:
         out.write_text(json.dumps(result_numbers(res)))
 
 
+def scan(out: Path, images: str) -> None:
+    import torch.distributed as dist
+    from utils.data import create_dataloader, verify
+    from utils.engine import distributed as ddp
+    dist.init_process_group("gloo")
+    stats, real = [], verify.stat_files
+    verify.stat_files = lambda files: stats.append(len(files)) or real(files)  # count full stat passes
+    _, ds = create_dataloader(images, 64, 4, rank=dist.get_rank(), nc=5, workers=0, augment=True)
+    mine = {"rank": dist.get_rank(), "verified": ds.verified, "store": ds.store.path, "pid": os.getpid(),
+            "stats": stats, "labels": np.concatenate(list(ds.labels)).tolist(), "files": list(ds.im_files)}
+    ranks = ddp.gather_objects(mine)
+    if dist.get_rank() == 0:
+        out.write_text(json.dumps(ranks))
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], Path(sys.argv[2])
     if mode == "step":
         step(out, sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6] == "1")
+    elif mode == "scan":
+        scan(out, sys.argv[3])
     elif mode == "paths":
         paths(out, sys.argv[3], sys.argv[4], sys.argv[5])
     else:

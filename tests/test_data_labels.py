@@ -9,10 +9,27 @@ import pytest
 from PIL import Image
 
 from utils.data import YOLODataset, create_dataloader, img2label_paths, imread
+from utils.data.store import LabelStore
 from utils.data.verify import CACHE_VERSION, scan_dataset
 from utils.general import UserError
 
 GOOD = "0 0.5 0.5 0.4 0.3\n"
+
+
+def store_meta(cache_file: Path) -> dict:
+    """The label store's metadata, read as plain arrays (nothing unpickled)."""
+    with np.load(cache_file, allow_pickle=False) as z:
+        return json.loads(z["meta"].tobytes())
+
+
+def rewrite_store(cache_file: Path, meta: dict | None = None, **arrays) -> None:
+    """Rewrite a label store with some arrays or metadata replaced (what another version might have written)."""
+    store = LabelStore.load(cache_file)
+    a = {k: np.array(v) for k, v in store.a.items()}
+    if meta is not None:
+        a["meta"] = np.frombuffer(json.dumps({**store.meta, **meta}).encode(), np.uint8)
+    a.update(arrays)
+    LabelStore(a).save(cache_file)
 
 
 def write_img(path: Path, w=64, h=48, colour=(40, 160, 90)) -> Path:
@@ -131,14 +148,21 @@ def test_bad_inputs_outcomes(messy, caplog):
         assert img.shape == (3, 64, 64) and lb.shape[1] == 6
 
 
-def test_cache_hit_and_invalidation(messy):
+def notes(caplog) -> list[str]:
+    """The 'checking every image again' lines logged since the last call."""
+    out = [r.getMessage() for r in caplog.records if "checking every image again" in r.getMessage()]
+    caplog.clear()
+    return out
+
+
+def test_cache_hit_and_invalidation(messy, caplog):
+    caplog.set_level(logging.INFO)
     src = messy / "images" / "train"
     first = scan_dataset(src, 3)
     assert not first.from_cache
     cache_file = Path(first.cache_file)
     assert cache_file == messy / "labels" / "train.cache" and cache_file.is_file()
-    cache = json.loads(cache_file.read_text())  # plain data, readable without executing anything
-    assert cache["version"] == CACHE_VERSION
+    assert store_meta(cache_file)["version"] == CACHE_VERSION  # plain arrays, readable without executing anything
     second = scan_dataset(src, 3)
     assert second.from_cache and second.counts == first.counts
     # a changed label file invalidates
@@ -148,16 +172,27 @@ def test_cache_hit_and_invalidation(messy):
     assert not third.from_cache
     assert len(third.labels[third.im_files.index(str(src.resolve() / "good.jpg"))]) == 2
     # a different nc invalidates (class range checks depend on it)
+    caplog.clear()
     assert not scan_dataset(src, 5).from_cache
+    assert notes(caplog) == [f"{cache_file}: written for 3 classes, not 5; checking every image again and "
+                             f"replacing it"]
     assert scan_dataset(src, 5).counts.corrupt == 12 - 1  # class 3 now valid
-    # a stale version or garbage cache is rebuilt, not trusted
-    cache = json.loads(cache_file.read_text())
-    cache["version"] = "old"
-    cache_file.write_text(json.dumps(cache))
+    assert notes(caplog) == []  # a cache hit says nothing
+    # a stale version or garbage cache is rebuilt, not trusted, with one line saying why
+    rewrite_store(cache_file, meta={"version": "old"})
     assert not scan_dataset(src, 5).from_cache
+    assert notes(caplog) == [f"{cache_file}: written with other checking rules (old); checking every image again "
+                             f"and replacing it"]
     cache_file.write_text("\x00garbage")
     assert not scan_dataset(src, 5).from_cache
+    assert len(notes(caplog)) == 1
     assert scan_dataset(src, 5).from_cache
+    # the JSON cache of earlier versions is rescanned and replaced, not a crash
+    cache_file.write_text(json.dumps({"version": "yolo-mqa-labels-3", "hash": "x", "records": [], "msgs": []}))
+    assert not scan_dataset(src, 5).from_cache and store_meta(cache_file)["version"] == CACHE_VERSION
+    assert [n.split(": ", 1)[1] for n in notes(caplog)] == [
+        "not a label store of this version (an older cache, damaged or tampered with); checking every image again "
+        "and replacing it"]
     # a new image invalidates
     write_img(src / "new.png")
     assert not scan_dataset(src, 5).from_cache
@@ -281,16 +316,16 @@ def test_label_cache_from_before_edge_clipping_is_rebuilt(messy, monkeypatch):
     monkeypatch.setattr(verify, "CACHE_VERSION", "yolo-mqa-labels-2")  # the version before this change
     first = scan_dataset(src, 3)
     cache_file = Path(first.cache_file)
-    cache = json.loads(cache_file.read_text())
-    rec = next(r for r in cache["records"] if r["im_file"].endswith("crossing.png"))
-    rec.update(status="corrupt", labels=[])  # what that version recorded for this image
-    cache_file.write_text(json.dumps(cache))
+    store = LabelStore.load(cache_file)
+    status = np.array(store.a["status"])
+    status[store.all_paths().index(str(src.resolve() / "crossing.png"))] = 2  # what that version recorded: corrupt
+    rewrite_store(cache_file, status=status)
     stale = scan_dataset(src, 3)
     assert stale.from_cache and not any(f.endswith("crossing.png") for f in stale.im_files)  # old code trusts it
     monkeypatch.undo()
     fresh = scan_dataset(src, 3)
     assert not fresh.from_cache and any(f.endswith("crossing.png") for f in fresh.im_files)
-    assert json.loads(cache_file.read_text())["version"] == CACHE_VERSION != "yolo-mqa-labels-2"
+    assert store_meta(cache_file)["version"] == CACHE_VERSION != "yolo-mqa-labels-2"
     assert scan_dataset(src, 3).from_cache
 
 

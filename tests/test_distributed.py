@@ -288,6 +288,23 @@ def test_val_dual_sharded_equals_single_process(tmp_path):
     assert len(txt[0]) == 9 and txt[0] == txt[1]  # each rank wrote its own images' txt
 
 
+# ---------------------------------------------------------------- 4b. one scan per node
+def test_one_scan_per_node_other_ranks_map_the_store(tmp_path):
+    """Local rank 0 checks the split and writes the label store; rank 1 waits at a barrier (no polling) and maps
+    that file: nothing checked twice, the same labels on both ranks."""
+    generate_shapes(tmp_path / "ds", n_train=24, n_val=1, seed=3)
+    images = tmp_path / "ds" / "images" / "train"
+    r = run([*TORCHRUN, "--nproc-per-node", "2", "--master-port", free_port(), DRIVER, "scan", tmp_path / "scan.json",
+             images], tmp_path)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    zero, one = json.loads((tmp_path / "scan.json").read_text())
+    assert zero["verified"] == 24 and one["verified"] == 0  # one scan for the node
+    assert zero["stats"] == [48] and one["stats"] == []  # rank 1 trusts the store rank 0 just checked
+    assert zero["store"] == one["store"] == str(tmp_path / "ds" / "labels" / "train.cache")
+    assert zero["pid"] != one["pid"] and zero["labels"] == one["labels"] and zero["files"] == one["files"]
+    assert len(zero["files"]) == 24
+
+
 # ---------------------------------------------------------------- 5. clear errors instead of hangs
 def test_launch_mistakes_give_one_clear_line(tmp_path, capsys, monkeypatch):
     import train_dual

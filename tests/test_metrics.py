@@ -175,6 +175,66 @@ def test_agrees_with_pycocotools(seed):
     assert 0.05 < res.map < 0.95  # a non-trivial case
 
 
+def coco_greedy(det: torch.Tensor, labels: torch.Tensor, thresholds) -> np.ndarray:
+    """COCOeval.evaluateImg's matching, transcribed loop for loop: per class, detections by score (stable), GTs in
+    label order; a GT is taken by the detection whose IoU is the highest >= threshold, the later GT on a tie."""
+    iou = box_iou(labels[:, 1:], det[:, :4], torch.float64).numpy()
+    correct = np.zeros((len(det), len(thresholds)), bool)
+    order = np.argsort(-det[:, 4].double().numpy(), kind="mergesort")
+    for c in np.unique(det[:, 5].numpy()):
+        dets = [d for d in order if det[d, 5] == c]
+        gts = [g for g in range(len(labels)) if labels[g, 0] == c]
+        for ti, t in enumerate(thresholds):
+            taken = set()
+            for d in dets:
+                best, match = min(t, 1 - 1e-10), -1
+                for g in gts:
+                    if g in taken or iou[g, d] < best:
+                        continue
+                    best, match = iou[g, d], g
+                if match >= 0:
+                    taken.add(match)
+                    correct[d, ti] = True
+    return correct
+
+
+def test_tied_iou_goes_to_the_later_gt_as_cocoeval():
+    """One detection overlaps two GTs of its class equally (IoU 0.818); COCOeval gives it the later GT, so the
+    next detection, which overlaps only that GT above 0.7, is a false positive at IoU 0.7-0.8."""
+    pytest.importorskip("pycocotools")
+    labels = torch.tensor([[0, 0.0, 0, 10, 10], [0, 2.0, 0, 12, 10]])
+    det = torch.tensor([[1.0, 0, 11, 10, 0.9, 0], [2.0, 0, 12, 10, 0.8, 0]])
+    tp = match_predictions(det, labels, IOUV)
+    thresholds = [round(t, 2) for t in IOUV.tolist()]
+    assert tp[0].tolist() == [t <= 0.82 for t in thresholds]
+    assert tp[1].tolist() == [t < 0.7 or t > 0.82 for t in thresholds]
+    yolo = np.array([[0, 0.25, 0.25, 0.5, 0.5], [0, 0.35, 0.25, 0.5, 0.5]])  # the two GTs, normalised to 20 x 20
+    gt = yolo_labels_to_coco_gt(["a.jpg"], [(20, 20)], [yolo], names=["a"])
+    jdict = detections_to_coco(det, 0, jdict=[])
+    res = ap_per_class(tp.numpy(), det[:, 4].numpy(), det[:, 5].numpy(), labels[:, 0].numpy())
+    assert res.map == pytest.approx(coco_evaluate(gt, jdict)[0], abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_matching_equals_cocoeval_greedy_in_crowds(seed):
+    """Crowds of one class (a detection overlapping several GTs), duplicates, exact ties and background boxes:
+    the vectorised matching equals COCOeval's loop detection for detection."""
+    rng = np.random.default_rng(seed)
+    for _ in range(30):
+        m, n = int(rng.integers(1, 12)), int(rng.integers(1, 60))
+        xy = rng.integers(0, 40, (m, 2)).astype(float)
+        labels = np.concatenate((rng.integers(0, 3, (m, 1)), xy, xy + rng.integers(4, 30, (m, 2))), 1)
+        src = rng.integers(0, m, n)
+        boxes = labels[src, 1:] + rng.integers(-3, 4, (n, 4))  # integer jitter: exact IoU ties happen
+        boxes[:, 2:] = np.maximum(boxes[:, 2:], boxes[:, :2] + 1)
+        cls = np.where(rng.random(n) < 0.8, labels[src, 0], rng.integers(0, 3, n))
+        scores = rng.choice([0.9, 0.5, 0.3], n) if seed % 2 else rng.random(n)  # equal scores: stable order
+        det = torch.tensor(np.concatenate((boxes, scores[:, None], cls[:, None]), 1), dtype=torch.float32)
+        lab = torch.tensor(labels, dtype=torch.float32)
+        want = coco_greedy(det, lab, np.linspace(0.5, 0.95, 10))
+        assert np.array_equal(match_predictions(det, lab, IOUV).numpy(), want)
+
+
 def test_class_without_predictions_has_precision_zero():
     """Upstream's ap_per_class starts precision at zeros and skips classes without predictions: P 0, not 1."""
     tp = np.array([[True] * 10])

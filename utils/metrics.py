@@ -26,30 +26,54 @@ def match_predictions(det: Tensor, labels: Tensor, iouv: Tensor) -> Tensor:
     """Mark each detection TP/FP at each IoU threshold, the way COCOeval matches.
 
     Detections are visited by descending score (stable); each takes the unmatched GT of its own
-    class with the highest IoU >= threshold. det [n, 6] (x1,y1,x2,y2,conf,cls), labels [m, 5]
-    (cls,x1,y1,x2,y2). Returns bool [n, len(iouv)] in det's original row order.
+    class with the highest IoU >= threshold (the later GT on a tie, as COCOeval). det [n, 6] (x1,y1,x2,y2,conf,cls),
+    labels [m, 5] (cls,x1,y1,x2,y2). Returns bool [n, len(iouv)] in det's original row order.
+
+    Matching never crosses classes, so a class in which every detection overlaps at most one GT (IoU >= the
+    lowest threshold) needs no search: at each threshold its GTs go to their first detection in score order
+    that overlaps enough, all classes and thresholds in one vectorised pass. Classes where a detection could
+    take one of several GTs (crowds of one class) run COCOeval's greedy loop.
     """
     n, nt = det.shape[0], len(iouv)
     correct = np.zeros((n, nt), dtype=bool)
     if n == 0 or labels.shape[0] == 0:
         return torch.from_numpy(correct).to(det.device)
+    m = labels.shape[0]
     iou = box_iou(labels[:, 1:], det[:, :4], torch.float64).cpu().numpy()  # [m, n], float64 like COCO
-    same_cls = (labels[:, :1].cpu() == det[:, 5].cpu()[None]).numpy()
-    iou = np.where(same_cls, iou, -1.0)
-    order = np.argsort(-det[:, 4].detach().cpu().double().numpy(), kind="mergesort")
+    det_cls = det[:, 5].detach().cpu().numpy()
+    iou = np.where(labels[:, :1].cpu().numpy() == det_cls[None], iou, -1.0)
     thresholds = iouv.detach().cpu().double().numpy()
     if thresholds.shape == IOU_THRESHOLDS.shape and np.allclose(thresholds, IOU_THRESHOLDS, atol=1e-6):
         thresholds = IOU_THRESHOLDS  # float32 copies of COCO's thresholds -> COCO's exact float64 values
-    best_iou = iou.max(0)  # detections below a threshold everywhere are plain FPs
-    for ti, t in enumerate(thresholds):
-        taken = np.zeros(labels.shape[0], dtype=bool)
-        floor = min(t, 1 - 1e-10)
-        for d in order[best_iou[order] >= floor]:
-            cand = np.where(taken, -1.0, iou[:, d])
-            g = int(np.argmax(cand))
-            if cand[g] >= floor:
-                taken[g] = True
-                correct[d, ti] = True
+    floors = np.minimum(thresholds, 1 - 1e-10)
+    cand = iou >= floors.min()  # [m, n] pairs that can match at some threshold
+    n_cand = cand.sum(0)
+    if not n_cand.any():
+        return torch.from_numpy(correct).to(det.device)
+    rank = np.empty(n, np.int64)
+    rank[np.argsort(-det[:, 4].detach().cpu().double().numpy(), kind="mergesort")] = np.arange(n)
+    crowded = np.isin(det_cls, det_cls[n_cand > 1])  # classes needing the greedy loop
+    single = np.flatnonzero((n_cand == 1) & ~crowded)
+    if len(single):
+        d = single[np.argsort(rank[single], kind="stable")]  # score order
+        g = cand[:, d].argmax(0)
+        ok = iou[g, d][:, None] >= floors[None]  # [k, T]
+        rows, ts = np.nonzero(ok)  # row-major: for each (t, g) the first row is the best-scored detection
+        _, first = np.unique(ts * m + g[rows], return_index=True)
+        correct[d[rows[first]], ts[first]] = True
+    loop = np.flatnonzero((n_cand > 0) & crowded)
+    if len(loop):
+        loop = loop[np.argsort(rank[loop], kind="stable")]
+        rev = iou[::-1, :]  # argmax on the reversed GTs: the last of equal IoUs, as COCOeval picks
+        for ti, floor in enumerate(floors):
+            taken = np.zeros(m, dtype=bool)
+            for d in loop[iou[:, loop].max(0) >= floor].tolist():
+                cand_d = np.where(taken[::-1], -1.0, rev[:, d])
+                k = int(np.argmax(cand_d))
+                if cand_d[k] >= floor:
+                    gi = m - 1 - k
+                    taken[gi] = True
+                    correct[d, ti] = True
     return torch.from_numpy(correct).to(det.device)
 
 
@@ -230,21 +254,17 @@ class ConfusionMatrix:
             return
         iou = box_iou(labels[:, 1:], detections[:, :4]).cpu().numpy()  # [m, n]
         gi, di = np.nonzero(iou > self.iou_thres)
-        pairs = sorted(zip(iou[gi, di], gi, di), key=lambda x: -x[0])
-        gt_match, det_used = {}, set()
-        for _, g, d in pairs:
-            if g in gt_match or d in det_used:
-                continue
-            gt_match[g] = d
-            det_used.add(d)
-        for g, c in enumerate(gt_cls):
-            if g in gt_match:
-                self.matrix[det_cls[gt_match[g]], c] += 1
-            else:
-                self.matrix[bg, c] += 1
-        for d, c in enumerate(det_cls):
-            if d not in det_used:
-                self.matrix[c, bg] += 1
+        order = np.argsort(-iou[gi, di], kind="stable")  # by descending IoU, ties in (gt, det) order
+        gt_match = np.full(len(gt_cls), -1)
+        det_used = np.zeros(len(det_cls), bool)
+        for g, d in zip(gi[order].tolist(), di[order].tolist()):  # greedy one-to-one (only overlapping pairs)
+            if gt_match[g] < 0 and not det_used[d]:
+                gt_match[g] = d
+                det_used[d] = True
+        hit = gt_match >= 0
+        np.add.at(self.matrix, (det_cls[gt_match[hit]], gt_cls[hit]), 1)
+        np.add.at(self.matrix, (bg, gt_cls[~hit]), 1)
+        np.add.at(self.matrix, (det_cls[~det_used], bg), 1)
 
     def tp_fp(self) -> tuple[np.ndarray, np.ndarray]:
         """True positives and false positives per class (background excluded)."""

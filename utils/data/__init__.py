@@ -1,4 +1,5 @@
-"""Data package: data YAML, verified YOLO datasets with a safe cache, augmentations, loaders, synthetic default."""
+"""Data package: data YAML, verified YOLO datasets with a memory-mapped label store, augmentations, loaders,
+synthetic default."""
 from .augment import letterbox, max_random_imgsz, random_imgsz
 from .config import DataConfig, load_data_config
 from .dataset import YOLODataset

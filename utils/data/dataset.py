@@ -19,6 +19,7 @@ from utils.general import LOGGER, UserError
 
 from .augment import augment_hsv, copy_paste, letterbox, mixup, mosaic4, random_perspective
 from .images import TileBuffer, imread, read_reduced
+from .store import LabelList, LabelPathList, PathList
 from .verify import parse_label_file, scan_dataset
 
 # Per-process bound of the mosaic partner buffer: at most this many bytes of resized images (an image is at most
@@ -34,7 +35,8 @@ class YOLODataset(Dataset):
     def __init__(self, path, imgsz: int = 640, batch_size: int = 16, augment: bool = False, hyp: dict | None = None,
                  rect: bool = False, image_weights: bool = False, cache: str | bool | None = None,
                  single_cls: bool = False, stride: int = 32, pad: float = 0.0, min_items: int = 0,
-                 prefix: str = "", nc: int | None = None, names: list | None = None, upstream: bool = False):
+                 prefix: str = "", nc: int | None = None, names: list | None = None, upstream: bool = False,
+                 collective: bool = False):
         self.imgsz, self.augment, self.rect, self.stride = imgsz, augment, rect, int(stride)
         self.upstream = upstream  # upstream YOLOv9's exact pipeline: full-size decodes, fresh mosaic partners
         self.hyp = {**DEFAULT_HYP, **(hyp or {})}
@@ -42,20 +44,21 @@ class YOLODataset(Dataset):
         self.prefix = prefix
         self.names = list(names) if names else None
         self.nc = int(nc) if nc is not None else (len(self.names) if self.names else 1_000_000)
-        scan = scan_dataset(path, self.nc, prefix)
+        # collective: every rank builds this dataset together (local rank 0 scans, the others map its store)
+        scan = scan_dataset(path, self.nc, prefix, collective=collective)
         self.counts, self.cache_file = scan.counts, scan.cache_file
-        self.im_files, self.label_files = scan.im_files, scan.label_files
-        self.labels, self.shapes = scan.labels, scan.shapes  # shapes: (w, h)
+        self.verified = scan.verified  # images this process checked (0: all from the label store)
+        # labels, paths and sizes are views of the memory-mapped label store, indexed by _rows (store records)
+        self.store, self.single_cls = scan.store, single_cls
+        self.shapes = scan.shapes  # (w, h)
         self.polygons = scan.polygons  # which label files hold polygon rows (augmentation re-reads them)
-        if single_cls:
-            for lb in self.labels:
-                lb[:, 0] = 0
+        self._set_rows(scan.rows)
         if min_items:
-            keep = [i for i, lb in enumerate(self.labels) if len(lb) >= min_items]
-            gone = [Path(f).name for i, f in enumerate(self.im_files) if len(self.labels[i]) < min_items]
-            LOGGER.info(f"{prefix}{len(gone)} images with fewer than {min_items} labels removed (--min-items)"
+            few = self.labels.counts() < min_items
+            gone = [Path(self.im_files[i]).name for i in np.flatnonzero(few)[:6]]
+            LOGGER.info(f"{prefix}{int(few.sum())} images with fewer than {min_items} labels removed (--min-items)"
                         + (f": {', '.join(gone[:5])}{' ...' if len(gone) > 5 else ''}" if gone else ""))
-            self._subset(keep)
+            self._subset(np.flatnonzero(~few))
         n = len(self.im_files)
         if n == 0:
             raise UserError(f"{path}: no images left after filtering")
@@ -75,7 +78,7 @@ class YOLODataset(Dataset):
         if image_weights:
             self.resample_image_weights()
         self.ims: list = [None] * n  # RAM cache of resized images
-        self.npy_files = self._npy_paths()
+        self._npy: list[str] | None = None  # disk-cache file names, made on first use (a stat per image)
         self.cache = (cache.lower() if isinstance(cache, str) else ("ram" if cache else None))
         if self.cache:
             self._cache_images(self.cache)
@@ -123,6 +126,12 @@ class YOLODataset(Dataset):
     def indices(self, value) -> None:
         self._state.numpy()[1:] = np.asarray(value, dtype=np.int64)
 
+    @property
+    def npy_files(self) -> list[str]:
+        if self._npy is None:
+            self._npy = self._npy_paths()
+        return self._npy
+
     def _npy_paths(self) -> list[str]:
         """Disk-cache files live in one folder beside the split's label cache, never beside the images.
 
@@ -153,18 +162,25 @@ class YOLODataset(Dataset):
             return None
         return parsed.segments
 
-    def _subset(self, keep: list[int]) -> None:
-        self.im_files = [self.im_files[i] for i in keep]
-        self.label_files = [self.label_files[i] for i in keep]
-        self.labels = [self.labels[i] for i in keep]
-        self.polygons = [self.polygons[i] for i in keep]
+    def _set_rows(self, rows: np.ndarray) -> None:
+        """Point the dataset at these store records (in this order)."""
+        self._rows = np.asarray(rows, np.int64)
+        self.im_files = PathList(self.store, self._rows)
+        self.label_files = LabelPathList(self.store, self._rows)
+        self.labels = LabelList(self.store, self._rows, self.single_cls)
+
+    def _subset(self, keep) -> None:
+        keep = np.asarray(keep, np.int64)
+        self._set_rows(self._rows[keep])
+        self.polygons = [self.polygons[i] for i in keep.tolist()]
         self.shapes = self.shapes[keep]
+        self._npy = None
 
     def _set_rect(self, batch_size: int, pad: float) -> None:
         """Sort by aspect ratio; each batch gets the smallest stride-multiple shape fitting its images."""
         ar = self.shapes[:, 1] / self.shapes[:, 0]  # h / w
         order = ar.argsort()
-        self._subset(list(order))
+        self._subset(order)
         ar = ar[order]
         nb = int(self.batch[-1]) + 1
         shapes = np.ones((nb, 2))  # (h, w) relative to imgsz
@@ -219,17 +235,19 @@ class YOLODataset(Dataset):
     # ---- image weights ----
     def class_weights(self) -> np.ndarray:
         """Inverse class frequency, normalised to sum 1 (classes never seen get weight of 1 count)."""
-        nc = self.nc if self.nc < 1_000_000 else int(max((lb[:, 0].max() for lb in self.labels if len(lb)),
-                                                          default=0)) + 1
-        counts = np.bincount(np.concatenate([lb[:, 0].astype(int) for lb in self.labels] or [np.zeros(0, int)]),
-                             minlength=nc).astype(float)
+        cls = self.labels.classes()
+        nc = self.nc if self.nc < 1_000_000 else int(cls.max(initial=0)) + 1
+        counts = np.bincount(cls, minlength=nc).astype(float)
         w = 1 / np.maximum(counts, 1)
         return w / w.sum()
 
     def resample_image_weights(self, class_weights: np.ndarray | None = None) -> None:
         """Draw this epoch's image order with probability ~ sum of its labels' class weights."""
         cw = self.class_weights() if class_weights is None else np.asarray(class_weights, float)
-        iw = np.array([cw[lb[:, 0].astype(int)].sum() if len(lb) else cw.min() for lb in self.labels])
+        n_rows = self.labels.counts()
+        iw = np.bincount(np.repeat(np.arange(len(n_rows)), n_rows), weights=cw[self.labels.classes()],
+                         minlength=len(n_rows))
+        iw[n_rows == 0] = cw.min()
         self.indices = np.array(random.choices(range(len(self.im_files)), weights=iw, k=len(self.im_files)))
 
     # ---- loading ----

@@ -138,9 +138,12 @@ def create_dataloader(path, imgsz: int, batch_size: int, stride=32, hyp: dict | 
     if image_weights and rank != -1:
         LOGGER.warning(f"{prefix}WARNING: image weights are not supported with DDP, disabling them")
         image_weights = False
+    # every rank builds a training (rank >= 0) or sharded validation loader: one scan per node, the rest map it
+    collective = dist.is_available() and dist.is_initialized() and (rank != -1 or shard is not None)
     dataset = YOLODataset(path, imgsz, batch_size, augment=augment, hyp=hyp, rect=rect,
                           image_weights=image_weights, cache=cache, single_cls=single_cls, stride=int(stride),
-                          pad=pad, min_items=min_items, prefix=prefix, nc=nc, names=names, upstream=upstream)
+                          pad=pad, min_items=min_items, prefix=prefix, nc=nc, names=names, upstream=upstream,
+                          collective=collective)
     batch_size = min(batch_size, len(dataset))
     world = (dist.get_world_size() if dist.is_available() and dist.is_initialized()
              else int(os.environ.get("WORLD_SIZE", 1))) if rank != -1 else 1

@@ -1,246 +1,78 @@
-"""Image/label discovery, one-time verification (thread pool) and a safe JSON label cache.
+"""Scanning a split: list its images, check every image/label pair once (in parallel processes), keep the verdicts
+in the label store (store.py) next to the labels, and on later starts map that store instead of checking again.
 
-Why: bad files are the most common way a long training run dies hours in. Every image and label is
-checked once; problems are reported with file and reason and the image is dropped or the label repaired.
-The cache is plain JSON (no pickle), keyed by a hash of paths, sizes, mtimes, nc and CACHE_VERSION.
+Why: checking is what keeps a long run from dying on a bad file hours in, but it must not cost minutes on every
+start of every process. The store is keyed by a hash of every image path with its own and its label's size and
+mtime, nc and CACHE_VERSION; when it does not match, only the images whose files are new or changed are checked
+again (an image whose file is unchanged keeps its size, so a changed label alone costs no image decode). Under
+torchrun one process per node (local rank 0) scans; the others wait for it at a barrier and map the same file.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import math
+import multiprocessing
 import os
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
-from PIL import Image
+from tqdm import tqdm
 
 from utils.general import LOGGER, UserError
 
-IMG_FORMATS = {"bmp", "dng", "jpeg", "jpg", "mpo", "png", "tif", "tiff", "webp", "pfm"}
-CACHE_VERSION = "yolo-mqa-labels-3"  # 2: records say which label files hold polygons; 3: boxes past the
-#                                       image edge are clipped and kept (were: image dropped), counted per file
-COORD_TOL = 0.02  # a coordinate up to this far outside [0, 1] is tool rounding; beyond it the row is pixels/garbage
-FLOAT_TOL = 1e-4  # overshoot from rounding coordinates to text: clipped without being counted
-MIN_IMG_SIDE = 10
-NUM_THREADS = min(8, os.cpu_count() or 1)
+from .checks import (BACKGROUND, CORRUPT, IMG_FORMATS, LABEL_EMPTY, LABEL_MISSING, LabelFile, Verified,  # noqa: F401
+                     check_image, collect_image_files, exif_size, img2label_paths, parse_label_file, verify_pairs)
+from .store import LabelList, LabelPathList, LabelStore, PathList, build_store, encode_strings, listing_hash
 
-Image.MAX_IMAGE_PIXELS = None  # very large aerial images are legitimate; size is checked by decoding
+CACHE_VERSION = "yolo-mqa-labels-4"  # 2: records say which label files hold polygons; 3: boxes past the
+#                                       image edge are clipped and kept (were: image dropped), counted per file;
+#                                       4: the label store (flat arrays in a memory-mapped .npz) replaces JSON
+CHUNK = 512  # images per task of a verification process
+PROGRESS_MIN = 1000  # show a progress bar when at least this many images are checked
 
 
-def img2label_paths(img_paths: list[str]) -> list[str]:
-    """.../images/x.jpg -> .../labels/x.txt (last /images/ only); same folder when there is none."""
-    sa, sb = f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"
+def _stat_chunk(files: Sequence[str]) -> list[tuple[int, int]]:
     out = []
-    for p in img_paths:
-        p = str(p)
-        head, sep, tail = p.rpartition(sa)
-        q = head + sb + tail if sep else p
-        out.append(os.path.splitext(q)[0] + ".txt")
-    return out
-
-
-def collect_image_files(paths: list[str | Path] | str | Path, prefix: str = "") -> tuple[list[str], list[str]]:
-    """Expand folders (recursively), .txt lists and single images into a sorted, de-duplicated list.
-
-    Returns (image files, messages about skipped entries). A missing path or an empty result is a UserError.
-    """
-    paths = paths if isinstance(paths, (list, tuple)) else [paths]
-    files, msgs = [], []
-    for p in paths:
-        p = Path(p)
-        if p.is_dir():
-            for f in sorted(p.rglob("*")):
-                if f.is_file() and not f.name.startswith("."):
-                    if f.suffix[1:].lower() in IMG_FORMATS:
-                        files.append(str(f.resolve()))
-                    elif f.suffix.lower() not in (".txt", ".cache", ".npy", ".json", ".xml"):
-                        msgs.append(f"{prefix}{f}: skipped, not an image file (suffix '{f.suffix}')")
-        elif p.is_file() and p.suffix.lower() == ".txt":
-            for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
-                line = line.strip()
-                if not line or line.startswith("#"):
-                    continue
-                f = Path(line)
-                f = f if f.is_absolute() else (p.parent / f)
-                if f.suffix[1:].lower() not in IMG_FORMATS:
-                    msgs.append(f"{prefix}{f}: skipped, not an image file (listed in {p.name})")
-                elif not f.is_file():
-                    msgs.append(f"{prefix}{f}: skipped, image missing (listed in {p.name})")
-                else:
-                    files.append(str(f.resolve()))
-        elif p.is_file() and p.suffix[1:].lower() in IMG_FORMATS:
-            files.append(str(p.resolve()))
-        elif p.exists():
-            raise UserError(f"{p}: not a folder, .txt image list or image")
-        else:
-            raise UserError(f"{p}: path does not exist")
-    unique = sorted(set(files))
-    if len(unique) < len(files):
-        msgs.append(f"{prefix}{len(files) - len(unique)} image paths listed more than once, using each once")
-    if not unique:
-        raise UserError(f"{', '.join(str(p) for p in paths)}: no images found "
-                        f"(supported: {', '.join(sorted(IMG_FORMATS))})")
-    return unique, msgs
-
-
-def exif_size(img: Image.Image) -> tuple[int, int]:
-    """(w, h) as displayed, i.e. after the EXIF orientation rotation."""
-    w, h = img.size
-    try:
-        orient = img.getexif().get(0x0112, 1)
-    except Exception:
-        orient = 1
-    return (h, w) if orient in (5, 6, 7, 8) else (w, h)
-
-
-def _check_image(im_file: str) -> tuple[int, int]:
-    """Decode fully (catches truncation); returns displayed (w, h). Raises ValueError with the reason."""
-    if os.path.getsize(im_file) == 0:
-        raise ValueError("zero-byte file")
-    try:
-        with Image.open(im_file) as im:
-            im.verify()
-        with Image.open(im_file) as im:
-            fmt = (im.format or "").lower()
-            size = exif_size(im)
-            im.load()  # full decode: truncated files raise here
-    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError...)
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"unreadable or truncated image ({reason})") from None
-    if fmt.replace("jpeg", "jpg") not in IMG_FORMATS | {"jpg", "mpo"}:
-        raise ValueError(f"unsupported image format {fmt!r}")
-    if min(size) < MIN_IMG_SIDE:
-        raise ValueError(f"image too small {size}")
-    return size
-
-
-@dataclass
-class LabelFile:
-    """One parsed label file. `error` set means the image is unusable (a row cannot be interpreted); otherwise
-    `labels` holds the repaired rows (possibly none) and `messages` say what was repaired."""
-
-    labels: np.ndarray  # [n, 5] float32: cls, xc, yc, w, h (normalised)
-    # per row: polygon [k, 2] normalised, or None for a box row; [] when the file holds no polygon at all
-    segments: list = field(default_factory=list)
-    n_duplicates: int = 0
-    messages: list[str] = field(default_factory=list)
-    error: str | None = None
-    n_clipped: int = 0  # boxes (or outlines) that extended past the image edge, clipped to it and kept
-
-
-def parse_label_file(lb_file: str, nc: int) -> LabelFile:
-    """Parse one label file: boxes (cls xc yc w h) and polygons (cls x1 y1 x2 y2 ...), duplicates removed.
-
-    Polygon rows become their bounding box; their points ([k, 2], clipped to [0, 1]) come back in `segments`,
-    aligned with the label rows, for the polygon-aware augmentation. They are not cached (a COCO-size polygon
-    cache would be gigabytes). An error means the image is dropped: a partly wrong label file would teach the
-    model that real objects are background.
-    """
-    notes: list[str] = []
-    empty = np.zeros((0, 5), np.float32)
-
-    def fail(reason: str) -> LabelFile:
-        return LabelFile(empty, messages=notes, error=reason)
-
-    try:
-        text = Path(lb_file).read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        return fail("label file is not UTF-8 text")
-    rows, segs = [], []
-    n_clipped = 0
-    for ln, line in enumerate(text.splitlines(), 1):
-        parts = line.split()
-        if not parts:
-            continue
-        n = len(parts)
-        if n != 5 and (n < 7 or n % 2 == 0):
-            return fail(f"line {ln}: {n} columns (need 5 for a box or an odd number >= 7 for a polygon)")
-        try:
-            vals = [float(v) for v in parts]
-        except ValueError:
-            return fail(f"line {ln}: non-numeric value")
-        if not all(math.isfinite(v) for v in vals):
-            return fail(f"line {ln}: NaN or inf value")
-        c = vals[0]
-        if c != int(c):
-            return fail(f"line {ln}: class id {parts[0]} is not an integer")
-        if c < 0 or c >= nc:
-            return fail(f"line {ln}: class id {int(c)} outside 0..{nc - 1}")
-        if n == 5:
-            xc, yc, w, h = vals[1:]
-            if w < 0 or h < 0:
-                return fail(f"line {ln}: negative box size (w {w:g}, h {h:g})")
-            coords = vals[1:]  # a centre may sit on the edge and a size span the image, no more
-            x1, y1, x2, y2 = xc - w / 2, yc - h / 2, xc + w / 2, yc + h / 2
-            seg = None
-        else:
-            xy = np.array(vals[1:], np.float64).reshape(-1, 2)
-            coords = xy.ravel().tolist()
-            seg = xy.clip(0, 1).astype(np.float32)
-            x1, y1 = xy.min(0)
-            x2, y2 = xy.max(0)
-        if min(coords) < -COORD_TOL or max(coords) > 1 + COORD_TOL:
-            return fail(f"line {ln}: coordinates outside [0, 1] (min {min(coords):.3f}, max {max(coords):.3f}); "
-                        f"labels must be normalised by the image size, not pixels")
-        if x2 - x1 <= 0 or y2 - y1 <= 0:  # an empty object: nothing to learn, but no reason to lose the image
-            notes.append(f"line {ln}: removed a zero-size box")
-            continue
-        crossed = bool(min(x1, y1) < -FLOAT_TOL or max(x2, y2) > 1 + FLOAT_TOL)  # beyond text rounding noise
-        if min(x1, y1) < 0 or max(x2, y2) > 1:  # past the image edge (annotation tools do this): clip, keep
-            x1, y1, x2, y2 = (min(max(v, 0.0), 1.0) for v in (x1, y1, x2, y2))
-        if x2 - x1 <= 0 or y2 - y1 <= 0:
-            notes.append(f"line {ln}: removed an object with nothing inside the image")
-            continue
-        n_clipped += crossed
-        rows.append([c, (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1])
-        segs.append(seg)
-    if not rows:
-        return LabelFile(empty, messages=notes, n_clipped=n_clipped)
-    lb = np.array(rows, np.float32)
-    _, idx = np.unique(lb, axis=0, return_index=True)
-    n_dup = len(lb) - len(idx)
-    if n_dup:
-        idx = np.sort(idx)
-        lb, segs = lb[idx], [segs[i] for i in idx]
-        notes.append(f"removed {n_dup} duplicate label rows")
-    return LabelFile(lb, segs if any(x is not None for x in segs) else [], n_dup, notes, n_clipped=n_clipped)
-
-
-def verify_image_label(im_file: str, lb_file: str, nc: int) -> dict:
-    """Check one image + label pair. status: ok | background | corrupt; msgs list the problems."""
-    rec = {"im_file": im_file, "shape": None, "labels": [], "status": "corrupt", "dup": 0, "clipped": 0, "msgs": [],
-           "label": "ok"}
-    try:
-        rec["shape"] = list(_check_image(im_file))
-    except (ValueError, OSError) as e:
-        rec["msgs"].append(f"{im_file}: image dropped, {e}")
-        return rec
-    if not os.path.isfile(lb_file):
-        rec.update(status="background", label="missing")
-        return rec
-    parsed = parse_label_file(lb_file, nc)
-    if parsed.error:
-        rec["msgs"].append(f"{lb_file}: image dropped, {parsed.error}")
-        return rec
-    lb = parsed.labels
-    rec["msgs"] += [f"{lb_file}: {n}" for n in parsed.messages]
-    rec.update(labels=lb.round(6).tolist(), polygons=bool(parsed.segments), dup=parsed.n_duplicates,
-               clipped=parsed.n_clipped, status="ok" if len(lb) else "background", label="ok" if len(lb) else "empty")
-    return rec
-
-
-def _files_hash(files: list[str], nc: int) -> str:
-    h = hashlib.sha256(f"{CACHE_VERSION}|nc={nc}".encode())
     for f in files:
         try:
             st = os.stat(f)
-            h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            out.append((st.st_size, st.st_mtime_ns))
         except OSError:
-            h.update(f"{f}|missing\n".encode())
-    return h.hexdigest()
+            out.append((-1, 0))
+    return out
+
+
+_FORKED_FILES: Sequence[str] = ()  # the list a forked stat process reads (inherited, never pickled)
+
+
+def _stat_span(a: int, b: int) -> np.ndarray:
+    return np.array(_stat_chunk(_FORKED_FILES[a:b]), np.int64).reshape(-1, 2)
+
+
+def stat_files(files: Sequence[str]) -> np.ndarray:
+    """[n, 2] int64 (size, mtime_ns) of each file, (-1, 0) when missing.
+
+    Every start of every process stats the whole split (that is what keys the label store), so at 100k+ files
+    the system calls run in forked processes (the list is inherited, not sent), else in threads."""
+    n = len(files)
+    if n < 8192:
+        return np.array(_stat_chunk(files), np.int64).reshape(-1, 2)
+    cpus = min(os.cpu_count() or 1, 8)
+    if n >= 65536 and cpus > 1 and "fork" in multiprocessing.get_all_start_methods():
+        global _FORKED_FILES
+        step = -(-n // (4 * cpus))
+        _FORKED_FILES = files
+        try:
+            with ProcessPoolExecutor(cpus, mp_context=multiprocessing.get_context("fork")) as pool:
+                return np.concatenate(list(pool.map(_stat_span, range(0, n, step), range(step, n + step, step))))
+        finally:
+            _FORKED_FILES = ()
+    step = 4096
+    with ThreadPoolExecutor(min(4, cpus)) as pool:
+        parts = list(pool.map(_stat_chunk, [files[i:i + step] for i in range(0, n, step)]))
+    return np.array([x for p in parts for x in p], np.int64).reshape(-1, 2)
 
 
 def cache_path_for(label_files: list[str], paths=None) -> Path:
@@ -255,34 +87,7 @@ def cache_path_for(label_files: list[str], paths=None) -> Path:
     return Path(label_files[0]).parent.with_suffix(".cache")
 
 
-def load_cache(path: Path, want_hash: str) -> dict | None:
-    """Plain-JSON cache: nothing is executed on load; a wrong version/hash or unreadable file -> None."""
-    try:
-        cache = json.loads(Path(path).read_text(encoding="utf-8"))
-        if cache.get("version") == CACHE_VERSION and cache.get("hash") == want_hash:
-            return cache
-    except (OSError, ValueError, AttributeError):
-        pass
-    return None
-
-
-def save_cache(path: Path, cache: dict, prefix: str = "") -> bool:
-    """Write atomically; an unwritable folder only warns."""
-    tmp = Path(f"{path}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(cache), encoding="utf-8")
-        os.replace(tmp, path)
-        return True
-    except OSError as e:
-        LOGGER.warning(f"{prefix}WARNING: cache not saved, {path.parent} is not writeable ({e.strerror or e})")
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        return False
-
-
-def _orphan_labels(im_files: list[str], label_files: list[str]) -> list[str]:
+def _orphan_labels(label_files: list[str]) -> list[str]:
     """Label .txt files sitting in our label folders whose image is not in the dataset."""
     have = set(label_files)
     out = []
@@ -313,82 +118,226 @@ class ScanCounts:
 
 @dataclass
 class DatasetScan:
-    """A verified split: usable images with their labels (aligned lists), counts and the messages logged."""
+    """A verified split: usable images with their labels (aligned sequences over the store), counts and the
+    messages logged."""
 
-    im_files: list[str]
-    label_files: list[str]
-    labels: list[np.ndarray]  # per image [n, 5] float32 cls xc yc w h (normalised)
+    im_files: PathList
+    label_files: LabelPathList
+    labels: LabelList  # per image [n, 5] float32 cls xc yc w h (normalised), read-only views
     polygons: list[bool]  # which label files hold polygon rows (their points are re-read on demand)
     shapes: np.ndarray  # [n, 2] (w, h) as displayed
     counts: ScanCounts
     msgs: list[str]
     from_cache: bool
     cache_file: str
+    store: LabelStore | None = None
+    rows: np.ndarray | None = None  # store record of each usable image
+    verified: int = 0  # images checked by this call (0: everything came from the cache)
 
 
-def scan_dataset(paths, nc: int, prefix: str = "", use_cache: bool = True) -> DatasetScan:
-    """Collect, verify (or load from the cache) and summarise a split; logs each problem once."""
+@contextmanager
+def node_leader_first(enabled: bool):
+    """Under torch.distributed: local rank 0 runs the block first; the node's other ranks wait at a barrier and
+    run it after (finding the store it wrote). Yields True in those followers. Every rank calls barrier()
+    exactly once, also when the block raises, so a failing leader never leaves the others waiting."""
+    import torch.distributed as dist
+    active = enabled and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    leader = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if active and not leader:
+        dist.barrier()
+    try:
+        yield active and not leader
+    finally:
+        if active and leader:
+            dist.barrier()
+
+
+def _pool_context():
+    """fork where available (nothing to re-import in the workers), else the platform default."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else None)
+
+
+def verify_parallel(im_files: list[str], lb_files: list[str], nc: int, im_sizes: list[int], lb_sizes: list[int],
+                    known_shapes: list | None, prefix: str = "", workers: int | None = None) -> Verified:
+    """verify_pairs over chunks of the list in worker processes (label parsing holds the GIL, so threads
+    would not scale), results in list order; a progress bar with images/s for large lists."""
+    n = len(im_files)
+    spans = [(i, min(i + CHUNK, n)) for i in range(0, n, CHUNK)]
+    workers = min(workers or os.cpu_count() or 1, len(spans))
+    args = [(im_files[a:b], lb_files[a:b], nc, im_sizes[a:b], known_shapes[a:b] if known_shapes else None,
+             lb_sizes[a:b]) for a, b in spans]
+    bar = tqdm(total=n, desc=f"{prefix}Checking images", unit=" images", disable=n < PROGRESS_MIN,
+               bar_format="{l_bar}{bar:10}{r_bar}")
+    parts = []
+    try:
+        if workers <= 1:
+            for a in args:
+                parts.append(verify_pairs(*a))
+                bar.update(len(a[0]))
+        else:
+            with ProcessPoolExecutor(workers, mp_context=_pool_context()) as pool:
+                for part in pool.map(verify_pairs, *zip(*args)):
+                    parts.append(part)
+                    bar.update(len(part.status))
+    finally:
+        bar.close()
+    if not parts:
+        z = np.zeros
+        return Verified(z(0, np.int8), z(0, np.int8), z((0, 2), np.int32), z(0, np.int64), z((0, 5), np.float32),
+                        z(0, bool), z(0, np.int32), z(0, np.int32), [])
+    cat = {k: np.concatenate([getattr(p, k) for p in parts]) for k in
+           ("status", "label", "shape", "counts", "labels", "polygons", "dup", "clipped")}
+    return Verified(**cat, msgs=[m for p in parts for m in p.msgs])
+
+
+def _rows_of(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Row indices start[i] .. start[i]+count[i]-1 for every i, concatenated."""
+    counts = counts.astype(np.int64)
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, np.int64)
+    begin = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    return np.repeat(starts.astype(np.int64) - begin, counts) + np.arange(total)
+
+
+def _merge(n: int, old: LabelStore | None, old_idx: np.ndarray, reuse: np.ndarray, todo: np.ndarray,
+           new: Verified) -> tuple[dict, list[str]]:
+    """Per-record arrays of the whole split: records in `reuse` copied from the old store, `todo` from `new`."""
+    fields = {"status": np.int8, "label": np.int8, "polygons": bool, "dup": np.int32, "clipped": np.int32}
+    parts = {k: np.zeros(n, t) for k, t in fields.items()}
+    parts["shape"], parts["counts"] = np.zeros((n, 2), np.int32), np.zeros(n, np.int64)
+    msgs = [""] * n
+    if len(reuse):
+        src = old_idx[reuse]
+        for k in fields:
+            parts[k][reuse] = old.a[k][src]
+        parts["shape"][reuse] = old.a["shape"][src]
+        o = old.a["lb_off"]
+        parts["counts"][reuse] = o[src + 1] - o[src]
+        old_msgs = old.a["msgs"].tobytes().decode("utf-8", "surrogateescape").split("\0")
+        for i, s in zip(reuse.tolist(), src.tolist()):
+            msgs[i] = old_msgs[s]
+    for k in fields:
+        parts[k][todo] = getattr(new, k)
+    parts["shape"][todo], parts["counts"][todo] = new.shape, new.counts
+    for i, m in zip(todo.tolist(), new.msgs):
+        msgs[i] = m
+    lb_off = np.concatenate(([0], np.cumsum(parts["counts"])))
+    labels = np.zeros((int(lb_off[-1]), 5), np.float32)
+    if len(reuse):
+        labels[_rows_of(lb_off[reuse], parts["counts"][reuse])] = \
+            old.a["labels"][_rows_of(old.a["lb_off"][old_idx[reuse]], parts["counts"][reuse])]
+    if len(todo):
+        labels[_rows_of(lb_off[todo], new.counts)] = new.labels
+    parts["labels"] = labels
+    return parts, msgs
+
+
+def _scan_or_load(paths, nc: int, prefix: str, use_cache: bool,
+                  fresh: bool = False) -> tuple[LabelStore, list[str], str, int]:
+    """(store, messages about the listing, cache path, images checked now). fresh: the node's leader has just
+    checked this split against the files, so a store listing the same images is taken without a stat each."""
     im_files, list_msgs = collect_image_files(paths)
-    label_files = img2label_paths(im_files)
-    want = _files_hash(im_files + label_files, nc)
-    cpath = cache_path_for(label_files, paths)
-    cache = load_cache(cpath, want) if use_cache else None
-    from_cache = cache is not None
-    if cache is None:
-        with ThreadPoolExecutor(NUM_THREADS) as pool:
-            recs = list(pool.map(verify_image_label, im_files, label_files, [nc] * len(im_files)))
-        # a .txt image list names a subset on purpose (train.txt and val.txt share one labels/ folder): only a
-        # split given as folders says which label files lack their image
-        folders = all(Path(p).is_dir() for p in (paths if isinstance(paths, (list, tuple)) else [paths]))
-        orphans = _orphan_labels(im_files, label_files) if folders else []
-        msgs = list(list_msgs)
-        for r in recs:
-            msgs += r["msgs"]
-        if orphans:
-            msgs.append(f"{len(orphans)} label files have no image, e.g. {orphans[0]}")  # prefix added when logged
-        cache = {"version": CACHE_VERSION, "hash": want, "records": recs, "msgs": msgs}
-        if use_cache and cpath.parent.is_dir():  # no folder: no labels there either (said below), nothing to cache
-            save_cache(cpath, cache, prefix)
-    recs = cache["records"]
-    good = [r for r in recs if r["status"] != "corrupt"]
+    lb_files = img2label_paths(im_files)
+    cpath = cache_path_for(lb_files, paths)
+    if fresh and use_cache:
+        store = LabelStore.load(cpath)
+        if (store is not None and store.meta.get("version") == CACHE_VERSION and store.meta.get("nc") == nc
+                and store.all_paths() == im_files):
+            return store, list_msgs, str(cpath), 0
+    both = stat_files(im_files + lb_files)
+    im_stat, lb_stat = both[:len(im_files)], both[len(im_files):]
+    blob, path_off = encode_strings(im_files)
+    want = listing_hash(CACHE_VERSION, nc, blob, im_stat, lb_stat)
+    old = LabelStore.load(cpath) if use_cache else None
+    why = ""
+    if old is None and use_cache and cpath.is_file():
+        why = "not a label store of this version (an older cache, damaged or tampered with)"
+    elif old is not None and old.meta.get("version") != CACHE_VERSION:
+        why = f"written with other checking rules ({old.meta.get('version')})"
+    elif old is not None and old.meta.get("nc") != nc:
+        why = f"written for {old.meta.get('nc')} classes, not {nc}"
+    if why:  # other checking rules or class range: every verdict may differ
+        LOGGER.info(f"{prefix}{cpath}: {why}; checking every image again and replacing it")
+        old = None
+    if old is not None and old.hash == want:
+        return old, list_msgs, str(cpath), 0
+    n = len(im_files)
+    old_idx, reuse = np.full(n, -1, np.int64), np.zeros(n, bool)
+    if old is not None:
+        if old.a["paths"].shape == blob.shape and np.array_equal(old.a["paths"], blob):
+            old_idx[:] = np.arange(n)
+        else:
+            where = {p: i for i, p in enumerate(old.all_paths())}
+            old_idx[:] = [where.get(p, -1) for p in im_files]
+        found = old_idx >= 0
+        src = old_idx[found]
+        same_im = np.zeros(n, bool)
+        same_im[found] = (old.a["im_stat"][src] == im_stat[found]).all(1)
+        reuse[found] = same_im[found] & (old.a["lb_stat"][src] == lb_stat[found]).all(1)
+    todo = np.flatnonzero(~reuse)
+    known = None
+    if old is not None:  # unchanged image, changed label: the image's size is known, no decode needed
+        known = [tuple(old.a["shape"][old_idx[i]]) if same_im[i] and old.a["shape"][old_idx[i]].min() > 0 else None
+                 for i in todo.tolist()]
+    new = verify_parallel([im_files[i] for i in todo], [lb_files[i] for i in todo], nc,
+                          im_stat[todo, 0].tolist(), lb_stat[todo, 0].tolist(), known, prefix)
+    parts, msgs = _merge(n, old, old_idx, np.flatnonzero(reuse), todo, new)
+    # a .txt image list names a subset on purpose (train.txt and val.txt share one labels/ folder): only a
+    # split given as folders says which label files lack their image
+    folders = all(Path(p).is_dir() for p in (paths if isinstance(paths, (list, tuple)) else [paths]))
+    orphans = _orphan_labels(lb_files) if folders else []
+    notes = [f"{len(orphans)} label files have no image, e.g. {orphans[0]}"] if orphans else []
+    store = build_store(blob, path_off, im_stat, lb_stat, parts, msgs,
+                        {"version": CACHE_VERSION, "nc": nc, "hash": want, "notes": notes})
+    if use_cache and cpath.parent.is_dir():  # no folder: no labels there either (said below), nothing to cache
+        if store.save(cpath, prefix):
+            store = LabelStore.load(cpath) or store  # map the file: pages shared with workers and other ranks
+    return store, list_msgs, str(cpath), len(todo)
+
+
+def scan_dataset(paths, nc: int, prefix: str = "", use_cache: bool = True, collective: bool = False) -> DatasetScan:
+    """Collect, verify (or load from the label store) and summarise a split; logs each problem once.
+
+    collective=True: every rank of a torch.distributed job calls this together; local rank 0 scans first."""
+    with node_leader_first(collective) as follower:
+        store, list_msgs, cache_file, verified = _scan_or_load(paths, nc, prefix, use_cache, fresh=follower)
+    a = store.a
+    status, label = a["status"], a["label"]
+    rows = np.flatnonzero(status != CORRUPT)
+    clipped = a["clipped"]
     counts = ScanCounts(
-        found=len(recs),
-        images=len(good),
-        backgrounds=sum(r["status"] == "background" for r in recs),
-        corrupt=sum(r["status"] == "corrupt" for r in recs),
-        duplicates=sum(r["dup"] for r in recs),
-        missing_labels=sum(r["label"] == "missing" for r in recs),
-        empty_labels=sum(r["label"] == "empty" for r in recs),
-        clipped_boxes=sum(r["clipped"] for r in recs),
-        clipped_files=sum(r["clipped"] > 0 for r in recs),
-    )
-    msgs = list(dict.fromkeys(cache["msgs"]))  # each problem once, in order
+        found=len(store), images=len(rows), backgrounds=int((status == BACKGROUND).sum()),
+        corrupt=int((status == CORRUPT).sum()), duplicates=int(a["dup"].sum()),
+        missing_labels=int((label == LABEL_MISSING).sum()), empty_labels=int((label == LABEL_EMPTY).sum()),
+        clipped_boxes=int(clipped.sum()), clipped_files=int((clipped > 0).sum()))
+    msgs = list(list_msgs)
+    for i in np.flatnonzero(np.diff(a["msg_off"]) > 1).tolist():  # records with messages
+        msgs += store.msgs_of(i)
+    msgs = list(dict.fromkeys(msgs + store.meta.get("notes", [])))  # each problem once, in order
     if counts.clipped_files:  # one line, not one per file: tools that overshoot the edge do it everywhere
-        examples = [img2label_paths([r["im_file"]])[0] for r in recs if r["clipped"]][:3]
+        examples = img2label_paths([store.path_of(i) for i in np.flatnonzero(clipped)[:3]])
         msgs.append(f"{counts.clipped_boxes} boxes extend past the image edge: clipped to it and kept "
                     f"({counts.clipped_files} label files, e.g. {', '.join(examples)})")
     if counts.images and counts.missing_labels == counts.images:  # not one label file: a layout problem
-        folders = sorted({os.path.dirname(f) for f in img2label_paths([r["im_file"] for r in good])})
+        folders = sorted({os.path.dirname(f) for f in img2label_paths(PathList(store, rows)[:])})
         more = f" and {len(folders) - 1} more folder(s)" if len(folders) > 1 else ""
         msgs.append(f"no label files found for any of the {counts.images} images: looked for "
                     f"{os.path.join(folders[0], '<image name>.txt')}{more} (a labels/ folder beside images/, "
                     f"same sub-folders); every image counts as background")
     for m in msgs:
         LOGGER.warning(f"{prefix}WARNING: {m}")
+    how = (" (from cache)" if not verified else
+           f" ({verified} new or changed images checked, {len(store) - verified} from cache)"
+           if verified < len(store) else "")
     LOGGER.info(f"{prefix}{counts.images} images, {counts.backgrounds} backgrounds, {counts.corrupt} corrupt, "
                 f"{counts.duplicates} duplicates removed, {counts.clipped_boxes} boxes clipped in "
-                f"{counts.clipped_files} files" + (" (from cache)" if from_cache else ""))
-    if not good:
-        raise UserError(f"{prefix}{', '.join(str(p) for p in (paths if isinstance(paths, (list, tuple)) else [paths]))}: "
-                        f"no usable images ({counts.corrupt} corrupt)")
+                f"{counts.clipped_files} files" + how)
+    if not len(rows):
+        named = ", ".join(str(p) for p in (paths if isinstance(paths, (list, tuple)) else [paths]))
+        raise UserError(f"{prefix}{named}: no usable images ({counts.corrupt} corrupt)")
     return DatasetScan(
-        im_files=[r["im_file"] for r in good],
-        label_files=img2label_paths([r["im_file"] for r in good]),
-        labels=[np.array(r["labels"], np.float32).reshape(-1, 5) for r in good],
-        polygons=[bool(r.get("polygons")) for r in good],
-        shapes=np.array([r["shape"] for r in good], np.int64).reshape(-1, 2),
-        counts=counts,
-        msgs=msgs,
-        from_cache=from_cache,
-        cache_file=str(cpath),
-    )
+        im_files=PathList(store, rows), label_files=LabelPathList(store, rows), labels=LabelList(store, rows),
+        polygons=a["polygons"][rows].tolist(), shapes=a["shape"][rows].astype(np.int64), counts=counts, msgs=msgs,
+        from_cache=verified == 0, cache_file=cache_file, store=store, rows=rows, verified=verified)
