@@ -498,7 +498,7 @@ def test_stream_in_flight_equals_one_by_one_and_splits_threads(weights, tmp_path
     from utils.engine.sources import LoadSources
     frames = list(LoadSources(make_video(tmp_path / "v.mp4", 6, w=160, h=96), threaded=False))
     pred = Predictor(weights, device="cpu", imgsz=128, conf_thres=0.1)
-    one = [r for _, r in pred.stream(frames, workers=1)]  # 1 thread (module fixture), in this thread
+    one = [r for _, r in pred.stream(frames, workers=0)]  # 1 thread (module fixture), in this thread
     calls = []
     infer = pred.inference
 
@@ -528,18 +528,18 @@ def test_frame_workers_policy(weights, monkeypatch):
     for threads, expect in ((1, 1), (2, 2), (3, 3), (16, 4)):
         monkeypatch.setattr(torch, "get_num_threads", lambda t=threads: t)
         assert pred.frame_workers() == expect
-    with pytest.raises(UserError, match="workers=0"):
-        Predictor(weights, device="cpu", imgsz=64, workers=0)
-    pred.workers = 1
-    assert pred.frame_workers() == 1
+    with pytest.raises(UserError, match="workers=-1"):
+        Predictor(weights, device="cpu", imgsz=64, workers=-1)
+    pred.workers = 0
+    assert pred.frame_workers() == 0
     pred.workers = None
-    monkeypatch.setattr(pred.backend, "pt", False)  # an exported file: one call at a time ...
+    monkeypatch.setattr(pred.backend, "pt", False)  # an exported file: one call at a time, on one worker ...
     assert pred.frame_workers() == 1
     asked = []
     pred.backend.concurrent_runs = lambda n: asked.append(n) or 2  # ... unless its runtime takes several
     assert pred.frame_workers() == 2 and asked == [4]
-    pred.device = torch.device("cuda")  # GPUs run one frame at a time
-    assert pred.frame_workers() == 1
+    pred.device = torch.device("cuda")  # GPUs: in the calling thread, as before
+    assert pred.frame_workers() == 0
 
 
 def test_video_announces_its_input_shape_before_the_first_inference(weights, tmp_path):

@@ -145,7 +145,8 @@ class Predictor:
     (stride-multiple) padding. classes: keep only these class ids. names: override class names.
     cuda_graph: 'capture' (or True) / 'compile' replays CUDA graphs for repeated input shapes (utils/engine/graphs.py).
     main_only: run dual-head .pt models without their auxiliary branch (same boxes, less compute).
-    workers: frames `stream` keeps in flight at once (None: `frame_workers()` decides; 1: one after another).
+    workers: frames `stream` infers at once on worker threads (None: `frame_workers()` decides; 0: one after
+    another in the calling thread).
     """
 
     def __init__(self, weights: str | Path | torch.nn.Module, device: str = "", imgsz: int | tuple | None = None,
@@ -157,8 +158,9 @@ class Predictor:
             raise UserError(f"--conf-thres {conf_thres} and --iou-thres {iou_thres} must lie in [0, 1]")
         if max_det < 1:
             raise UserError(f"--max-det {max_det}: must be at least 1")
-        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-            raise UserError(f"workers={workers!r}: give a whole number >= 1 (frames in flight at once)")
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+            raise UserError(f"workers={workers!r}: give a whole number >= 0 (frames inferred at once on worker "
+                            f"threads; 0: in the calling thread)")
         self.device = select_device(device)
         self.backend = Backend(weights, self.device, half=half, fuse=True, main_only=main_only)
         self.backend.use_cuda_graph(cuda_graph)
@@ -254,16 +256,17 @@ class Predictor:
         return r
 
     def frame_workers(self) -> int:
-        """Frames `stream` keeps in flight. On a CPU with a PyTorch model: one per intra-op thread torch may use
-        (torch.get_num_threads(), which follows the usable cores: utils/threads.py), at most 4, each forward
-        then running with threads // workers threads. 1 on CUDA, with --cuda-graph, and for exported files
-        unless their runtime accepts concurrent calls (a backend `concurrent_runs(n) -> int` method)."""
+        """Worker threads `stream` infers on. On a CPU with a PyTorch model: one per intra-op thread torch may
+        use (torch.get_num_threads(), which follows the usable cores: utils/threads.py), at most 4, each forward
+        then running with threads // workers threads; exported files: one worker (their runtime's own threads
+        do the forward while this thread prepares the next frame) unless the runtime accepts concurrent calls
+        (a backend `concurrent_runs(n) -> int` method). On CUDA and with --cuda-graph: 0 (in this thread)."""
         if self.workers is not None:
             return self.workers
+        if self.device.type != "cpu" or self.backend.graph is not None:
+            return 0
         want = min(torch.get_num_threads(), MAX_FRAME_WORKERS)
-        if self.device.type != "cpu" or want <= 1 or self.backend.graph is not None:
-            return 1
-        if self.backend.pt:
+        if self.backend.pt or want <= 1:
             return want
         hook = getattr(self.backend, "concurrent_runs", None)
         return max(1, int(hook(want))) if hook is not None else 1
@@ -281,15 +284,16 @@ class Predictor:
         """Detect on every frame of `frames` (e.g. a LoadSources), yielding (frame, Result) in input order.
 
         Preprocessing runs in the caller's thread while `workers` frames (default `frame_workers()`) are
-        inferred on worker threads, each with torch.get_num_threads() // workers intra-op threads; the results
-        are those of `predict` frame by frame. The first frame of a lone video/stream announces its input
-        shape to the backend (`fix_input_shape`). conf_thres overrides the threshold for this stream.
+        inferred on worker threads, each with torch.get_num_threads() // workers intra-op threads (0 workers:
+        all in the caller's thread); the results are those of `predict` frame by frame. The first frame of a
+        lone video/stream announces its input shape to the backend (`fix_input_shape`). conf_thres overrides
+        the threshold for this stream.
         """
-        n = self.frame_workers() if workers is None else max(1, int(workers))
+        n = self.frame_workers() if workers is None else max(0, int(workers))
         conf = self.conf_thres if conf_thres is None else conf_thres
         threads = torch.get_num_threads()
-        per = max(1, threads // n)
-        self.in_flight = n
+        per = max(1, threads // max(n, 1))
+        self.in_flight = max(n, 1)
         announced = False
 
         def prep(f: Frame) -> tuple:
@@ -494,7 +498,7 @@ def run(job: PredictJob | argparse.Namespace) -> Path:
     seq = SequenceTracker(track_cfg, save_dir) if track_cfg is not None else None
     if predictor.device.type != "cpu":
         predictor.warmup()  # CUDA start-up; on a CPU the first frames warm up at the shape the source gives
-    workers = None if threaded else 1  # the sequential path: one frame after another in this thread
+    workers = None if threaded else 0  # the sequential path: one frame after another in this thread
 
     n_labels = 0
     bar: tqdm | None = None

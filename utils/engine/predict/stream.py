@@ -19,15 +19,16 @@ R = TypeVar("R")
 
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, depth: int | None = None,
                 initializer: Callable[[], None] | None = None) -> Iterator[tuple[T, R]]:
-    """Yield (item, fn(item)) in the order of `items`, with up to `workers` calls of fn running at once.
+    """Yield (item, fn(item)) in the order of `items`, with up to `workers` calls of fn running at once on
+    worker threads, while the caller draws the next items (so with one worker, fn overlaps the caller's work).
 
     At most `depth` (default workers + 1) items are submitted and not yet handed back, so memory stays flat
     however long the input. Items are drawn from `items` in the caller's thread. An exception raised by fn
     reaches the caller when its item's turn comes (earlier results first). Closing the generator early (a
-    `break` in the consumer) cancels what has not started and waits for what has. workers <= 1: plain loop in
+    `break` in the consumer) cancels what has not started and waits for what has. workers = 0: a plain loop in
     the caller's thread. initializer runs once in each worker thread (e.g. to set its torch thread count).
     """
-    if workers <= 1:
+    if workers <= 0:
         for it in items:
             yield it, fn(it)
         return
