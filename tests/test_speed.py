@@ -571,3 +571,29 @@ def test_letterbox_tensor_is_the_reference_preprocessing():
         x, rp = letterbox_tensor(im, 128, 32, auto=True, channels_last=cl)
         assert torch.equal(x, ref) and rp == ratio_pad and x.shape == (1, 3, 96, 128)
         assert x.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+
+def test_detection_starts_without_torchvision_and_its_nms_kernel_agrees():
+    """torchvision's Python package imports torch._dynamo (~1.3 s of start-up); detection loads only its kernel."""
+    import subprocess
+    import sys
+    code = """
+import sys, torch
+import detect_dual, utils.engine.predict.predictor, utils.engine.track.sequence
+from utils.nms import non_max_suppression
+from utils.vision_ops import batched_nms
+g = torch.Generator().manual_seed(0)
+xy = torch.rand(800, 2, generator=g) * 300
+boxes = torch.cat([xy, xy + 8 + torch.rand(800, 2, generator=g) * 60], 1)
+scores, cls = torch.rand(800, generator=g), torch.randint(0, 5, (800,), generator=g)
+ours = batched_nms(boxes, scores, cls, 0.5)
+pred = torch.cat([torch.rand(1, 4, 300, generator=g) * 100 + 10, torch.rand(1, 3, 300, generator=g)], 1)
+assert len(non_max_suppression(pred, 0.3, 0.5)[0]) > 5
+assert 'torchvision' not in sys.modules and 'scipy' not in sys.modules, 'imported at start-up'
+import torchvision.ops as tv
+assert len(ours) > 50 and sorted(ours.tolist()) == sorted(tv.batched_nms(boxes, scores, cls, 0.5).tolist())
+print('OK')
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip() == "OK", r.stderr[-2000:]
