@@ -4,7 +4,8 @@ Why: on a machine shared with another process a job should slow down about as mu
 several times more. The neighbour is a single-thread busy loop (`--neighbour loop`) or a one-thread training
 (`--neighbour train`); it starts before the job and is stopped after it, and the CPU time it got during the job
 is read from /proc. The job is the quick start shortened to --epochs (`python train_dual.py`: yolov9-t-MMQA on
-the bundled shapes, 128 px, batch 16) or detect_dual.py on a generated clip.
+the bundled shapes, 128 px, batch 16), detect_dual.py on a generated clip, or `forward`: 20 batch-1 forwards
+of gelan-t at 288x640 with all intra-op threads (timed inside the process: no start-up).
 
 Settings, interleaved in every round:
 - `this checkout`: the defaults of this code (OpenMP threads sleep when they wait; thread and loader-worker
@@ -74,7 +75,24 @@ def neighbour_cmd(kind: str, tmp: Path) -> tuple[list[str], dict]:
              "--project", str(tmp / "neighbour"), "--name", "n", "--exist-ok", "--device", "cpu"], env)
 
 
+FORWARD = """
+import sys, time, torch
+from utils.engine.backend import Backend
+b = Backend(sys.argv[1], "cpu", fuse=True, main_only=True)
+x = torch.rand(1, 3, 288, 640).contiguous(memory_format=torch.channels_last)
+with torch.no_grad():
+    for _ in range(3):
+        b(x)
+    t = time.perf_counter()
+    for _ in range(20):
+        b(x)
+print("SECONDS", time.perf_counter() - t)
+"""
+
+
 def job_cmd(job: str, tree: Path, tmp: Path, opt, clip: Path | None, weights: Path | None) -> list[str]:
+    if job == "forward":
+        return [sys.executable, "-c", FORWARD, str(weights)]
     if job == "train":
         return [sys.executable, str(tree / "train_dual.py"), "--epochs", str(opt.epochs), "--noplots",
                 "--project", str(tmp / "train"), "--name", "r", "--exist-ok", "--device", "cpu"]
@@ -101,12 +119,13 @@ def run_once(cmd: list[str], env: dict, cwd: Path, neighbour: tuple | None) -> d
             nb.wait()
     if r.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
-    return {"wall": wall, "nb_cores": (c1 - c0) / wall if nb else 0.0}
+    timed = [float(line.split()[1]) for line in r.stdout.splitlines() if line.startswith("SECONDS ")]
+    return {"wall": timed[-1] if timed else wall, "nb_cores": (c1 - c0) / wall if nb else 0.0}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--jobs", nargs="+", default=["train", "detect"], choices=["train", "detect"])
+    ap.add_argument("--jobs", nargs="+", default=["forward", "detect", "train"], choices=["forward", "detect", "train"])
     ap.add_argument("--neighbour", default="loop", choices=["loop", "train"])
     ap.add_argument("--epochs", type=int, default=3, help="epochs of the shortened quick start")
     ap.add_argument("--frames", type=int, default=150, help="frames of the detection clip (640x272)")
@@ -127,7 +146,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="bench_shared_") as td:
         tmp = Path(td)
         clip = weights = None
-        if "detect" in opt.jobs:
+        if "detect" in opt.jobs or "forward" in opt.jobs:
             import torch
             from models.yolo import DetectionModel
             from utils.checkpoint import make_checkpoint, save_checkpoint
@@ -172,7 +191,8 @@ def report(rows: list[dict], opt, cores: int, load0: float, load1: float) -> str
     from benchmarks.bench_video import cpu_name
     what = {"loop": "a single-thread busy loop", "train": "a one-thread training (OMP_NUM_THREADS=1, --workers 0)"}
     head = (f"{cpu_name()}, {cores} usable cores; neighbour: {what[opt.neighbour]}; train = `train_dual.py --epochs "
-            f"{opt.epochs}` (quick start), detect = detect_dual.py on a {opt.frames}-frame 640x272 clip (gelan-t); "
+            f"{opt.epochs}` (quick start), detect = detect_dual.py on a {opt.frames}-frame 640x272 clip (gelan-t), "
+            f"forward = 20 gelan-t forwards at 288x640 (timed in the process); "
             f"median of {opt.rounds} interleaved rounds; load average {load0:.1f} before, {load1:.1f} after "
             f"(other jobs share the machine).\n\n")
     lines = ["| job | setting | alone s | beside s | slowdown | neighbour cores | proportional | excess | "

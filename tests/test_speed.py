@@ -487,6 +487,16 @@ def test_ordered_map_raises_in_turn_and_stops_its_threads():
         for i, _ in ordered_map(fn, range(10), workers=2):
             got.append(i)
     assert got == [0, 1, 2]
+
+    def failing_source():
+        yield from range(5)
+        raise OSError("stream dropped")
+
+    got = []
+    with pytest.raises(OSError, match="stream dropped"):
+        for i, r in ordered_map(lambda i: i * 2, failing_source(), workers=2):
+            got.append(r)
+    assert got == [0, 2, 4, 6, 8]  # every item before the source failed is handed back first
     gen = ordered_map(lambda i: i, range(1000), workers=3)
     assert [next(gen)[0] for _ in range(4)] == [0, 1, 2, 3]
     gen.close()  # what a `break` out of the consumer does

@@ -2,7 +2,8 @@
 
 The model is loaded once through `Backend` (dual-head models give their main branch). Preprocessing is the
 validation letterbox with minimal rectangular padding; boxes are mapped back to original-image pixels with
-the exact ratio and padding the letterbox used.
+the exact ratio and padding the letterbox used. Sequences (videos, streams, folders) go through
+`Predictor.stream`: frames in flight on worker threads, results in input order (utils/engine/predict/stream.py).
 """
 from __future__ import annotations
 

@@ -24,7 +24,8 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, depth: i
 
     At most `depth` (default workers + 1) items are submitted and not yet handed back, so memory stays flat
     however long the input. Items are drawn from `items` in the caller's thread. An exception raised by fn
-    reaches the caller when its item's turn comes (earlier results first). Closing the generator early (a
+    reaches the caller when its item's turn comes, one raised by `items` after the results of the items before
+    it (earlier results first, as in a plain loop). Closing the generator early (a
     `break` in the consumer) cancels what has not started and waits for what has. workers = 0: a plain loop in
     the caller's thread. initializer runs once in each worker thread (e.g. to set its torch thread count).
     """
@@ -35,8 +36,18 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, depth: i
     depth = max(int(depth or workers + 1), 1)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="frame-worker", initializer=initializer)
     pending: deque[tuple[T, Future]] = deque()
+    source = iter(items)
     try:
-        for it in items:
+        while True:
+            try:
+                it = next(source)
+            except StopIteration:
+                break
+            except Exception:  # the input failed: first the results of what it gave before, then its error
+                while pending:
+                    first, fut = pending.popleft()
+                    yield first, fut.result()
+                raise
             pending.append((it, pool.submit(fn, it)))
             if len(pending) >= depth:
                 first, fut = pending.popleft()
