@@ -6,7 +6,8 @@ drawing, .mp4 encode), not the model's latency. Every variant runs as its own pr
 clip (bundled shapes, default 250 frames of 640x272), in interleaved rounds so load from other jobs on a shared
 machine hits all variants alike; medians are reported, with ratios to ultralytics' .pt.
 
-Columns: `whole` = frames / wall time of the process; `start-up` = wall time minus the frames at the steady
+Columns: `whole` = frames / wall time of the process; `CPU s` = user + system seconds of the process (its work,
+what a loaded machine shares out); `start-up` = wall time minus the frames at the steady
 rate (imports, model load/compile, first-frame warm-up, exit); `steady` = frames/s from the first result to the
 last (detect_dual.py prints it per video; the ultralytics driver times the same span); `raw forward` = median
 batch-1 forward at the letterboxed shape with all intra-op threads, in a separate process (no decode, no
@@ -147,28 +148,34 @@ def _ultra_env(passive: bool = False) -> dict:
     return env
 
 
+def _children_cpu() -> float:
+    import resource
+    u = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return u.ru_utime + u.ru_stime
+
+
 def run_ours(tree: Path, weights: Path, half: bool, clip: Path, project: Path) -> dict:
     cmd = [sys.executable, str(tree / "detect_dual.py"), "--weights", str(weights), "--source", str(clip),
            "--device", "cpu", "--project", str(project), "--name", "run", "--exist-ok"] + (["--half"] if half else [])
     from utils.threads import user_environ
-    t0 = time.perf_counter()
+    c0, t0 = _children_cpu(), time.perf_counter()
     r = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, env=user_environ())
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, _children_cpu() - c0
     if r.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
     m = re.search(r"(\d+) frames, \d+ detections, ([\d.]+) frames/s", r.stderr + r.stdout)
-    return {"wall": wall, "frames": int(m.group(1)) if m else None, "steady_fps": float(m.group(2)) if m else None}
+    return {"wall": wall, "cpu": cpu, "frames": int(m.group(1)) if m else None,
+            "steady_fps": float(m.group(2)) if m else None}
 
 
 def run_ultra(prep: dict, opt, project: Path, how: dict) -> dict:
     arg = {"source": str(prep["clip"]), "project": str(project), "threads": how.get("threads")}
     project.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    c0, t0 = _children_cpu(), time.perf_counter()
     r = subprocess.run([opt.ultra_python, str(prep["driver"]), "predict", str(prep["ultra_pt"]), json.dumps(arg)],
                        capture_output=True, text=True, cwd=project.parent, env=_ultra_env(how.get("passive")))
-    wall = time.perf_counter() - t0
-    res = _result(r)
-    return {"wall": wall, **res}
+    wall, cpu = time.perf_counter() - t0, _children_cpu() - c0
+    return {"wall": wall, "cpu": cpu, **_result(r)}
 
 
 def _result(r: subprocess.CompletedProcess) -> dict:
@@ -272,6 +279,7 @@ def summarise(runs: dict, raws: dict, frames: int) -> list[dict]:
         steady_fps = statistics.median(steady) if steady else None
         raw = statistics.median(raws[name]) if raws.get(name) else None
         rows.append({"variant": name, "wall_s": wall, "fps": frames / wall,
+                     "cpu_s": statistics.median(r["cpu"] for r in rs),
                      "x_ultra": (frames / wall) / ref_fps if ref_fps else None,
                      "startup_s": wall - frames / steady_fps if steady_fps else None, "steady_fps": steady_fps,
                      "raw_ms": raw, "steady_over_raw": (1e3 / steady_fps) / raw if steady_fps and raw else None,
@@ -290,10 +298,12 @@ def report(rows: list[dict], opt, shape: tuple, load0: float, load1: float) -> s
             f"{torch.__version__} with {torch.get_num_threads()} intra-op threads (every runtime); median of "
             f"{opt.rounds} interleaved rounds; load average {load0:.1f} before, {load1:.1f} after "
             f"(other jobs share the machine).\n\n")
-    lines = ["| variant | whole frames/s | x fastest ultralytics .pt | start-up s | steady frames/s | raw forward ms | "
-             "steady / raw | process seconds per round |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| variant | whole frames/s | x fastest ultralytics .pt | CPU s | start-up s | steady frames/s | "
+             "raw forward ms | steady / raw | process seconds per round |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['fps']:.1f} | {f(r['x_ultra'], '.2f')} | {f(r['startup_s'], '.1f')} | "
+        lines.append(f"| {r['variant']} | {r['fps']:.1f} | {f(r['x_ultra'], '.2f')} | {r['cpu_s']:.1f} | "
+                     f"{f(r['startup_s'], '.1f')} | "
                      f"{f(r['steady_fps'], '.1f')} | {f(r['raw_ms'], '.1f')} | {f(r['steady_over_raw'], '.2f')} | "
                      f"{', '.join(map(str, r['walls']))} |")
     return head + "\n".join(lines)
