@@ -104,8 +104,10 @@ def run_once(cmd: list[str], env: dict, cwd: Path, neighbour: tuple | None) -> d
     """Wall seconds of `cmd` (and the neighbour's cores during it, when one runs)."""
     nb = None
     if neighbour is not None:
+        # its own session, as another user's program: with the kernel's autogroup scheduling (a default on desktop
+        # and server kernels) CPU time is shared between sessions first, then among a session's threads
         nb = subprocess.Popen(neighbour[0], env=neighbour[1], cwd=ROOT, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+                              stderr=subprocess.DEVNULL, start_new_session=True)
         time.sleep(1.0)  # let it start (a benchmark may wait; tests never do)
     try:
         c0 = _tree_cpu_seconds(nb.pid) if nb else 0.0
