@@ -102,3 +102,83 @@ def test_loader_workers_follow_usable_cores(monkeypatch, tmp_path):
     monkeypatch.setattr(loader, "usable_cores", lambda: 1)
     dl, _ = loader.create_dataloader(str(img), 32, 4, workers=8, nc=1, names=["a"], persistent=False)
     assert dl.num_workers == 1
+
+
+class _Kernel:
+    """Stand-in for the kernel's accounting: cumulative (run s, wait s, idle s) advanced by the test."""
+
+    def __init__(self):
+        self.t, self.run, self.wait, self.idle = 0.0, 0.0, 0.0, 0.0
+
+    def advance(self, dt: float, run_cores: float, wait_cores: float, idle_cores: float) -> None:
+        self.t += dt
+        self.run, self.wait, self.idle = (self.run + dt * run_cores, self.wait + dt * wait_cores,
+                                          self.idle + dt * idle_cores)
+
+
+def test_governor_follows_the_cpu_it_gets():
+    k, set_to = _Kernel(), []
+    g = threads.ThreadGovernor(set_to.append, 2, 2, period=2.0, clock=lambda: k.t,
+                               sample=lambda: (k.run, k.wait, k.idle))
+    k.advance(1.0, 2.0, 0.0, 0.0)
+    assert g.step() == 2 and set_to == []  # within the period: no judgement yet
+    k.advance(1.0, 1.9, 0.2, 0.0)  # alone: threads hardly wait
+    assert g.step() == 2
+    k.advance(2.0, 1.0, 1.0, 0.0)  # a neighbour holds a core: our threads wait half the time they want one
+    assert g.step() == 1 and set_to == [1]
+    k.advance(2.0, 1.0, 0.0, 0.9)  # the period after a change is not judged
+    assert g.step() == 1
+    k.advance(2.0, 1.0, 0.3, 0.0)  # still busy beside the neighbour: no core idle, stay
+    assert g.step() == 1
+    k.advance(2.0, 1.0, 0.0, 0.95)  # the neighbour left: a core stands idle
+    assert g.step() == 2 and set_to == [1, 2]
+    k.advance(2.0, 2.0, 0.0, 0.0)
+    k.advance(2.0, 1.5, 0.2, 0.0)  # losing a little (12% waiting): keep both threads
+    assert g.step() == 2 and g.changes == [(2, 1), (1, 2)]
+    g.threads = 1
+    g.restore()
+    assert g.threads == 2 and set_to[-1] == 2
+
+
+def test_governor_without_accounting_never_acts():
+    set_to = []
+    t = [0.0]
+    g = threads.ThreadGovernor(set_to.append, 2, 2, clock=lambda: t[0], sample=lambda: None)
+    for _ in range(5):
+        t[0] += 3
+        assert g.step() == 2
+    assert set_to == []
+
+
+def test_cpu_time_sample_reads_the_kernel_files(tmp_path):
+    for tid, text in (("11", "2000000000 500000000 7\n"), ("12", "1000000000 250000000 3\n"), ("13", "junk\n")):
+        _write(tmp_path / "task" / tid / "schedstat", text)
+    tck = os.sysconf("SC_CLK_TCK")
+    _write(tmp_path / "stat", f"cpu  100 0 50 {3 * tck} {tck} 0 0 0 0 0\ncpu0 1 2 3 4 5\n")
+    assert threads.cpu_time_sample(tmp_path / "task", tmp_path / "stat") == pytest.approx((3.0, 0.75, 4.0))
+    assert threads.cpu_time_sample(tmp_path / "none", tmp_path / "stat") is None
+    live = threads.cpu_time_sample()  # this process on this machine (Linux)
+    assert live is None or (live[0] > 0 and live[1] >= 0 and live[2] >= 0)
+
+
+def test_cpu_training_steps_the_governor_and_restores_threads(tmp_path, monkeypatch):
+    import train_dual
+    from helpers import shapes_yaml
+    from utils.engine.config import TrainConfig
+    from utils.engine.train import trainer as trainer_mod
+    calls = []
+
+    class Recorder:
+        def step(self):
+            calls.append("step")
+
+        def restore(self):
+            calls.append("restore")
+
+    monkeypatch.setattr(trainer_mod, "cpu_thread_governor", lambda: Recorder())
+    data = shapes_yaml(tmp_path / "shapes", n_train=16, n_val=4)
+    args = ["--cfg", "gelan-t.yaml", "--imgsz", "64", "--batch-size", "8", "--workers", "0", "--epochs", "1",
+            "--data", str(data), "--project", str(tmp_path), "--name", "g", "--noplots", "--no-tensorboard",
+            "--device", "cpu"]
+    trainer_mod.Trainer(TrainConfig.from_args(train_dual.parse_opt(args))).run()
+    assert calls == ["step", "step", "restore"]  # one step per batch (16 images / 8), restored when training ends

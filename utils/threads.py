@@ -126,3 +126,81 @@ def user_environ() -> dict[str, str]:
     """os.environ without what configure_openmp() added: the environment the user started with (benchmarks run
     other programs, and older checkouts, with it)."""
     return {k: v for k, v in os.environ.items() if not (k in APPLIED and APPLIED[k] == v)}
+
+
+def cpu_time_sample(task_dir: str | Path = "/proc/self/task", stat: str | Path = "/proc/stat") -> tuple | None:
+    """(seconds this process's threads ran, seconds they waited on a run queue for a core, seconds the machine's
+    cores stood idle), all cumulative, from the kernel's own accounting; None where /proc does not give them."""
+    run = wait = 0
+    try:
+        for tid in os.listdir(task_dir):
+            try:
+                r, w = open(os.path.join(task_dir, tid, "schedstat")).read().split()[:2]
+            except (OSError, ValueError):
+                continue  # a thread that ended meanwhile
+            run, wait = run + int(r), wait + int(w)
+        cpu = open(stat).readline().split()
+        idle = (int(cpu[4]) + int(cpu[5])) / os.sysconf("SC_CLK_TCK")  # idle + iowait
+    except (OSError, ValueError, IndexError):
+        return None
+    return run / 1e9, wait / 1e9, idle
+
+
+class ThreadGovernor:
+    """Intra-op threads that follow the CPU this process actually gets: fewer while its threads queue for a core
+    behind other work, one more again when a core stands idle.
+
+    Why: torch splits each operator evenly over its threads and waits for the last one. When another program takes
+    a core, one thread falls behind at every operator and the others wait for it, so two threads beside a busy
+    neighbour do worse than one thread would (measured: benchmarks/results/shared_cpu.md). `step()` is cheap and
+    called often (every training batch); at most once per `period` seconds it reads the kernel's accounting
+    (`cpu_time_sample`): when more than `drop` of the time our threads wanted a core was spent waiting for one,
+    the thread count falls in proportion; when the machine had at least `idle_cores` idle and our threads hardly
+    waited, it rises by one, up to `max_threads`. After a change it waits one more period before judging.
+    """
+
+    def __init__(self, set_threads, threads: int, max_threads: int, period: float = 2.0, drop: float = 0.3,
+                 idle_cores: float = 0.75, clock=None, sample=cpu_time_sample, log=None):
+        import time
+        self.set_threads, self.threads, self.max_threads = set_threads, int(threads), int(max_threads)
+        self.period, self.drop, self.idle_cores = period, drop, idle_cores
+        self.clock, self.sample, self.log = clock or time.monotonic, sample, log
+        self.last = (self.clock(), self.sample())
+        self.settle = 0  # periods to wait after a change
+        self.changes: list[tuple[int, int]] = []  # (from, to), for tests and the log
+
+    def step(self) -> int:
+        now = self.clock()
+        t0, s0 = self.last
+        if now - t0 < self.period or s0 is None:
+            return self.threads
+        s1 = self.sample()
+        self.last = (now, s1)
+        if s1 is None:
+            return self.threads
+        if self.settle:
+            self.settle -= 1
+            return self.threads
+        dt = now - t0
+        run, wait, idle = (b - a for a, b in zip(s0, s1))
+        waited = wait / (run + wait) if run + wait > 0 else 0.0
+        new = self.threads
+        if self.threads > 1 and waited > self.drop:
+            new = max(1, round(self.threads * (1 - waited)))
+        elif self.threads < self.max_threads and idle / dt >= self.idle_cores and waited < self.drop / 3:
+            new = self.threads + 1
+        if new != self.threads:
+            self.changes.append((self.threads, new))
+            if self.log is not None:
+                self.log(f"CPU threads {self.threads} -> {new}: threads waited {waited:.0%} of the time they wanted a "
+                         f"core, {idle / dt:.1f} cores idle")
+            self.threads = new
+            self.set_threads(new)
+            self.settle = 1
+        return self.threads
+
+    def restore(self) -> None:
+        """Back to the full thread count (the job that was governed has ended)."""
+        if self.threads != self.max_threads:
+            self.threads = self.max_threads
+            self.set_threads(self.max_threads)
