@@ -1,10 +1,11 @@
-"""Export a trained checkpoint to TorchScript / ONNX / OpenVINO (FP32 or INT8), or re-parameterise a dual-head
-model into GELAN.
+"""Export a trained checkpoint to TorchScript / ONNX / OpenVINO / LiteRT / ExecuTorch / NCNN / Core ML (the formats
+of utils/deploy/formats; FP32, FP16 or INT8 where the format has it), or re-parameterise a dual-head model into GELAN.
 
     python export.py --weights runs/train/exp/weights/best.pt --include torchscript onnx --imgsz 640
     python export.py --weights best.pt --include reparam        # -> best-gelan.pt (single head, same outputs)
     python export.py --weights best.pt --include onnx openvino --int8 --data my.yaml   # + best-int8.onnx,
-        # best-int8_openvino_model/; then both INT8 models and their FP32 originals are validated on the val split
+        # best-int8_openvino_model/; then the accuracy check: the .pt and every file validated on the val split,
+        # one table; a file that lost more than its limit fails the export (utils/deploy/accuracy.py)
 
 Exported files sit next to the weights (.torchscript / .onnx) and return y [B, 4+nc, A] (xywh pixels +
 class scores; the main branch for dual-head models). By default they are fixed to one input size
@@ -19,22 +20,24 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from utils.deploy.export import FORMATS, calibration_data, run  # noqa: E402
+from utils.deploy import accuracy  # noqa: E402
+from utils.deploy.accuracy import FLOAT_MAX_DROP, INT8_MAX_DROP, Limits  # noqa: E402
+from utils.deploy.export import include_choices, run  # noqa: E402
 from utils.deploy.quantize import DEFAULT_IMAGES  # noqa: E402
-from utils.general import LOGGER, cli  # noqa: E402
+from utils.general import cli  # noqa: E402
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", required=True, help="checkpoint .pt of this project")
-    p.add_argument("--include", nargs="+", default=["torchscript"], help=f"formats: {', '.join(FORMATS)}")
+    p.add_argument("--include", nargs="+", default=["torchscript"], help=f"formats: {', '.join(include_choices())}")
     p.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=[640], help="input size: h [w]")
     p.add_argument("--batch-size", type=int, default=1, help="batch size of the traced input")
     p.add_argument("--dynamic", action="store_true",
@@ -47,36 +50,44 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
                    help="fuse Conv+BN and RepConvN before export (default on)")
     p.add_argument("--int8", action="store_true",
-                   help="also write INT8 copies of the onnx/openvino exports (static quantization), then validate "
-                        "them against the FP32 exports on the val split of --data")
-    p.add_argument("--data", default=None, help="data YAML for --int8 calibration and validation "
-                                                "(default: the data the checkpoint was trained on)")
-    p.add_argument("--calib-images", type=int, default=DEFAULT_IMAGES, help="--int8: training images to calibrate on")
+                   help="also write INT8 copies of the onnx/openvino exports (static quantization); the accuracy "
+                        "check then runs on the data's val split")
+    p.add_argument("--data", default=None,
+                   help="data YAML: --int8 calibrates on its train split, and the accuracy check validates the .pt "
+                        "and every written file on its val split (default with --int8: the data the checkpoint "
+                        "was trained on)")
+    p.add_argument("--calib-images", type=int, default=DEFAULT_IMAGES,
+                   help="--int8: training images to calibrate on (read one at a time: memory does not grow with it)")
+    p.add_argument("--int8-max-drop", type=float, default=INT8_MAX_DROP,
+                   help="accuracy check: mAP50-95 points an INT8 file may lose against its fp32 file")
+    p.add_argument("--max-drop", type=float, default=FLOAT_MAX_DROP,
+                   help="accuracy check: mAP50-95 points a float export may lose against the .pt")
+    p.add_argument("--allow-drop", action="store_true",
+                   help="accuracy check: keep files over the limit and exit 0 (a warning instead of an error)")
     return p.parse_args(argv)
 
 
-def check_int8(out: dict[str, Path], data: str, device: str) -> dict[str, tuple[float, float]]:
-    """mAP50-95 of each INT8 export and its FP32 original on the val split, printed; {format: (fp32, int8)}."""
-    from utils.engine.validator import run_validation
-    maps = {}
-    with tempfile.TemporaryDirectory() as tmp:  # nothing of the check is kept but the printed numbers
-        for fmt in ("onnx", "openvino"):
-            if f"{fmt}-int8" in out:
-                maps[fmt] = tuple(run_validation(weights=str(out[k]), data=data, project=tmp, plots=False,
-                                                 device=device, workers=0).map for k in (fmt, f"{fmt}-int8"))
-    for fmt, (a, b) in maps.items():
-        LOGGER.info(f"INT8 check, {fmt}: mAP50-95 FP32 {a:.4f}, INT8 {b:.4f} ({(b - a) * 100:+.2f} points) "
-                    f"on the val split of {data}")
-    return maps
+def accuracy_check(weights: Path, imgsz: int, device: str, limits: Limits) -> Callable[[dict[str, Path], str], list]:
+    """What export.run calls after writing: the .pt and every written file that runs here validated on the
+    same val images (utils.engine.validator.validate_files), one table, a failure one line (exit 1)."""
+    def check(out: dict[str, Path], data: str) -> list:
+        from utils.engine.validator import validate_files
+
+        def validate(paths):
+            results, where = validate_files(paths, data, imgsz, device=device)
+            return [(r.map50, r.map) for r in results], where
+        return accuracy.check(out, weights, validate, limits)
+    return check
 
 
 def main(argv: list[str] | None = None) -> dict[str, Path]:
     opt = parse_opt(argv)
-    out = run(opt.weights, tuple(opt.include), opt.imgsz, opt.batch_size, opt.dynamic, opt.half, opt.opset,
-              opt.simplify, opt.device, opt.fuse, opt.int8, opt.data, opt.calib_images)
-    if opt.int8:
-        check_int8(out, calibration_data(Path(opt.weights), opt.data), opt.device)
-    return out
+    check = None
+    if opt.int8 or opt.data:
+        check = accuracy_check(Path(opt.weights), max(opt.imgsz), opt.device,
+                               Limits(opt.int8_max_drop, opt.max_drop, opt.allow_drop))
+    return run(opt.weights, tuple(opt.include), opt.imgsz, opt.batch_size, opt.dynamic, opt.half, opt.opset,
+               opt.simplify, opt.device, opt.fuse, opt.int8, opt.data, opt.calib_images, check)
 
 
 if __name__ == "__main__":

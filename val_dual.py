@@ -51,6 +51,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
                    help="CUDA only: replay the forward as a CUDA graph per batch shape ('capture', the default, "
                         "or 'compile' = torch.compile reduce-overhead); warns and runs eager elsewhere")
     p.add_argument("--min-items", type=int, default=0, help="skip images with fewer labels")
+    p.add_argument("--rect", action=argparse.BooleanOptionalAction, default=True,
+                   help="rectangular batches padded by half a stride, as upstream validates (--no-rect: square "
+                        "letterboxed images at --imgsz, as fixed-size exports are validated)")
     p.add_argument("--dnn", action="store_true", help="ignored (kept for upstream compatibility)")
     return p.parse_args(argv)
 

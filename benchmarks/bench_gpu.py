@@ -10,11 +10,14 @@ fp16 autocast = AMP). Peak MiB = torch.cuda.max_memory_allocated during the time
 memory held before them (weights and input). Training = AMP forward + DetectionLoss + backward +
 GradScaler SGD step on random images and targets.
 
+Every model is timed as detect, val and training run it: channels_last (NHWC) weights, and NHWC images in
+training.
+
 --speed runs the speed tables instead: batch-1 fp16 latency eager vs CUDA-graph replay
 (utils/engine/graphs.GraphRunner) vs torch.compile(mode="reduce-overhead") next to the batch-16 per-image
-time, with the max |graph - eager| output difference; and AMP training img/s at batch 8 (as before) vs
-channels_last at the autobatch size (utils/engine/autobatch, 60% of memory) with and without torch.compile,
-next to the data loader's img/s (mosaic at 640, --loader-workers) so the loader is never a hidden bottleneck.
+time, with the max |graph - eager| output difference; and AMP training img/s at batch 8 vs the autobatch
+size (utils/engine/autobatch, 60% of memory) with and without torch.compile, next to the data loader's img/s
+(mosaic at 640, --loader-workers) so the loader is never a hidden bottleneck.
 
 Usage (needs a CUDA device):
     python benchmarks/bench_gpu.py [--models yolov9-c,...] [--train-models ...] [--md out.md] [--json out.json]
@@ -45,11 +48,13 @@ SEED = "yolov9-c-MMQARepNCSPELAN4"
 
 
 def _build(name: str, device, train: bool = False):
+    """The model as detect, val and training run it: channels_last (NHWC) weights, fused for inference."""
     import torch
     from models.yolo import DetectionModel
     torch.manual_seed(0)
-    model = DetectionModel(f"{name}.yaml").to(device)
-    return model.train() if train else model.eval().fuse()
+    model = DetectionModel(f"{name}.yaml")
+    model = model.train() if train else model.eval().fuse()
+    return model.to(device, memory_format=torch.channels_last)  # after fusing: fused weights are new tensors
 
 
 def forward_cost(model, batch: int, imgsz: int, amp: bool, warmup: int, runs: int) -> dict:
@@ -75,11 +80,12 @@ def forward_cost(model, batch: int, imgsz: int, amp: bool, warmup: int, runs: in
             "runs": runs}
 
 
-def train_cost(model, batch: int, imgsz: int, warmup: int, steps: int, channels_last: bool = False,
+def train_cost(model, batch: int, imgsz: int, warmup: int, steps: int, channels_last: bool = True,
                forward=None) -> dict:
     """AMP training images/s and peak memory (MiB, weights included) of a full optimizer step.
 
-    channels_last: NHWC images (the model converted by the caller); forward: e.g. a compiled model.
+    channels_last: NHWC images, as the trainer feeds them (the model is NHWC from `_build`); forward: e.g. a
+    compiled model.
     """
     import torch
     from utils.loss import DetectionLoss
@@ -176,7 +182,8 @@ def graph_latency(name: str, device, imgsz: int, runs: int, compile_: bool = Tru
 
 
 def train_speed(name: str, device, imgsz: int, base_batch: int, steps: int, compile_: bool = True) -> dict:
-    """AMP training img/s: plain at base_batch; channels_last at the autobatch size, eager and compiled."""
+    """AMP training img/s (channels_last, as the trainer runs): at base_batch, and at the autobatch size eager and
+    compiled."""
     import torch
     from utils.engine.train.autobatch import cuda_batch_size
     from utils.engine.graphs import CompiledForward
@@ -184,7 +191,6 @@ def train_speed(name: str, device, imgsz: int, base_batch: int, steps: int, comp
     row: dict = {"model": name}
     model = _build(name, device, train=True)
     row["base"] = {k: v for k, v in train_cost(model, base_batch, imgsz, warmup=3, steps=steps).items() if k != "step"}
-    model = model.to(memory_format=torch.channels_last)
     ab = cuda_batch_size(model, imgsz, device, 0.6, loss_fn=DetectionLoss(model, {"box": 7.5, "cls": 0.5, "dfl": 1.5}))
     row["autobatch"] = {"batch": ab.batch, "summary": ab.summary()}
     row["cl_auto"] = {k: v for k, v in train_cost(model, ab.batch, imgsz, warmup=3, steps=steps, channels_last=True).items()
@@ -236,7 +242,7 @@ def speed_main(opt, device, env: dict) -> list[str]:
                      f"{f(r['graph_b1'] / b16)} | {r['graph_maxdiff']:.1e} | {f(cb)} | {f(cb / b16 if cb else None)} | "
                      f"{f(r.get('compile_s'), 0)} |")
     lines += ["", f"## AMP training @{opt.imgsz} (img/s)", "",
-              f"| model | batch {opt.train_batch} (old) | autobatch | channels_last @auto | + compile @auto | x old | peak MiB @auto |",
+              f"| model | batch {opt.train_batch} | autobatch | @auto | + compile @auto | x batch {opt.train_batch} | peak MiB @auto |",
               "|---|---:|---:|---:|---:|---:|---:|"]
     for r in tr:
         c = r["compile_auto"]

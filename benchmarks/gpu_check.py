@@ -1,35 +1,39 @@
 """The prepared GPU check: every CUDA path of the project, run once on a real GPU, PASS/FAIL with numbers.
 
-Run it through benchmarks/run_gpu_speed.sh (installs the requirements if imports fail, then calls this file).
-Steps, in order (each in its own process, so a crashed CUDA context cannot take the others down; none stops
-the run; a shared time budget skips what no longer fits):
+Made for a short loan (about 10 minutes with the machine's start): the whole run keeps to a 6-minute budget
+(BUDGET_S, setup included), the steps come in order of value, each in its own process with its own time limit
+(the limits add up to the budget, so no step starves the ones after it; a step may use what the ones before
+it left unused, as torch.compile's cold start in the compile step needs), and gpu_check.md is rewritten after
+every step, so a loan that ends early still leaves every finished step's result. Nothing is installed here:
+bash benchmarks/run_gpu_speed.sh only says which packages are missing.
 
   train_amp      train_dual.py 2 epochs, AMP, --device 0, generated shapes set at 160 px: AMP check passed,
                  finite losses, best.pt
-  autobatch      cuda_batch_size on a model: its parameters and BN buffers unchanged, batch printed, the
-                 --multi-scale top size gives a smaller batch; train_dual.py --batch-size -1 clamps to the set
-  export         export.py TorchScript (fixed and --dynamic) and ONNX on CPU, then each file run on the GPU:
-                 detections equal the .pt model's
-  predict        Predictor eager / --half / --cuda-graph capture (fp32, fp16) / compile (fp16), two passes
-                 (the second replays): detections equal eager of the same dtype (IoU per box, dtype tolerance)
-  val            val_dual.py eager / --half / --cuda-graph capture (rect batches padded to 4 fixed shapes),
-                 and a two-model ensemble under compile: mAP equal to eager within the dtype tolerance
+  predict        Predictor eager / --half / --cuda-graph capture (fp32, fp16), two passes (the second replays):
+                 raw outputs equal eager of the same dtype (IoU per box, dtype tolerance), ms per image
+  val            val_dual.py eager / --half / --cuda-graph capture (rect batches padded to 4 fixed shapes) and a
+                 two-model ensemble: mAP and detections equal to eager within the dtype tolerance
+  speed          benchmarks/bench_gpu.py --speed: batch-1 vs batch-16 per image, CUDA graph, training img/s
   torchrun       torchrun --nproc-per-node 1 (nccl): training with --sync-bn, sharded validation equal to one
                  process, and the --device / process-count mismatch as one line
-  speed          benchmarks/bench_gpu.py --speed: batch-1 vs batch-16 per image, CUDA graph, training img/s
-  train_compile  train_dual.py --compile 2 epochs: trains compiled (no eager fallback)
+  export         export.py TorchScript (fixed and --dynamic) and ONNX on CPU, then each file run on the GPU:
+                 outputs equal the .pt model's
+  autobatch      cuda_batch_size on a model: its parameters and BN buffers unchanged, batch printed, the
+                 --multi-scale top size gives a smaller batch; train_dual.py --batch-size -1 clamps to the set
+  compile        train_dual.py --compile (1 epoch, compiled, no eager fallback), then Predictor fp16 and a
+                 val ensemble under --cuda-graph compile equal to eager (as far as the step's time allows)
   pytest_gpu     the GPU tests of tests/test_speed.py
 
 Results: gpu_check.md and gpu_check.json (+ gpu_speed.md, logs/) under --out ($OUT from the shell script,
-else benchmarks/results). `--device cpu` runs the same steps on CPU (GPU-only parts skipped) to check the
-script itself; `--dry-run` only checks that every command line parses.
+else benchmarks/results), and a one-screen PASS/FAIL/SKIP summary at the end. `--device cpu` runs the same
+steps on CPU (GPU-only ones skipped) to check the script itself; `--dry-run` goes through the whole run, budget
+accounting and reports included, with each step only checking its command lines against the real parsers.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
-import math
 import os
 import shutil
 import signal
@@ -40,12 +44,15 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from benchmarks.gpu_check_report import brief, print_summary, write_report  # noqa: E402
 
 IMG = 160  # training / validation size of the tiny set
 NAMES = ["circle", "rectangle", "triangle", "star", "cross"]
@@ -55,6 +62,8 @@ IOU_MIN = {"fp32": 0.995, "fp16": 0.99}  # per box
 ATOL_REL = {"fp32": 1e-3, "fp16": 2e-3}  # per box coordinate, as a share of the image size
 SCORE_TOL = {"fp32": 2e-3, "fp16": 1e-2}  # per class score
 MAP_TOL = {"fp32": 0.01, "fp16": 0.02}  # |mAP50-95 - eager|; padded rect batches move edge boxes a little
+BUDGET_S = 360  # the whole run, setup included: a 10-minute loan less the machine's start
+SETUP_S = 15  # data generation and the environment line, before the first step
 
 
 @dataclass
@@ -292,46 +301,56 @@ def step_export(ctx: Ctx, timeout: float) -> tuple[bool, dict, str]:
     return not problems, num, "; ".join(problems)
 
 
-def step_predict(ctx: Ctx, timeout: float) -> tuple[bool, dict, str]:
-    """Predictor end to end twice over the same images (the second pass replays the graphs), timed; and the
-    raw outputs of each variant against eager of the same dtype (fp16 eager against fp32 too)."""
+def _predict_variants(ctx: Ctx, variants: list[tuple[bool, str | None]], deadline: float) -> tuple[dict, list]:
+    """Predictor end to end twice over the same images (the second pass replays the graphs), timed; and the raw
+    outputs of each variant (half, --cuda-graph mode) against eager of the same dtype (fp16 eager against fp32
+    too). Eager variants come first in `variants`: they are the references. Stops starting variants at
+    `deadline` (what did not run is listed)."""
     import torch
 
     from utils.engine.predict.predictor import Predictor
     ims = _val_images(ctx, 6, (IMG, IMG - 32))  # one input shape
     num, problems, ref = {}, [], {}
     w = ctx.weights("seeded")
-    for half in (False, True):
-        for mode in (None, "capture", "compile") if half else (None, "capture"):  # compile: once (minutes per shape)
-            dtype = "fp16" if half else "fp32"
-            tag = f"{dtype}_{mode or 'eager'}"
-            try:
-                p = Predictor(w, device=ctx.device, imgsz=IMG, conf_thres=0.05, half=half, cuda_graph=mode)
-                for _ in range(2):
-                    t0 = time.perf_counter()
-                    n_boxes = sum(len(p.predict(im)) for im in ims)
-                    ms = (time.perf_counter() - t0) / len(ims) * 1e3
-                outs = [p.inference(p.preprocess(im)[0]) for im in ims]
-                row: dict = {"ms_per_image": round(ms, 2), "boxes": n_boxes}
-                g = p.backend.graph
-                if mode and ctx.gpu:
-                    row["graph_active"] = g is not None and getattr(g, "active", True)
-                    problems += [] if row["graph_active"] else [f"{tag}: fell back to eager"]
-                if mode is None:
-                    ref[half] = outs
-                base = ref[False] if mode is None and half else ref[half] if mode else None
-                if base is not None:
-                    cmp = [compare_outputs(a, b, dtype) for a, b in zip(base, outs)]
-                    row["vs"] = "fp32_eager" if mode is None else f"{dtype}_eager"
-                    row.update(ok=all(c["ok"] for c in cmp), min_iou=min(c["min_iou"] for c in cmp),
-                               max_px=max(c["max_px"] for c in cmp), max_score=max(c["max_score"] for c in cmp))
-                    problems += [] if row["ok"] else [f"{tag} vs {row['vs']}: {row}"]
-            except Exception as e:  # noqa: BLE001
-                row = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-                problems.append(f"{tag}: {row['error']}")
-            num[tag] = row
-            if ctx.gpu:
-                torch.cuda.empty_cache()
+    for half, mode in variants:
+        dtype = "fp16" if half else "fp32"
+        tag = f"{dtype}_{mode or 'eager'}"
+        if time.time() > deadline:
+            num[tag] = {"not_run": "step time limit"}
+            continue
+        try:
+            p = Predictor(w, device=ctx.device, imgsz=IMG, conf_thres=0.05, half=half, cuda_graph=mode)
+            for _ in range(2):
+                t0 = time.perf_counter()
+                n_boxes = sum(len(p.predict(im)) for im in ims)
+                ms = (time.perf_counter() - t0) / len(ims) * 1e3
+            outs = [p.inference(p.preprocess(im)[0]) for im in ims]
+            row: dict = {"ms_per_image": round(ms, 2), "boxes": n_boxes}
+            g = p.backend.graph
+            if mode and ctx.gpu:
+                row["graph_active"] = g is not None and getattr(g, "active", True)
+                problems += [] if row["graph_active"] else [f"{tag}: fell back to eager"]
+            if mode is None:
+                ref[half] = outs
+            base = ref.get(False) if mode is None and half else ref.get(half) if mode else None
+            if base is not None:
+                cmp = [compare_outputs(a, b, dtype) for a, b in zip(base, outs)]
+                row["vs"] = "fp32_eager" if mode is None else f"{dtype}_eager"
+                row.update(ok=all(c["ok"] for c in cmp), min_iou=min(c["min_iou"] for c in cmp),
+                           max_px=max(c["max_px"] for c in cmp), max_score=max(c["max_score"] for c in cmp))
+                problems += [] if row["ok"] else [f"{tag} vs {row['vs']}: {row}"]
+        except Exception as e:  # noqa: BLE001
+            row = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+            problems.append(f"{tag}: {row['error']}")
+        num[tag] = row
+        if ctx.gpu:
+            torch.cuda.empty_cache()
+    return num, problems
+
+
+def step_predict(ctx: Ctx, timeout: float) -> tuple[bool, dict, str]:
+    num, problems = _predict_variants(ctx, [(False, None), (True, None), (False, "capture"), (True, "capture")],
+                                      time.time() + timeout)
     return not problems, num, "; ".join(problems)
 
 
@@ -358,18 +377,22 @@ def _match_predictions(a: dict, b: dict, iou_min: float, conf: float = 0.1) -> d
     return {"boxes": boxes, "unmatched": unmatched, "min_iou": min(ious) if ious else None}
 
 
-def step_val(ctx: Ctx, timeout: float) -> tuple[bool, dict, str]:
-    """Batch 2: the val set's 6 aspect ratios give 6 rect batch shapes, which --cuda-graph pads to 4 (grey at the
-    bottom/right, so boxes near those edges may move: a looser comparison). Batch 16: one shape, no padding, so
-    graphs must equal eager closely; the compiled ensemble (two models concatenated) runs there, since
-    torch.compile compiles once per shape. The seeded checkpoint gives plenty of boxes to compare."""
-    w, trained = ctx.weights("seeded"), ctx.weights("amp")
-    runs = {"fp32_eager": ([w], (), 2), "fp16_eager": ([w], ("--half",), 2),
-            "fp32_capture": ([w], ("--cuda-graph", "capture"), 2), "fp16_capture": ([w], ("--half", "--cuda-graph"), 2),
-            "fp32_eager_b16": ([w], (), 16), "fp32_capture_b16": ([w], ("--cuda-graph",), 16),
-            "ensemble_eager": ([w, trained], (), 16), "ensemble_compile": ([w, trained], ("--cuda-graph", "compile"), 16)}
+# (run, reference, IoU per box, share of boxes allowed to differ, mAP50-95 tolerance)
+VAL_PAIRS = (("fp16_eager", "fp32_eager", 0.9, 0.05, MAP_TOL["fp16"]),
+             ("fp32_capture", "fp32_eager", 0.9, 0.15, MAP_TOL["fp32"]),
+             ("fp16_capture", "fp16_eager", 0.9, 0.15, MAP_TOL["fp32"]),
+             ("fp32_capture_b16", "fp32_eager_b16", IOU_MIN["fp32"], 0.01, MAP_TOL["fp32"]),
+             ("ensemble_compile", "ensemble_eager", IOU_MIN["fp16"], 0.01, MAP_TOL["fp32"]))
+
+
+def _val_runs(ctx: Ctx, runs: dict, deadline: float) -> tuple[dict, list]:
+    """Each validation run of `runs` ({tag: (weights, extra flags, batch)}, references first), then every pair
+    of VAL_PAIRS whose two runs both ran compared. Runs are not started past `deadline`."""
     num, preds, problems = {}, {}, []
     for tag, (weights, extra, batch) in runs.items():
+        if time.time() > deadline:
+            num[tag] = {"not_run": "step time limit"}
+            continue
         try:
             r = _val_predictions(ctx, weights, tag, extra, batch)
             num[tag] = {"map50": round(r.map50, 4), "map": round(r.map, 4), "seen": r.seen}
@@ -377,13 +400,7 @@ def step_val(ctx: Ctx, timeout: float) -> tuple[bool, dict, str]:
         except Exception as e:  # noqa: BLE001
             num[tag] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
             problems.append(f"{tag}: {num[tag]['error']}")
-    # (run, reference, IoU per box, share of boxes allowed to differ, mAP50-95 tolerance)
-    pairs = (("fp16_eager", "fp32_eager", 0.9, 0.05, MAP_TOL["fp16"]),
-             ("fp32_capture", "fp32_eager", 0.9, 0.15, MAP_TOL["fp32"]),
-             ("fp16_capture", "fp16_eager", 0.9, 0.15, MAP_TOL["fp32"]),
-             ("fp32_capture_b16", "fp32_eager_b16", IOU_MIN["fp32"], 0.01, MAP_TOL["fp32"]),
-             ("ensemble_compile", "ensemble_eager", IOU_MIN["fp16"], 0.01, MAP_TOL["fp32"]))
-    for tag, base, iou, share, tol in pairs:
+    for tag, base, iou, share, tol in VAL_PAIRS:
         if tag not in preds or base not in preds:
             continue
         m = _match_predictions(preds[base], preds[tag], iou)
@@ -391,29 +408,70 @@ def step_val(ctx: Ctx, timeout: float) -> tuple[bool, dict, str]:
         if (m["boxes"] == 0 or m["unmatched"] > share * m["boxes"] or abs(num[tag]["map_diff"]) > tol
                 or num[tag]["seen"] != num[base]["seen"]):
             problems.append(f"{tag} vs {base}: {num[tag]}")
+    return num, problems
+
+
+def step_val(ctx: Ctx, timeout: float) -> tuple[bool, dict, str]:
+    """Batch 2: the val set's 6 aspect ratios give 6 rect batch shapes, which --cuda-graph pads to 4 (grey at the
+    bottom/right, so boxes near those edges may move: a looser comparison). Batch 16: one shape, no padding, so
+    graphs must equal eager closely. The seeded checkpoint gives plenty of boxes to compare."""
+    w, trained = ctx.weights("seeded"), ctx.weights("amp")
+    runs = {"fp32_eager": ([w], (), 2), "fp16_eager": ([w], ("--half",), 2),
+            "fp32_capture": ([w], ("--cuda-graph", "capture"), 2), "fp16_capture": ([w], ("--half", "--cuda-graph"), 2),
+            "fp32_eager_b16": ([w], (), 16), "fp32_capture_b16": ([w], ("--cuda-graph",), 16),
+            "ensemble_eager": ([w, trained], (), 16)}
+    num, problems = _val_runs(ctx, runs, time.time() + timeout)
     return not problems, num, "; ".join(problems)
+
+
+def step_compile(ctx: Ctx, timeout: float) -> tuple[bool, dict, str]:
+    """torch.compile last (minutes per shape on a cold cache): training compiled for 1 epoch, then what time is
+    left for Predictor fp16 and a two-model val ensemble under --cuda-graph compile (reduce-overhead) against
+    eager; the ensemble runs at batch 16 (one shape: one compilation)."""
+    t0 = time.time()
+    deadline = t0 + timeout - 5
+    ok, num, note = step_train(ctx, "compile", ("--compile", "--epochs", "1", "--noval"), timeout * 0.6)
+    problems = [note] if not ok else []
+    pnum, pprob = _predict_variants(ctx, [(True, None), (True, "compile")], deadline)
+    num["predict"] = pnum
+    w, trained = ctx.weights("seeded"), ctx.weights("amp")
+    vnum, vprob = _val_runs(ctx, {"ensemble_eager": ([w, trained], (), 16),
+                                  "ensemble_compile": ([w, trained], ("--cuda-graph", "compile"), 16)}, deadline)
+    num["val"] = vnum
+    problems += pprob + vprob
+    return not problems, num, "; ".join(problems)
+
+
+def error_lines(text: str, needle: str) -> tuple[int, bool]:
+    """(how many times the program printed its one-line error containing `needle`, whether torchrun's failure
+    summary carries it). Rank 0 prints `ERROR: ...`; torchrun's summary repeats it as `traceback : ERROR: ...`,
+    which is not the program printing it twice."""
+    lines = [ln.strip() for ln in text.splitlines()]
+    printed = sum(ln.startswith("ERROR:") and needle in ln for ln in lines)
+    return printed, any(ln.startswith("traceback :") and "ERROR:" in ln and needle in ln for ln in lines)
 
 
 def step_torchrun(ctx: Ctx, timeout: float) -> tuple[bool, dict, str]:
     num, problems = {}, []
     t0 = time.time()
     rc, text = run_cli(ctx, "torchrun_train", torchrun("train_dual.py", 29541) + train_argv(
-        ctx, "ddp", "--epochs", "1", "--sync-bn"), timeout / 2)
+        ctx, "ddp", "--epochs", "1", "--sync-bn"), timeout * 0.45)
     num["train_rc"], num["train_s"] = rc, round(time.time() - t0, 1)
     if rc != 0 or not (ctx.work / "runs" / "ddp" / "weights" / "best.pt").is_file():
         problems.append("torchrun training: " + last_lines(text))
     rc, text = run_cli(ctx, "torchrun_mismatch", torchrun("train_dual.py", 29542) + train_argv(
-        ctx, "mismatch", "--epochs", "1", device="0,1"), 60)
-    hits = text.count("names 2 GPU(s) but torchrun started 1 process(es)")
-    num["mismatch"] = {"rc": rc, "lines": hits}
-    if rc == 0 or hits != 1:
-        problems.append(f"--device 0,1 with one process: rc {rc}, message printed {hits} time(s)")
+        ctx, "mismatch", "--epochs", "1", device="0,1"), timeout * 0.2)
+    hits, summary = error_lines(text, "names 2 GPU(s) but torchrun started 1 process(es)")
+    num["mismatch"] = {"rc": rc, "lines": hits, "in_summary": summary}
+    if rc == 0 or hits != 1 or not summary:
+        problems.append(f"--device 0,1 with one process: rc {rc}, message printed {hits} time(s), "
+                        f"{'' if summary else 'not '}in torchrun's failure summary")
     w = ctx.weights("seeded")  # plenty of boxes, so the metrics compared are not all zero
     out = {}
     for tag, prefix in (("single", [sys.executable, "tests/ddp_driver.py"]), ("sharded", torchrun("tests/ddp_driver.py", 29543))):
         f = ctx.work / f"val_{tag}.json"
         rc, text = run_cli(ctx, f"torchrun_val_{tag}", prefix + ["val", str(f)] + val_argv(ctx, [w], f"ddp_{tag}"),
-                           timeout / 4)
+                           timeout * 0.15)
         out[tag] = json.loads(f.read_text()) if rc == 0 and f.is_file() else None
         if out[tag] is None:
             problems.append(f"{tag} validation: {last_lines(text)}")
@@ -439,18 +497,22 @@ def step_pytest(ctx: Ctx, timeout: float) -> tuple[bool, dict, str]:
     return rc == 0 and "skipped" not in tail, {"rc": rc, "summary": tail}, "" if rc == 0 else last_lines(text, 6)
 
 
-# name: (function, extra args, time limit s, GPU only)
+# name: (function, extra args, time limit s, GPU only), in order of value: what a loan must not go without first.
+# The limits add up to BUDGET_S - SETUP_S (tests/test_benchmarks.py checks it), so every step gets its full limit;
+# a step may also use what the steps before it left unused, never what the steps after it are owed.
 STEPS = {
-    "train_amp": (step_train, ("amp", ()), 100, False),
-    "autobatch": (step_autobatch, (), 80, False),
-    "export": (step_export, (), 60, False),
-    "predict": (step_predict, (), 150, False),
-    "val": (step_val, (), 150, False),
-    "torchrun": (step_torchrun, (), 120, False),
-    "speed": (step_speed, (), 150, True),
-    "train_compile": (step_train, ("compile", ("--compile",)), 200, True),
-    "pytest_gpu": (step_pytest, (), 150, True),
+    "train_amp": (step_train, ("amp", ()), 45, False),
+    "predict": (step_predict, (), 35, False),
+    "val": (step_val, (), 35, False),
+    "speed": (step_speed, (), 80, True),
+    "torchrun": (step_torchrun, (), 55, False),
+    "export": (step_export, (), 25, False),
+    "autobatch": (step_autobatch, (), 25, False),
+    "compile": (step_compile, (), 30, True),
+    "pytest_gpu": (step_pytest, (), 15, True),
 }
+STEP_MARGIN_S = 5  # of its limit, a step keeps this much for writing its result before the orchestrator's kill
+_now = time.time  # the orchestrator's clock (a test replaces it)
 
 
 def run_one(name: str, ctx: Ctx, timeout: float, result: Path) -> None:
@@ -490,59 +552,63 @@ def environment(device: str) -> dict:
     return env
 
 
-def write_report(out: Path, env: dict, results: dict, total_s: float) -> None:
-    lines = [f"# GPU check ({env['device']}, {env['date']})", "",
-             f"torch {env['torch']}, CUDA {env['cuda']}; `bash benchmarks/run_gpu_speed.sh`, {total_s:.0f} s in all.", "",
-             "| step | result | seconds | numbers | note |", "|---|---|---:|---|---|"]
-    for name, r in results.items():
-        nums = json.dumps(r.get("numbers", {}), default=str).replace("|", "/")[:1500]
-        lines.append(f"| {name} | {r['status']} | {r.get('seconds', 0):.0f} | `{nums}` | {r.get('note', '')[:400]} |")
-    speed = out / "gpu_speed.md"
-    if speed.is_file():
-        lines += ["", speed.read_text()]
-    (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
-    (out / "gpu_check.json").write_text(json.dumps({"env": env, "results": results, "total_s": total_s}, indent=1,
-                                                   default=str))
-
-
-def dry_run(ctx: Ctx) -> int:
-    """Every command line the steps use, checked by the scripts' own parsers (nothing runs)."""
+def step_commands(ctx: Ctx, name: str) -> list[tuple[str, Callable, list[str]]]:
+    """(label, parser, argv) of every command line step `name` runs, for --dry-run."""
     import export
     import train_dual
     import val_dual
     from benchmarks import bench_gpu
     w = ctx.work / "w.pt"
-    checks = [("train_dual.py", train_dual.parse_opt, train_argv(ctx, "amp")),
-              ("train_dual.py --compile", train_dual.parse_opt, train_argv(ctx, "compile", "--compile")),
-              ("train_dual.py autobatch", train_dual.parse_opt, train_argv(ctx, "a", "--batch-size", "-1", "--epochs", "1", "--noval")),
-              ("torchrun train_dual.py", train_dual.parse_opt, train_argv(ctx, "ddp", "--epochs", "1", "--sync-bn")),
-              ("export.py", export.parse_opt, export_argv(w)), ("export.py --dynamic", export.parse_opt, export_argv(w, "--dynamic")),
-              ("val_dual.py", val_dual.parse_opt, val_argv(ctx, [w, w], "v", "--half", "--cuda-graph", "compile")),
-              ("bench_gpu.py --speed", bench_gpu.parse_opt, speed_argv(ctx))]
-    bad = 0
-    for label, parse, argv in checks:
+    return {
+        "train_amp": [("train_dual.py", train_dual.parse_opt, train_argv(ctx, "amp"))],
+        "val": [("val_dual.py", val_dual.parse_opt, val_argv(ctx, [w], "v", "--half", "--cuda-graph", "capture"))],
+        "speed": [("bench_gpu.py --speed", bench_gpu.parse_opt, speed_argv(ctx))],
+        "torchrun": [("torchrun train_dual.py", train_dual.parse_opt, train_argv(ctx, "ddp", "--epochs", "1", "--sync-bn")),
+                     ("torchrun val_dual.py", val_dual.parse_opt, val_argv(ctx, [w], "ddp"))],
+        "export": [("export.py", export.parse_opt, export_argv(w)),
+                   ("export.py --dynamic", export.parse_opt, export_argv(w, "--dynamic"))],
+        "autobatch": [("train_dual.py autobatch", train_dual.parse_opt,
+                       train_argv(ctx, "a", "--batch-size", "-1", "--epochs", "1", "--noval"))],
+        "compile": [("train_dual.py --compile", train_dual.parse_opt,
+                     train_argv(ctx, "compile", "--compile", "--epochs", "1", "--noval")),
+                    ("val_dual.py ensemble", val_dual.parse_opt, val_argv(ctx, [w, w], "v", "--cuda-graph", "compile"))],
+    }.get(name, [])
+
+
+def dry_step(ctx: Ctx, name: str) -> tuple[bool, dict, str]:
+    """A step of --dry-run: its command lines checked by the scripts' own parsers and the scripts it starts
+    found; nothing runs."""
+    bad, n = [], 0
+    for label, parse, argv in step_commands(ctx, name):
+        n += 1
         try:
             parse(argv)
-            print(f"PARSES  {label}: {' '.join(argv)}")
         except SystemExit:
-            bad += 1
-            print(f"FAIL    {label}: {' '.join(argv)}")
-    for script in ("train_dual.py", "val_dual.py", "export.py", "tests/ddp_driver.py", "benchmarks/bench_gpu.py"):
-        if not (ROOT / script).is_file():
-            bad += 1
-            print(f"FAIL    missing {script}")
-    print(f"steps: {', '.join(STEPS)}")
-    return 1 if bad else 0
+            bad.append(f"{label}: {' '.join(argv)}")
+    if name == "predict":  # the Python API: the keywords the step passes
+        import inspect
+
+        from utils.engine.predict.predictor import Predictor
+        n += 1
+        try:
+            inspect.signature(Predictor).bind("w.pt", device=ctx.device, imgsz=IMG, conf_thres=0.05, half=True,
+                                              cuda_graph="capture")
+        except TypeError as e:
+            bad.append(f"Predictor(...): {e}")
+    scripts = {"speed": "benchmarks/bench_gpu.py", "torchrun": "tests/ddp_driver.py", "pytest_gpu": "tests/test_speed.py"}
+    if name in scripts and not (ROOT / scripts[name]).is_file():
+        bad.append(f"missing {scripts[name]}")
+    return not bad, {"command_lines": n}, "; ".join(bad)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="The prepared GPU check (see the module docstring)")
     ap.add_argument("--device", default="0", help="GPU index, or cpu to check the script itself")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="results folder")
-    ap.add_argument("--budget", type=float, default=440, help="seconds for all steps together")
+    ap.add_argument("--budget", type=float, default=BUDGET_S, help="seconds for the whole run, setup included")
     ap.add_argument("--only", default="", help="comma list of steps to run")
     ap.add_argument("--slow", type=float, default=1.0, help="multiply every time limit (a loaded CPU checking the script)")
-    ap.add_argument("--dry-run", action="store_true", help="check the command lines, run nothing")
+    ap.add_argument("--dry-run", action="store_true", help="the whole run with each step only checking its command lines")
     ap.add_argument("--step", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=float, default=0, help=argparse.SUPPRESS)
@@ -550,46 +616,62 @@ def main(argv: list[str] | None = None) -> int:
     opt = ap.parse_args(argv)
     out = Path(opt.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    if opt.dry_run:
-        return dry_run(Ctx(str(opt.device), Path("<work>"), out, Path("<logs>")))
-    work = Path(opt.work) if opt.work else Path(tempfile.mkdtemp(prefix="gpu_check_"))
-    ctx = Ctx(str(opt.device), work, out, out / "gpu_check_logs")
-    ctx.logs.mkdir(exist_ok=True)
     if opt.step:
+        ctx = Ctx(str(opt.device), Path(opt.work), out, out / "gpu_check_logs")
         run_one(opt.step, ctx, opt.timeout, Path(opt.result))
         return 0
-    t_start = time.time()
-    make_data(work)
-    env = environment(ctx.device)
-    print(f"GPU check on {env['device']} (torch {env['torch']}, CUDA {env['cuda']}); work folder {work}", flush=True)
     names = [n for n in (opt.only.split(",") if opt.only else STEPS) if n]
+    unknown = [n for n in names if n not in STEPS]
+    if unknown:
+        ap.error(f"--only: unknown step(s) {', '.join(unknown)}; steps: {', '.join(STEPS)}")
+    budget = opt.budget * opt.slow
+    t_start = _now()
+    work = Path(opt.work) if opt.work else Path("<work>") if opt.dry_run else Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    ctx = Ctx(str(opt.device), work, out, out / "gpu_check_logs")
+    if opt.dry_run:
+        env = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": "-", "cuda": "-",
+               "device": "dry run (command lines only)"}
+    else:
+        ctx.logs.mkdir(exist_ok=True)
+        make_data(work)
+        env = environment(ctx.device)
+    planned = sum(STEPS[n][2] for n in names) * opt.slow
+    print(f"GPU check on {env['device']} (torch {env['torch']}, CUDA {env['cuda']}); work folder {work}\n"
+          f"budget {budget:.0f} s: setup {_now() - t_start:.0f} s, step limits {planned:.0f} s "
+          f"({', '.join(names)})", flush=True)
     results: dict[str, dict] = {}
-    deadline = t_start + opt.budget * opt.slow
-    for name in names:
+    stem = "gpu_check_dry_run" if opt.dry_run else "gpu_check"  # a dry run never overwrites a GPU run's report
+    deadline = t_start + budget
+    for i, name in enumerate(names):
         _, _, limit, gpu_only = STEPS[name]
-        left = deadline - time.time()
-        if gpu_only and not ctx.gpu:
+        limit *= opt.slow
+        left = deadline - _now()
+        owed = sum(STEPS[n][2] for n in names[i + 1:] if not (STEPS[n][3] and not ctx.gpu)) * opt.slow
+        t0 = _now()
+        if opt.dry_run:
+            ok, num, note = dry_step(ctx, name)
+            results[name] = {"status": "PASS" if ok else "FAIL", "seconds": round(_now() - t0, 1), "ok": ok,
+                             "numbers": {**num, "limit_s": limit}, "note": note}
+        elif gpu_only and not ctx.gpu:
             results[name] = {"status": "SKIP", "note": "needs a GPU"}
-        elif left < 30:
-            results[name] = {"status": "SKIP", "note": f"time budget spent ({opt.budget:.0f} s)"}
+        elif left < min(limit, 15):
+            results[name] = {"status": "SKIP", "note": f"time budget spent ({budget:.0f} s)"}
         else:
-            timeout = min(limit * opt.slow, left)
+            timeout = min(left, max(limit, left - owed))  # its limit, plus what earlier steps left unused
             f = work / f"{name}.json"
             cmd = [sys.executable, __file__, "--step", name, "--device", ctx.device, "--out", str(out), "--work",
-                   str(work), "--timeout", f"{timeout:.0f}", "--result", str(f)]
-            t0 = time.time()
-            rc, text = run_cli(ctx, f"step_{name}", cmd, timeout + 15)
+                   str(work), "--timeout", f"{max(timeout - STEP_MARGIN_S, 1):.0f}", "--result", str(f)]
+            rc, text = run_cli(ctx, f"step_{name}", cmd, timeout)
             r = json.loads(f.read_text()) if f.is_file() else {"ok": False, "numbers": {"rc": rc}, "note": last_lines(text)}
-            results[name] = {"status": "PASS" if r["ok"] else "FAIL", "seconds": round(time.time() - t0, 1), **r}
+            results[name] = {"status": "PASS" if r["ok"] else "FAIL", "seconds": round(_now() - t0, 1), **r}
         r = results[name]
-        print(f"{r['status']:4s}  {name:13s} {r.get('seconds', 0):6.0f} s  {json.dumps(r.get('numbers', {}), default=str)[:600]}"
-              + (f"\n      {r['note']}" if r.get("note") else ""), flush=True)
-    total = time.time() - t_start
-    write_report(out, env, results, total)
-    n_fail = sum(r["status"] == "FAIL" for r in results.values())
-    print(f"\n{len(results) - n_fail - sum(r['status'] == 'SKIP' for r in results.values())} passed, {n_fail} failed, "
-          f"{sum(r['status'] == 'SKIP' for r in results.values())} skipped in {total:.0f} s; report {out / 'gpu_check.md'}")
-    return 1 if n_fail else 0
+        print(f"{r['status']:4s}  {name:12s} {r.get('seconds', 0):5.0f} s  {brief(name, r)[:110]}"
+              + (f"\n      {r['note'][:300]}" if r.get("note") else ""), flush=True)
+        write_report(out, env, results, _now() - t_start, pending=names[i + 1:], budget_s=budget, stem=stem)
+    total = _now() - t_start
+    write_report(out, env, results, total, budget_s=budget, stem=stem)
+    print_summary(env, results, total, budget, out / f"{stem}.md")
+    return 1 if any(r["status"] == "FAIL" for r in results.values()) else 0
 
 
 if __name__ == "__main__":

@@ -120,7 +120,9 @@ class MultiQueryAttentionLayerWithDownSampling(nn.Module):
         p_drop = self.dropout if self.training else 0.0
 
         if self._use_explicit():
-            attn = torch.matmul(q, k.transpose(-1, -2)) * self.scale   # [B, h, L, P]
+            # q scaled before the product (as SDPA does): in fp16 (an exported --half graph) q @ k^T unscaled can
+            # pass 65504 and become inf where the scaled logits are far inside the range
+            attn = torch.matmul(q * self.scale, k.transpose(-1, -2))   # [B, h, L, P]
             attn = attn.softmax(dim=-1)
             if p_drop > 0:
                 attn = F.dropout(attn, p_drop)

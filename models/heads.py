@@ -33,6 +33,7 @@ class DDetect(nn.Module):
 
     reg_max = 16
     export = False  # export: return only y
+    strides: tuple[float, ...] = ()  # the strides as Python numbers: no tensor read while tracing or exporting
 
     def __init__(self, nc: int = 80, ch: tuple = ()):
         super().__init__()
@@ -52,7 +53,9 @@ class DDetect(nn.Module):
             with torch.autocast(dev, enabled=False):
                 return self._decode([f.float() for f in feats], dfl)
         b = feats[0].shape[0]
-        anchors, strides = make_anchors(feats, self.stride, 0.5)
+        # Python floats, not self.stride: float() of a tensor element is a data-dependent scalar that
+        # torch.export refuses and that splits torch.compile's graph inside the layer loop
+        anchors, strides = make_anchors(feats, self.strides or self.stride.tolist(), 0.5)
         flat = torch.cat([f.reshape(b, self.no, -1) for f in feats], 2)
         dist, cls = flat.split((self.reg_max * 4, self.nc), 1)
         boxes = dist2bbox(dfl(dist), anchors.transpose(0, 1).unsqueeze(0), xywh=True, dim=1) * strides.transpose(0, 1)

@@ -129,7 +129,8 @@ class DetectionModel(nn.Module):
         with torch.no_grad():
             out = self._forward_once(torch.zeros(1, ch, s, s))
         maps = out[1] if self.is_dual else out
-        head.stride = torch.tensor([s / m.shape[-2] for m in maps])
+        head.strides = tuple(s / m.shape[-2] for m in maps)
+        head.stride = torch.tensor(head.strides)
         self.stride = head.stride
         head.bias_init()
         self.train(was_training)

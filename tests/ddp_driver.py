@@ -9,6 +9,9 @@ step: build the model, loss, optimizer (and under torchrun SyncBN + DDP) through
       EMA model on the trainer's (sharded) val loader next to a plain single-process validation of it; and
       each rank's (forced AMP check result, AMP decision): rank 0's check passes, rank 1's fails.
 val:  val_dual.main(argv) under torchrun or alone; rank 0 saves the ValResult numbers.
+paths: --compile, --image-weights and gradient accumulation 2 under torchrun: torch.compile is a stand-in whose
+      backward fails on rank 1 only; a DDP communication hook records at which steps gradients are all-reduced.
+      Rank 0 saves what every rank ended with.
 """
 from __future__ import annotations
 
@@ -89,6 +92,57 @@ def step(out: Path, data: str, hyp: str, project: str, sync_bn: bool) -> None:
     ddp.destroy()
 
 
+def paths(out: Path, data: str, hyp: str, project: str) -> None:
+    import os
+
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    from utils.engine import distributed as ddp
+    from utils.engine.config import TrainConfig
+    from utils.engine.train.optim import unwrap
+    from utils.engine.train.trainer import Trainer
+
+    class FailingBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            raise RuntimeError("inductor: backward compilation failed")
+
+    def fake_compile(fn, **kw):  # compiles fine on rank 0, fails at the first backward on rank 1
+        if os.environ["RANK"] == "1":
+            return lambda x: [FailingBackward.apply(t) for t in fn(x)]
+        return fn
+
+    torch.compile = fake_compile
+    cfg = TrainConfig(data=data, cfg="gelan-t.yaml", hyp=hyp, epochs=1, batch_size=8, imgsz=64, device="cpu",
+                      workers=0, project=project, name="paths", noplots=True, tensorboard=False, seed=1,
+                      compile=True, image_weights=True)
+    t = Trainer(cfg)
+    t.setup()
+    assert t.accumulate == 2, t.accumulate  # hyp nbs = 2 x batch
+    t.nw, t.last_opt_step, t.nonfinite = -1, -1, 0  # no warmup (it would ramp the accumulation)
+    reduced, now = [], [None]
+
+    def hook(state, bucket):
+        reduced.append(now[0])
+        return default_hooks.allreduce_hook(None, bucket)
+
+    t.model.register_comm_hook(None, hook)
+    imgs, targets, paths_, _ = next(iter(t.train_loader))
+    for ni in range(4):
+        now[0] = ni
+        assert t.train_step(ni, 0, imgs.float() / 255, targets, paths_) is not None
+    mine = {"eager": t.forward is t.model, "reduced_at": sorted(set(reduced)), "image_weights": t.cfg.image_weights,
+            "params": torch.cat([p.detach().flatten() for p in unwrap(t.model).parameters()])}
+    everyone = ddp.gather_objects(mine)
+    if ddp.is_main():
+        torch.save(everyone, out)
+    ddp.destroy()
+
+
 def val(out: Path, argv: list[str]) -> None:
     import val_dual
     from utils.engine import distributed as ddp
@@ -101,5 +155,7 @@ if __name__ == "__main__":
     mode, out = sys.argv[1], Path(sys.argv[2])
     if mode == "step":
         step(out, sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6] == "1")
+    elif mode == "paths":
+        paths(out, sys.argv[3], sys.argv[4], sys.argv[5])
     else:
         val(out, sys.argv[3:])

@@ -138,8 +138,9 @@ def probe(targets: list[str]) -> dict[str, list[str] | str]:
 
 
 def parsers(targets: set[str]) -> dict[str, list[str] | str]:
+    from helpers import limit  # here, not at the top: the probe process (this file as a script) needs none of it
     r = subprocess.run([sys.executable, str(Path(__file__)), "--probe", *sorted(targets)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=limit(600))
     if r.returncode:
         raise RuntimeError(r.stderr[-3000:])
     return json.loads(r.stdout.strip().splitlines()[-1])

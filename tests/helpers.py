@@ -1,4 +1,6 @@
 """Small helpers shared by the test modules."""
+import contextlib
+
 import cv2
 import numpy as np
 import torch
@@ -61,3 +63,32 @@ def seeded_tiny_checkpoint(path, names):
         box[-1].bias.data = torch.randn(box[-1].bias.shape, generator=g) * 3  # distinct box sizes per level
         cls[-1].bias.data[:] = -1.0
     return save_checkpoint(make_checkpoint(model, names=names), path)
+
+
+@contextlib.contextmanager
+def disk_full_after(nbytes: int):
+    """Every write to a regular file past `nbytes` fails (EFBIG), as on a full disk: RLIMIT_FSIZE, with the
+    kernel's SIGXFSZ ignored so the write returns the error instead of killing the process. Read captured
+    output (capfd.readouterr()) before entering: captured stderr is a file too."""
+    import resource
+    import signal
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+
+
+# Time limits of subprocesses and waits are written for an idle 2-core machine and multiplied by TIME_SCALE, so
+# that they hold when other jobs load the machine (at load 7 on 2 cores a training process that takes 11-14 s
+# idle, mostly imports, took over 120 s). A limit only bounds a hang: tests wait for a condition they check,
+# never for the limit itself. YOLO_TEST_TIME_SCALE overrides the factor (e.g. 1 to see a hang sooner).
+TIME_SCALE = float(__import__("os").environ.get("YOLO_TEST_TIME_SCALE", "5"))
+
+
+def limit(seconds: float) -> float:
+    """A time limit for a subprocess or a wait: `seconds` (enough on an idle machine) times TIME_SCALE."""
+    return seconds * TIME_SCALE

@@ -195,3 +195,18 @@ def test_sdpa_inputs_have_row_major_strides(monkeypatch, size, kv, qs):
         want = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
         assert stride == want, (shape, stride)
     assert _rel_err(out, reference_mqa(m, x)) < 1e-5
+
+
+def test_explicit_path_in_fp16_scales_before_the_product():
+    """The explicit (exported) path in fp16: logits whose unscaled product q.k passes fp16's 65504 are still finite
+    once scaled (q is scaled first); scaling after the product gave inf, then NaN from the softmax."""
+    torch.manual_seed(0)
+    m = MQA(16, 2, 16, 8, 1, 1, 1).double().eval()
+    with torch.no_grad():  # every query and key component 70: q.k = 16 * 70^2 = 78400 > 65504, scaled 19600
+        m.query_proj.weight.fill_(70.0 / 16)
+        m.key_proj.weight.fill_(70.0 / 16)
+    x = torch.ones(1, 16, 3, 5, dtype=torch.float64) + 0.01 * torch.randn(1, 16, 3, 5, dtype=torch.float64)
+    ref = reference_mqa(m, x)
+    m.explicit = True
+    out = m.half()(x.half())
+    assert torch.isfinite(out).all() and _rel_err(out, ref) < 1e-2, _rel_err(out, ref)

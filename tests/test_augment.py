@@ -217,6 +217,26 @@ def test_ram_and_disk_cache_give_same_images(tmp_path):
         assert torch.equal(plain[i][0], ram[i][0]) and torch.equal(plain[i][0], disk[i][0])
 
 
+def test_disk_cache_stores_images_at_the_training_size(tmp_path):
+    """--cache disk holds what training reads (long side = --imgsz), not the full-size decode: a 600x800 image
+    at --img 64 is a 48x64 array; training and validation readers of one split keep separate arrays."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    big = np.full((600, 800, 3), BG, np.uint8)
+    big[100:300, 200:500] = (0, 0, 255)
+    cv2.imwrite(str(tmp_path / "images" / "big.jpg"), big)
+    (tmp_path / "labels" / "big.txt").write_text("0 0.4375 0.3333 0.375 0.3333\n")
+    for augment in (False, True):
+        plain = YOLODataset(tmp_path / "images", imgsz=64, nc=1, augment=augment)
+        disk = YOLODataset(tmp_path / "images", imgsz=64, nc=1, augment=augment, cache="disk")
+        arr = np.load(disk.npy_files[0], allow_pickle=False)
+        assert arr.shape == (48, 64, 3)
+        im, hw0, hw = disk.load_image(0)
+        ref = plain.load_image(0)
+        assert np.array_equal(im, ref[0]) and hw0 == ref[1] == (600, 800) and hw == ref[2] == (48, 64)
+    assert len(list(Path(disk.cache_file).with_suffix(".npy-cache").glob("*.npy"))) == 2
+
+
 def test_copy_paste_without_polygons_says_it_has_no_effect(tmp_path, caplog):
     make_rect_dataset(tmp_path, n=3)
     caplog.set_level("INFO")

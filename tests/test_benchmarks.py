@@ -1,6 +1,7 @@
 """Benchmark reporting code: the zoo accuracy table and the plot must report what the runs contain."""
 import csv
 import json
+import re
 
 import pytest
 
@@ -94,19 +95,92 @@ def test_train_small_report_from_curves(tmp_path):
 
 # ---------------------------------------------------------------- the prepared GPU check (runs on CPU here)
 
-def test_gpu_check_script_parses_and_accepts_every_command_line(tmp_path, capsys):
-    """benchmarks/run_gpu_speed.sh is bash-valid and every command line gpu_check.py runs is accepted by the
-    parser of the script it calls (a typo in a flag would otherwise surface only on the GPU machine)."""
+def test_gpu_check_dry_run_goes_end_to_end_within_its_budget(tmp_path, capsys, monkeypatch):
+    """--dry-run goes through the whole run (budget accounting, a report after every step, the one-screen summary)
+    with each step checking its command lines against the real parsers. The steps come in order of value, their
+    limits fit the 6-minute budget with the setup, and the shell wrapper installs nothing."""
     import subprocess
     from pathlib import Path
 
     from benchmarks import gpu_check
     sh = Path(gpu_check.ROOT) / "benchmarks" / "run_gpu_speed.sh"
     assert subprocess.run(["bash", "-n", str(sh)], capture_output=True).returncode == 0
+    assert not [ln for ln in sh.read_text().splitlines() if "pip install" in ln and not ln.lstrip().startswith(("#", "echo"))]
+    names = list(gpu_check.STEPS)
+    assert names[:4] == ["train_amp", "predict", "val", "speed"]
+    assert sum(v[2] for v in gpu_check.STEPS.values()) + gpu_check.SETUP_S <= gpu_check.BUDGET_S <= 360
+    assert all(f"  {name}" in gpu_check.__doc__ for name in names)  # every step documented
+    written = []
+    real = gpu_check.write_report
+    monkeypatch.setattr(gpu_check, "write_report", lambda *a, **k: written.append(list(k.get("pending") or [])) or real(*a, **k))
     assert gpu_check.main(["--dry-run", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert out.count("PARSES") == 8 and "FAIL" not in out
-    assert all(f"  {name}" in gpu_check.__doc__ for name in gpu_check.STEPS)  # every step documented
+    assert written == [names[i + 1:] for i in range(len(names))] + [[]]  # after every step, then the final one
+    summary = out[out.index("== GPU check"):].splitlines()
+    assert re.search(r"\d+ s of the 360 s budget", summary[0])
+    assert [ln.split()[0] for ln in summary[2:2 + len(names)]] == names
+    assert all(ln.split()[1] == "PASS" for ln in summary[2:2 + len(names)])
+    assert summary[-1].startswith(f"{len(names)} PASS, 0 FAIL, 0 SKIP") and len(summary) <= 24  # one screen
+    md = (tmp_path / "gpu_check_dry_run.md").read_text()
+    assert all(f"| {name} | PASS |" in md for name in names) and not (tmp_path / "gpu_check.md").exists()
+
+
+def test_gpu_check_budget_every_step_runs_even_when_each_uses_its_whole_time(tmp_path, monkeypatch, capsys):
+    """The orchestrator's budget on a fake clock: every step hangs until it is killed, and still every step runs
+    with at least its own limit, and the whole run ends within the budget (the old limits summed to 2.6x the
+    budget, so the speed step was skipped). A step that finishes early leaves its time to the next one."""
+    from benchmarks import gpu_check
+    clock = [1000.0]
+    timeouts = {}
+
+    def fake_run_cli(ctx, log, cmd, timeout):
+        name = cmd[cmd.index("--step") + 1]
+        timeouts[name] = timeout
+        used = 1.0 if name == "predict" else timeout  # predict is quick; every other step hangs to its kill
+        clock[0] += used
+        return 124, f"TIMEOUT after {timeout:.0f} s"
+
+    monkeypatch.setattr(gpu_check, "_now", lambda: clock[0])
+    monkeypatch.setattr(gpu_check, "run_cli", fake_run_cli)
+    monkeypatch.setattr(gpu_check, "make_data", lambda work: None)
+    monkeypatch.setattr(gpu_check, "environment", lambda d: {"date": "d", "torch": "t", "cuda": "c", "device": "GPU"})
+    assert gpu_check.main(["--device", "0", "--out", str(tmp_path), "--work", str(tmp_path)]) == 1
+    names = list(gpu_check.STEPS)
+    assert list(timeouts) == names  # none skipped for lack of time
+    assert all(timeouts[n] >= gpu_check.STEPS[n][2] for n in names)
+    assert timeouts["val"] == gpu_check.STEPS["val"][2] + gpu_check.STEPS["predict"][2] - 1.0  # predict's time left over
+    assert clock[0] - 1000.0 <= gpu_check.BUDGET_S
+    out = capsys.readouterr().out
+    assert f"0 PASS, {len(names)} FAIL, 0 SKIP" in out and "TIMEOUT" in out
+
+
+def test_gpu_check_counts_the_torchrun_error_once_next_to_its_failure_summary():
+    """Rank 0 prints the one-line error; torchrun's failure summary repeats it as 'traceback : ERROR: ...'. That
+    is one line from the program, not two (the check used to count both and always failed)."""
+    from benchmarks.gpu_check import error_lines
+    line = "ERROR: --device 0,1 names 2 GPU(s) but torchrun started 1 process(es) on this node: give one GPU"
+    text = "\n".join(["W1207 starting", line, "E1207 failed (exitcode: 1)", "Root Cause (first observed failure):",
+                      "[0]:", "  time      : 2026-12-07_01:02:03", "  exitcode  : 1 (pid: 12)",
+                      f"  traceback : {line}", "=" * 40])
+    assert error_lines(text, "names 2 GPU(s) but torchrun started 1 process(es)") == (1, True)
+    assert error_lines(line + "\n" + line, "names 2 GPU(s)") == (2, False)
+
+
+def test_bench_gpu_times_models_in_the_layout_they_run():
+    """detect, val and training run channels_last (NHWC) models, and training NHWC images: the GPU tables must time
+    that, not NCHW models."""
+    import inspect
+
+    import torch
+    import torch.nn as nn
+
+    from benchmarks import bench_gpu
+    for train in (False, True):
+        m = bench_gpu._build("gelan-t", "cpu", train=train)
+        convs = [c for c in m.modules() if isinstance(c, nn.Conv2d) and c.kernel_size != (1, 1) and c.in_channels > 1]
+        assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+        assert not any(c.weight.is_contiguous() for c in convs)
+    assert inspect.signature(bench_gpu.train_cost).parameters["channels_last"].default is True
 
 
 def test_gpu_check_step_failure_is_a_result_and_the_report_lists_every_step(tmp_path, monkeypatch):
@@ -128,3 +202,25 @@ def test_gpu_check_step_failure_is_a_result_and_the_report_lists_every_step(tmp_
     md = (tmp_path / "gpu_check.md").read_text()
     assert "| broken | FAIL |" in md and "| speed | SKIP |" in md and '| train_amp | PASS | 20 | `{"map50": 0.5}`' in md
     assert json.loads((tmp_path / "gpu_check.json").read_text())["results"]["train_amp"]["numbers"]["map50"] == 0.5
+
+
+def test_bench_formats_rows_follow_the_registry(monkeypatch):
+    """bench_formats measures what utils/deploy/formats holds: a row per format (FP32, --half, INT8 where the
+    format has it), and a format whose packages are missing is skipped with a note naming the pip package."""
+    from benchmarks import bench_formats
+    from utils.deploy import formats
+    from utils.deploy.formats import base
+    names = {r.name for r in bench_formats.registry_rows()}
+    for f in formats.all_formats():
+        assert {f"{f.name} FP32", f"{f.name} bf16 (--half)"} <= names
+        assert (f"{f.name} INT8" in names) == (f.export_int8 is not None)
+    real = base.find_spec
+    monkeypatch.setattr(base, "find_spec", lambda m: None if m.split(".")[0] == "onnx" else real(m))
+    bench_formats.NOTES.clear()
+    kept = [f.name for f, _ in bench_formats.exportable(int8=True)]
+    assert "onnx" not in kept and "openvino" not in kept  # OpenVINO converts from ONNX: needs onnx too
+    assert any(n.startswith("onnx: skipped, needs onnx") and "pip install onnx" in n for n in bench_formats.NOTES)
+    zen = bench_formats.cpu_summary("model name\t: AMD EPYC 9R45\nflags\t\t: fpu avx2 avx512f avx512_vnni avx512_bf16\n")
+    assert zen.startswith("AMD EPYC 9R45,") and "AVX512-BF16, AVX512-VNNI, AVX512, AVX2" in zen and "AMX" not in zen
+    arm = bench_formats.cpu_summary("processor\t: 0\nFeatures\t: fp asimd asimddp bf16 i8mm\n")
+    assert "ARM dot product, ARM BF16, ARM I8MM" in arm and "AVX" not in arm

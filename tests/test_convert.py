@@ -1,5 +1,6 @@
 """COCO JSON / Pascal VOC XML -> YOLO labels round trip (hand-written annotations)."""
 import json
+import re
 import cv2
 import numpy as np
 import pytest
@@ -121,3 +122,44 @@ def test_missing_split_stand_in_is_said(tmp_path, caplog):
     coco2yolo(src, out, "val")
     text = (out / "data.yaml").read_text()
     assert yaml.safe_load(text)["val"] == "images/val" and "stands in" not in text and not caplog.records
+
+
+def _voc_split(folder, objs, size=(100, 60)):
+    folder.mkdir(parents=True)
+    for name, ob in objs.items():
+        body = "".join(OBJ.format(n=n, d=d, x1=10, y1=10, x2=50, y2=40) for n, d in ob)
+        (folder / f"{name}.xml").write_text(VOC_XML.format(name=name, w=size[0], h=size[1], objects=body))
+
+
+def test_voc_later_split_numbered_like_the_first_or_refused_before_writing(tmp_path, caplog):
+    """A val split with fewer classes than train keeps train's numbering; one with a new class (or --names that
+    differ) is refused before any label is written, and the error says what to pass to --names."""
+    import logging
+    out = tmp_path / "out"
+    _voc_split(tmp_path / "train", {"t1": [("bird", 0), ("cat", 0)], "t2": [("dog", 0), ("cat", 1)]})
+    _voc_split(tmp_path / "val", {"v1": [("cat", 0), ("cat", 1), ("dog", 1)]})  # no bird: sorted found = [cat]
+    _voc_split(tmp_path / "test", {"s1": [("cow", 0)]})
+    with caplog.at_level(logging.INFO):
+        voc2yolo(tmp_path / "train", out, "train")
+    assert "1 objects marked difficult skipped; --keep-difficult keeps them" in caplog.text
+    assert voc2yolo(tmp_path / "val", out, "val") == ["bird", "cat", "dog"]
+    assert (out / "labels" / "val" / "v1.txt").read_text().split()[0] == "1"  # cat stays class 1
+    for split, names, words in (("test", None, "classes ['cow'] of these files are not among its names"),
+                                ("test", ["cow"], "pass --names bird,cat,dog")):
+        with pytest.raises(UserError, match=re.escape(words)) as e:
+            voc2yolo(tmp_path / split, out, split, names=names)
+        assert "--names" in str(e.value) and "nothing written" in str(e.value)
+        assert not (out / "labels" / split).exists()
+
+
+def test_coco_with_other_categories_is_refused_before_writing(tmp_path):
+    src = tmp_path / "ann.json"
+    src.write_text(json.dumps(COCO))
+    out = tmp_path / "out"
+    coco2yolo(src, out, "train")
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**COCO, "categories": [{"id": 1, "name": "person"}, {"id": 3, "name": "bus"},
+                                                        {"id": 18, "name": "dog"}]}))
+    with pytest.raises(UserError, match="differ from the categories of other.json"):
+        coco2yolo(other, out, "val")
+    assert not (out / "labels" / "val").exists()

@@ -81,7 +81,7 @@ def test_process_device_under_torchrun_uses_and_selects_the_mapped_gpu(two_fake_
 
 
 def test_onnx_runtime_runs_on_the_chosen_gpu():
-    from utils.engine.backend import ort_providers
+    from utils.deploy.formats.onnx import providers as ort_providers
     available = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert ort_providers(torch.device("cuda", 1), available) == [("CUDAExecutionProvider", {"device_id": 1}),
                                                                  "CPUExecutionProvider"]
@@ -286,6 +286,61 @@ def test_trainer_compile_survives_a_backward_failure(tmp_path, monkeypatch, capl
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in t.model.parameters())
 
 
+def test_compile_probe_tries_once_and_without_fallback_a_failure_is_an_error(monkeypatch):
+    """DDP's side of --compile: `probe` runs one step through the compiled forward with no eager retry (the
+    trainer agrees on its outcome across ranks), and once the ranks agreed (fallback off) a failure is raised as
+    one clear error instead of a step redone eagerly outside the other ranks' collectives."""
+    from utils.engine import graphs
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: lambda x: _FailingBackward.apply(fn(x)))
+    graphs._warned.clear()
+    model = nn.Conv2d(3, 2, 1)
+    x = torch.rand(1, 3, 4, 4)
+    calls = []
+
+    def step(forward):
+        calls.append(forward)
+        forward(x).sum().backward()
+
+    f = graphs.CompiledForward(model)
+    assert f.probe(step) is False and len(calls) == 1 and not f.active  # tried once, now eager
+    g = graphs.CompiledForward(model)
+    g.fallback = False
+    with pytest.raises(UserError, match="train without --compile") as e:
+        g.with_fallback(step)
+    assert "\n" not in str(e.value) and len(calls) == 2  # no eager retry
+
+
+def test_validation_in_amp_training_runs_under_autocast_and_the_ema_keeps_its_buffers(tmp_path):
+    """AMP training validates its EMA model under autocast (bf16 on CPU stands in for CUDA's fp16), never by
+    model.half(): that replaces BatchNorm buffers with new tensors, and the EMA, which caches references to its
+    tensors, would from then on average into the old ones (its BN statistics frozen for good)."""
+    from utils.engine.config import TrainConfig
+    from utils.engine.train.trainer import Trainer
+    data = shapes_yaml(tmp_path, n_train=4, n_val=2)
+    cfg = TrainConfig(data=str(data), cfg="gelan-t.yaml", epochs=1, batch_size=2, imgsz=64, device="cpu",
+                      workers=0, project=str(tmp_path), name="v", noplots=True, tensorboard=False)
+    t = Trainer(cfg)
+    t.setup()
+    t.amp_dtype = torch.bfloat16  # what AMP sets (float16 on CUDA)
+    ema = t.ema.ema
+    t.ema.update(t.model)  # as in training: the EMA has averaged (and cached its tensors) before validating
+    seen = []
+    hook = ema.register_forward_pre_hook(
+        lambda m, a: seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))))
+    t._validate(ema)
+    hook.remove()
+    assert seen and all(s == (True, torch.bfloat16) for s in seen)
+    assert all(v.dtype == torch.float32 for v in ema.state_dict().values() if v.is_floating_point())
+    bn_ema = next(m for m in ema.modules() if isinstance(m, nn.BatchNorm2d))
+    bn_model = next(m for m in t.model.modules() if isinstance(m, nn.BatchNorm2d))
+    before = bn_ema.running_mean.clone()
+    with torch.no_grad():
+        bn_model.running_mean += 1.0
+    t.ema.update(t.model)
+    assert (bn_ema.running_mean - before).abs().min() > 0  # the EMA still averages into the buffers it validates with
+
+
 # ---------------------------------------------------------------- TorchScript export
 
 def test_torchscript_export_has_no_device_constants_and_runs_on_another_device(tmp_path):
@@ -293,7 +348,8 @@ def test_torchscript_export_has_no_device_constants_and_runs_on_another_device(t
     (torch.arange(device=...)) fails when the file runs on another one ('meta' stands in for cuda:0)."""
     import export
     from utils.checkpoint import load_model
-    from utils.deploy.export import export_mode, trace_torchscript
+    from utils.deploy.export import export_mode
+    from utils.deploy.formats.torchscript import trace as trace_torchscript
     w = seeded_tiny_checkpoint(tmp_path / "tiny.pt", ["a", "b", "c"])
     f = export.run(w, include=("torchscript",), imgsz=(64, 96), dynamic=True)["torchscript"]
     with warnings.catch_warnings():
@@ -448,3 +504,23 @@ def test_val_under_graphs_pads_rect_batches_to_the_planned_shapes(tmp_path):
     padded = Validator(ValOptions(training=False)).run(b, loader)
     assert set(seen) <= set(b.graph_shapes) and padded.seen == eager.seen == 12
     assert abs(padded.map50 - eager.map50) < 0.05
+
+
+def test_fp32_torchscript_with_half_on_cuda_runs_in_its_own_precision(tmp_path, monkeypatch, caplog):
+    """--half with an fp32 TorchScript file on CUDA: the traced weights are fp32, so inputs must stay fp32 (fp16
+    input into fp32 weights failed at warm-up); one warning says why --half does not apply. torch.jit.load
+    loads onto the CPU here in place of the GPU."""
+    import export
+    from utils.engine.backend import Backend
+    w = seeded_tiny_checkpoint(tmp_path / "tiny.pt", ["a", "b", "c"])
+    f = export.run(w, include=("torchscript",), imgsz=64)["torchscript"]
+    real_load = torch.jit.load
+    monkeypatch.setattr(torch.jit, "load", lambda p, map_location=None, **k: real_load(p, map_location="cpu", **k))
+    with caplog.at_level(logging.WARNING, logger="yolov9mqa"):
+        b = Backend(f, device="cuda", half=True)
+    assert b.dtype == torch.float32 and not b.half and b.precision == "f32"
+    lines = [r.getMessage() for r in caplog.records if "--half" in r.getMessage()]
+    assert len(lines) == 1 and "fp32" in lines[0]
+    b.device = b.runner.device = torch.device("cpu")  # run the CPU copy: fp32 in, fp32 weights
+    x = torch.rand(1, 3, 64, 64)
+    torch.testing.assert_close(b(x.to(b.dtype)), Backend(w)(x), atol=1e-4, rtol=1e-4)

@@ -292,3 +292,21 @@ def test_label_cache_from_before_edge_clipping_is_rebuilt(messy, monkeypatch):
     assert not fresh.from_cache and any(f.endswith("crossing.png") for f in fresh.im_files)
     assert json.loads(cache_file.read_text())["version"] == CACHE_VERSION != "yolo-mqa-labels-2"
     assert scan_dataset(src, 3).from_cache
+
+
+def test_image_list_does_not_call_unlisted_labels_orphans(tmp_path, caplog):
+    """train.txt / val.txt listing parts of one folder: the other split's label files are not 'without image'."""
+    im, lb = tmp_path / "images", tmp_path / "labels"
+    im.mkdir()
+    lb.mkdir()
+    for i in range(4):
+        cv2.imwrite(str(im / f"{i}.jpg"), np.full((32, 32, 3), 90, np.uint8))
+        (lb / f"{i}.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    (tmp_path / "train.txt").write_text("images/0.jpg\nimages/1.jpg\n")
+    with caplog.at_level(logging.WARNING):
+        scan = scan_dataset(tmp_path / "train.txt", nc=1, use_cache=False)
+    assert len(scan.im_files) == 2 and "have no image" not in caplog.text
+    with caplog.at_level(logging.WARNING):  # a folder split still reports a label without its image
+        (lb / "ghost.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+        scan_dataset(im, nc=1, use_cache=False)
+    assert "1 label files have no image" in caplog.text

@@ -14,6 +14,7 @@ from utils.boxes import convex_boxes_in_image, polygon_box_in_image
 from utils.data import YOLODataset, create_dataloader
 from utils.data.augment import augment_hsv, copy_paste
 from utils.data.images import jpeg_reduction, read_reduced
+from helpers import limit
 
 NO_AUG = dict(hsv_h=0, hsv_s=0, hsv_v=0, degrees=0, translate=0, scale=0, shear=0, perspective=0, flipud=0,
               fliplr=0, mosaic=0.0, mixup=0.0)
@@ -271,7 +272,7 @@ def test_loader_workers_use_one_opencv_thread_after_the_parent_used_its_pool():
     import subprocess
     import sys
     r = subprocess.run([sys.executable, "-c", _PROBE, str(Path(__file__).resolve().parents[1])],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=limit(300))
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split("\n")[0] == "[1, 1] [1, 1] 2"
 

@@ -34,3 +34,22 @@ def test_plot_results(tmp_path):
     f.write_text("epoch, train/box_loss, metrics/mAP50(B)\n0, 3.0, 0.1\n1, 2.5, 0.2\n2, 2.0, 0.3\n")
     out = plot_results(f)
     assert out == tmp_path / "results.png" and cv2.imread(str(out)) is not None
+
+
+def test_full_disk_plot_is_one_warning_and_no_partial_file(tmp_path, capfd, caplog):
+    """labels.jpg (and every other plot) on a full disk: one warning line, no traceback, no half-written or
+    temp file; an existing plot stays as it was."""
+    import logging
+
+    from helpers import disk_full_after
+    labels = np.array([[0, 0.5, 0.5, 0.2, 0.3], [1, 0.3, 0.6, 0.1, 0.1]], np.float32)
+    old = plot_labels(labels, ["a", "b"], tmp_path)
+    before = old.read_bytes()
+    capfd.readouterr()
+    with caplog.at_level(logging.WARNING), disk_full_after(4096):
+        assert plot_labels(labels[:1], ["a", "b"], tmp_path) is None
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and warned[0].startswith(f"WARNING: plot not saved: {tmp_path / 'labels.jpg'}: "
+                                                     f"could not write (File too large)"), warned
+    assert "previous file is unchanged" in warned[0] and old.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.jpg"]

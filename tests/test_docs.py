@@ -95,3 +95,13 @@ def test_no_issue_numbers_in_code_or_docs():
                 if pattern.search(line) and f != "tests/test_docs.py":
                     hits.append(f"{f}:{n}: {line.strip()[:100]}")
     assert not hits, "\n".join(hits)
+
+
+def test_files_the_docs_generate_stay_out_of_git():
+    """Outputs that documented commands write (a generated video) land in git-ignored places, so following the
+    README never leaves untracked files in the clone."""
+    outputs = [m for doc in DOCS for m in re.findall(r"--video\s+([^\s`]+)", doc.read_text())]
+    assert outputs
+    for out in outputs:
+        r = subprocess.run(["git", "check-ignore", "-q", "--no-index", out], cwd=ROOT)
+        assert r.returncode == 0, f"{out}: written by a documented command but not ignored by git"

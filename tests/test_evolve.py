@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import shapes_yaml
+from helpers import limit, shapes_yaml
 
 optuna = pytest.importorskip("optuna")
 
@@ -114,12 +114,12 @@ def test_outputs_pick_the_best_finished_trial(tmp_path):
 def _until(cond, timeout: float = 60.0, poll: float = 0.1, what=lambda: ""):
     """Wait for cond() to return something truthy (checked, never a fixed sleep); returns it."""
     t0 = time.time()
-    while time.time() - t0 < timeout:
+    while time.time() - t0 < limit(timeout):
         got = cond()
         if got:
             return got
         time.sleep(poll)
-    raise AssertionError(f"condition not met within {timeout} s\n{what()}")
+    raise AssertionError(f"condition not met within {limit(timeout)} s\n{what()}")
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the test asks trials by hand
@@ -209,13 +209,13 @@ def test_two_processes_share_one_study(tiny_data, tmp_path):
             assert procs[-1].poll() is None and held, outs[-1].text()[-3000:]
         go.touch()
         for p in procs:
-            p.wait(timeout=400)
+            p.wait(timeout=limit(400))
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
     for o in outs:
-        o.thread.join(timeout=60)
+        o.thread.join(timeout=limit(60))
     texts = [o.text() for o in outs]
     assert [p.returncode for p in procs] == [0, 0], [t[-2000:] for t in texts]
     assert all("Traceback" not in t for t in texts)
@@ -243,6 +243,9 @@ def test_three_trials_interrupt_resume_and_best_hyp_trains(tiny_data, tmp_path, 
     out = tmp_path / "evo"
     with pytest.raises(KeyboardInterrupt):  # Ctrl-C while the third trial finishes (its epoch is trained)
         evolve(cfg, 3, callbacks=[InterruptAt("trial_2", finishing=True)])
+    # the one command that continues is printed; no --resume hint for a trial's last.pt, which evolve deletes
+    assert not [r.getMessage() for r in caplog.records if "--resume" in r.getMessage()]
+    assert "Continue with the same command plus --exist-ok" in caplog.text
     df = pd.read_csv(out / "evolve.csv")
     assert list(df["state"]) == ["COMPLETE", "COMPLETE", "FAIL"] and df["note"][2] == "interrupted"
     assert list(df["epochs"]) == [1, 1, 1]  # the interrupted trial did train its epoch
@@ -358,7 +361,7 @@ def test_bad_hyp_files_are_one_line_errors(tiny_data, tmp_path, capsys):
     args = ["--cfg", "gelan-t.yaml", "--data", str(tiny_data), "--epochs", "1", "--imgsz", "64",
             "--project", str(tmp_path), "--workers", "0"]
     r = subprocess.run([sys.executable, str(ROOT / "train_dual.py"), *args, "--hyp", str(unknown), "--evolve", "2"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path, capture_output=True, text=True, timeout=limit(120),
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 1 and _errors(r.stderr) == [
         f"ERROR: {unknown}: unknown hyperparameter(s) mosiac (mosiac: did you mean mosaic?)"]
@@ -379,3 +382,47 @@ def test_bad_hyp_files_are_one_line_errors(tiny_data, tmp_path, capsys):
             train_dual.main([*args, *extra])
         err = _errors(capsys.readouterr().err)
         assert len(err) == 1 and words in err[0], err
+
+
+def test_full_disk_evolve_outputs_are_one_line_and_intact(tmp_path, capfd):
+    """evolve.csv and hyp_evolve.yaml are written whole or not at all: on a full disk one UserError line,
+    the files of the last successful write unchanged, no temp files."""
+    from helpers import disk_full_after
+    from utils.engine.train.evolve import write_outputs
+    from utils.general import UserError
+    S = optuna.trial.TrialState
+    study = optuna.create_study(direction="maximize")
+    base = _base_hyp()
+    study.add_trial(_frozen((0.2, S.COMPLETE, {}), {**base, "lr0": 0.001}))
+    write_outputs(study, tmp_path)
+    before = {f: (tmp_path / f).read_bytes() for f in ("evolve.csv", "hyp_evolve.yaml")}
+    for i in range(40):  # a longer table and a new best trial
+        study.add_trial(_frozen((0.3 + i / 100, S.COMPLETE, {}), {**base, "lr0": 0.002 + i / 1000}))
+    capfd.readouterr()
+    limit = min(len(b) for b in before.values()) + 64  # fits neither new file
+    with disk_full_after(limit), pytest.raises(UserError, match="could not write \\(File too large\\); the "
+                                                              "previous file is unchanged"):
+        write_outputs(study, tmp_path)
+    assert {f: (tmp_path / f).read_bytes() for f in before} == before
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_auto_optimizer_counts_the_images_training_keeps(tmp_path, monkeypatch):
+    """--evolve decides --optimizer auto once, from the training images that survive verification (a corrupt
+    file is dropped by training, so it must not be counted)."""
+    from utils.engine.train import evolve as evolve_mod
+    data = shapes_yaml(tmp_path, n_train=6, n_val=2)
+    (tmp_path / "ds" / "images" / "train" / "broken.jpg").write_bytes(b"not a jpeg")
+    counted = []
+
+    class Decided(Exception):
+        pass
+
+    def spy(name, n_images, *args, **kwargs):
+        counted.append(n_images)
+        raise Decided
+
+    monkeypatch.setattr(evolve_mod, "choose_optimizer", spy)
+    with pytest.raises(Decided):
+        evolve_mod.evolve(_cfg(data, tmp_path), 1)
+    assert counted == [6]

@@ -14,12 +14,13 @@ import torch
 import torch.nn as nn
 
 import export as export_cli
-from utils.deploy import export
+from utils.deploy import export, formats
+from utils.deploy.formats.onnx import max_opset
 from models.yolo import DetectionModel
 from utils.checkpoint import make_checkpoint, save_checkpoint
 from utils.engine.backend import Backend
 from utils.general import ROOT
-from helpers import perturb_bn
+from helpers import limit, perturb_bn
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -111,8 +112,10 @@ def test_dual_graph_export_dynamic_batch(tmp_path):
     meta = export.metadata(model, (H, W), 1, True, False, tmp_path / "w.pt")
     im = torch.zeros(1, 3, H, W)
     with export.export_mode(model):
-        f = export.export_onnx(model, im, tmp_path / "dual.onnx", meta, dynamic=True)
-        t = export.export_torchscript(model, im, tmp_path / "dual.torchscript", meta)
+        job = formats.ExportJob(model, im, meta, formats.ExportOptions(imgsz=(H, W), dynamic=True), tmp_path / "w.pt",
+                                tmp_path)
+        f = formats.get("onnx").export(job, tmp_path / "dual.onnx")
+        t = formats.get("torchscript").export(job, tmp_path / "dual.torchscript")
     assert not model.training and "export" not in model.head.__dict__  # state restored
     sess = ort.InferenceSession(str(f), providers=["CPUExecutionProvider"])
     _close(torch.from_numpy(sess.run(None, {"images": x.numpy()})[0]), ref)  # batch 2 on a dynamic-batch file
@@ -148,7 +151,7 @@ def test_detect_dual_runs_on_onnx(mmqa, tmp_path):
     r = subprocess.run([sys.executable, str(script), "--weights", str(out["onnx"]), "--source", str(src),
                         "--imgsz", str(H), str(W), "--project", str(tmp_path / "runs"), "--name", "exp",
                         "--save-txt", "--conf-thres", "0.0001"],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=limit(300))
     assert r.returncode == 0, r.stderr[-2000:]
     saved = sorted(p.name for p in (tmp_path / "runs" / "exp").glob("*.jpg"))
     assert saved == ["im0.jpg", "im1.jpg"]
@@ -282,7 +285,7 @@ def test_dynamic_onnx_validates_like_pt(mmqa_dynamic, tmp_path, monkeypatch):
 
 def test_opset_outside_the_exporters_range_is_one_line(mmqa, tmp_path, capsys):
     shutil.copy(mmqa[1]["onnx"].with_suffix(".pt"), tmp_path / "w.pt")
-    top = export.max_opset()
+    top = max_opset()
     for opset in (10, top + 1, 99):  # 10: the exporter fails inside; above: torch dumps its IR (~1,000 lines)
         with pytest.raises(SystemExit) as e:
             export_cli.cli(export_cli.main)(["--weights", str(tmp_path / "w.pt"), "--include", "onnx",
@@ -360,3 +363,23 @@ def test_fixed_size_export_states_its_geometry(mmqa, tmp_path, monkeypatch, capl
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     Predictor(out["onnx"], device="cpu", imgsz=128)
     assert f"exported at {H}x{W}; running at that size (--imgsz 128 128 ignored" in caplog.text
+
+
+def test_fixed_size_export_in_an_ensemble_and_no_rect(mmqa, tmp_path, monkeypatch):
+    """A fixed-size file anywhere in an ensemble makes validation letterbox square at its size (every member
+    takes that); --no-rect gives a .pt the same square batches. Neither ends in a size error."""
+    import val_dual
+    from utils.engine.validator import run_validation
+    data = _val_data(tmp_path, 4, seed=2, sizes=[(160, 224)])
+    _, out = mmqa
+    pt = out["onnx"].with_suffix(".pt")
+    seen = _record_input_shapes(monkeypatch)
+    run_validation(data=str(data), weights=[str(pt), str(out["onnx"])], batch_size=4, workers=0,
+                   project=str(tmp_path / "val"), plots=False)
+    assert seen and set(seen) == {(H, W), (min(H, W), min(H, W))}  # the export pads to its own 64x96
+    assert val_dual.parse_opt(["--no-rect"]).rect is False and val_dual.parse_opt([]).rect is True
+    for rect, want in ((False, {(96, 96)}), (True, {(128, 96)})):  # 160x224 images at --img 96
+        seen.clear()
+        run_validation(data=str(data), weights=str(pt), batch_size=4, imgsz=96, workers=0, rect=rect,
+                       project=str(tmp_path / "val"), plots=False)
+        assert set(seen[1:]) == want, seen  # after the square warmup

@@ -16,6 +16,7 @@ import torch.nn as nn
 import yaml
 
 import export as export_cli
+from fitted import BF16_TOL, FP32, IMGSZ, INT8_TOL, assert_matches, detect, fitted_checkpoint
 from helpers import SHAPE_NAMES
 from utils.deploy import export
 from utils.general import UserError
@@ -24,102 +25,23 @@ from utils.torch_utils import cpu_bf16_native
 pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-IMGSZ = 64
 BF16 = cpu_bf16_native()
-
-
-def _fit_tiny(model: nn.Module, imgs: torch.Tensor, targets: torch.Tensor, steps: int = 40) -> nn.Module:
-    """AdamW steps on one batch, then BatchNorm statistics taken from that batch (so eval = fitted behaviour)."""
-    from utils.loss import DetectionLoss
-    loss_fn = DetectionLoss(model, {"box": 7.5, "cls": 0.5, "dfl": 1.5})
-    opt = torch.optim.AdamW(model.parameters(), lr=0.003)
-    model.train()
-    for _ in range(steps):
-        loss, _ = loss_fn(model(imgs), targets)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.reset_running_stats()
-                m.momentum = None  # cumulative: one pass sets the batch's statistics
-        model(imgs)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """gelan-t fitted on 4 generated 96x96 images with one or two large shapes each (detection scores > 0.9),
-    exported at 64x64 to every format; INT8 calibrated on the same training images."""
-    from models.yolo import DetectionModel
-    from utils.checkpoint import make_checkpoint, save_checkpoint
-    from utils.data import create_dataloader, generate_shapes, load_data_config
+    """The fitted gelan-t (tests/fitted.py) exported at 64x64 to every CPU format; INT8 calibrated on the same
+    training images."""
     d = tmp_path_factory.mktemp("formats")
-    generate_shapes(d / "ds", n_train=4, n_val=2, seed=5, max_objects=2, empty_prob=0.0, obj_size=(0.35, 0.6),
-                    sizes=[(96, 96)])
-    data = d / "tiny.yaml"
-    # val = the training images: the model is fitted to them (the generated val images are for detection only)
-    data.write_text(yaml.safe_dump({"path": str(d / "ds"), "train": "images/train", "val": "images/train",
-                                    "names": SHAPE_NAMES}))
-    cfg = load_data_config(data)
-    loader, _ = create_dataloader(cfg.train, IMGSZ, 4, 32, workers=0, names=cfg.names, nc=cfg.nc)
-    imgs, targets, paths, _ = next(iter(loader))
-    torch.manual_seed(0)
-    model = _fit_tiny(DetectionModel("gelan-t.yaml", nc=len(SHAPE_NAMES)), imgs.float() / 255, targets)
-    w = save_checkpoint(make_checkpoint(model, names=SHAPE_NAMES, opt={"data": str(data)}), d / "tiny.pt")
+    w, data, images = fitted_checkpoint(d)
     ov = ("openvino",) if find_spec("openvino") and find_spec("nncf") else ()
-    out = export.run(w, include=("torchscript", "onnx", *ov), imgsz=IMGSZ, int8=True, data=str(data))
-    images = sorted(str(p) for p in (d / "ds" / "images").rglob("*.jpg"))
-    return {"pt": w, **out}, str(data), images
-
-
-
-def _detect(weights, images, half=False):
-    from utils.engine.predict.predictor import Predictor
-    p = Predictor(str(weights), device="cpu", imgsz=IMGSZ, conf_thres=0.25, half=half)
-    return [p.predict(f) for f in images]
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    lt, rb = np.maximum(a[:, None, :2], b[None, :, :2]), np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(2)
-    area = lambda x: (x[:, 2:] - x[:, :2]).prod(1)  # noqa: E731
-    return inter / (area(a)[:, None] + area(b)[None] - inter)
-
-
-def _assert_matches(ref, got, min_iou: float, score_tol: float, exact_count: bool, conf: float = 0.25) -> None:
-    """Each box of one side scoring clearly above the threshold (conf + score_tol) has a same-class box on the
-    other side with IoU >= min_iou and score within score_tol; boxes within score_tol of the threshold may
-    appear on one side only."""
-    for r, g in zip(ref, got):
-        if exact_count:
-            assert len(g) == len(r), (r.path, r.summary(), g.summary())
-        for a, b in ((r, g), (g, r)):
-            for box, score, cls in zip(a.boxes, a.scores, a.class_ids):
-                if score < conf + score_tol:
-                    continue
-                same = b.class_ids == cls
-                assert same.any(), (r.path, r.summary(), g.summary())
-                iou = _iou(box[None], b.boxes[same])[0]
-                k = int(iou.argmax())
-                assert iou[k] >= min_iou and abs(b.scores[same][k] - score) <= score_tol, (r.path, iou[k], score)
-
-
-# tolerances: fp32 formats differ from PyTorch by float reassociation only (~1e-5 in the outputs: exact box
-# counts). bf16 keeps 8 significant bits through the backbone (boxes decoded in fp32): measured on this fitted
-# model min matched IoU 0.994 and max score change 0.005 (.pt autocast and OpenVINO bf16). INT8 (256 levels per
-# activation tensor, per-channel weights): measured min IoU 0.987 and max score change 0.008 (ONNX Runtime and
-# NNCF). The checks allow about 3-4x the measured box error (1 - IoU) and score change, for other CPUs' kernels
-# and runtime versions; boxes within score_tol of the confidence threshold may appear on one side only.
-FP32 = dict(min_iou=0.999, score_tol=1e-3, exact_count=True)
-BF16_TOL = dict(min_iou=0.975, score_tol=0.02, exact_count=False)
-INT8_TOL = dict(min_iou=0.95, score_tol=0.03, exact_count=False)
+    out = export.run(w, include=("torchscript", "onnx", *ov), imgsz=IMGSZ, int8=True, data=data)
+    return {"pt": w, **out}, data, images
 
 
 def test_trained_model_detects(trained):
     files, _, images = trained
-    ref = [r for r in _detect(files["pt"], images) if len(r)]
+    ref = [r for r in detect(files["pt"], images) if len(r)]
     assert len(ref) >= 3 and max(r.scores.max() for r in ref) > 0.9  # fitted, not a random head
 
 
@@ -128,8 +50,8 @@ def test_fp32_formats_equal_pt(trained, fmt):
     files, _, images = trained
     if fmt not in files:
         pytest.skip("openvino not installed")
-    ref, got = _detect(files["pt"], images), _detect(files[fmt], images)
-    _assert_matches(ref, got, **FP32)
+    ref, got = detect(files["pt"], images), detect(files[fmt], images)
+    assert_matches(ref, got, **FP32)
     for r, g in zip(ref, got):
         np.testing.assert_allclose(g.boxes, r.boxes, atol=0.05)
 
@@ -144,7 +66,7 @@ def test_bf16_half_on_cpu(trained, fmt, caplog):
     assert b.bf16 == BF16 and b.dtype == torch.float32  # inputs stay fp32: autocast / OpenVINO convert inside
     if fmt == "openvino":
         assert b.precision == ("bf16" if BF16 else "f32")
-    _assert_matches(_detect(files["pt"], images), _detect(files[fmt], images, half=True), **BF16_TOL)
+    assert_matches(detect(files["pt"], images), detect(files[fmt], images, half=True), **BF16_TOL)
 
 
 def test_val_half_on_cpu_runs_bf16(trained, monkeypatch):
@@ -204,17 +126,35 @@ def test_int8_formats_match_pt(trained, fmt):
     from utils.engine.backend import Backend
     b = Backend(files[fmt])
     assert b.names == SHAPE_NAMES and b.fixed_imgsz == (IMGSZ, IMGSZ) and b.stride == 32
-    _assert_matches(_detect(files["pt"], images), _detect(files[fmt], images), **INT8_TOL)
+    assert_matches(detect(files["pt"], images), detect(files[fmt], images), **INT8_TOL)
 
 
-def test_int8_check_prints_both_maps(trained, caplog):
+def test_accuracy_check_table(trained, caplog):
+    """export.py's accuracy check on the fitted model: every file in one table next to the .pt, fp32 files equal
+    to it, INT8 within 0.15 of its fp32 file (the fitted model's measured change is a few hundredths)."""
+    from utils.deploy.accuracy import Limits
     files, data, _ = trained
+    out = {k: v for k, v in files.items() if k != "pt"}
     with caplog.at_level(logging.INFO, logger="yolov9mqa"):
-        maps = export_cli.check_int8(files, data, "cpu")
-    assert set(maps) == ({"onnx", "openvino"} if "openvino" in files else {"onnx"})
-    for fmt, (fp32, int8) in maps.items():
-        assert 0.3 < fp32 <= 1 and abs(fp32 - int8) < 0.15
-        assert f"INT8 check, {fmt}: mAP50-95 FP32 {fp32:.4f}, INT8 {int8:.4f}" in caplog.text
+        rows = export_cli.accuracy_check(files["pt"], IMGSZ, "cpu", Limits(int8=15.0))(out, data)
+    maps = {r.key: r.map for r in rows}
+    assert set(maps) == {"pt", *out} and 0.3 < maps["pt"] <= 1
+    for key in out:
+        ref = maps[key.removesuffix("-int8")] if key.endswith("-int8") else maps["pt"]
+        assert abs(maps[key] - ref) < (0.15 if key.endswith("-int8") else 0.003), (key, maps)
+    table = caplog.text[caplog.text.index("Accuracy check"):].splitlines()
+    assert len(table) == 2 + len(maps)  # title, column names, one line per file
+    assert "reference" in table[2] and all(" ok: " in ln for ln in table[3:])
+    for row, ln in zip(rows, table[2:]):
+        assert row.path.name in ln.split() and f"{row.map:.4f}" in ln
+
+
+def test_fixed_size_exports_have_no_shape_to_prepare(trained):
+    from utils.engine.backend import Backend
+    files, _, _ = trained
+    for key in ("onnx", "openvino"):
+        if key in files:
+            assert not Backend(files[key]).prepare_input_shape(IMGSZ, IMGSZ)
 
 
 def test_calibration_images_are_inference_inputs(trained):
@@ -328,6 +268,9 @@ def _without(monkeypatch, *names):
         return real(name, *a, **k)
 
     monkeypatch.setattr(builtins, "__import__", fake)
+    from utils.deploy.formats import base
+    real_spec = base.find_spec
+    monkeypatch.setattr(base, "find_spec", lambda name: None if name.split(".")[0] in names else real_spec(name))
     for n in list(sys.modules):
         if n.split(".")[0] in names:
             monkeypatch.delitem(sys.modules, n)
@@ -343,8 +286,11 @@ def test_missing_openvino_or_nncf_is_one_line(trained, monkeypatch, tmp_path):
     _without(monkeypatch, "openvino", "nncf")
     with pytest.raises(UserError, match=r"needs openvino \(pip install openvino\)$"):
         Backend(folder)
-    with pytest.raises(UserError, match=r"--include openvino needs the openvino package \(pip install openvino\)$"):
-        export.export_openvino(files["onnx"], tmp_path / "x_openvino_model", {})
+    before = sorted(p.name for p in files["pt"].parent.iterdir())
+    with pytest.raises(UserError, match=r"--include onnx openvino --int8: needs openvino \(for openvino\), nncf "
+                                        r"\(for openvino\); install with: pip install openvino nncf$"):
+        export.run(files["pt"], include=("onnx", "openvino"), imgsz=IMGSZ, int8=True, data=data)
+    assert sorted(p.name for p in files["pt"].parent.iterdir()) == before  # refused before any file was written
     with pytest.raises(UserError, match=r"needs nncf \(pip install nncf\)$"):
         quantize.quantize_openvino(object(), [])
 

@@ -264,3 +264,36 @@ def test_overfits_fixed_targets():
         opt.step()
     final = fn([p1, p2], targets)[0].item()
     assert final < 0.5 * first
+
+
+def test_a_loss_step_reads_nothing_back_from_the_device():
+    """On a GPU every value read back to Python (float(t), int(t), `if t.any()`, F.one_hot's range check) waits
+    for all queued work. Counted here as aten._local_scalar_dense calls, the op behind each of them: one per
+    call, the padded target count, read from the targets on the host before they are sent (so no wait on the
+    GPU). Positives are found with one nonzero per branch plus the assigner's one (data-dependent sizes)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from models.yolo import DetectionModel
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.reads = self.nonzero = self.from_python = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func)
+            self.reads += "_local_scalar_dense" in name
+            self.nonzero += "nonzero" in name
+            self.from_python += "lift_fresh" in name and args[0].dim() > 0  # torch.tensor([...]) of a constant
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = DetectionModel("yolov9-t.yaml", nc=3).train()  # dual head: two branches
+    feats = model(torch.rand(2, 3, 64, 96))
+    targets = torch.tensor([[0, 1, .5, .5, .2, .3], [1, 0, .3, .4, .2, .2], [1, 2, .6, .6, .3, .3]])
+    fn = DetectionLoss(model, {})
+    ref = fn(feats, targets)[1]  # the first call puts the constants on the device
+    with Count() as c:
+        items = fn(feats, targets)[1]
+    assert torch.equal(items, ref)
+    assert c.reads == 1 and c.nonzero == 4 and c.from_python == 0, (c.reads, c.nonzero, c.from_python)

@@ -173,3 +173,13 @@ def test_agrees_with_pycocotools(seed):
     assert res.map50 == pytest.approx(map50, abs=1e-6)  # brief allows 0.002; we match exactly
     assert res.map == pytest.approx(map5095, abs=1e-6)
     assert 0.05 < res.map < 0.95  # a non-trivial case
+
+
+def test_class_without_predictions_has_precision_zero():
+    """Upstream's ap_per_class starts precision at zeros and skips classes without predictions: P 0, not 1."""
+    tp = np.array([[True] * 10])
+    res = ap_per_class(tp, np.array([0.9]), np.array([0]), np.array([0, 1]))
+    assert res.p.tolist() == pytest.approx([1.0, 0.0]) and res.r.tolist() == pytest.approx([1.0, 0.0])
+    assert res.mp == pytest.approx(0.5) and res.map50 == pytest.approx(0.5)
+    none = ap_per_class(np.zeros((0, 10), bool), np.zeros(0), np.zeros(0), np.array([0, 0, 1]))
+    assert none.p.tolist() == [0.0, 0.0] and none.mp == 0.0

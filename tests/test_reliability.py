@@ -19,6 +19,7 @@ import torch
 import yaml
 from PIL import Image
 
+from helpers import limit
 from utils.data import generate_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +32,7 @@ ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), 
 def run_script(script: str, args: list, cwd: Path, timeout: int = 300, env: dict | None = None):
     e = {**os.environ, **ENV, **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=e,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=limit(timeout))
 
 
 def error_lines(r) -> list[str]:
@@ -444,7 +445,7 @@ def test_txt_list_outside_dataset_is_only_read(tmp_path):
     assert "Cached images (disk" in r.stdout + r.stderr
     # reading the split again hits our cache and still writes nothing outside
     from utils.data import YOLODataset
-    again = YOLODataset(ds / "train.txt", imgsz=64, nc=len(NAMES), cache="disk")
+    again = YOLODataset(ds / "train.txt", imgsz=64, nc=len(NAMES), cache="disk", augment=True)  # as training reads
     assert again.cache_file == str(ds / "train.cache") and again.counts.images == 8
     assert sorted(again.npy_files) == [str(f) for f in npy]
     assert _snapshot(ext) == before

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from helpers import limit
 from utils.data import generate_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +69,7 @@ def epochs_in_csv(path: Path) -> list[int]:
 
 def wait_for(cond, p: subprocess.Popen, timeout: float = 240, poll: float = 0.02) -> bool:
     t0 = time.time()
-    while time.time() - t0 < timeout:
+    while time.time() - t0 < limit(timeout):
         if cond():
             return True
         if p.poll() is not None:
@@ -97,9 +98,9 @@ def kill(p: subprocess.Popen, output: Output | None = None) -> str:
     if p.poll() is None:
         p.send_signal(signal.SIGKILL)
     if output is None:
-        return p.communicate(timeout=60)[0]
-    p.wait(timeout=60)
-    output.thread.join(timeout=60)
+        return p.communicate(timeout=limit(60))[0]
+    p.wait(timeout=limit(60))
+    output.thread.join(timeout=limit(60))
     return output.text()
 
 
@@ -157,7 +158,7 @@ def test_sigkill_mid_epoch_and_mid_save_then_resume(tmp_path):
     # 3) resume again: finishes despite the leftover temp file, which gets cleaned up
     env = {**os.environ, **ENV}
     r = subprocess.run([sys.executable, str(ROOT / "train_dual.py"), "--resume", str(last)], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=400)
+                       capture_output=True, text=True, timeout=limit(400))
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert "Traceback" not in r.stdout + r.stderr
     assert epochs_in_csv(csv_path) == [0, 1, 2]  # no duplicate, no missing epoch

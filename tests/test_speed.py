@@ -442,7 +442,7 @@ def test_onnx_backend_uses_optimised_session(weights, tmp_path):
     w = Path(shutil.copy(weights, tmp_path / "tiny.pt"))
     onnx = export.run(w, include=("onnx",), imgsz=(64, 96))["onnx"]
     b = Backend(onnx)
-    so = b.session.get_session_options()
+    so = b.runner.session.get_session_options()
     assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert so.intra_op_num_threads == torch.get_num_threads() == 1 and so.inter_op_num_threads == 1
     x = torch.rand(1, 3, 64, 96)
@@ -552,24 +552,40 @@ def test_frame_workers_policy(weights, monkeypatch):
     assert pred.frame_workers() == 0
 
 
-def test_video_announces_its_input_shape_before_the_first_inference(weights, tmp_path):
+def test_video_compiles_the_runtime_once_for_its_frame_shape_before_the_first_inference(weights, tmp_path):
+    """A fixed-size source tells the runner (Backend.prepare_input_shape -> Runner.set_input_shape) its letterboxed
+    frame shape once, before any frame reaches it; a folder of images of varying shapes tells it nothing."""
+    from utils.deploy.formats import Runner
     from utils.engine.predict.predictor import Predictor
     from utils.engine.sources import LoadSources
     pred = Predictor(weights, device="cpu", imgsz=128)
     events = []
-    pred.backend.fix_input_shape = lambda hw: events.append(("shape", hw))
-    infer = pred.inference
-    pred.inference = lambda x: events.append(("infer", tuple(x.shape[2:]))) or infer(x)
+
+    class Recording(Runner):  # an exported file's runner, computing with the .pt model
+        meta = {}
+
+        def __init__(self, model):
+            self.model = model
+
+        def set_input_shape(self, h, w):
+            events.append(("shape", (h, w)))
+            return True
+
+        def __call__(self, im):
+            events.append(("run", tuple(im.shape[2:])))
+            out = self.model(im)
+            return out[0] if isinstance(out, (tuple, list)) else out
+
+    pred.backend.runner = Recording(pred.backend.model)
     results = [r for _, r in pred.stream(LoadSources(make_video(tmp_path / "v.mp4", 4, w=160, h=96)), workers=2)]
-    assert events[0] == ("shape", (96, 128)) and events.count(("shape", (96, 128))) == 1
-    assert events[1:] == [("infer", (96, 128))] * 4 and results[0].input_shape == (96, 128)
+    assert events == [("shape", (96, 128))] + [("run", (96, 128))] * 4 and results[0].input_shape == (96, 128)
     events.clear()
     folder = tmp_path / "imgs"
     folder.mkdir()
     for i, (h, w) in enumerate(((40, 60), (70, 50))):  # a folder: shapes vary, nothing is announced
         cv2.imwrite(str(folder / f"{i}.png"), np.full((h, w, 3), 90, np.uint8))
     list(pred.stream(LoadSources(folder)))
-    assert not [e for e in events if e[0] == "shape"]
+    assert [e[0] for e in events] == ["run", "run"]
 
 
 def test_letterbox_tensor_is_the_reference_preprocessing():

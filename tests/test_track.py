@@ -462,3 +462,11 @@ def test_cli_bad_tracker_yaml_one_error_line(weights, tmp_path, capsys):
     lines = [ln for ln in err.splitlines() if ln.startswith("ERROR:")]
     assert len(lines) == 1 and "new_trak_thresh" in lines[0] and "Traceback" not in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_tracker_by_name_and_the_list_of_bundled_trackers(tmp_path):
+    from utils.engine.track.bytetrack import TrackerConfig, load_tracker_config
+    from utils.general import UserError
+    assert load_tracker_config("bytetrack") == TrackerConfig()  # a name, as the docs say
+    with pytest.raises(UserError, match=r"botsort: tracker config not found; .* bundled trackers: bytetrack \("):
+        load_tracker_config("botsort")

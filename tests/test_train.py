@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import shapes_yaml
+from helpers import limit, shapes_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--cfg", "gelan-t.yaml", "--imgsz", "64", "--batch-size", "8", "--workers", "0", "--seed", "1"]
@@ -27,7 +27,7 @@ def tiny_data(tmp_path_factory):
 def run_train(args, cwd, timeout=300, env=None):
     e = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / "train_dual.py"), *args], cwd=cwd, env=e,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=limit(timeout))
 
 
 def read_results(path):
@@ -72,13 +72,13 @@ def test_resume_after_interrupt_and_extend(tiny_data, tmp_path):
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     csv_path = tmp_path / "exp" / "results.csv"
     t0 = time.time()
-    while time.time() - t0 < 240 and p.poll() is None:
+    while time.time() - t0 < limit(240) and p.poll() is None:
         if csv_path.exists() and len(read_results(csv_path)[1]) >= 1:
             break
         time.sleep(0.2)
     if p.poll() is None:
         p.send_signal(signal.SIGINT)
-    out = p.communicate(timeout=240)[0]
+    out = p.communicate(timeout=limit(240))[0]
     assert "Traceback" not in out, out[-3000:]
     last = tmp_path / "exp" / "weights" / "last.pt"
     assert last.is_file()
@@ -300,7 +300,7 @@ def test_torchrun_two_processes_cpu(tiny_data, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
            str(ROOT / "train_dual.py"), *TINY, "--device", "cpu", "--data", str(tiny_data), "--epochs", "1",
            "--project", str(tmp_path), "--name", "ddp", "--noplots"]
-    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=limit(400))
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     runs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir() and p.name.startswith("ddp"))
     assert runs == ["ddp"]  # one set of artifacts

@@ -13,6 +13,7 @@ import re
 import tempfile
 import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from models.yolo import DetectionModel
-from utils.general import LOGGER, ROOT, UserError
+from utils.general import LOGGER, ROOT, UserError, file_mode, os_reason
 
 FORMAT_VERSION = 1
 
@@ -66,24 +67,6 @@ def make_checkpoint(model: nn.Module, *, ema: nn.Module | None = None, updates: 
     return ck
 
 
-def _os_reason(e: OSError) -> str:
-    """Readable reason even for OSError(errno.ENOSPC) raised without its text."""
-    code = e.errno if isinstance(e.errno, int) else (e.args[0] if len(e.args) == 1 and isinstance(e.args[0], int) else None)
-    return e.strerror or (os.strerror(code) if code is not None else "") or str(e) or type(e).__name__
-
-
-def _file_mode() -> int:
-    """Mode a plain open() would give (0o666 minus the umask): mkstemp makes 0o600 files, too strict for weights
-    shared with other users/containers. The umask is read, not set, so other threads are unaffected."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0o644
-
-
 def _remove_stale_temps(path: Path, before: float) -> None:
     """Drop `.{name}.*.tmp` files a killed save left behind (not touched since `before`, so not in use)."""
     for f in path.parent.glob(f".{path.name}.*.tmp"):
@@ -104,20 +87,20 @@ def save_checkpoint(ckpt: dict, path: str | Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
-        raise UserError(f"{path}: could not write checkpoint ({_os_reason(e)})") from None
+        raise UserError(f"{path}: could not write checkpoint ({os_reason(e)})") from None
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(ckpt, f)
             f.flush()
             os.fsync(f.fileno())
         with contextlib.suppress(OSError):
-            os.chmod(tmp, _file_mode())
+            os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(e, OSError):
-            raise UserError(f"{path}: could not write checkpoint ({_os_reason(e)}); the previous file is unchanged") from None
+            raise UserError(f"{path}: could not write checkpoint ({os_reason(e)}); the previous file is unchanged") from None
         raise
     _remove_stale_temps(path, t_start)
     return path
@@ -126,10 +109,13 @@ def save_checkpoint(ckpt: dict, path: str | Path) -> Path:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Load a checkpoint of this project safely (no code runs); clear errors otherwise."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: a folder, not a checkpoint file (an OpenVINO export runs with detect_dual.py/"
+                        f"val_dual.py; training and export start from a .pt written by train_dual.py)")
     if not path.is_file():
         raise UserError(f"{path}: weights file not found")
     if _is_torchscript(path):  # torch.load would hand it to torch.jit.load: refuse before that
-        raise UserError(f"{path}: {TORCHSCRIPT}")
+        raise UserError(f"{path}: {_exported('a TorchScript file', '.torchscript', path)}")
     try:
         ck = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # unpickling refused, truncated or not a torch file
@@ -161,14 +147,21 @@ def _what_instead(path: Path, err: Exception) -> str:
     if head.startswith(b"PK\x03\x04"):
         return "a truncated or damaged zip archive (what torch checkpoints are); the save or download was cut short"
     if _looks_like_onnx(path):
-        return "an ONNX model, not a checkpoint: name it .onnx and run it with detect_dual.py/val_dual.py"
+        return _exported("an ONNX model", ".onnx", path)
     if head[:1] == b"\x80":
         return ("a legacy (pre-1.6, non-zip) torch pickle, which is never unpickled here (it can run code); "
                 "re-save it as a zip checkpoint with a recent torch, then convert it with utils.deploy.upstream")
     return f"not a checkpoint (neither a torch zip archive nor an ONNX model; it starts with bytes {head[:8].hex(' ')})"
 
 
-TORCHSCRIPT = "a TorchScript file, not a checkpoint: name it .torchscript and run it with detect_dual.py/val_dual.py"
+def _exported(what: str, suffix: str, path: Path) -> str:
+    """An exported model where a checkpoint is needed: already named as such, it only runs (training, resuming
+    and exporting start from the .pt it came from); under another name, it runs once renamed."""
+    if path.suffix.lower() == suffix:
+        return (f"{what} (an export for inference), not a checkpoint: detect_dual.py and val_dual.py run it; "
+                f"training, --resume and export.py start from a .pt written by train_dual.py (the one it was "
+                f"exported from)")
+    return f"{what}, not a checkpoint: name it {suffix} and run it with detect_dual.py/val_dual.py"
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -223,14 +216,82 @@ def strip_checkpoint(path: str | Path) -> None:
     LOGGER.info(f"Optimizer stripped from {path}, {Path(path).stat().st_size / 1e6:.1f}MB")
 
 
-def transfer_weights(model: nn.Module, state: dict, exclude: tuple = ()) -> int:
-    """Load the entries of `state` whose names and shapes match; returns how many were transferred."""
+@dataclass(frozen=True)
+class Transfer:
+    """What `--weights` gave a new model. Counted are tensors that carry weights (parameters and BatchNorm
+    statistics, not the num_batches_tracked counters, which every BatchNorm has whatever the architecture)
+    and parameter elements; `fresh` names the parts that keep their initialisation."""
+
+    tensors: int  # weight tensors loaded from the file
+    total_tensors: int  # weight tensors of the model
+    params: int  # parameter elements loaded
+    total_params: int
+    fresh: tuple[str, ...] = ()
+
+    @property
+    def fraction(self) -> float:
+        return self.params / max(self.total_params, 1)
+
+
+def _carries_weights(key: str) -> bool:
+    return not key.endswith("num_batches_tracked")
+
+
+def _fresh_parts(model: nn.Module, missing: list[str], file_nc: int | None) -> list[str]:
+    """Readable names of the layers (or parts of layers) whose weight tensors were not in the file."""
+    mqa = [f"{n}." for n, m in model.named_modules() if type(m).__name__ == "MultiQueryAttentionLayerWithDownSampling"]
+    layers = getattr(model, "model", None)
+    head_i = len(layers) - 1 if layers is not None else -1
+    own = [k for k in model.state_dict() if _carries_weights(k)]
+    by_layer: dict[int, list[str]] = {}
+    for k in missing:
+        parts = k.split(".")
+        if len(parts) > 1 and parts[0] == "model" and parts[1].isdigit():
+            by_layer.setdefault(int(parts[1]), []).append(k)
+    out = []
+    for i, keys in sorted(by_layer.items()):
+        kind = type(layers[i]).__name__ if layers is not None else "layer"
+        n_layer = sum(k.startswith(f"model.{i}.") for k in own)
+        cls_branch = {f"model.{i}.cv3.", f"model.{i}.cv5."}
+        if any(k.startswith(p) for k in keys for p in mqa):
+            only = all(any(k.startswith(p) for p in mqa) for k in keys)
+            what = "Mobile MQA attention" + ("" if only else " and more")
+        elif i == head_i and all(any(k.startswith(p) for p in cls_branch) for k in keys):
+            nc = getattr(layers[i], "nc", None)
+            what = "class branch" + (f" (the file has {file_nc} classes, this model {nc})"
+                                     if file_nc is not None and nc is not None and file_nc != nc else "")
+        else:
+            what = "all of it" if len(keys) == n_layer else f"{len(keys)} of its {n_layer} weight tensors"
+        out.append(f"layer {i} {kind}: {what}")
+    return out
+
+
+def transfer_weights(model: nn.Module, state: dict, exclude: tuple = (), source: str = "pretrained weights",
+                     file_nc: int | None = None) -> Transfer:
+    """Load the entries of `state` whose names and shapes match, and say honestly what moved: weight tensors
+    and parameters loaded, the parts that start fresh, and a warning when less than half of the model's
+    parameters came from the file (the run is then close to training from scratch)."""
     own = model.state_dict()
     keep = {k: v for k, v in state.items()
             if k in own and v.shape == own[k].shape and not any(x in k for x in exclude)}
     model.load_state_dict(keep, strict=False)
-    LOGGER.info(f"Transferred {len(keep)}/{len(own)} items from pretrained weights")
-    return len(keep)
+    weights = [k for k in own if _carries_weights(k)]
+    params = dict(model.named_parameters())
+    missing = [k for k in weights if k not in keep]
+    t = Transfer(tensors=sum(k in keep for k in weights), total_tensors=len(weights),
+                 params=sum(p.numel() for k, p in params.items() if k in keep),
+                 total_params=sum(p.numel() for p in params.values()),
+                 fresh=tuple(_fresh_parts(model, missing, file_nc)))
+    LOGGER.info(f"Transferred {t.tensors}/{t.total_tensors} weight tensors ({t.params:,}/{t.total_params:,} "
+                f"parameters, {100 * t.fraction:.1f}%) from {source}")
+    if t.fresh:
+        parts = (["every layer (no weight of the file matched a name and shape here)"] if not t.tensors else
+                 list(t.fresh[:8]) + ([f"{len(t.fresh) - 8} more layers"] if len(t.fresh) > 8 else []))
+        LOGGER.info("Starting fresh (not in the file, or another shape): " + "; ".join(parts))
+    if t.fraction < 0.5:
+        LOGGER.warning(f"WARNING: only {100 * t.fraction:.1f}% of this model's parameters came from {source}: "
+                       f"the architectures differ, so this run is close to training from scratch (check --cfg)")
+    return t
 
 
 def find_newest(pattern: str, flag: str, root: Path = ROOT / "runs") -> Path:

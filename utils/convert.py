@@ -27,17 +27,27 @@ def _write_labels(out_dir: Path, split: str, per_image: dict[str, list]) -> Path
     return lb_dir
 
 
+def existing_names(out_dir: Path) -> list[str] | None:
+    """The class names of an existing OUT/data.yaml (None when there is none yet)."""
+    f = out_dir / "data.yaml"
+    if not f.is_file():
+        return None
+    old = (yaml.safe_load(f.read_text()) or {}).get("names")
+    if old is None:
+        return None
+    return [str(old[k]) for k in sorted(old)] if isinstance(old, dict) else [str(n) for n in old]
+
+
 def write_data_yaml(out_dir: Path, split: str, names: list[str]) -> Path:
-    """Create or update OUT/data.yaml; names must agree with an existing file."""
+    """Create or update OUT/data.yaml; names must agree with an existing file (converters check that before
+    they write any label, so labels are never numbered against other names)."""
     f = out_dir / "data.yaml"
     data = {}
     if f.is_file():
         data = yaml.safe_load(f.read_text()) or {}
-        old = data.get("names")
-        if old is not None:
-            old_list = [old[k] for k in sorted(old)] if isinstance(old, dict) else list(old)
-            if old_list != list(names):
-                raise UserError(f"{f}: existing names {old_list} differ from converted names {names}")
+        old = existing_names(out_dir)
+        if old is not None and old != list(names):
+            raise UserError(f"{f}: existing names {old} differ from converted names {names}")
     data.update(path=str(out_dir.resolve()), names={i: n for i, n in enumerate(names)}, nc=len(names))
     data[split] = f"images/{split}"
     missing = []
@@ -75,6 +85,10 @@ def coco2yolo(json_file: str | Path, out_dir: str | Path, split: str = "train", 
     cat_map = {c["id"]: i for i, c in enumerate(cats)}
     names = [str(c["name"]) for c in cats]
     images = {im["id"]: im for im in coco["images"]}
+    old = existing_names(out_dir)
+    if old is not None and old != names:
+        raise UserError(f"{out_dir / 'data.yaml'}: its names {old} differ from the categories of {json_file.name} "
+                        f"{names}; nothing written (convert into another --out, or fix the data YAML's names)")
     per_image: dict[str, list] = {Path(im["file_name"]).stem: [] for im in coco["images"]}
     skipped = 0
     for a in coco.get("annotations", []):
@@ -118,7 +132,7 @@ def voc2yolo(src: str | Path | list, out_dir: str | Path, split: str = "train", 
         [Path(p) for p in (src if isinstance(src, (list, tuple)) else [src])]
     if not files:
         raise UserError(f"{src}: no .xml files")
-    parsed = []
+    parsed, difficult = [], 0
     for f in files:
         root = _safe_parse_xml(f)
         size = root.find("size")
@@ -130,6 +144,7 @@ def voc2yolo(src: str | Path | list, out_dir: str | Path, split: str = "train", 
         objs = []
         for o in root.iter("object"):
             if not keep_difficult and (o.findtext("difficult") or "0").strip() == "1":
+                difficult += 1
                 continue
             bb = o.find("bndbox")
             try:
@@ -138,8 +153,7 @@ def voc2yolo(src: str | Path | list, out_dir: str | Path, split: str = "train", 
                 raise UserError(f"{f}: object without a valid <bndbox>") from None
             objs.append(((o.findtext("name") or "").strip(), x1 - 1, y1 - 1, x2, y2))
         parsed.append((fname, w, h, objs))
-    if names is None:
-        names = sorted({o[0] for _, _, _, objs in parsed for o in objs})
+    names = _voc_names(Path(out_dir), names, sorted({o[0] for _, _, _, objs in parsed for o in objs}))
     idx = {n: i for i, n in enumerate(names)}
     per_image, unknown = {}, set()
     for fname, w, h, objs in parsed:
@@ -158,8 +172,32 @@ def voc2yolo(src: str | Path | list, out_dir: str | Path, split: str = "train", 
     if images_dir:
         _copy_images(Path(images_dir), Path(out_dir) / "images" / split, [p[0] for p in parsed])
     write_data_yaml(Path(out_dir), split, names)
-    LOGGER.info(f"VOC: {len(parsed)} files, {len(names)} classes -> {lb_dir}")
+    skipped = f" ({difficult} objects marked difficult skipped; --keep-difficult keeps them)" if difficult else ""
+    LOGGER.info(f"VOC: {len(parsed)} files, {len(names)} classes -> {lb_dir}{skipped}")
     return names
+
+
+def _voc_names(out_dir: Path, given: list[str] | None, found: list[str]) -> list[str]:
+    """The class list to number VOC objects by, decided before any label is written: --names, else the existing
+    data.yaml's names when they cover every class found (a later split keeps the first split's numbering),
+    else the sorted names found."""
+    old = existing_names(out_dir)
+    f = out_dir / "data.yaml"
+    if given is not None:
+        if old is not None and old != list(given):
+            raise UserError(f"{f}: its names {old} differ from --names {given}; nothing written (pass "
+                            f"--names {','.join(old)} to number this split like the existing labels)")
+        return list(given)
+    if old is None:
+        return found
+    extra = [n for n in found if n not in old]
+    if extra:
+        raise UserError(f"{f}: classes {extra} of these files are not among its names {old}; nothing written "
+                        f"(pass --names with the existing names plus the new ones, and convert the other splits "
+                        f"again with the same --names)")
+    if found != old:
+        LOGGER.info(f"VOC: numbering classes by the names of {f} ({len(old)} classes)")
+    return old
 
 
 def _copy_images(src_dir: Path, dst_dir: Path, file_names: list[str]) -> None:

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -67,6 +68,55 @@ def report_error(line: str) -> None:
             error_file = None
     if int(os.environ.get("RANK", "0") or 0) <= 0 or not error_file:
         print(line, file=sys.stderr)
+
+
+def os_reason(e: OSError) -> str:
+    """Readable reason even for OSError(errno.ENOSPC) raised without its text."""
+    code = e.errno if isinstance(e.errno, int) else None
+    if code is None and len(e.args) == 1 and isinstance(e.args[0], int):
+        code = e.args[0]
+    return e.strerror or (os.strerror(code) if code is not None else "") or str(e) or type(e).__name__
+
+
+def file_mode() -> int:
+    """Mode a plain open() would give (0o666 minus the umask): mkstemp makes 0o600 files, too strict for files
+    shared with other users/containers. The umask is read, not set, so other threads are unaffected."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o644
+
+
+def write_atomic(path: str | Path, content: str | bytes) -> Path:
+    """Write a file whole or not at all: into a temp file beside it, flushed, then renamed over it. A failure
+    (full disk, read-only folder) is one UserError naming the file and the reason; the previous file is left
+    as it was and no temp file stays behind. Render into memory first (figures, tables): some writers
+    (matplotlib's JPEG path) truncate silently when the disk fills, this one never does."""
+    path = Path(path)
+    existed = path.exists()
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp = Path(name)
+        with os.fdopen(fd, "wb") as f:
+            f.write(content.encode("utf-8") if isinstance(content, str) else content)
+            f.flush()
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        kept = "; the previous file is unchanged" if existed else ""
+        raise UserError(f"{path}: could not write ({os_reason(e)}){kept}") from None
+    except BaseException:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def increment_path(path: str | Path, exist_ok: bool = False, mkdir: bool = False) -> Path:

@@ -73,14 +73,16 @@ class TaskAlignedAssigner(nn.Module):
         # an anchor claimed by several GTs keeps the candidate GT it overlaps most
         fg_mask = mask_pos.any(1)  # [B,A]
         target_gt_idx = overlaps.masked_fill(~mask_pos, -1.0).argmax(1)  # [B,A]
-        mask_pos = F.one_hot(target_gt_idx, n_max).permute(0, 2, 1).bool() & fg_mask[:, None, :]
+        # one-hot by comparison: F.one_hot checks its indices' range on the host (two GPU syncs per call)
+        gt_range = torch.arange(n_max, device=device)[None, :, None]
+        mask_pos = (gt_range == target_gt_idx[:, None, :]) & fg_mask[:, None, :]
 
         # gather targets
         batch_off = torch.arange(bs, device=device)[:, None] * n_max
         flat_idx = target_gt_idx + batch_off
         target_labels = labels.reshape(-1)[flat_idx]  # [B,A]
         target_bboxes = gt_bboxes.reshape(-1, 4)[flat_idx]  # [B,A,4]
-        target_scores = F.one_hot(target_labels, nc).to(pd_scores.dtype) * fg_mask[..., None]
+        target_scores = torch.zeros_like(pd_scores).scatter_(-1, target_labels[..., None], 1.0) * fg_mask[..., None]
 
         # normalised alignment metric as soft class target
         metric = metric * mask_pos
@@ -133,16 +135,29 @@ class DetectionLoss:
         if nc is None or stride is None:
             raise ValueError("DetectionLoss needs a model or both nc and stride")
         self.nc, self.reg_max = int(nc), int(reg_max)
-        self.stride = torch.as_tensor(stride, dtype=torch.float32).flatten()
+        self.stride = torch.as_tensor(stride, dtype=torch.float32).flatten().cpu()
+        # Python floats, read once here: a stride tensor on the GPU read with float() per level and step
+        # would wait for the GPU (a host-device sync) every time
+        self.strides = tuple(float(s) for s in self.stride.tolist())
         self.no = self.nc + 4 * self.reg_max
         self.gains = (float(hyp.get("box", 7.5)), float(hyp.get("cls", 0.5)), float(hyp.get("dfl", 1.5)))
+        self._gains = torch.tensor(self.gains)
         self.assigner = TaskAlignedAssigner(topk=topk, num_classes=self.nc, alpha=0.5, beta=6.0)
         self.bins = torch.arange(self.reg_max, dtype=torch.float32)
+        self._on_device: dict[tuple, Tensor] = {}  # (name, device, dtype) -> constant kept where it is used
         # normaliser of the three terms from the batch's target-score sum; the trainer swaps in the
         # global-batch version under DDP (utils.engine.distributed.global_score_sum)
         self.score_sum_fn: Callable[[Tensor], Tensor] = local_score_sum
 
     # ---- helpers ----
+    def _const(self, name: str, value: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """`value` on `device` as `dtype`, copied there once (not rebuilt and sent every step)."""
+        key = (name, device, dtype)
+        t = self._on_device.get(key)
+        if t is None:
+            t = self._on_device[key] = value.to(device, dtype)
+        return t
+
     def _split(self, feats: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """Concatenate levels -> (pred_dist [B,A,4*reg_max], pred_logits [B,A,nc]) in float32."""
         bs = feats[0].shape[0]
@@ -154,44 +169,42 @@ class DetectionLoss:
         """Expected distance per side (softmax over bins, weights 0..reg_max-1) -> xyxy in grid units."""
         b, a, _ = pred_dist.shape
         prob = pred_dist.view(b, a, 4, self.reg_max).softmax(-1)
-        dist = prob @ self.bins.to(prob.device, prob.dtype)
+        dist = prob @ self._const("bins", self.bins, prob.device, prob.dtype)
         return dist2bbox(dist, anchor_points, xywh=False)
 
-    def _targets(self, targets: Tensor, bs: int, img_hw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """[N,6] normalised -> gt_labels [B,n,1], gt_bboxes [B,n,4] xyxy pixels, mask_gt [B,n,1]."""
-        device = img_hw.device
-        targets = targets.to(device=device, dtype=torch.float32)
-        if targets.numel() == 0:
-            z = torch.zeros((bs, 0, 1), device=device)
-            return z, torch.zeros((bs, 0, 4), device=device), z.clone()
-        img_idx = targets[:, 0].long()
-        counts = torch.bincount(img_idx, minlength=bs)
-        n_max = int(counts.max())
-        out = torch.zeros((bs, n_max, 5), device=device)
-        order = torch.argsort(img_idx, stable=True)
-        t = targets[order]
-        idx_sorted = img_idx[order]
-        starts = torch.cumsum(counts, 0) - counts
-        slot = torch.arange(len(t), device=device) - starts[idx_sorted]
-        scale = img_hw[[1, 0, 1, 0]]  # w, h, w, h
-        out[idx_sorted, slot, 0] = t[:, 1]
-        out[idx_sorted, slot, 1:] = xywh2xyxy(t[:, 2:6] * scale)
-        mask = torch.zeros((bs, n_max, 1), device=device)
-        mask[idx_sorted, slot] = 1.0
-        return out[..., :1], out[..., 1:], mask
+    def _targets(self, targets: Tensor, bs: int, img_w: float, img_h: float,
+                 device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """[N,6] normalised -> gt_labels [B,n,1], gt_bboxes [B,n,4] xyxy pixels, mask_gt [B,n,1] on `device`.
 
-    def _branch(self, feats: Sequence[Tensor], targets: Tensor) -> Tensor:
-        """Un-gained [box, cls, dfl] for one head branch."""
+        Built on the host (the loader's targets are there; the padded size n is read from them without waiting
+        for the GPU) and sent with one asynchronous copy from page-locked memory."""
+        t = targets.detach().to("cpu", torch.float32)
+        n_max = int(torch.bincount(t[:, 0].long(), minlength=bs).max()) if len(t) else 0
+        out = torch.zeros((bs, n_max, 6), pin_memory=device.type == "cuda")
+        if n_max:
+            img_idx = t[:, 0].long()
+            counts = torch.bincount(img_idx, minlength=bs)
+            order = torch.argsort(img_idx, stable=True)
+            t, idx_sorted = t[order], img_idx[order]
+            slot = torch.arange(len(t)) - (torch.cumsum(counts, 0) - counts)[idx_sorted]
+            xywh = t[:, 2:6].clone()
+            xywh[:, 0::2] *= img_w
+            xywh[:, 1::2] *= img_h
+            out[idx_sorted, slot, 0] = t[:, 1]
+            out[idx_sorted, slot, 1:5] = xywh2xyxy(xywh)
+            out[idx_sorted, slot, 5] = 1.0
+        out = out.to(device, non_blocking=True)
+        return out[..., :1], out[..., 1:5], out[..., 5:]
+
+    def _branch(self, feats: Sequence[Tensor], gt: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        """Un-gained [box, cls, dfl] for one head branch; gt = (labels, boxes, mask) from `_targets`."""
         feats = [f.float() for f in feats]  # autocast (bf16/fp16) outputs: anchors and boxes in fp32
         device = feats[0].device
-        stride = self.stride.to(device)
         pred_dist, pred_logits = self._split(feats)
-        bs = pred_logits.shape[0]
-        img_hw = torch.tensor(feats[0].shape[2:], device=device, dtype=torch.float32) * stride[0]
-        anchor_points, stride_tensor = make_anchors(feats, stride, 0.5)
+        anchor_points, stride_tensor = make_anchors(feats, self.strides, 0.5)
         anchor_points, stride_tensor = anchor_points.float(), stride_tensor.float()
 
-        gt_labels, gt_bboxes, mask_gt = self._targets(targets, bs, img_hw)
+        gt_labels, gt_bboxes, mask_gt = gt
         pred_bboxes = self.decode(anchor_points, pred_dist)  # grid units, xyxy
         _, target_bboxes, target_scores, fg_mask, _ = self.assigner(
             pred_logits.detach().sigmoid(), pred_bboxes.detach() * stride_tensor, anchor_points * stride_tensor,
@@ -201,27 +214,30 @@ class DetectionLoss:
 
         loss = torch.zeros(3, device=device)
         loss[1] = F.binary_cross_entropy_with_logits(pred_logits, target_scores, reduction="sum") / score_sum
-        if fg_mask.any():
-            weight = target_scores.sum(-1)[fg_mask].unsqueeze(-1)  # [P,1]
-            iou = bbox_iou(pred_bboxes[fg_mask], target_bboxes[fg_mask], xywh=False, CIoU=True)
+        fg = fg_mask.nonzero(as_tuple=True)  # one host read of the positives; indexing with it reads no more
+        if len(fg[0]):
+            weight = target_scores.sum(-1)[fg].unsqueeze(-1)  # [P,1]
+            iou = bbox_iou(pred_bboxes[fg], target_bboxes[fg], xywh=False, CIoU=True)
             loss[0] = ((1.0 - iou).unsqueeze(-1) * weight).sum() / score_sum
-            target_ltrb = bbox2dist(anchor_points, target_bboxes, self.reg_max)
-            pd = pred_dist[fg_mask].view(-1, 4, self.reg_max)
-            loss[2] = (dfl_loss(pd, target_ltrb[fg_mask]) * weight).sum() / score_sum
+            target_ltrb = bbox2dist(anchor_points[fg[1]], target_bboxes[fg], self.reg_max)
+            pd = pred_dist[fg].view(-1, 4, self.reg_max)
+            loss[2] = (dfl_loss(pd, target_ltrb) * weight).sum() / score_sum
         else:  # keep every prediction in the graph so DDP / unused-parameter checks stay happy
             loss[0] = loss[0] + pred_dist.sum() * 0.0
             loss[2] = loss[2] + pred_dist.sum() * 0.0
         return loss
 
     def __call__(self, feats, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """targets may live on the host (cheapest: the trainer passes the loader's) or on the device."""
         if isinstance(feats[0], Tensor) and feats[0].dim() == 3:
             feats = feats[1]  # (y, feats) from eval mode
-        if isinstance(feats[0], (list, tuple)):  # dual head: [aux, main]
-            aux, main = feats[0], feats[1]
-            loss = self._branch(main, targets) + self.aux_weight * self._branch(aux, targets)
-            bs = main[0].shape[0]
-        else:
-            loss = self._branch(feats, targets)
-            bs = feats[0].shape[0]
-        loss = loss * torch.tensor(self.gains, device=loss.device)
+        dual = isinstance(feats[0], (list, tuple))  # dual head: [aux, main]
+        main = feats[1] if dual else feats
+        bs, (h, w), device = main[0].shape[0], main[0].shape[2:], main[0].device
+        # both branches see the same input, so one set of padded targets serves them
+        gt = self._targets(targets, bs, float(w) * self.strides[0], float(h) * self.strides[0], device)
+        loss = self._branch(main, gt)
+        if dual:
+            loss = loss + self.aux_weight * self._branch(feats[0], gt)
+        loss = loss * self._const("gains", self._gains, loss.device, loss.dtype)
         return loss.sum() * bs, loss.detach()

@@ -156,7 +156,9 @@ def ap_per_class(tp, conf, pred_cls, target_cls, plot: bool = False, save_dir: s
     nc, nt = len(classes), tp.shape[1]
     px = np.linspace(0, 1, 1000)  # confidence grid for the P/R/F1 curves
     ap = np.zeros((nc, nt))
-    p_curve, r_curve = np.ones((nc, len(px))), np.zeros((nc, len(px)))
+    # a class with no predictions keeps precision 0 (as upstream's ap_per_class); above a class's top score
+    # precision is 1 (nothing predicted there yet, as upstream's interpolation with left=1)
+    p_curve, r_curve = np.zeros((nc, len(px))), np.zeros((nc, len(px)))
     pr_curve = np.zeros((nc, len(RECALL_THRESHOLDS)))  # IoU 0.5 precision at 101 recall points
     for ci, (c, npos) in enumerate(zip(classes, n_gt)):
         sel = pred_cls == c

@@ -2,6 +2,7 @@
 the confusion matrix. matplotlib is imported on first use (it is slow to import and detection never needs it)."""
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Sequence
@@ -10,7 +11,7 @@ import cv2
 import numpy as np
 import torch
 
-from utils.general import LOGGER
+from utils.general import LOGGER, UserError, write_atomic
 
 # A fixed, colour-blind-friendly-ish palette (BGR) so a class keeps its colour across plots.
 _PALETTE_HEX = ["FF3838", "2C99A8", "FF9D97", "00C2FF", "FFB21D", "344593", "CFD231", "6473FF", "48F90A",
@@ -30,6 +31,21 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _savefig(fig, path: str | Path, dpi: int) -> Path | None:
+    """Save and close a figure, atomically; a failed write (full disk, read-only folder) is one warning and
+    None: plots are extras, the run they illustrate goes on."""
+    path, buf = Path(path), io.BytesIO()
+    try:
+        fig.savefig(buf, dpi=dpi, format=path.suffix[1:])
+        write_atomic(path, buf.getvalue())
+    except UserError as e:
+        LOGGER.warning(f"WARNING: plot not saved: {e}")
+        return None
+    finally:
+        _plt().close(fig)
+    return path
 
 
 def _to_numpy(x):
@@ -80,10 +96,7 @@ def plot_labels(labels, names=(), save_dir: str | Path = ".") -> Path | None:
     ax[3].imshow(canvas)
     ax[3].axis("off")
     ax[3].set_title("box shapes")
-    f = save_dir / "labels.jpg"
-    fig.savefig(f, dpi=150)
-    plt.close(fig)
-    return f
+    return _savefig(fig, save_dir / "labels.jpg", 150)
 
 
 def plot_images(images, targets, paths=None, fname: str | Path = "images.jpg", names=(), max_size: int = 1920,
@@ -174,15 +187,12 @@ def plot_results(file: str | Path = "results.csv", dir: str | Path | None = None
         ax.set_title(c, fontsize=10)
     for ax in axes.ravel()[n:]:
         ax.axis("off")
-    out = file.with_name("results.png")
-    fig.savefig(out, dpi=150)
-    plt.close(fig)
-    return out
+    return _savefig(fig, file.with_name("results.png"), 150)
 
 
 # ---- validation metric plots ----
 
-def _save_curve(fig, ax, save_path: str | Path, xlabel: str, ylabel: str, title: str) -> Path:
+def _save_curve(fig, ax, save_path: str | Path, xlabel: str, ylabel: str, title: str) -> Path | None:
     """The frame both 0..1 curve plots share: labels, unit axes, legend outside, saved and closed."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -190,15 +200,11 @@ def _save_curve(fig, ax, save_path: str | Path, xlabel: str, ylabel: str, title:
     ax.set_ylim(0, 1)
     ax.legend(bbox_to_anchor=(1.04, 1), loc="upper left")
     ax.set_title(title)
-    save_path = Path(save_path)
-    save_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(save_path, dpi=150)
-    _plt().close(fig)
-    return save_path
+    return _savefig(fig, save_path, 150)
 
 
 def plot_pr_curve(recall: np.ndarray, precision: np.ndarray, ap50: np.ndarray, save_path: str | Path,
-                  names: Sequence[str] = ()) -> Path:
+                  names: Sequence[str] = ()) -> Path | None:
     """Precision (rows = classes, sampled at `recall`) vs recall at IoU 0.5, with the class mean."""
     fig, ax = _plt().subplots(1, 1, figsize=(9, 6), tight_layout=True)
     show_legend = 0 < len(precision) < 21
@@ -212,7 +218,7 @@ def plot_pr_curve(recall: np.ndarray, precision: np.ndarray, ap50: np.ndarray, s
 
 
 def plot_mc_curve(px: np.ndarray, py: np.ndarray, save_path: str | Path, names: Sequence[str] = (),
-                  xlabel: str = "Confidence", ylabel: str = "Metric") -> Path:
+                  xlabel: str = "Confidence", ylabel: str = "Metric") -> Path | None:
     """A metric vs confidence curve per class plus the class mean (marking its maximum)."""
     fig, ax = _plt().subplots(1, 1, figsize=(9, 6), tight_layout=True)
     show_legend = 0 < len(py) < 21
@@ -226,7 +232,7 @@ def plot_mc_curve(px: np.ndarray, py: np.ndarray, save_path: str | Path, names: 
 
 
 def plot_confusion_matrix(matrix: np.ndarray, labels: Sequence[str], save_path: str | Path,
-                          normalize: bool = True) -> Path:
+                          normalize: bool = True) -> Path | None:
     """Heatmap of a (nc+1)^2 confusion matrix (rows predicted, columns true); labels include background."""
     plt = _plt()
     import seaborn as sn
@@ -245,9 +251,7 @@ def plot_confusion_matrix(matrix: np.ndarray, labels: Sequence[str], save_path: 
     ax.set_xlabel("True")
     ax.set_ylabel("Predicted")
     ax.set_title("Confusion Matrix" + (" (normalised)" if normalize else ""))
-    fig.savefig(save_path, dpi=150)
-    plt.close(fig)
-    return save_path
+    return _savefig(fig, save_path, 150)
 
 
 def plot_evolve(file: str | Path, keys: Sequence[str]) -> Path | None:
@@ -281,7 +285,4 @@ def plot_evolve(file: str | Path, keys: Sequence[str]) -> Path | None:
     axes[0, 0].set_ylabel("fitness")
     for ax in axes.ravel()[len(keys):]:
         ax.axis("off")
-    out = file.with_name("evolve.png")
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _savefig(fig, file.with_name("evolve.png"), 120)

@@ -127,16 +127,19 @@ class YOLODataset(Dataset):
         """Disk-cache files live in one folder beside the split's label cache, never beside the images.
 
         Why: images may be listed from read-only or foreign folders; the name carries a hash of the image's
-        path, size and mtime, so same-named images from different folders and edited images never collide.
+        path, size and mtime, so same-named images from different folders and edited images never collide, and
+        of the size and decode the array holds (it is stored resized, like the RAM cache), so another --imgsz
+        or a validation reader of the same split never takes arrays made for training.
         """
         folder = Path(self.cache_file).with_suffix(".npy-cache")
+        how = f"{self.imgsz}|{'reduced' if self.augment and not self.upstream else 'full'}"
         out = []
         for f in self.im_files:
             try:
                 st = os.stat(f)
-                key = f"{f}|{st.st_size}|{st.st_mtime_ns}"
+                key = f"{f}|{st.st_size}|{st.st_mtime_ns}|{how}"
             except OSError:
-                key = f
+                key = f"{f}|{how}"
             out.append(str(folder / f"{Path(f).stem}_{hashlib.sha1(key.encode()).hexdigest()[:12]}.npy"))
         return out
 
@@ -196,7 +199,7 @@ class YOLODataset(Dataset):
             elif not Path(self.npy_files[i]).exists():
                 tmp = f"{self.npy_files[i]}.tmp{os.getpid()}.npy"  # atomic: a killed run leaves no half file
                 try:
-                    np.save(tmp, imread(self.im_files[i]), allow_pickle=False)
+                    np.save(tmp, self.load_image(i)[0], allow_pickle=False)  # resized: 64 px, not 8000x6000
                     os.replace(tmp, self.npy_files[i])
                 except OSError as e:
                     Path(tmp).unlink(missing_ok=True)
@@ -236,10 +239,11 @@ class YOLODataset(Dataset):
         if im is not None:
             w0, h0 = self.shapes[i]
             return im, (int(h0), int(w0)), im.shape[:2]
-        if self.cache == "disk" and Path(self.npy_files[i]).exists():
+        if self.cache == "disk" and Path(self.npy_files[i]).exists():  # stored resized, as load_image returns it
             im = np.load(self.npy_files[i], allow_pickle=False)
-            h0, w0 = im.shape[:2]
-        elif self.augment and not self.upstream:  # training: decode only the pixels the target size keeps
+            w0, h0 = self.shapes[i]
+            return im, (int(h0), int(w0)), im.shape[:2]
+        if self.augment and not self.upstream:  # training: decode only the pixels the target size keeps
             w0, h0 = (int(v) for v in self.shapes[i])
             im = read_reduced(self.im_files[i], (h0, w0), self.imgsz)
         else:  # validation and --upstream-loader: full decode, so val mAP does not depend on this speed-up

@@ -1,4 +1,5 @@
-"""DataLoader factory: seeded workers, DistributedSampler under DDP, sharded validation, multi-scale helper."""
+"""DataLoader factory: seeded workers, DistributedSampler (or whole rect batches) under DDP, sharded validation,
+multi-scale helper."""
 from __future__ import annotations
 
 import math
@@ -63,6 +64,30 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
+class RectBatchSampler(Sampler):
+    """Training with --rect under DDP: rank r of W gets whole rect batches r, r+W, r+2W, ... of the single-process
+    batch order, so every batch its loader forms holds images of one rect shape (a DistributedSampler interleaves
+    images, and one loader batch would then mix shapes that cannot be stacked). Every rank gets ceil(nb/W)
+    batches (DDP needs equal step counts): the ranks that come up short repeat batches from the start, as a
+    DistributedSampler pads with samples. The one partial batch (n not a multiple of the batch size) is always
+    its rank's last, so the loader's grouping of the indices stays on batch boundaries."""
+
+    def __init__(self, n: int, batch_size: int, rank: int, world: int):
+        self.n, self.bs, self.rank, self.world = n, batch_size, rank, world
+        nb = -(-n // batch_size)
+        ids = [(rank + world * j) % nb for j in range(-(-nb // world))]
+        self.indices = [i for b in ids for i in range(b * batch_size, min((b + 1) * batch_size, n))]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Rect batches keep their order (no shuffle), as in one process."""
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 class RecordingSampler(Sampler):
     """Wraps a sampler and appends the indices it hands out each epoch to <dir>/rank<R>.txt
     ("epoch i,j,k,..."): set YOLO_SAMPLER_LOG=<dir> to see which images each rank trained on."""
@@ -96,7 +121,8 @@ def create_dataloader(path, imgsz: int, batch_size: int, stride=32, hyp: dict | 
     """Build (loader, dataset). Batches are (imgs uint8 [B,3,H,W] RGB, targets [N,6], paths, shapes).
 
     rank >= 0: training under DDP, a DistributedSampler over the GLOBAL rank and world size (padded, shuffled
-    per epoch). shard=(rank, world): validation, a ShardSampler (whole batches, no padding duplicates).
+    per epoch), or with rect a RectBatchSampler (whole rect batches per rank). shard=(rank, world): validation,
+    a ShardSampler (whole batches, no padding duplicates).
 
     Workers are persistent (no re-spawn, re-import and re-seed at every epoch start); dataset state changed
     between epochs (close_mosaic, image-weight resampling) is held in shared memory by the dataset, so it
@@ -121,8 +147,12 @@ def create_dataloader(path, imgsz: int, batch_size: int, stride=32, hyp: dict | 
              else int(os.environ.get("WORLD_SIZE", 1))) if rank != -1 else 1
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # processes sharing this node's CPUs
     nw = min(usable_cores() // max(local_world, 1), batch_size if batch_size > 1 else 0, int(workers))  # affinity, quota
-    sampler = None if rank == -1 else distributed.DistributedSampler(dataset, num_replicas=world, rank=rank,
-                                                                     shuffle=shuffle, seed=seed)
+    if rank == -1:
+        sampler = None
+    elif rect:  # whole rect batches per rank: a DistributedSampler would mix shapes within a batch
+        sampler = RectBatchSampler(len(dataset), batch_size, rank, world)
+    else:
+        sampler = distributed.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
     if shard is not None and shard[1] > 1:
         sampler = ShardSampler(len(dataset), batch_size, *shard)
     if rank != -1 and os.environ.get("YOLO_SAMPLER_LOG"):  # training samplers only

@@ -337,7 +337,10 @@ def scan_dataset(paths, nc: int, prefix: str = "", use_cache: bool = True) -> Da
     if cache is None:
         with ThreadPoolExecutor(NUM_THREADS) as pool:
             recs = list(pool.map(verify_image_label, im_files, label_files, [nc] * len(im_files)))
-        orphans = _orphan_labels(im_files, label_files)
+        # a .txt image list names a subset on purpose (train.txt and val.txt share one labels/ folder): only a
+        # split given as folders says which label files lack their image
+        folders = all(Path(p).is_dir() for p in (paths if isinstance(paths, (list, tuple)) else [paths]))
+        orphans = _orphan_labels(im_files, label_files) if folders else []
         msgs = list(list_msgs)
         for r in recs:
             msgs += r["msgs"]

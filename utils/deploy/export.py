@@ -1,57 +1,45 @@
-"""Export engine: TorchScript / ONNX / OpenVINO files with metadata, INT8 copies (utils/deploy/quantize.py),
-and the GELAN re-parameterisation step.
+"""Export engine: every format of utils/deploy/formats (one module per runtime) written from one model in
+export mode, plus the GELAN re-parameterisation step.
 
 Exported files return y [B, 4+nc, A] (xywh pixels + class scores; the main branch for dual-head models).
-By default they are fixed to one input size; with dynamic=True batch, height and width are dynamic (any
-multiple of the stride; the anchor grid follows the input). Class names, stride, nc, imgsz and dynamic_hw
-are stored in the file and read back by utils/engine/backend.py. OpenVINO models are converted from the ONNX
-graph (the same traced graph; a temporary .onnx when onnx itself is not requested) and saved with FP32 weights
-as `<name>_openvino_model/<name>.xml/.bin`, metadata in the IR's rt_info. With int8=True each of onnx and
-openvino also gets a statically quantized copy (`<name>-int8.onnx`, `<name>-int8_openvino_model/`).
+By default they are fixed to one input size; with dynamic=True batch, height and width are dynamic where the
+format allows it (any multiple of the stride; the anchor grid follows the input). Class names, stride, nc,
+imgsz and dynamic_hw are stored in each file and read back by the format's runner (utils/engine/backend.py).
+With int8=True each format that has an INT8 mode also gets a quantized copy `<name>-int8<suffix>`, calibrated
+on training images of the data YAML (utils/deploy/quantize.py).
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import tempfile
-import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from models.attention import MultiQueryAttentionLayerWithDownSampling as MQA
 from utils.checkpoint import load_checkpoint, load_model
-from utils.deploy import quantize
+from utils.deploy import formats, quantize
+from utils.deploy.formats import ExportJob, ExportOptions, Format
 from utils.deploy.reparam import main_branch_only, reparam_checkpoint
 from utils.general import LOGGER, UserError, check_img_size, image_hw
 from utils.torch_utils import select_device
 
-FORMATS = ("torchscript", "onnx", "openvino", "reparam")
-MIN_OPSET = 11  # opsets 7-10 stop inside torch's exporter on these models (IndexError in a transpose, torch 2.14)
+REPARAM = "reparam"  # not a runtime: the dual-head checkpoint re-parameterised into a single-head GELAN .pt
 
 
-def max_opset() -> int:
-    """Newest ONNX opset this torch writes (23 for torch 2.14, checked against onnxruntime); 20 if torch
-    does not say (torch.onnx keeps the number in a private module)."""
-    try:
-        from torch.onnx import _constants
-        return int(_constants.ONNX_MAX_OPSET)
-    except (ImportError, AttributeError, TypeError, ValueError):
-        return 20
-
-
-def check_opset(opset: int) -> None:
-    """One line before any work instead of an exporter traceback or a 1,000-line IR dump."""
-    top = max_opset()
-    if not MIN_OPSET <= opset <= top:
-        raise UserError(f"--opset {opset}: torch {torch.__version__.split('+')[0]} exports these models at ONNX "
-                        f"opsets {MIN_OPSET}..{top} (default 17)")
+def include_choices() -> list[str]:
+    return formats.names() + [REPARAM]
 
 
 @contextlib.contextmanager
 def export_mode(model: nn.Module):
-    """Eval mode, head returns only y, MQA uses its explicit (traceable) math; all restored afterwards."""
+    """Eval mode, head returns only y, MQA uses its explicit (traceable) math; all restored afterwards.
+
+    In this mode every shape is a Python number for a fixed input size (the head's strides are floats, the
+    attention's token grids come from the input's static shape), so torch.export accepts the model as well
+    as the TorchScript tracer and the ONNX exporter do."""
     head, was_training = model.head, model.training
     old_export, old_explicit = head.__dict__.get("export"), MQA.explicit_default
     model.eval()
@@ -76,66 +64,6 @@ def metadata(model: nn.Module, imgsz: tuple, batch: int, dynamic: bool, half: bo
             "model": str(model.yaml.get("yaml_file", "")), "source": weights.name}
 
 
-def trace_torchscript(model: nn.Module, im: torch.Tensor) -> torch.jit.ScriptModule:
-    """The traced model (call inside export_mode). Nothing in it names a device (see utils.boxes.make_anchors),
-    so a file exported on CPU runs on any GPU."""
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.jit.trace(model, im, strict=False, check_trace=False)
-
-
-def export_torchscript(model: nn.Module, im: torch.Tensor, f: Path, meta: dict) -> Path:
-    trace_torchscript(model, im).save(str(f), _extra_files={"config.txt": json.dumps(meta)})
-    return f
-
-
-def export_onnx(model: nn.Module, im: torch.Tensor, f: Path, meta: dict, opset: int = 17, dynamic: bool = False,
-                simplify: bool = False) -> Path:
-    try:
-        import onnx
-    except ImportError:
-        raise UserError("export.py: --include onnx needs the onnx package (pip install onnx onnxruntime)") from None
-    # dynamic: batch and image height/width (any multiple of the stride); the anchor count follows the size
-    axes = {"images": {0: "batch", 2: "height", 3: "width"}, "output0": {0: "batch", 2: "anchors"}} if dynamic else None
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (im,), str(f), dynamo=False, opset_version=opset, do_constant_folding=True,
-                          input_names=["images"], output_names=["output0"], dynamic_axes=axes)
-    m = onnx.load(str(f))
-    onnx.checker.check_model(m)
-    if simplify:
-        try:
-            import onnxsim
-            m, ok = onnxsim.simplify(m)
-            if not ok:
-                LOGGER.warning("WARNING: onnxsim could not validate the simplified model; kept it anyway")
-        except ImportError:
-            LOGGER.warning("WARNING: --simplify ignored: onnxsim is not installed")
-    del m.metadata_props[:]
-    for k, v in meta.items():
-        p = m.metadata_props.add()
-        p.key, p.value = k, json.dumps(v)
-    onnx.save(m, str(f))
-    return f
-
-
-def export_openvino(onnx_file: Path, d: Path, meta: dict, int8_images: list | None = None) -> Path:
-    """OpenVINO IR folder `d` (d/<d's stem>.xml + .bin, FP32 weights) converted from `onnx_file`; with
-    int8_images, NNCF-quantized on them first."""
-    try:
-        import openvino as ov
-    except ImportError:
-        raise UserError("export.py: --include openvino needs the openvino package (pip install openvino)") from None
-    model = ov.convert_model(str(onnx_file))
-    if int8_images is not None:
-        model = quantize.quantize_openvino(model, int8_images)
-    model.set_rt_info(json.dumps({**meta, "int8": int8_images is not None}), ["yolo", "metadata"])
-    d.mkdir(parents=True, exist_ok=True)
-    xml = d / (d.name.removesuffix("_openvino_model") + ".xml")
-    ov.save_model(model, str(xml), compress_to_fp16=False)
-    return d
-
-
 def calibration_data(weights: Path, data: str | Path | None) -> str:
     """--data, else the data YAML the checkpoint was trained on (its opt), else a one-line error."""
     data = data or (load_checkpoint(weights).get("opt") or {}).get("data")
@@ -144,8 +72,148 @@ def calibration_data(weights: Path, data: str | Path | None) -> str:
     return str(data)
 
 
-def _size_mb(p: Path) -> float:
-    return sum(f.stat().st_size for f in ([p] if p.is_file() else p.rglob("*"))) / 1e6
+
+def _parse_include(include) -> tuple[list[Format], bool]:
+    wanted = [str(x).lower() for x in include]
+    bad = [x for x in wanted if x not in include_choices()]
+    if bad:
+        raise UserError(f"export.py: unknown --include {' '.join(bad)} (choose from {', '.join(include_choices())})")
+    return [formats.get(x) for x in dict.fromkeys(wanted) if x != REPARAM], REPARAM in wanted
+
+
+def _check_request(weights: Path, fmts: list[Format], opts: ExportOptions, dev: torch.device) -> None:
+    """Everything that can be refused is refused here, in one line, before any file is written."""
+    if weights.suffix != ".pt":
+        raise UserError(f"{weights}: export needs a .pt checkpoint of this project")
+    if not weights.exists():
+        raise UserError(f"{weights}: weights file not found")
+    if opts.batch < 1:
+        raise UserError(f"--batch-size {opts.batch}: must be at least 1")
+    if any(f.name in ("onnx", "openvino") for f in fmts):
+        from utils.deploy.formats.onnx import check_opset
+        check_opset(opts.opset)
+    if opts.int8:
+        if opts.half:
+            raise UserError("export.py: --int8 and --half exclude each other")
+        if not any(f.export_int8 for f in fmts):
+            raise UserError(f"export.py: --int8 quantizes {', '.join(f.name for f in formats.all_formats() if f.export_int8)} "
+                            f"exports; add one of them to --include")
+    formats.check_packages(fmts, int8=opts.int8)
+    fixed = [f.name for f in fmts if not f.dynamic]
+    if opts.dynamic and fixed:
+        LOGGER.warning(f"WARNING: --dynamic: {', '.join(fixed)} {'take' if len(fixed) > 1 else 'takes'} one input size; "
+                       f"exported for --imgsz")
+    cuda_half = [f.name for f in fmts if f.half_needs_cuda]
+    if opts.half and dev.type != "cuda" and cuda_half:
+        LOGGER.warning(f"WARNING: --half: fp16 {' and '.join(cuda_half)} files need a CUDA device to export and run; "
+                       f"exporting {'them' if len(cuda_half) > 1 else 'it'} in fp32")
+
+
+def _check_classes(weights: Path, data: str) -> None:
+    """INT8 calibrates and the accuracy check validates on `data`: its classes must be the model's, checked
+    before any work; the message names the data YAML the checkpoint was trained on when that file is here."""
+    from utils.data import load_data_config
+    cfg = load_data_config(data, need=())
+    ck = load_checkpoint(weights)
+    names = [str(n) for n in ck.get("names") or []]
+    nc = len(names) or int((ck.get("model_yaml") or {}).get("nc") or 0)
+    if not nc or cfg.nc == nc:
+        return
+    listed = f" ({', '.join(names[:6])}{', ...' if nc > 6 else ''})" if names else ""
+    stored = (ck.get("opt") or {}).get("data")
+    if stored and Path(stored).is_file() and Path(stored).resolve() != Path(cfg.yaml_file).resolve():
+        hint = f"pass --data {stored} (stored in {weights.name}: the data it was trained on)"
+    else:
+        hint = "pass the data YAML it was trained on with --data"
+    raise UserError(f"{cfg.yaml_file} has nc={cfg.nc} but {weights.name} has {nc} classes{listed}: INT8 "
+                    f"calibration and the accuracy check use the model's own data; {hint}")
+
+
+def _export_model(weights: Path, dev: torch.device, fuse: bool, half: bool) -> nn.Module:
+    model = load_model(weights, dev, fuse=False)
+    model = main_branch_only(model, log=lambda m: LOGGER.warning(f"WARNING: exporting the dual-head graph; {m}"))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if fuse:
+        with torch.no_grad():
+            model.fuse()
+    return model.half() if half else model
+
+
+def _log_saved(fmt: Format, path: Path, int8: bool) -> None:
+    LOGGER.info(f"{fmt.title}{' INT8' if int8 else ''}: saved {path} ({formats.size_mb(path):.1f} MB)")
+
+
+def _log_done(fmts: list[Format], shape: tuple[int, int, int], stride: int, dynamic: bool) -> None:
+    b, h, w = shape
+    elsewhere = "; ".join(f"{f.title} files run on {f.runs_on}" for f in fmts if not f.runs_here)
+    if dynamic:
+        done = (f"Export done, traced at [{b}, 3, {h}, {w}] with dynamic batch and height/width (multiples of "
+                f"{stride}) where the format allows it")
+        how = "python detect_dual.py --weights <file> --imgsz <size>"
+    else:
+        done, how = f"Export done for input [{b}, 3, {h}, {w}]", f"python detect_dual.py --weights <file> --imgsz {h} {w}"
+    here = f"run with: {how}" if any(f.runs_here for f in fmts) else ""
+    LOGGER.info("; ".join(x for x in (done, here, elsewhere) if x))
+
+
+def run(weights: str | Path, include: tuple = ("torchscript",), imgsz: tuple | list | int = (640, 640),
+        batch_size: int = 1, dynamic: bool = False, half: bool = False, opset: int = 17, simplify: bool = False,
+        device: str = "cpu", fuse: bool = True, int8: bool = False, data: str | Path | None = None,
+        calib_images: int = quantize.DEFAULT_IMAGES,
+        check: Callable[[dict[str, Path], str], object] | None = None) -> dict[str, Path]:
+    """Export `weights` to each format in include; returns {format: written path} (INT8 copies under
+    '<format>-int8', calibrated on `calib_images` training images of `data`). `check(out, data)`, when given,
+    runs after the last file is written (export.py passes the accuracy check, utils/deploy/accuracy.py); its
+    data YAML is `data` or the checkpoint's, whose classes are checked against the model before any work."""
+    weights = Path(weights)
+    fmts, reparam = _parse_include(include)
+    dev = select_device(device)
+    opts = ExportOptions(imgsz=image_hw(imgsz), batch=batch_size, dynamic=dynamic, half=half, int8=int8,
+                         opset=opset, simplify=simplify, data=str(data) if data else None, calib_images=calib_images)
+    _check_request(weights, fmts, opts, dev)
+    half = half and dev.type == "cuda"
+    if int8 or check is not None:
+        data = calibration_data(weights, data)
+        _check_classes(weights, data)
+
+    out: dict[str, Path] = {}
+    if reparam:
+        rows = load_checkpoint(weights)["model_yaml"]
+        if str((rows["backbone"] + rows["head"])[-1][2]) == "DualDDetect":
+            out[REPARAM] = reparam_checkpoint(weights)
+        else:
+            LOGGER.warning(f"WARNING: {weights} is already single-head; --include reparam skipped")
+    if not fmts:
+        if check is not None:
+            check(out, str(data))
+        return out
+
+    model = _export_model(out.get(REPARAM, weights), dev, fuse, half)
+    stride = int(max(model.stride))
+    h, w = check_img_size(opts.imgsz, stride)
+    im = torch.zeros(batch_size, 3, h, w, device=dev, dtype=torch.float16 if half else torch.float32)
+    calibrate = None
+    if int8:
+        calibrate = lambda: quantize.calibration_images(data, (h, w), stride, calib_images, auto=dynamic)  # noqa: E731
+    with export_mode(model), tempfile.TemporaryDirectory(prefix="yolo-export-") as tmp:
+        with torch.no_grad():
+            for _ in range(2):
+                model(im)  # dry runs
+        job = ExportJob(model, im, metadata(model, (h, w), batch_size, dynamic, half, weights), opts, weights,
+                        Path(tmp), calibrate)
+        for fmt in fmts:
+            out[fmt.name] = fmt.export(job, fmt.path(weights))
+            _log_saved(fmt, out[fmt.name], False)
+            if int8 and fmt.export_int8:
+                out[f"{fmt.name}-int8"] = fmt.export_int8(job, fmt.path(weights, int8=True))
+                _log_saved(fmt, out[f"{fmt.name}-int8"], True)
+        if "onnx" in out and not half:
+            _onnx_check(out["onnx"], model, im)
+    _log_done(fmts, (batch_size, h, w), stride, dynamic)
+    if check is not None:
+        check(out, str(data))
+    return out
 
 
 def _onnx_check(f: Path, model: nn.Module, im: torch.Tensor) -> None:
@@ -160,97 +228,3 @@ def _onnx_check(f: Path, model: nn.Module, im: torch.Tensor) -> None:
     with torch.no_grad():
         ref = model(x).float().cpu().numpy()
     LOGGER.info(f"ONNX check: max |onnxruntime - torch| = {abs(y - ref).max():.2e}")
-
-
-def run(weights: str | Path, include: tuple = ("torchscript",), imgsz: tuple | list | int = (640, 640),
-        batch_size: int = 1, dynamic: bool = False, half: bool = False, opset: int = 17, simplify: bool = False,
-        device: str = "cpu", fuse: bool = True, int8: bool = False, data: str | Path | None = None,
-        calib_images: int = quantize.DEFAULT_IMAGES) -> dict[str, Path]:
-    """Export `weights` to each format in include; returns {format: written path} (int8 copies under
-    'onnx-int8' / 'openvino-int8', calibrated on `calib_images` training images of `data`)."""
-    weights = Path(weights)
-    include = [x.lower() for x in include]
-    bad = [x for x in include if x not in FORMATS]
-    if bad:
-        raise UserError(f"export.py: unknown --include {bad} (choose from {', '.join(FORMATS)})")
-    if weights.suffix != ".pt":
-        raise UserError(f"{weights}: export needs a .pt checkpoint of this project")
-    dev = select_device(device)
-    if half and dev.type != "cuda":
-        LOGGER.warning("WARNING: --half needs a CUDA device; exporting in fp32")
-        half = False
-    if batch_size < 1:
-        raise UserError(f"--batch-size {batch_size}: must be at least 1")
-    if "onnx" in include:
-        check_opset(opset)
-    if int8 and not {"onnx", "openvino"} & set(include):
-        raise UserError("export.py: --int8 quantizes onnx and openvino exports; add --include onnx and/or openvino")
-    if int8 and half:
-        raise UserError("export.py: --int8 and --half exclude each other")
-    sz = image_hw(imgsz)
-
-    out: dict[str, Path] = {}
-    if "reparam" in include:
-        rows = load_checkpoint(weights)["model_yaml"]
-        if str((rows["backbone"] + rows["head"])[-1][2]) == "DualDDetect":
-            out["reparam"] = reparam_checkpoint(weights)
-        else:
-            LOGGER.warning(f"WARNING: {weights} is already single-head; --include reparam skipped")
-    targets = [x for x in include if x != "reparam"]
-    if not targets:
-        return out
-
-    model = load_model(out.get("reparam", weights), dev, fuse=False)
-    model = main_branch_only(model, log=lambda m: LOGGER.warning(f"WARNING: exporting the dual-head graph; {m}"))
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if fuse:
-        with torch.no_grad():
-            model.fuse()
-    stride = int(max(model.stride))
-    h, w = check_img_size(sz, stride)
-    im = torch.zeros(batch_size, 3, h, w, device=dev)
-    if half:
-        model, im = model.half(), im.half()
-    meta = metadata(model, (h, w), batch_size, dynamic, half, weights)
-    images = None
-    if int8:
-        images = quantize.calibration_images(calibration_data(weights, data), (h, w), stride, calib_images,
-                                             auto=dynamic)
-    with export_mode(model), tempfile.TemporaryDirectory() as tmp:
-        with torch.no_grad():
-            for _ in range(2):
-                model(im)  # dry runs
-        if "torchscript" in targets:
-            out["torchscript"] = export_torchscript(model, im, weights.with_suffix(".torchscript"), meta)
-            LOGGER.info(f"TorchScript: saved {out['torchscript']} ({out['torchscript'].stat().st_size / 1e6:.1f} MB)")
-        if "onnx" in targets or "openvino" in targets:
-            keep = "onnx" in targets
-            f = export_onnx(model, im, weights.with_suffix(".onnx") if keep else Path(tmp) / f"{weights.stem}.onnx",
-                            meta, opset, dynamic, simplify)
-            if keep:
-                out["onnx"] = f
-                LOGGER.info(f"ONNX (opset {opset}): saved {f} ({_size_mb(f):.1f} MB)")
-            if not half:
-                _onnx_check(f, model, im)
-            if keep and int8:
-                q = quantize.quantize_onnx(f, weights.with_name(f"{weights.stem}-int8.onnx"), images)
-                out["onnx-int8"] = q
-                LOGGER.info(f"ONNX INT8 (QDQ, per-channel): saved {q} ({_size_mb(q):.1f} MB)")
-            if "openvino" in targets:
-                d = export_openvino(f, weights.with_name(f"{weights.stem}_openvino_model"), meta)
-                out["openvino"] = d
-                LOGGER.info(f"OpenVINO (FP32 IR): saved {d} ({_size_mb(d):.1f} MB)")
-                if int8:
-                    d = export_openvino(f, weights.with_name(f"{weights.stem}-int8_openvino_model"), meta, images)
-                    out["openvino-int8"] = d
-                    LOGGER.info(f"OpenVINO INT8 (NNCF): saved {d} ({_size_mb(d):.1f} MB)")
-    if dynamic:
-        LOGGER.info(f"Export done, traced at [{batch_size}, 3, {h}, {w}] with dynamic batch and height/width "
-                    f"(multiples of {stride}); run with: python detect_dual.py --weights <file> --imgsz <size>")
-    else:
-        LOGGER.info(f"Export done for input [{batch_size}, 3, {h}, {w}]; "
-                    f"run with: python detect_dual.py --weights <file> --imgsz {h} {w}")
-    return out
-
-

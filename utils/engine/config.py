@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from utils.general import ROOT, UserError
+from utils.general import LOGGER, ROOT, UserError
 
 DEFAULT_HYP = str(ROOT / "data" / "hyps" / "hyp.scratch-high.yaml")
 # upstream's defaults, used when neither a flag nor the data YAML's train_defaults says otherwise
 UPSTREAM_DEFAULTS = {"epochs": 100, "imgsz": 640, "batch_size": 16, "close_mosaic": 0, "hyp": DEFAULT_HYP}
 RESUME_KEEPS = ("device", "workers", "exist_ok")  # flags a resumed run takes from the new command line
+RESUME_OWN = ("resume", "weights", "save_dir", "epochs", "tensorboard")  # decided by for_resume itself
 OPTIMIZERS = ("auto", "SGD", "Adam", "AdamW")
 
 
@@ -64,11 +66,19 @@ class TrainConfig:
     save_dir: str = ""  # the run folder, decided once by the trainer (or taken from a resumed checkpoint)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace | Mapping[str, Any] | None = None, **overrides: Any) -> "TrainConfig":
-        """From train_dual.py's namespace (or a dict); unknown keys (compatibility flags) are ignored."""
-        raw = dict(vars(args) if isinstance(args, argparse.Namespace) else (args or {}))
+    def from_args(cls, args: argparse.Namespace | Mapping[str, Any] | None = None, strict: bool | None = None,
+                  **overrides: Any) -> "TrainConfig":
+        """From train_dual.py's namespace (its compatibility and --evolve flags are not settings of one run) or a
+        dict. A dict's unknown keys are an error (a typo would be ignored silently) unless strict=False (the
+        options saved in an older checkpoint may name settings this version no longer has)."""
+        namespace = isinstance(args, argparse.Namespace)
+        raw = dict(vars(args) if namespace else (args or {}))
         raw.update(overrides)
         known = {f.name for f in fields(cls)}
+        if strict is None:
+            strict = not namespace
+        if strict:
+            check_keys(raw, known, "TrainConfig")
         kw = {k: v for k, v in raw.items() if k in known}
         resume = kw.get("resume", "")
         kw["resume"] = "" if resume in (False, None, "", "False") else ("last" if resume in (True, "True") else str(resume))
@@ -77,7 +87,10 @@ class TrainConfig:
         for k in ("data", "cfg", "weights", "hyp", "project", "save_dir"):
             if isinstance(kw.get(k), Path):
                 kw[k] = str(kw[k])
-        return cls(**kw).checked()
+        return cls(**kw)
+
+    def __post_init__(self) -> None:
+        self.checked()  # every way of making one (TrainConfig(...), from_args, replace) is checked
 
     def checked(self) -> "TrainConfig":
         if self.optimizer not in OPTIMIZERS:
@@ -90,12 +103,14 @@ class TrainConfig:
                 raise UserError(f"--{k.replace('_', '-')} {v}: must be a positive integer")
         if self.workers < 0:
             raise UserError(f"--workers {self.workers}: must be >= 0")
+        if self.cache is not None and str(self.cache).lower() not in ("ram", "disk"):
+            raise UserError(f"--cache {self.cache}: use 'ram' (the default of a bare --cache) or 'disk'")
         if sum((self.cos_lr, self.flat_cos_lr, self.fixed_lr)) > 1:
             raise UserError("--cos-lr, --flat-cos-lr and --fixed-lr exclude each other: pick one")
         return self
 
     def replace(self, **changes: Any) -> "TrainConfig":
-        return dataclasses.replace(self, **changes).checked()
+        return dataclasses.replace(self, **changes)
 
     def with_defaults(self, train_defaults: Mapping[str, Any]) -> "TrainConfig":
         """Fill unset values: data YAML's train_defaults first, then upstream's defaults."""
@@ -113,12 +128,30 @@ class TrainConfig:
 
     def for_resume(self, saved: Mapping[str, Any], path: Path) -> "TrainConfig":
         """The config of a resumed run: the checkpoint's options, this command line's device/workers/exist_ok,
-        and --epochs when given (to extend a finished run)."""
-        base = TrainConfig.from_args(dict(saved))
+        --epochs when given (to extend a finished run) and --no-tensorboard when given (a run that had
+        TensorBoard off keeps it off). Every other setting this command names differently is ignored, and said."""
+        base = TrainConfig.from_args(dict(saved), strict=False)
         keep = {k: getattr(self, k) for k in RESUME_KEEPS}
         if self.epochs is not None:
             keep["epochs"] = self.epochs
+        keep["tensorboard"] = base.tensorboard and self.tensorboard
+        ignored = self.ignored_on_resume(base)
+        if ignored:
+            LOGGER.warning(f"WARNING: --resume continues {path} with the settings it was started with; ignored: "
+                           + ", ".join(ignored))
         return base.replace(**keep, resume=str(path), weights=str(path), save_dir=str(path.parent.parent))
+
+    def ignored_on_resume(self, run: "TrainConfig") -> list[str]:
+        """'--flag value (the run's: value)' for each setting this config gives (differs from the default) that
+        the resumed run does not use because it keeps its own."""
+        out = []
+        for f in fields(self):
+            if f.name in (*RESUME_KEEPS, *RESUME_OWN):
+                continue
+            given, used = getattr(self, f.name), getattr(run, f.name)
+            if given != f.default and given != used:
+                out.append(f"{_as_flag(f.name, given)} (the run's: {_as_value(used)})")
+        return out
 
     @property
     def schedule(self) -> str:
@@ -127,6 +160,27 @@ class TrainConfig:
     def as_dict(self) -> dict[str, Any]:
         """Plain values for opt.yaml and checkpoints."""
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def check_keys(given: Mapping[str, Any], known: set[str], what: str) -> None:
+    """Unknown keyword arguments are one error naming them (and the nearest known name), not ignored."""
+    bad = sorted(set(given) - known)
+    if bad:
+        hints = [difflib.get_close_matches(k, sorted(known), 1) for k in bad]
+        near = "".join(f" ({k}: did you mean {h[0]}?)" for k, h in zip(bad, hints) if h)
+        raise UserError(f"{what}: unknown argument(s) {', '.join(bad)}{near}")
+
+
+def _as_value(v: Any) -> str:
+    return "on" if v is True else "off" if v is False else " ".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+
+def _as_flag(name: str, v: Any) -> str:
+    """How the command line spells a setting: --imgsz 320, --rect, --no-amp, --freeze 3 5."""
+    flag = name.replace("_", "-")
+    if isinstance(v, bool):
+        return f"--{flag}" if v else f"--no-{flag}"
+    return f"--{flag} {_as_value(v)}"
 
 
 @dataclass(frozen=True)
@@ -155,11 +209,27 @@ class ValOptions:
     anno_json: str | Path | None = None
     training: bool | None = None
     return_predictions: bool = False
+    autocast: Any = None  # a torch.dtype: a torch model's forward under autocast of this dtype (AMP training)
 
     def __post_init__(self):
         if self.save_dir is not None and not isinstance(self.save_dir, Path):
             object.__setattr__(self, "save_dir", Path(self.save_dir))
 
+
+
+VAL_COMPAT_KEYS = ("dnn",)  # val_dual.py flags kept for upstream's command lines, without effect
+
+
+def _check_counts(raw: Mapping[str, Any], positive: tuple[str, ...] = (), fractions: tuple[str, ...] = ()) -> None:
+    """Whole numbers >= 1 (None = the default) and thresholds in [0, 1]: one error each, never a silent default."""
+    for k in positive:
+        v = raw.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise UserError(f"--{k.replace('_', '-')} {v!r}: must be a whole number >= 1")
+    for k in fractions:
+        v = raw.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1):
+            raise UserError(f"--{k.replace('_', '-')} {v!r}: must be a number in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -179,6 +249,7 @@ class ValJob:
     half: bool = False
     single_cls: bool = False
     min_items: int = 0
+    rect: bool = True  # rectangular batches (pad 0.5); False: square letterboxed images like a fixed-size export
     cuda_graph: str | None = None  # 'capture' / 'compile': replay the forward per batch shape (CUDA only)
     options: ValOptions = None  # type: ignore[assignment]  # always set by from_args
 
@@ -186,6 +257,8 @@ class ValJob:
     def from_args(cls, args: argparse.Namespace | Mapping[str, Any]) -> "ValJob":
         """From val_dual.py's namespace or keywords; the validation options among them become `options`."""
         raw = dict(vars(args) if isinstance(args, argparse.Namespace) else args)
+        allowed = {f.name for f in fields(cls)} | {f.name for f in fields(ValOptions)} | set(VAL_COMPAT_KEYS)
+        check_keys(raw, allowed - {"options", "save_dir", "is_coco", "anno_json", "training"}, "validation")
         weights = raw.get("weights")
         if not weights:
             raise UserError("val_dual.py: --weights is required (a .pt checkpoint written by train_dual.py)")
@@ -196,6 +269,7 @@ class ValJob:
         task = raw.get("task", "val")
         if task not in ("val", "test", "speed"):
             raise UserError(f"--task {task}: use val, test or speed")
+        _check_counts(raw, positive=("imgsz", "batch_size", "max_det"), fractions=("conf_thres", "iou_thres"))
         job_keys = {f.name for f in fields(cls)} - {"weights", "options"}
         opt_keys = {f.name for f in fields(ValOptions)} - {"save_dir", "is_coco", "anno_json", "training"}
         opts = {k: v for k, v in raw.items() if k in opt_keys}

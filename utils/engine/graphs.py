@@ -240,6 +240,10 @@ class CompiledForward:
     ensemble concatenating their outputs, test-time augmentation). dynamic=False compiles once per input
     shape; after `max_shapes` shapes (at most torch's own recompile limit, past which torch runs eager
     silently) further new shapes run eager, with one warning.
+
+    Under DDP an eager retry cannot rejoin the other ranks (they are inside the step's collectives): the
+    trainer `probe`s one step on every rank before the first real one, agrees on the outcome, and then sets
+    `fallback = False`, after which a failure of the compiled code is raised instead of retried.
     """
 
     def __init__(self, fn: Callable, mode: str | None = None, backend: str | Callable = "inductor",
@@ -249,6 +253,7 @@ class CompiledForward:
         limit = int(getattr(torch._dynamo.config, "recompile_limit", 8))
         self.max_shapes = min(max_shapes or limit, limit) if dynamic is False else None
         self.shapes: set[tuple] = set()
+        self.fallback = True
         self.compiled: Callable | None
         try:
             self.compiled = torch.compile(fn, mode=mode, backend=backend, dynamic=dynamic)
@@ -256,6 +261,10 @@ class CompiledForward:
             self._fail(e)
 
     def _fail(self, e: BaseException) -> None:
+        if not self.fallback:
+            msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise UserError(f"torch.compile failed during distributed training ({type(e).__name__}: {msg}); a rank "
+                            f"cannot redo a step eagerly while the others are in it: train without --compile") from e
         self.compiled = None
         msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         warn_once(f"WARNING: torch.compile failed ({type(e).__name__}: {msg}); running eager")
@@ -289,6 +298,21 @@ class CompiledForward:
             else:
                 return _clone_tensors(out) if self.clone_outputs else out
         return self.eager(*args, **kwargs)
+
+    def probe(self, step: Callable[[Callable], Any]) -> bool:
+        """Run step(compiled forward) once with no eager retry: True if it ran; on failure warn once and run eager
+        from now on. What the step computed is the caller's to discard."""
+        if self.compiled is None:
+            return False
+        compiled = self.compiled
+        try:
+            step(compiled)
+        except (torch.OutOfMemoryError, UserError):
+            raise
+        except Exception as e:  # noqa: BLE001
+            self._fail(e)
+            return False
+        return True
 
     def with_fallback(self, step: Callable[[Callable], T]) -> T:
         """step(forward) for one training step (forward, loss, backward) through the compiled forward. If the

@@ -91,6 +91,13 @@ def _make_forward(model, want_feats: bool):
     return lambda x: _split_output(model(x))
 
 
+def _autocast(forward, device_type: str, dtype: torch.dtype):
+    def run(x):
+        with torch.autocast(device_type, dtype=dtype):
+            return forward(x)
+    return run
+
+
 def _model_device(model) -> torch.device:
     if isinstance(model, (Backend, Ensemble)):
         return model.device
@@ -269,6 +276,8 @@ class Validator:
                 self.halved = True
         self.want_loss = opt.compute_loss and self.loss_fn is not None
         self.forward = _make_forward(model, self.want_loss)
+        if opt.autocast is not None and not self.is_backend:  # the trainer's AMP: autocast, weights stay fp32
+            self.forward = _autocast(self.forward, self.device.type, opt.autocast)
         self.stride = _model_stride(model)
         self.iouv = torch.linspace(0.5, 0.95, 10)
         self.cm = ConfusionMatrix(nc=self.nc)
@@ -514,21 +523,26 @@ def _run_validation(job: ValJob, weights: list, dev: torch.device) -> ValResult:
     if not job.single_cls and model.nc != nc:
         raise UserError(f"{weights[0]}: model has {model.nc} classes but {cfg.yaml_file} has nc={nc}; "
                         f"pass matching --data (or --single-cls)")
-    fixed = getattr(backends[0], "fixed_imgsz", None)
+    # fixed-size exports (any member of an ensemble): square letterboxed images at the smallest of their sizes,
+    # which every one of them takes (padded at the bottom/right to its own size)
+    fixed_ones = [(w, b.fixed_imgsz) for w, b in zip(weights, backends) if getattr(b, "fixed_imgsz", None)]
+    w_fixed, fixed = min(fixed_ones, key=lambda x: min(x[1])) if fixed_ones else (None, None)
     if fixed and job.imgsz and job.imgsz != min(fixed):
-        LOGGER.warning(f"WARNING: {weights[0]} was exported at {fixed[0]}x{fixed[1]}; validating at that size")
+        LOGGER.warning(f"WARNING: {w_fixed} was exported at {fixed[0]}x{fixed[1]}; validating at that size")
     if fixed and job.task != "speed":
-        LOGGER.info(f"Note: {weights[0]} takes only {fixed[0]}x{fixed[1]} input, so it validates square letterboxed "
+        LOGGER.info(f"Note: {w_fixed} takes only {fixed[0]}x{fixed[1]} input, so it validates square letterboxed "
                     f"images; a .pt (or an export with --dynamic) validates rectangular batches padded by half a "
                     f"stride, which a fixed-size file cannot take, and scores a little differently")
-    imgsz = backends[0].default_imgsz() if (fixed or not job.imgsz) else job.imgsz
+    imgsz = min(fixed) if fixed else (job.imgsz or backends[0].default_imgsz())
     imgsz = check_img_size(imgsz, model.stride)
     if not cfg.split(split):
         raise UserError(f"{cfg.yaml_file}: no '{split}' split")
     save_dir = ddp.broadcast_object(increment_path(Path(job.project) / job.name, exist_ok=job.exist_ok, mkdir=True)
                                     if ddp.is_main() else None)
     model.warmup((1, 3, imgsz, imgsz))
-    pad, rect = (0.0, False) if (job.task == "speed" or fixed) else (0.5, True)  # exported files: one fixed size
+    # rectangular batches padded by half a stride (upstream's validation) unless --no-rect, --task speed or a
+    # fixed-size export: then square letterboxed images, no extra padding
+    pad, rect = (0.5, True) if (job.rect and job.task != "speed" and not fixed) else (0.0, False)
     loader, _ = create_dataloader(cfg.split(split), imgsz, job.batch_size, model.stride, pad=pad, rect=rect,
                                   workers=job.workers, names=cfg.names, nc=cfg.nc, single_cls=job.single_cls,
                                   min_items=job.min_items, prefix=f"{job.task}: ", pin_memory=dev.type == "cuda",
@@ -560,3 +574,35 @@ def _fix_graph_shapes(backends: Sequence[Backend], dataset, k: int = GRAPH_SHAPE
     LOGGER.info(f"--cuda-graph: {len({tuple(int(v) for v in s) for s in shapes})} rectangular batch shapes padded "
                 f"to {len(fixed)} fixed shapes {', '.join(f'{h}x{w}' for h, w in fixed)} (grey at the bottom/right: "
                 f"boxes near those edges can differ slightly from validation without graphs)")
+
+
+def validate_files(weights: Sequence[str | Path], data: str | Path, imgsz: int, device: str = "cpu",
+                   batch_size: int = 16, half: Sequence[bool] | None = None) -> tuple[list[ValResult], str]:
+    """Several models (a .pt and its exports) on the very same val images, quietly: one loader, so every file
+    sees the same letterbox (square at the export size when any file takes one fixed size, else rectangular
+    batches as for a .pt) and the differences are the files'. Returns (results in order, what was validated).
+    What export.py's accuracy check compares (utils/deploy/accuracy.py). half: --half per file."""
+    import contextlib
+    import io
+    import logging
+    from utils.torch_utils import select_device
+    dev = select_device(device)
+    cfg = load_data_config(data, need=("val",))
+    level = LOGGER.level
+    LOGGER.setLevel(logging.WARNING)  # no per-file tables, speed lines or scan summaries; warnings still show
+    try:
+        backends = [Backend(w, device=dev, half=h, fuse=True) for w, h in zip(weights, half or [False] * len(weights))]
+        fixed = [b.fixed_imgsz for b in backends if b.fixed_imgsz]
+        size = int(min(fixed[0])) if fixed else check_img_size(imgsz, max(b.stride for b in backends))
+        loader, _ = create_dataloader(cfg.val, size, batch_size, max(b.stride for b in backends),
+                                      pad=0.0 if fixed else 0.5, rect=not fixed, workers=0, names=cfg.names,
+                                      nc=cfg.nc, prefix="accuracy check: ")
+        results = []
+        for b in backends:
+            b.warmup((1, 3, size, size))
+            with contextlib.redirect_stderr(io.StringIO()):  # the progress bar
+                results.append(Validator(ValOptions(plots=False), names=cfg.names).run(b, loader))
+    finally:
+        LOGGER.setLevel(level)
+    how = f"letterboxed to {size}x{size}" if fixed else f"in rectangular batches at {size}"
+    return results, f"the val split of {Path(cfg.yaml_file).name} ({len(loader.dataset)} images {how}, alike for every file)"

@@ -162,19 +162,21 @@ class Predictor:
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
             raise UserError(f"workers={workers!r}: give a whole number >= 0 (frames inferred at once on worker "
                             f"threads; 0: in the calling thread)")
+        if imgsz is not None:
+            image_hw(imgsz)  # 0, negative or non-whole sizes: one error before the weights load
         self.device = select_device(device)
         self.backend = Backend(weights, self.device, half=half, fuse=True, main_only=main_only)
         self.backend.use_cuda_graph(cuda_graph)
         self.stride = int(self.backend.stride)
         fixed = self.backend.fixed_imgsz
         if fixed:  # exported files run at their export size only
-            asked = image_hw(imgsz) if imgsz else tuple(fixed)
+            asked = image_hw(imgsz) if imgsz is not None else tuple(fixed)
             if asked != tuple(fixed) and max(asked) != max(fixed):
                 LOGGER.warning(f"WARNING: {weights} was exported at {fixed[0]}x{fixed[1]}; running at that size "
                                f"(--imgsz {asked[0]} {asked[1]} ignored; export with --dynamic to choose the size "
                                f"at run time)")
             imgsz = tuple(fixed)
-        elif not imgsz:  # default: the size the checkpoint was trained at, else 640
+        elif imgsz is None:  # default: the size the checkpoint was trained at, else 640
             imgsz = self.backend.default_imgsz()
         sz = image_hw(imgsz)
         self.imgsz = tuple(check_img_size(sz, self.stride))
@@ -245,6 +247,9 @@ class Predictor:
         """Detect on one BGR image (or an image file). Boxes are xyxy pixels of the original image."""
         if isinstance(image, (str, Path)):
             path = str(image)
+            if Path(path).is_dir():
+                raise UserError(f"{path}: is a folder; predict() takes one image (a file or an array): run a folder "
+                                f"with detect_dual.py --source, or loop over its files")
             image = read_image(image)
             if image is None:
                 raise UserError(f"{path}: image not found or unreadable")
@@ -273,11 +278,11 @@ class Predictor:
         return max(1, int(hook(want))) if hook is not None else 1
 
     def _announce_shape(self, shape: tuple[int, int]) -> None:
-        """Tell the backend the fixed input shape of a video/stream (an optional `fix_input_shape((h, w))`
-        method: e.g. compile an exported model for it once); called before any frame of it is inferred."""
-        hook = getattr(self.backend, "fix_input_shape", None)
-        if hook is not None and shape != self._fixed_shape:
-            hook(tuple(shape))
+        """Tell the backend that a video's/stream's frames all come at this letterboxed (h, w), before the first
+        of them is inferred: a dynamic ONNX Runtime / OpenVINO export may compile once for it
+        (Backend.prepare_input_shape; a .pt model ignores it)."""
+        if tuple(shape) != self._fixed_shape:
+            self.backend.prepare_input_shape(*shape)
         self._fixed_shape = tuple(shape)
 
     def stream(self, frames: Iterable[Frame], conf_thres: float | None = None,
@@ -287,8 +292,8 @@ class Predictor:
         Preprocessing runs in the caller's thread while `workers` frames (default `frame_workers()`) are
         inferred on worker threads, each with torch.get_num_threads() // workers intra-op threads (0 workers:
         all in the caller's thread); the results are those of `predict` frame by frame. The first frame of a
-        lone video/stream announces its input shape to the backend (`fix_input_shape`). conf_thres overrides
-        the threshold for this stream.
+        video/stream announces its letterboxed shape to the backend before it is inferred (`_announce_shape`),
+        once per call. conf_thres overrides the threshold for this stream.
         """
         n = self.frame_workers() if workers is None else max(0, int(workers))
         conf = self.conf_thres if conf_thres is None else conf_thres
@@ -301,9 +306,9 @@ class Predictor:
             nonlocal announced
             t0 = time.perf_counter()
             x, ratio_pad = self.preprocess(f.im0)
-            if not announced and f.is_video and f.count == 1:
+            if not announced and f.is_video:  # a video's frames share one shape; images in a folder do not
                 self._announce_shape(tuple(x.shape[2:]))
-            announced = True
+                announced = True
             return f, x, ratio_pad, time.perf_counter() - t0
 
         def infer(item: tuple) -> Result:
@@ -555,9 +560,8 @@ def run(job: PredictJob | argparse.Namespace) -> Path:
         if seq is not None:
             seq.close()
 
-    if dataset.skipped:
-        LOGGER.warning(f"WARNING: {len(dataset.skipped)} file(s) skipped: "
-                       + "; ".join(f"{p} ({why})" for p, why in dataset.skipped))
+    if dataset.skipped:  # each was named with its reason when skipped: count them, do not repeat them
+        LOGGER.warning(f"WARNING: {len(dataset.skipped)} of {len(dataset)} files skipped (named above)")
     t = predictor.speed()
     shape = (1, 3, *predictor.last_shape) if predictor.last_shape else (1, 3, *predictor.imgsz)
     par = f", {predictor.in_flight} frames in flight" if predictor.in_flight > 1 else ""

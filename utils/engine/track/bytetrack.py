@@ -70,7 +70,8 @@ class TrackerConfig:
 
 
 def load_tracker_config(path: str | Path | dict | TrackerConfig | None = None) -> TrackerConfig:
-    """Read a tracker YAML (a bare name like 'bytetrack.yaml' is looked up in data/trackers/); None: defaults.
+    """Read a tracker YAML (a bare name like 'bytetrack.yaml' or 'bytetrack' is looked up in data/trackers/);
+    None: defaults.
     A dict of settings or a TrackerConfig is taken as it is (checked the same way)."""
     if path is None:
         return TrackerConfig()
@@ -81,10 +82,13 @@ def load_tracker_config(path: str | Path | dict | TrackerConfig | None = None) -
     if not isinstance(path, (str, Path)):
         raise UserError(f"tracker={path!r}: give a tracker YAML path, a dict of settings or a TrackerConfig")
     p = Path(path)
-    if not p.is_file() and (TRACKER_DIR / p.name).is_file():
-        p = TRACKER_DIR / p.name
+    for bundled in (TRACKER_DIR / p.name, TRACKER_DIR / f"{p.name}.yaml"):  # 'bytetrack.yaml' or 'bytetrack'
+        if not p.is_file() and bundled.is_file():
+            p = bundled
     if not p.is_file():
-        raise UserError(f"{path}: tracker config not found")
+        names = sorted(f.stem for f in TRACKER_DIR.glob("*.yaml"))
+        raise UserError(f"{path}: tracker config not found; give a tracker YAML path or one of the bundled "
+                        f"trackers: {', '.join(names)} (in {TRACKER_DIR})")
     try:
         d = yaml.safe_load(p.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:

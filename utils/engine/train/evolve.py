@@ -33,11 +33,11 @@ from typing import Any, Iterator, Sequence
 import yaml
 
 from utils.data import load_data_config
-from utils.data.verify import collect_image_files
+from utils.data.verify import scan_dataset
 from utils.engine.config import TrainConfig
 from utils.engine.train.optim import choose_optimizer
 from utils.engine.train.trainer import LOCAL_RANK, MAX_NONFINITE, WORLD_SIZE, Callback, Trainer, load_hyp
-from utils.general import LOGGER, UserError, increment_path
+from utils.general import LOGGER, UserError, increment_path, write_atomic
 
 STUDY_NAME = "evolve"
 DEFAULT_TRIALS = 300  # upstream's --evolve default (generations)
@@ -313,7 +313,7 @@ def evolve(cfg: TrainConfig, n: int = DEFAULT_TRIALS, prune: bool = True, trial_
     cfg = cfg.with_defaults(data.train_defaults)
     base = load_hyp(cfg.hyp)
     if cfg.optimizer == "auto":  # decided once, so that every trial trains its sampled lr0/momentum as given
-        choice = choose_optimizer("auto", len(collect_image_files(data.train)[0]), cfg.batch_size,
+        choice = choose_optimizer("auto", _training_images(data, cfg), cfg.batch_size,
                                   int(base.get("nbs", 64)), cfg.epochs, base, finetune=bool(cfg.weights))
         LOGGER.info(f"--optimizer auto: {choice.name} for every trial ({choice.reason}); its lr0, momentum and "
                     f"warmup_bias_lr are the search's starting point")
@@ -361,8 +361,9 @@ def evolve(cfg: TrainConfig, n: int = DEFAULT_TRIALS, prune: bool = True, trial_
                 write_outputs(study, out)
                 _report_disk(out, *tidy_weights(study, out))
     except KeyboardInterrupt:
+        again = (f"--name {out.name} " if out.name != cfg.name else "") + "--exist-ok"  # exp2 when exp was taken
         LOGGER.info(f"\nEvolution interrupted: {counts()[0]} trials finished, study kept in {db}. Continue with "
-                    f"the same command plus --project {cfg.project} --name {out.name} --exist-ok")
+                    f"the same command plus {again}")
         raise
     finally:  # also after a failed trial: the files show every trial told so far, no stray weights are left
         with study_lock(out):
@@ -380,6 +381,13 @@ def evolve(cfg: TrainConfig, n: int = DEFAULT_TRIALS, prune: bool = True, trial_
     return study
 
 
+def _training_images(data, cfg: TrainConfig) -> int:
+    """The images every trial trains on: verified (corrupt ones dropped, as training drops them) and with at
+    least --min-items labels; the scan is cached, so the first trial reads it back."""
+    scan = scan_dataset(data.train, data.nc, prefix="train: ")
+    return sum(len(lb) >= cfg.min_items for lb in scan.labels)
+
+
 def _run_trial(study, storage, trial, cfg: TrainConfig, base: dict[str, float], out: Path, prune: bool,
                trial_plots: bool, callbacks: Sequence[Callback]) -> None:
     """Train one claimed trial (heartbeats on) and tell the study how it ended. Ctrl-C marks it FAIL (it is
@@ -395,13 +403,14 @@ def _run_trial(study, storage, trial, cfg: TrainConfig, base: dict[str, float], 
         trial.set_user_attr("hyp", hyp)
         run_dir = out / "trials" / f"trial_{trial.number}"
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "hyp.yaml").write_text(yaml.safe_dump(hyp, sort_keys=False))
+        write_atomic(run_dir / "hyp.yaml", yaml.safe_dump(hyp, sort_keys=False))
         tcfg = cfg.replace(project=str(out / "trials"), name=run_dir.name, exist_ok=True, save_dir="", seed=seed,
                            hyp=str(run_dir / "hyp.yaml"), noplots=cfg.noplots or not trial_plots,
                            tensorboard=cfg.tensorboard and trial_plots)
         LOGGER.info(f"\nTrial {trial.number} (seed {seed}): " + ", ".join(f"{k}={hyp[k]:.5g}" for k in SPACE))
         reporter = _PruneReporter(trial, prune)
         trainer = Trainer(tcfg, [reporter, *callbacks])
+        trainer.resume_hint = False  # a trial's last.pt is deleted: the evolve command itself continues
         outcome = _train(trainer, trial)
     except BaseException:
         heartbeat.stop()
@@ -495,13 +504,13 @@ def write_outputs(study, out: Path) -> None:
     df = trials_table(study)
     if df.empty:
         return
-    df.to_csv(out / "evolve.csv", index=False)
+    write_atomic(out / "evolve.csv", df.to_csv(index=False))
     done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     if done:
         best = study.best_trial
         header = (f"# Best of {len(done)} finished trials: trial {best.number}, fitness {best.value:.5g} "
                   f"(0.1 mAP50 + 0.9 mAP50-95), seed {best.user_attrs.get('seed')}\n"
                   f"# Written by train_dual.py --evolve from {out / 'study.db'}; use with --hyp\n")
-        (out / "hyp_evolve.yaml").write_text(header + yaml.safe_dump(best.user_attrs["hyp"], sort_keys=False))
+        write_atomic(out / "hyp_evolve.yaml", header + yaml.safe_dump(best.user_attrs["hyp"], sort_keys=False))
     plot_evolve(out / "evolve.csv", list(SPACE))
 

@@ -8,6 +8,7 @@ loop: warmup, forward, TAL loss, non-finite guard, accumulation to the nominal b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import difflib
 import math
@@ -33,7 +34,7 @@ from utils.data import create_dataloader, load_data_config, max_random_imgsz, mu
 from utils.engine import distributed as ddp
 from utils.engine.train.autobatch import auto_batch_size
 from utils.engine.config import TrainConfig
-from utils.engine.graphs import CompiledForward
+from utils.engine.graphs import CompiledForward, warn_once
 from utils.engine.train.optim import ModelEMA, build_optimizer, choose_optimizer, lr_lambda, unwrap, warmup_iterations
 from utils.engine.train.tensorboard import TensorBoardLogger
 from utils.engine.validator import ValOptions, ValResult, Validator
@@ -123,10 +124,12 @@ def resolve_config(cfg: TrainConfig) -> tuple[TrainConfig, dict | None]:
 class Trainer:
     def __init__(self, cfg: TrainConfig | argparse.Namespace, callbacks: Sequence[Callback] = ()):
         self.cfg = cfg if isinstance(cfg, TrainConfig) else TrainConfig.from_args(cfg)
-        self.callbacks = [TensorBoardLogger()] * self.cfg.tensorboard + list(callbacks)
+        self.user_callbacks = list(callbacks)
+        self.callbacks = self._with_tensorboard(self.cfg)  # built again once a resumed run's config is known
         self.main = RANK in (-1, 0)
         self.stop_requested = False
         self.stop_after_epoch = False  # a callback may set it in on_epoch_end: training then ends cleanly (finish runs)
+        self.resume_hint = True  # after Ctrl-C, print the --resume command (--evolve prints its own instead)
 
     # ================================================================== setup
     def setup(self) -> None:
@@ -138,9 +141,18 @@ class Trainer:
         cfg, self.ckpt = ddp.broadcast_object(self._plan_run() if self.main else None)
         self.data = load_data_config(cfg.data)
         ddp.check_batch(cfg.batch_size, WORLD_SIZE)
+        if cfg.image_weights and WORLD_SIZE > 1:
+            # each rank would draw its own weighted image list (its own RNG) and the DistributedSampler's split
+            # of it would no longer cover the set once: off on every rank, said once
+            if self.main:
+                LOGGER.warning("WARNING: --image-weights is not supported under torchrun; training without it")
+            cfg = cfg.replace(image_weights=False)
         self.cfg = cfg
+        self.callbacks = self._with_tensorboard(cfg)
         self.hyp = dict(self.ckpt["hyp"]) if self.ckpt else load_hyp(cfg.hyp)
         self.names = ["item"] if cfg.single_cls else list(self.data.names)
+        if self.ckpt:
+            self._check_resumed_data()
         self.save_dir, self.wdir = Path(cfg.save_dir), Path(cfg.save_dir) / "weights"
         seed = cfg.seed + 1 + max(RANK, 0)
         random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
@@ -165,6 +177,23 @@ class Trainer:
         self.val_loss_fn = DetectionLoss(unwrap(self.model), self.hyp)  # per rank: shards differ in length
         if LOCAL_RANK != -1:
             self.loss_fn.score_sum_fn = ddp.global_score_sum  # normalise by the global batch's score sum
+
+    def _with_tensorboard(self, cfg: TrainConfig) -> list:
+        return [TensorBoardLogger()] * cfg.tensorboard + self.user_callbacks
+
+    def _check_resumed_data(self) -> None:
+        """Before any step: the resumed model's classes must be the data's (an edited data YAML would
+        otherwise fail, or train the wrong classes, only after an epoch)."""
+        trained = [str(n) for n in self.ckpt.get("names") or []]
+        nc = int(self.ckpt["model_yaml"].get("nc", len(trained)))
+        if nc != len(self.names):
+            raise UserError(f"{self.cfg.data}: {len(self.names)} classes now, but {self.cfg.resume} was trained on "
+                            f"{nc} ({', '.join(trained[:10])}{' ...' if len(trained) > 10 else ''}); a run resumes "
+                            f"on the classes it started with: restore the data YAML, or start a new run on this "
+                            f"data with --weights {self.cfg.resume}")
+        if trained and trained != [str(n) for n in self.names]:
+            LOGGER.warning(f"WARNING: {self.cfg.data}: class names differ from the resumed run's "
+                           f"({', '.join(trained[:10])}); training goes on with the class ids as they are")
 
     def _init_device(self, spec: str) -> torch.device:
         return ddp.process_device(spec)
@@ -222,7 +251,8 @@ class Trainer:
             ck = load_checkpoint(cfg.weights)
             model = DetectionModel(cfg.cfg or ck["model_yaml"], nc=nc)
             exclude = ("anchor",) if (cfg.cfg or ck["model_yaml"].get("nc") == nc) else ()
-            transfer_weights(model, {k: v.float() for k, v in (ck.get("ema") or ck["model"]).items()}, exclude)
+            transfer_weights(model, {k: v.float() for k, v in (ck.get("ema") or ck["model"]).items()}, exclude,
+                             source=str(cfg.weights), file_nc=ck["model_yaml"].get("nc"))
         else:
             model = DetectionModel(cfg.cfg, nc=nc)
         model.names = self.names
@@ -282,8 +312,10 @@ class Trainer:
         if LOCAL_RANK != -1:
             self.model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        # torch.compile of the training forward (opt-in; warns and runs eager where unsupported)
+        # torch.compile of the training forward (opt-in; warns and runs eager where unsupported); under DDP the
+        # ranks agree on compiled or eager before the first step (`_agree_on_compile`)
         self.forward = CompiledForward(self.model) if cfg.compile else self.model
+        self.compile_agreed = LOCAL_RANK == -1 or not isinstance(self.forward, CompiledForward)
 
     def _amp_ok(self) -> bool:
         """Offline AMP check on this very model: fp16 autocast output must match fp32 closely."""
@@ -355,8 +387,9 @@ class Trainer:
         except KeyboardInterrupt:
             if self.main:
                 self._save(epoch - 1, "last.pt")
-                LOGGER.info(f"\nInterrupted: saved {self.wdir / 'last.pt'}; continue with "
-                            f"python train_dual.py --resume {self.wdir / 'last.pt'}")
+                if self.resume_hint:
+                    LOGGER.info(f"\nInterrupted: saved {self.wdir / 'last.pt'}; continue with "
+                                f"python train_dual.py --resume {self.wdir / 'last.pt'}")
             raise SystemExit(130)
         finally:
             if prev_handler is not None:
@@ -368,7 +401,7 @@ class Trainer:
         try:
             return self.finish()
         except KeyboardInterrupt:
-            if self.main:
+            if self.main and self.resume_hint:
                 LOGGER.info(f"\nInterrupted while finishing: training itself is complete; strip best.pt, validate "
                             f"and plot with python train_dual.py --resume {self.wdir / 'last.pt'}")
             raise SystemExit(130)
@@ -421,7 +454,9 @@ class Trainer:
         if self.cfg.multi_scale:
             imgs = multi_scale(imgs, self.imgsz, self.gs)
         imgs = imgs.contiguous(memory_format=torch.channels_last)
-        targets = targets.to(self.device)
+        # targets stay where the loader put them (the host): the loss pads them there and sends them once
+        if not self.compile_agreed:
+            self._agree_on_compile(imgs, targets)
 
         def forward_backward(forward) -> torch.Tensor | None:
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
@@ -436,10 +471,15 @@ class Trainer:
 
         # --compile: the backward compiles lazily at the first backward(); if it fails, the step runs again eager
         f = self.forward
-        items = f.with_fallback(forward_backward) if isinstance(f, CompiledForward) else forward_backward(f)
+        step_now = ni - self.last_opt_step >= self.accumulate
+        # gradient accumulation under DDP: only the micro-batch that ends in an optimizer step all-reduces (the
+        # gradients summed locally until then are reduced with it); the others skip DDP's reduction
+        sync = self.model.no_sync() if LOCAL_RANK != -1 and not step_now else contextlib.nullcontext()
+        with sync:
+            items = f.with_fallback(forward_backward) if isinstance(f, CompiledForward) else forward_backward(f)
         if items is None:
             return None
-        if ni - self.last_opt_step >= self.accumulate:
+        if step_now:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=GRAD_CLIP)
             self.scaler.step(self.optimizer)
@@ -449,6 +489,30 @@ class Trainer:
                 self.ema.update(self.model)
             self.last_opt_step = ni
         return items
+
+    def _agree_on_compile(self, imgs: torch.Tensor, targets: torch.Tensor) -> None:
+        """--compile under DDP, before the first step: every rank tries one compiled forward and backward on its
+        first batch with DDP's reduction off (no_sync) and a loss that needs no other rank, throws the gradients
+        away, and the ranks agree by all-reduce: compiled everywhere, or eager everywhere. Afterwards a compile
+        failure is an error, never an eager retry (it would run outside the step the other ranks are in)."""
+        self.compile_agreed = True
+        f = self.forward
+        local_loss = DetectionLoss(unwrap(self.model), self.hyp)  # this rank's own normaliser: no collective
+
+        def step(forward) -> None:
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                pred = forward(imgs)
+            local_loss(pred, targets)[0].backward()
+
+        with self.model.no_sync():
+            ok = f.probe(step)
+        self.optimizer.zero_grad()
+        if ddp.all_true(ok):
+            f.fallback = False
+            return
+        if ok:
+            warn_once("WARNING: torch.compile failed on another rank; every rank trains eager")
+        self.forward = self.model
 
     def _warmup(self, ni: int, epoch: int) -> None:
         """Ramp accumulation, LRs (bias from warmup_bias_lr, others from 0) and momentum over nw iterations."""
@@ -544,8 +608,10 @@ class Trainer:
         LOGGER.info("\nStopping after this batch (Ctrl-C again to stop at once)...")
 
     def _validate(self, model: nn.Module, plots: bool = False, verbose: bool = False) -> ValResult:
+        # AMP training validates under the same autocast (never model.half(): that would swap the BatchNorm
+        # buffers of the EMA for new tensors, and the EMA's cached references would stop updating them)
         opts = ValOptions(single_cls=self.cfg.single_cls, save_dir=self.save_dir, plots=plots, verbose=verbose,
-                          training=True)
+                          training=True, autocast=getattr(self, "amp_dtype", None))
         return Validator(opts, names=self.names, loss_fn=self.val_loss_fn).run(model, self.val_loader)
 
     def _save(self, epoch: int, name: str) -> None:
