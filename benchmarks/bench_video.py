@@ -46,7 +46,11 @@ from benchmarks.harness import write_md  # noqa: E402
 
 # our variants: name -> (export key or "pt", --half)
 OURS = {"pt": ("pt", False), "pt-half": ("pt", True), "onnx": ("onnx", False), "openvino": ("openvino", False),
-        "openvino-half": ("openvino", True)}
+        "openvino-half": ("openvino", True), "onnx-int8": ("onnx-int8", False),
+        "openvino-int8": ("openvino-int8", False)}
+# ultralytics' formats: name -> its export arguments (at the letterboxed shape, as ours)
+ULTRA_FORMATS = {"pt": None, "onnx": {"format": "onnx", "simplify": False},
+                 "openvino": {"format": "openvino"}, "openvino-int8": {"format": "openvino", "int8": True}}
 
 ULTRA_DRIVER = r'''
 import json, os, sys, time
@@ -59,6 +63,9 @@ if arg.get("threads"):
     tu.NUM_THREADS = arg["threads"]
 if mode == "build":  # yolov9t from its YAML, saved as a .pt (seed weights, nothing downloaded)
     YOLO(arg["yaml"]).save(model)
+    sys.exit(0)
+if mode == "export":  # one exported file at the letterboxed shape (INT8: calibrated on arg["kw"]["data"])
+    print("RESULT " + json.dumps({"path": str(YOLO(model).export(imgsz=arg["shape"], **arg["kw"]))}))
     sys.exit(0)
 def tu_threads():
     import ultralytics.utils.torch_utils as tu
@@ -78,8 +85,9 @@ if mode == "raw":
     print("RESULT " + json.dumps({"raw_ms": ts[len(ts) // 2] * 1e3}))
     sys.exit(0)
 n, first = 0, None
-for r in YOLO(model).predict(source=arg["source"], device="cpu", save=True, stream=True, verbose=False,
-                             project=arg["project"], name="run", exist_ok=True):
+kw = {"imgsz": arg["imgsz"]} if arg.get("imgsz") else {}  # exported files: their fixed shape
+for r in YOLO(model, task="detect").predict(source=arg["source"], device="cpu", save=True, stream=True,
+                                            verbose=False, project=arg["project"], name="run", exist_ok=True, **kw):
     n += 1
     if first is None:
         first = time.perf_counter()
@@ -121,10 +129,15 @@ def prepare(tmp: Path, opt) -> dict:
         model = DetectionModel(f"{opt.model}.yaml", nc=80)
         pt = save_checkpoint(make_checkpoint(model, names=[f"c{i}" for i in range(80)]), tmp / f"{opt.model}.pt")
     files = {"pt": pt}
+    data = calibration_yaml(tmp) if any(v.endswith("int8") for v in opt.variants + opt.ultra_formats) else None
     keys = sorted({OURS[v][0] for v in opt.variants} - {"pt"})
     if keys:
         from utils.deploy.export import run as export
-        files.update(export(pt, include=tuple(keys), imgsz=shape))
+        plain = sorted({k for k in keys if not k.endswith("-int8")} | {k[:-5] for k in keys if k.endswith("-int8")})
+        if any(k.endswith("-int8") for k in keys):  # fp32 and INT8 files of each format in one export
+            files.update(export(pt, include=tuple(plain), imgsz=shape, int8=True, data=data))
+        else:
+            files.update(export(pt, include=tuple(plain), imgsz=shape))
     out = {"clip": clip, "shape": tuple(shape), "files": files}
     if opt.ultra_python:
         driver = tmp / "ultra_driver.py"
@@ -132,8 +145,32 @@ def prepare(tmp: Path, opt) -> dict:
         upt = tmp / "u_yolov9t.pt"
         subprocess.run([opt.ultra_python, str(driver), "build", str(upt), json.dumps({"yaml": "yolov9t.yaml"})],
                        check=True, capture_output=True, cwd=tmp, env=_ultra_env())
-        out.update(driver=driver, ultra_pt=upt)
+        out.update(driver=driver, ultra={"pt": upt})
+        for name in opt.ultra_formats:
+            kw = ULTRA_FORMATS[name]
+            if kw is None:
+                continue
+            kw = dict(kw, data=str(data)) if kw.get("int8") else kw
+            r = subprocess.run([opt.ultra_python, str(driver), "export", str(upt),
+                                json.dumps({"shape": list(shape), "kw": kw})],
+                               capture_output=True, text=True, cwd=tmp, env=_ultra_env())
+            try:
+                out["ultra"][name] = Path(_result(r)["path"])
+            except RuntimeError as e:  # reported in the table's notes, the rest still runs
+                out.setdefault("notes", []).append(f"ultralytics {name} export failed: {e}")
     return out
+
+
+def calibration_yaml(tmp: Path) -> Path:
+    """A data YAML over the bundled shapes images with the 80 class names of the seed models (INT8 calibration
+    needs images only; both projects read this layout)."""
+    from utils.data import load_data_config
+    cfg = load_data_config(ROOT / "data" / "shapes.yaml")
+    root = Path(cfg.val[0]).parents[1]  # <root>/images/val
+    names = "".join(f"  {i}: c{i}\n" for i in range(80))
+    path = tmp / "calib.yaml"
+    path.write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n{names}")
+    return path
 
 
 ULTRA = {"default": {}, "2 threads": {"threads": 2}, "2 threads PASSIVE": {"threads": 2, "passive": True}}
@@ -155,6 +192,8 @@ def _children_cpu() -> float:
 
 
 def run_ours(tree: Path, weights: Path, half: bool, clip: Path, project: Path) -> dict:
+    """One detect_dual.py process: wall and CPU seconds, frames, steady frames/s, and the per-image
+    pre-process / inference / NMS milliseconds it prints (where the time of a frame goes)."""
     cmd = [sys.executable, str(tree / "detect_dual.py"), "--weights", str(weights), "--source", str(clip),
            "--device", "cpu", "--project", str(project), "--name", "run", "--exist-ok"] + (["--half"] if half else [])
     from utils.threads import user_environ
@@ -164,15 +203,18 @@ def run_ours(tree: Path, weights: Path, half: bool, clip: Path, project: Path) -
     if r.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
     m = re.search(r"(\d+) frames, \d+ detections, ([\d.]+) frames/s", r.stderr + r.stdout)
+    sp = re.search(r"Speed: ([\d.]+)ms pre-process, ([\d.]+)ms inference, ([\d.]+)ms NMS", r.stderr + r.stdout)
     return {"wall": wall, "cpu": cpu, "frames": int(m.group(1)) if m else None,
-            "steady_fps": float(m.group(2)) if m else None}
+            "steady_fps": float(m.group(2)) if m else None,
+            "split": tuple(float(v) for v in sp.groups()) if sp else None}
 
 
-def run_ultra(prep: dict, opt, project: Path, how: dict) -> dict:
-    arg = {"source": str(prep["clip"]), "project": str(project), "threads": how.get("threads")}
+def run_ultra(prep: dict, opt, project: Path, how: dict, fmt: str = "pt") -> dict:
+    arg = {"source": str(prep["clip"]), "project": str(project), "threads": how.get("threads"),
+           "imgsz": list(prep["shape"]) if fmt != "pt" else None}
     project.parent.mkdir(parents=True, exist_ok=True)
     c0, t0 = _children_cpu(), time.perf_counter()
-    r = subprocess.run([opt.ultra_python, str(prep["driver"]), "predict", str(prep["ultra_pt"]), json.dumps(arg)],
+    r = subprocess.run([opt.ultra_python, str(prep["driver"]), "predict", str(prep["ultra"][fmt]), json.dumps(arg)],
                        capture_output=True, text=True, cwd=project.parent, env=_ultra_env(how.get("passive")))
     wall, cpu = time.perf_counter() - t0, _children_cpu() - c0
     return {"wall": wall, "cpu": cpu, **_result(r)}
@@ -217,8 +259,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--variants", nargs="+", default=["pt"], choices=list(OURS), help="our formats to run")
     ap.add_argument("--ultra-python", default="", help="interpreter with ultralytics (omit: no ultralytics rows)")
     ap.add_argument("--ultra", nargs="+", default=["default", "2 threads"], choices=list(ULTRA),
-                    help="ultralytics settings: as installed (cpu_count - 1 threads), 2 threads, 2 threads with "
+                    help="ultralytics .pt settings: as installed (cpu_count - 1 threads), 2 threads, 2 threads with "
                          "OMP_WAIT_POLICY=PASSIVE")
+    ap.add_argument("--ultra-formats", nargs="+", default=["pt"], choices=list(ULTRA_FORMATS),
+                    help="ultralytics formats (exported at the letterboxed shape; exports run with '2 threads')")
     ap.add_argument("--base", default="", help="also run this older checkout's detect_dual.py (.pt variants)")
     ap.add_argument("--frames", type=int, default=250)
     ap.add_argument("--size", type=int, nargs=2, default=[640, 272], metavar=("W", "H"))
@@ -240,15 +284,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for rnd in range(opt.rounds):
             order = [("ours", v) for v in opt.variants]
             order += [("base", v) for v in opt.variants if opt.base and OURS[v][0] == "pt"]
-            order += [("ultralytics", f"pt {u}") for u in opt.ultra] if opt.ultra_python else []
+            if opt.ultra_python:
+                order += [("ultralytics", f"pt {u}") for u in opt.ultra] if "pt" in opt.ultra_formats else []
+                order += [("ultralytics", u) for u in opt.ultra_formats if u != "pt" and u in prep["ultra"]]
             for who, v in order:
                 name = f"{who} {v}"
                 print(f"round {rnd + 1}/{opt.rounds}: {name} (load {_load():.1f}) ...", file=sys.stderr, flush=True)
                 project = tmp / "out" / name.replace(" ", "_")
-                if who == "ultralytics":
+                if who == "ultralytics" and not v.startswith("pt "):
+                    res, raw = run_ultra(prep, opt, project, ULTRA["2 threads"], v), None
+                elif who == "ultralytics":
                     how = ULTRA[v[3:]]
                     res = run_ultra(prep, opt, project, how)
-                    raw = _result(subprocess.run([opt.ultra_python, str(prep["driver"]), "raw", str(prep["ultra_pt"]),
+                    raw = _result(subprocess.run([opt.ultra_python, str(prep["driver"]), "raw", str(prep["ultra"]["pt"]),
                                                   json.dumps({"shape": list(prep["shape"]), "iters": opt.iters,
                                                               "threads": how.get("threads")})],
                                                  capture_output=True, text=True, cwd=tmp,
@@ -262,7 +310,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 if raw is not None:
                     raws.setdefault(name, []).append(raw)
     rows = summarise(runs, raws, opt.frames)
-    text = report(rows, opt, prep["shape"], load0, _load())
+    text = report(rows, opt, prep["shape"], load0, _load(), prep.get("notes", []))
     print(text)
     if opt.md:
         write_md(opt.md, text + "\n")
@@ -270,8 +318,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def summarise(runs: dict, raws: dict, frames: int) -> list[dict]:
-    refs = [frames / statistics.median(r["wall"] for r in rs) for n, rs in runs.items() if n.startswith("ultralytics")]
-    ref_fps = max(refs) if refs else None  # the faster ultralytics setting
+    def best(prefix: str) -> float | None:
+        fps = [frames / statistics.median(r["wall"] for r in rs) for n, rs in runs.items() if n.startswith(prefix)]
+        return max(fps) if fps else None
+    ref_pt, ref_any = best("ultralytics pt"), best("ultralytics")  # the fastest ultralytics .pt / any format
     rows = []
     for name, rs in runs.items():
         wall = statistics.median(r["wall"] for r in rs)
@@ -280,14 +330,21 @@ def summarise(runs: dict, raws: dict, frames: int) -> list[dict]:
         raw = statistics.median(raws[name]) if raws.get(name) else None
         rows.append({"variant": name, "wall_s": wall, "fps": frames / wall,
                      "cpu_s": statistics.median(r["cpu"] for r in rs),
-                     "x_ultra": (frames / wall) / ref_fps if ref_fps else None,
+                     "x_ultra": (frames / wall) / ref_pt if ref_pt else None,
+                     "x_ultra_any": (frames / wall) / ref_any if ref_any else None,
+                     "split": _median_split([r.get("split") for r in rs]),
                      "startup_s": wall - frames / steady_fps if steady_fps else None, "steady_fps": steady_fps,
                      "raw_ms": raw, "steady_over_raw": (1e3 / steady_fps) / raw if steady_fps and raw else None,
                      "walls": [round(r["wall"], 1) for r in rs]})
     return rows
 
 
-def report(rows: list[dict], opt, shape: tuple, load0: float, load1: float) -> str:
+def _median_split(splits: list) -> tuple | None:
+    splits = [s for s in splits if s]
+    return tuple(statistics.median(s[i] for s in splits) for i in range(3)) if splits else None
+
+
+def report(rows: list[dict], opt, shape: tuple, load0: float, load1: float, notes: list[str] = ()) -> str:
     import torch
 
     def f(v, fmt):
@@ -298,15 +355,16 @@ def report(rows: list[dict], opt, shape: tuple, load0: float, load1: float) -> s
             f"{torch.__version__} with {torch.get_num_threads()} intra-op threads (every runtime); median of "
             f"{opt.rounds} interleaved rounds; load average {load0:.1f} before, {load1:.1f} after "
             f"(other jobs share the machine).\n\n")
-    lines = ["| variant | whole frames/s | x fastest ultralytics .pt | CPU s | start-up s | steady frames/s | "
-             "raw forward ms | steady / raw | process seconds per round |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| variant | whole frames/s | x fastest ultralytics .pt | x fastest ultralytics | CPU s | start-up s | "
+             "steady frames/s | raw forward ms | steady / raw | pre / inference / NMS ms | process seconds per round |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['fps']:.1f} | {f(r['x_ultra'], '.2f')} | {r['cpu_s']:.1f} | "
-                     f"{f(r['startup_s'], '.1f')} | "
+        split = " / ".join(f"{v:.1f}" for v in r["split"]) if r.get("split") else "-"
+        lines.append(f"| {r['variant']} | {r['fps']:.1f} | {f(r['x_ultra'], '.2f')} | {f(r['x_ultra_any'], '.2f')} | "
+                     f"{r['cpu_s']:.1f} | {f(r['startup_s'], '.1f')} | "
                      f"{f(r['steady_fps'], '.1f')} | {f(r['raw_ms'], '.1f')} | {f(r['steady_over_raw'], '.2f')} | "
-                     f"{', '.join(map(str, r['walls']))} |")
-    return head + "\n".join(lines)
+                     f"{split} | {', '.join(map(str, r['walls']))} |")
+    return head + "\n".join(lines) + "".join(f"\n\n{n}" for n in notes)
 
 
 if __name__ == "__main__":
