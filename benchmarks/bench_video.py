@@ -14,6 +14,7 @@ batch-1 forward at the letterboxed shape with all intra-op threads, in a separat
 pre/post-processing); `steady / raw` = per-frame cost of the steady run over that forward (below 1.0 means
 frames in flight beat the one-frame latency).
 
+INT8 files (ours and ultralytics') are calibrated on the bundled shapes images (generated, no download).
 Ultralytics: give --ultra-python (an interpreter with ultralytics installed, e.g. a venv made with
 `python -m venv --system-site-packages`); its yolov9t is built from its YAML (seed weights: speed does not
 depend on the weight values; no download), saved once as .pt and run with `YOLO(pt).predict(stream=True,
@@ -22,7 +23,9 @@ save=True)` (what `yolo predict` calls). Our model is a seed-initialised checkpo
 
 Usage:
     python benchmarks/bench_video.py --ultra-python /work/venvs/ultra/bin/python --rounds 3 \
-        [--variants pt pt-half openvino-half] [--base /path/to/older/worktree] [--md benchmarks/results/video.md]
+        [--variants pt pt-half onnx openvino-half onnx-int8 openvino-int8] \
+        [--ultra-formats pt onnx openvino openvino-int8] [--base /path/to/older/worktree] \
+        [--md benchmarks/results/video_vs_ultralytics.md]
 """
 from __future__ import annotations
 
