@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from utils.deploy import accuracy  # noqa: E402
+from utils.deploy import accuracy, formats  # noqa: E402
 from utils.deploy.accuracy import FLOAT_MAX_DROP, INT8_MAX_DROP, Limits  # noqa: E402
 from utils.deploy.export import include_choices, run  # noqa: E402
 from utils.deploy.quantize import DEFAULT_IMAGES  # noqa: E402
@@ -35,23 +35,27 @@ from utils.general import cli  # noqa: E402
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
+    fmts = formats.all_formats()
+    dynamic = [f.name for f in fmts if f.dynamic]
+    int8 = [f.name for f in fmts if f.export_int8]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", required=True, help="checkpoint .pt of this project")
     p.add_argument("--include", nargs="+", default=["torchscript"], help=f"formats: {', '.join(include_choices())}")
     p.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=[640], help="input size: h [w]")
     p.add_argument("--batch-size", type=int, default=1, help="batch size of the traced input")
     p.add_argument("--dynamic", action="store_true",
-                   help="dynamic batch and height/width (multiples of the stride), ONNX and TorchScript")
-    p.add_argument("--half", action="store_true", help="FP16 export (CUDA only; for bf16 on CPU run an FP32 export "
-                                                       "with --half in detect/val)")
+                   help=f"dynamic batch and height/width (multiples of the stride): {', '.join(dynamic)}; the others "
+                        f"take one input size")
+    p.add_argument("--half", action="store_true",
+                   help=f"half precision, per format: {'; '.join(f'{f.name}: {f.half}' for f in fmts)}")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset version")
     p.add_argument("--simplify", action="store_true", help="ONNX: simplify with onnxsim if it is installed")
     p.add_argument("--device", default="cpu", help="cpu or cuda device, e.g. 0")
     p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
                    help="fuse Conv+BN and RepConvN before export (default on)")
     p.add_argument("--int8", action="store_true",
-                   help="also write INT8 copies of the onnx/openvino exports (static quantization); the accuracy "
-                        "check then runs on the data's val split")
+                   help=f"also write INT8 copies of the {'/'.join(int8)} exports (static quantization calibrated on "
+                        f"training images of --data); the accuracy check then runs on the data's val split")
     p.add_argument("--data", default=None,
                    help="data YAML: --int8 calibrates on its train split, and the accuracy check validates the .pt "
                         "and every written file on its val split (default with --int8: the data the checkpoint "

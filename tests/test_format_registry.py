@@ -106,6 +106,7 @@ def test_a_new_runtime_is_one_module(tmp_path, monkeypatch):
     formats.all_formats.cache_clear()
     try:
         assert "plainexport" in formats.names() and "plainexport" in formats.table()
+        assert "plainexport: not supported" in _help_of("--half")  # export.py's help lists what --half means per format
         w = seeded_tiny_checkpoint(tmp_path / "w.pt", ["a", "b", "c"])
         out = export.run(w, include=("plainexport",), imgsz=(64, 96), dynamic=True)
         assert out["plainexport"] == tmp_path / "w.pt2"
@@ -116,6 +117,23 @@ def test_a_new_runtime_is_one_module(tmp_path, monkeypatch):
     finally:
         formats.all_formats.cache_clear()
         sys.modules.pop("utils.deploy.formats.plainexport", None)
+
+
+def _help_of(flag: str) -> str:
+    import contextlib
+    import io
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        export_cli.parse_opt(["--help"])
+    text = " ".join(out.getvalue().split())
+    return text[text.index(f"{flag} "):]
+
+
+def test_export_help_follows_the_registry():
+    int8 = [f.name for f in formats.all_formats() if f.export_int8]
+    assert {"onnx", "openvino", "litert"} <= set(int8)
+    assert f"INT8 copies of the {'/'.join(int8)} exports" in _help_of("--int8")
+    assert "CUDA only" not in _help_of("--half").split("litert:")[1].split(";")[0]
 
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("openvino") is None, reason="openvino not installed")
