@@ -5,7 +5,9 @@ Why: choosing a CPU format is a trade of speed against accuracy, and the fastest
 AVX512-BF16/VNNI, AVX2 only, ARM); both numbers must come from the same checkpoint and the same run. The rows
 come from the format registry (utils/deploy/formats): the FP32 .pt (and its bf16 autocast, --half), then for
 every format that runs on this machine its FP32 file, its --half run where the runtime computes in bf16 on this
-CPU, and its INT8 copy where the format has one. A format whose packages are missing is skipped with a note.
+CPU, its fp16 file where --half at export writes one (LiteRT, ExecuTorch, NCNN: timed as this CPU runs it), and
+its INT8 copy where the format has one. A format whose packages are missing is skipped with a note; a format that
+cannot run here (Core ML: macOS/iOS) is exported for its file size only.
 Latency: one export per size, every row timed in interleaved rounds (median of --iters calls per round, the best
 round kept), so load from other jobs on a shared machine hits all rows alike; the ratio to the FP32 .pt is
 printed. --clock cpu times the process CPU time of each call instead of the wall clock: with one thread it is
@@ -59,11 +61,17 @@ from benchmarks.harness import write_md  # noqa: E402
 
 @dataclass(frozen=True)
 class Row:
-    """One measured configuration: `key` names the file export.run wrote ('pt', 'onnx', 'onnx-int8'), half runs
-    it with --half (bf16 on a CPU that has it)."""
+    """One measured configuration: `key` names the file export.run wrote ('pt', 'onnx', 'onnx-int8', 'litert-fp16':
+    exported with --half), half runs it with --half (bf16 on a CPU that has it); runs False: the file is only
+    written here, for its size (Core ML)."""
     name: str
     key: str
     half: bool = False
+    runs: bool = True
+
+    @property
+    def fp16_file(self) -> bool:
+        return self.key.endswith("-fp16")
 
 
 ONLY: set[str] = set()  # --formats: the rows to measure (empty: all)
@@ -75,9 +83,14 @@ def registry_rows() -> list[Row]:
     from utils.deploy import formats
     rows = [Row("pt FP32", "pt"), Row("pt bf16 (--half)", "pt", True)]
     for f in formats.all_formats():
-        rows += [Row(f"{f.name} FP32", f.name), Row(f"{f.name} bf16 (--half)", f.name, True)]
+        runs = f.runs_here and f.load is not None
+        rows.append(Row(f"{f.name} FP32", f.name, runs=runs))
+        if runs and not f.half_file:  # --half at run time (bf16 where the runtime has it); else a file of its own
+            rows.append(Row(f"{f.name} bf16 (--half)", f.name, True))
+        if f.half_file:
+            rows.append(Row(f"{f.name} fp16 (--half)", f"{f.name}-fp16", True, runs=runs))
         if f.export_int8 is not None:
-            rows.append(Row(f"{f.name} INT8", f"{f.name}-int8"))
+            rows.append(Row(f"{f.name} INT8", f"{f.name}-int8", runs=runs))
     return rows
 
 
@@ -87,13 +100,19 @@ def _note(text: str) -> None:
         print(f"note: {text}", file=sys.stderr, flush=True)
 
 
-def exportable(int8: bool) -> list:
-    """Formats this machine can write and run, each with whether its INT8 copy can be made; the others noted."""
+def exportable(int8: bool, size_only: bool = False) -> list:
+    """Formats this machine can write and run, each with whether its INT8 copy can be made; the others noted.
+    size_only: also the formats that can be written but not run here (their file size is all that is measured)."""
     from utils.deploy import formats
     out = []
     for f in formats.all_formats():
-        if not f.runs_here or f.load is None:
-            _note(f"{f.name}: not measured ({f.title} runs on {f.runs_on})")
+        runs = f.runs_here and f.load is not None
+        if not runs:
+            _note(f"{f.name}: not run here ({f.title} runs on {f.runs_on}): file size only")
+            if size_only and f.missing("export"):
+                _note(f"{f.name}: no file size, needs {', '.join(f.missing('export'))}")
+            elif size_only:
+                out.append((f, False))
             continue
         missing = sorted(set(f.missing("export") + f.missing("run")))
         if missing:
@@ -108,18 +127,24 @@ def exportable(int8: bool) -> list:
 
 
 def export_all(pt: Path, folder: Path, size: int | tuple[int, int], data: str | None, calib: int,
-               dynamic: bool = False) -> dict[str, Path]:
+               dynamic: bool = False, size_only: bool = False) -> dict[str, Path]:
     """Every runnable format of checkpoint `pt` at `size` (square, or (h, w)), written into `folder` (a copy of
-    pt), one export.run call per format so that one converter's failure costs only its rows (noted)."""
+    pt), one export.run call per format so that one converter's failure costs only its rows (noted); a format
+    whose --half writes another file gets that too, under '<name>-fp16' (its own folder: same file name);
+    size_only adds the formats that cannot run here."""
     from utils.deploy.export import run
     from utils.general import UserError
     folder.mkdir(parents=True, exist_ok=True)
     w = Path(shutil.copy(pt, folder / "model.pt"))
+    (folder / "fp16").mkdir(exist_ok=True)
+    w16 = Path(shutil.copy(pt, folder / "fp16" / "model.pt"))
     out: dict[str, Path] = {"pt": w}
-    for f, int8 in exportable(int8=data is not None):
+    for f, int8 in exportable(int8=data is not None, size_only=size_only):
         try:
             out.update(run(w, include=(f.name,), imgsz=size, int8=int8, data=data, calib_images=calib,
                            dynamic=dynamic))
+            if f.half_file:
+                out[f"{f.name}-fp16"] = run(w16, include=(f.name,), imgsz=size, half=True, dynamic=dynamic)[f.name]
         except UserError as e:
             _note(f"{f.name}: export failed ({e})")
     return out
@@ -141,8 +166,9 @@ def _bf16_runs(path: Path) -> bool:
 
 def rows_for(files: dict[str, Path]) -> list[Row]:
     """The registry's rows that this export produced and that differ from each other on this CPU."""
-    return [r for r in registry_rows() if r.key in files and (not ONLY or r.name in ONLY or r.name == "pt FP32")
-            and (not r.half or _bf16_runs(files[r.key]))]
+    return [r for r in registry_rows() if r.runs and r.key in files
+            and (not ONLY or r.name in ONLY or r.name == "pt FP32")
+            and (not r.half or r.fp16_file or _bf16_runs(files[r.key]))]
 
 
 def _call_times(b, x, iters: int) -> tuple[float, float]:
@@ -217,6 +243,10 @@ def table(model: str, eval_size: int, sizes: list[int], sizes_mb: dict, ms: dict
     out = [f"### {model}", "", head, "|---|---:|" + "---:|---:|" * (len(sizes) + len(vids)) + "---:|"]
     for row in registry_rows():
         name = row.name
+        if not row.runs and name in sizes_mb and (not ONLY or name in ONLY):
+            out.append(f"| {name} | {sizes_mb[name]:.1f} | " + "- | " * 2 * (len(sizes) + len(vids))
+                       + f"- (runs on {_format(row).runs_on}) |")
+            continue
         if not any(name in ms[s] for s in sizes) and name not in maps and not any(name in v for v in fps.values()):
             continue
         cells = [f"{sizes_mb[name]:.1f}" if name in sizes_mb else "-"]
@@ -229,6 +259,11 @@ def table(model: str, eval_size: int, sizes: list[int], sizes_mb: dict, ms: dict
         cells.append(f"{maps[name]:.4f}" if name in maps else "-")
         out.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(out)
+
+
+def _format(row: Row):
+    from utils.deploy import formats
+    return formats.get(row.key.removesuffix("-int8").removesuffix("-fp16"))
 
 
 def _sizes_mb(files: dict[str, Path]) -> dict[str, float]:
@@ -262,13 +297,13 @@ def cpu_summary(cpuinfo: str | None = None) -> str:
 
 
 def _how_to_run(row: Row, weights: Path, size: int) -> str:
-    from utils.deploy import formats
     half = " --half" if row.half else ""
     if row.key == "pt":
         return f"python detect_dual.py --weights {weights}{half}"
-    fmt = formats.get(row.key.removesuffix("-int8"))
+    fmt = _format(row)
     int8 = row.key.endswith("-int8")
-    return (f"python export.py --weights {weights} --include {fmt.name} --imgsz {size}{' --int8' if int8 else ''} "
+    flag = " --int8" if int8 else " --half" if row.fp16_file else ""
+    return (f"python export.py --weights {weights} --include {fmt.name} --imgsz {size}{flag} "
             f"&& python detect_dual.py --weights {fmt.path(weights, int8=int8)}{half}")
 
 
@@ -467,12 +502,13 @@ def main(argv: list[str] | None = None) -> str:
             eval_size = opt.eval_size or train_size
             maps, sizes_mb, at_eval = {}, {}, {}
             if not opt.no_map and data:
-                at_eval = export_all(pt, tmp / model / str(eval_size), eval_size, data, opt.calib_images)
+                at_eval = export_all(pt, tmp / model / str(eval_size), eval_size, data, opt.calib_images,
+                                     size_only=not sizes)
                 sizes_mb = _sizes_mb(at_eval)
                 maps = accuracy(at_eval, data, eval_size)
             ms = {}
-            for s in sizes:
-                files = export_all(pt, tmp / model / f"speed{s}", s, data, 20)  # latency only: 20 images
+            for s in sizes:  # latency only: INT8 on 20 images; the last size also gives the file sizes
+                files = export_all(pt, tmp / model / f"speed{s}", s, data, 20, size_only=s == sizes[-1])
                 print(f"{model}: timing at {s} ...", file=sys.stderr, flush=True)
                 ms[s] = latency(files, s, opt.rounds, opt.iters, opt.clock)
                 sizes_mb = _sizes_mb(files)
@@ -483,7 +519,8 @@ def main(argv: list[str] | None = None) -> str:
                 parts.append(f"\n{model}: " + sensitivity(at_eval, data, eval_size, opt.calib_images, tmp, opt.layers))
             print("\n\n".join(parts), file=sys.stderr, flush=True)
     from utils.torch_utils import cpu_bf16_native
-    text = (f"CPU: {cpu_summary()}; batch 1, {torch.get_num_threads()} intra-op thread(s) for every runtime "
+    text = (f"{time.strftime('%Y-%m-%d')}, CPU: {cpu_summary()}; batch 1, {torch.get_num_threads()} intra-op "
+            f"thread(s) for every runtime "
             f"(load average {load:.2f} before, {os.getloadavg()[0]:.2f} after); native bf16: {cpu_bf16_native()}; "
             f"latency = {'best' if opt.clock == 'wall' else 'median'} of {opt.rounds} interleaved rounds of the "
             f"median of {opt.iters} forwards ({'wall clock' if opt.clock == 'wall' else 'process CPU time'}; model "

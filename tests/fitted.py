@@ -97,3 +97,23 @@ BF16_TOL = dict(min_iou=0.975, score_tol=0.02, exact_count=False)
 INT8_TOL = dict(min_iou=0.95, score_tol=0.03, exact_count=False)
 
 
+
+
+def assert_tracks_match(pt: Path, other: Path, data: str, project: Path) -> None:
+    """detect_dual.py --track over the fitted training images with the .pt and with `other`: the same tracks
+    (class, track id) per image and boxes within 1e-3 (normalised xywh of --save-txt)."""
+    import detect_dual
+    from utils.engine.predict.predictor import run
+    src = Path(data).parent / "ds" / "images" / "train"
+    rows = []
+    for i, weights in enumerate((pt, other)):
+        opt = detect_dual.parse_opt(["--weights", str(weights), "--source", str(src), "--track", "--save-txt",
+                                     "--imgsz", str(IMGSZ), "--device", "cpu", "--project", str(project),
+                                     "--name", f"track{i}"])
+        d = run(opt)
+        rows.append([sorted(map(str.split, f.read_text().splitlines())) for f in sorted((d / "labels").glob("*.txt"))])
+    assert len(rows[0]) >= 2 and len(rows[1]) == len(rows[0])
+    for a, b in zip(*rows):
+        assert [(r[0], r[-1]) for r in a] == [(r[0], r[-1]) for r in b]
+        np.testing.assert_allclose(np.array([r[1:5] for r in b], float), np.array([r[1:5] for r in a], float),
+                                   atol=1e-3)

@@ -92,3 +92,14 @@ TIME_SCALE = float(__import__("os").environ.get("YOLO_TEST_TIME_SCALE", "5"))
 def limit(seconds: float) -> float:
     """A time limit for a subprocess or a wait: `seconds` (enough on an idle machine) times TIME_SCALE."""
     return seconds * TIME_SCALE
+
+
+class FailingBackward(torch.autograd.Function):
+    """Identity forward whose backward raises: a stand-in for inductor compiling the backward lazily and failing."""
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        raise RuntimeError("inductor: backward compilation failed")

@@ -212,7 +212,9 @@ def test_bench_formats_rows_follow_the_registry(monkeypatch):
     from utils.deploy.formats import base
     names = {r.name for r in bench_formats.registry_rows()}
     for f in formats.all_formats():
-        assert {f"{f.name} FP32", f"{f.name} bf16 (--half)"} <= names
+        runs = f.runs_here and f.load is not None
+        assert f"{f.name} FP32" in names and (f"{f.name} bf16 (--half)" in names) == (runs and not f.half_file)
+        assert (f"{f.name} fp16 (--half)" in names) == f.half_file
         assert (f"{f.name} INT8" in names) == (f.export_int8 is not None)
     real = base.find_spec
     monkeypatch.setattr(base, "find_spec", lambda m: None if m.split(".")[0] == "onnx" else real(m))
@@ -224,3 +226,24 @@ def test_bench_formats_rows_follow_the_registry(monkeypatch):
     assert zen.startswith("AMD EPYC 9R45,") and "AVX512-BF16, AVX512-VNNI, AVX512, AVX2" in zen and "AMX" not in zen
     arm = bench_formats.cpu_summary("processor\t: 0\nFeatures\t: fp asimd asimddp bf16 i8mm\n")
     assert "ARM dot product, ARM BF16, ARM I8MM" in arm and "AVX" not in arm
+
+
+def test_bench_formats_fp16_files_are_rows_and_core_ml_is_size_only(tmp_path):
+    """A format whose --half writes another file (LiteRT) gets its own row without a bf16 check; a format that
+    cannot run here (Core ML) is never loaded, its row in the table has the file size and where it runs."""
+    from benchmarks import bench_formats
+    from utils.deploy import formats
+    bench_formats.ONLY.clear()
+    files = {"litert": tmp_path / "m.tflite", "litert-fp16": tmp_path / "fp16" / "m.tflite",
+             "coreml": tmp_path / "m.mlpackage", "coreml-fp16": tmp_path / "fp16" / "m.mlpackage"}
+    rows = bench_formats.rows_for(files)  # the paths do not exist: loading one would fail
+    assert [r.name for r in rows] == ["litert FP32", "litert fp16 (--half)"] and rows[1].half
+    sizes_mb = {"pt FP32": 4.3, "litert FP32": 7.5, "litert fp16 (--half)": 3.8, "coreml FP32": 7.6,
+                "coreml fp16 (--half)": 3.9}
+    ms = {320: {"pt FP32": 30.0, "litert FP32": 20.0, "litert fp16 (--half)": 15.0}}
+    lines = bench_formats.table("m", 128, [320], sizes_mb, ms, {"pt FP32": 0.5}).splitlines()
+    where = formats.get("coreml").runs_on
+    assert "| litert fp16 (--half) | 3.8 | 15.0 | 2.00 | - |" in lines
+    assert f"| coreml fp16 (--half) | 3.9 | - | - | - (runs on {where}) |" in lines
+    assert sum(ln.startswith("| coreml") for ln in lines) == 2
+    assert not any(ln.startswith("| pt bf16") for ln in lines)  # not measured, no size: no row

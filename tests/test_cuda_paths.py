@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import perturb_bn, seeded_tiny_checkpoint, shapes_yaml
+from helpers import FailingBackward, perturb_bn, seeded_tiny_checkpoint, shapes_yaml
 from utils.general import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -249,16 +249,6 @@ def test_backward_that_fails_to_compile_falls_back_to_eager_once(caplog):
     assert sum("torch.compile failed" in r.message for r in caplog.records) == 1
 
 
-class _FailingBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        raise RuntimeError("inductor: backward compilation failed")
-
-
 def test_trainer_compile_survives_a_backward_failure(tmp_path, monkeypatch, caplog):
     """train_dual.py --compile: a compiled forward whose backward fails (stand-in for inductor's lazy backward
     compile) trains the step eagerly with one warning, instead of ending the run at backward()."""
@@ -267,7 +257,7 @@ def test_trainer_compile_survives_a_backward_failure(tmp_path, monkeypatch, capl
     from utils.engine.train.trainer import Trainer
 
     def compile_(fn, **kw):
-        return lambda x: [_FailingBackward.apply(t) for t in fn(x)]
+        return lambda x: [FailingBackward.apply(t) for t in fn(x)]
 
     monkeypatch.setattr(torch, "compile", compile_)
     graphs._warned.clear()
@@ -292,7 +282,7 @@ def test_compile_probe_tries_once_and_without_fallback_a_failure_is_an_error(mon
     one clear error instead of a step redone eagerly outside the other ranks' collectives."""
     from utils.engine import graphs
 
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: lambda x: _FailingBackward.apply(fn(x)))
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: lambda x: FailingBackward.apply(fn(x)))
     graphs._warned.clear()
     model = nn.Conv2d(3, 2, 1)
     x = torch.rand(1, 3, 4, 4)

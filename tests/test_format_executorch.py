@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fitted import FP32, IMGSZ, assert_matches, detect, fitted_checkpoint
+from fitted import FP32, IMGSZ, assert_matches, assert_tracks_match, detect, fitted_checkpoint
 from helpers import SHAPE_NAMES
 from utils.deploy import export
 from utils.general import UserError
@@ -95,22 +95,8 @@ def test_val_map_equals_fixed_size_export(exported):
 
 def test_track_equals_pt(exported, tmp_path):
     """detect_dual.py --track on the .pte: the .pt's tracks (class, id) and boxes."""
-    import detect_dual
-    from utils.engine.predict.predictor import run
     w, pte, data, _, _ = exported
-    src = Path(data).parent / "ds" / "images" / "train"
-    rows = {}
-    for name, weights in (("pt", w), ("pte", pte)):
-        opt = detect_dual.parse_opt(["--weights", str(weights), "--source", str(src), "--track", "--save-txt",
-                                     "--imgsz", str(IMGSZ), "--device", "cpu", "--project", str(tmp_path),
-                                     "--name", name])
-        d = run(opt)
-        rows[name] = [sorted(map(str.split, f.read_text().splitlines())) for f in sorted((d / "labels").glob("*.txt"))]
-    assert len(rows["pt"]) >= 2 and len(rows["pte"]) == len(rows["pt"])
-    for a, b in zip(rows["pt"], rows["pte"]):
-        assert [(r[0], r[-1]) for r in a] == [(r[0], r[-1]) for r in b]
-        np.testing.assert_allclose(np.array([r[1:5] for r in b], float), np.array([r[1:5] for r in a], float),
-                                   atol=1e-3)
+    assert_tracks_match(w, pte, data, tmp_path)
 
 
 def test_half_request_runs_fp32_with_one_note(exported, caplog):

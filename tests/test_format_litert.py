@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("litert_torch")
 pytest.importorskip("ai_edge_litert")
 
-from fitted import FP32, IMGSZ, INT8_TOL, assert_matches, detect, fitted_checkpoint  # noqa: E402
+from fitted import FP32, IMGSZ, INT8_TOL, assert_matches, assert_tracks_match, detect, fitted_checkpoint  # noqa: E402
 from helpers import SHAPE_NAMES  # noqa: E402
 from utils.deploy import export, formats  # noqa: E402
 from utils.deploy.formats import base, litert  # noqa: E402
@@ -174,27 +174,13 @@ def test_int8_input_range_is_the_pixel_domain(exported):
 def test_val_and_track_run_the_tflite(exported, tmp_path):
     """val_dual.py gives the mAP of the same model at the same fixed size (TorchScript; the .pt validates
     rectangular batches, a slightly different input); detect_dual.py --track gives the .pt's tracks."""
-    import detect_dual
-    from utils.engine.predict.predictor import run
     from utils.engine.validator import run_validation
     files, data, _ = exported
     kw = dict(data=data, imgsz=IMGSZ, workers=0, plots=False, device="cpu")
     maps = [run_validation(weights=str(files[k]), project=str(tmp_path / k), **kw).map
             for k in ("pt", "torchscript", "litert")]
     assert maps[0] > 0.3 and abs(maps[1] - maps[2]) < 1e-3 and abs(maps[0] - maps[2]) < 0.03, maps
-    src = Path(data).parent / "ds" / "images" / "train"
-    rows = {}
-    for k in ("pt", "litert"):
-        opt = detect_dual.parse_opt(["--weights", str(files[k]), "--source", str(src), "--track", "--save-txt",
-                                     "--imgsz", str(IMGSZ), "--device", "cpu", "--project", str(tmp_path),
-                                     "--name", f"track-{k}"])
-        d = run(opt)
-        rows[k] = [sorted(map(str.split, f.read_text().splitlines())) for f in sorted((d / "labels").glob("*.txt"))]
-    assert len(rows["pt"]) >= 2 and len(rows["litert"]) == len(rows["pt"])
-    for a, b in zip(rows["pt"], rows["litert"]):
-        assert [(r[0], r[-1]) for r in a] == [(r[0], r[-1]) for r in b]
-        np.testing.assert_allclose(np.array([r[1:5] for r in b], float), np.array([r[1:5] for r in a], float),
-                                   atol=1e-3)
+    assert_tracks_match(files["pt"], files["litert"], data, tmp_path)
 
 
 def test_missing_litert_torch_is_one_line_before_any_work(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from fitted import FP32, IMGSZ, assert_matches, detect, fitted_checkpoint
+from fitted import FP32, IMGSZ, assert_matches, assert_tracks_match, detect, fitted_checkpoint
 from helpers import SHAPE_NAMES
 from utils.deploy import export, formats
 from utils.engine.backend import Backend
@@ -86,21 +86,8 @@ def test_val_equals_fixed_size_torchscript(trained):
 
 def test_track_equals_pt(trained, tmp_path):
     """detect_dual.py --track on the fitted images: the same tracks (class, id) and boxes as the .pt."""
-    import detect_dual
-    from utils.engine.predict.predictor import run
     files, data, _ = trained
-    src = Path(data).parent / "ds" / "images" / "train"
-    rows = {}
-    for k in ("pt", "ncnn"):
-        opt = detect_dual.parse_opt(["--weights", str(files[k]), "--source", str(src), "--track", "--save-txt",
-                                     "--imgsz", str(IMGSZ), "--device", "cpu", "--project", str(tmp_path), "--name", k])
-        d = run(opt)
-        rows[k] = [sorted(map(str.split, f.read_text().splitlines())) for f in sorted((d / "labels").glob("*.txt"))]
-    assert len(rows["pt"]) >= 2 and len(rows["ncnn"]) == len(rows["pt"])
-    for a, b in zip(rows["pt"], rows["ncnn"]):
-        assert [(r[0], r[-1]) for r in a] == [(r[0], r[-1]) for r in b]
-        np.testing.assert_allclose(np.array([r[1:5] for r in b], float), np.array([r[1:5] for r in a], float),
-                                   atol=1e-3)
+    assert_tracks_match(files["pt"], files["ncnn"], data, tmp_path)
 
 
 def test_recognised_by_name_and_by_content(trained, tmp_path):

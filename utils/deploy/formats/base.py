@@ -8,13 +8,17 @@ main branch. `meta` carries names / stride / nc / imgsz / dynamic_hw as export.p
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
+import logging
+import os
 import warnings
 from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -22,6 +26,31 @@ import torch.nn as nn
 
 from utils.general import LOGGER, UserError
 
+
+
+@contextlib.contextmanager
+def quiet(logger: str = "", env: dict[str, str] | None = None) -> Iterator[None]:
+    """Silence a converter's own chatter (progress bars, INFO lines, warnings about itself) while it runs:
+    stdout/stderr captured, warnings ignored, `logger` ("" = the root logger) raised to its errors only and
+    `env` set; all restored afterwards. Errors still raise, so nothing the user must see is lost."""
+    env = env or {}
+    old_env = {k: os.environ.get(k) for k in env}
+    log = logging.getLogger(logger or None)
+    old_level = log.level
+    os.environ.update(env)
+    log.setLevel(max(old_level, logging.ERROR if logger else logging.WARNING))
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        log.setLevel(old_level)
+        for k, v in old_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 @dataclass(frozen=True)
 class ExportOptions:
@@ -111,6 +140,7 @@ class Format:
     export_int8: Callable[[ExportJob, Path], Path] | None = None
     half: str = "not supported"                   # what --half means at export (docs table)
     half_needs_cuda: bool = False                 # --half halves the torch model itself (needs a CUDA device)
+    half_file: bool = False                       # --half at export writes a reduced-precision file on any device
     dynamic: bool = False                         # --dynamic can make height/width/batch free
     marker: str = ""                              # folder formats: a glob that identifies one by its content
     file_suffixes: tuple[str, ...] = ()           # other file suffixes that stand for this format (OpenVINO .xml)

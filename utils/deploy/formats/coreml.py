@@ -7,34 +7,20 @@ checks its spec, macOS / iOS run it.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 import shutil
-import warnings
 from pathlib import Path
 
-from utils.deploy.formats.base import ExportJob, Format, first_line_and_reason
+from utils.deploy.formats.base import ExportJob, Format, first_line_and_reason, quiet
 from utils.general import UserError
 
 INPUT, OUTPUT = "images", "output0"
 
 
-@contextlib.contextmanager
 def _quiet():
     """coremltools on Linux logs that its Apple runtime is absent, that this torch is newer than it was tested
     with, and draws progress bars: none of it concerns the user, errors still propagate."""
-    log = logging.getLogger("coremltools")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        log.setLevel(level)
+    return quiet("coremltools")
 
 
 def _describe(ml, meta: dict, half: bool) -> None:
@@ -80,6 +66,6 @@ FORMAT = Format(
     name="coreml", title="Core ML", order=70, suffix=".mlpackage", folder=True,
     export=export, load=None, marker="Data/com.apple.CoreML/*.mlmodel", file_suffixes=(".mlmodel",),
     export_packages=(("coremltools", "coremltools"),),
-    half="fp16 compute (for the Neural Engine)", runs_here=False,
+    half="fp16 compute (for the Neural Engine)", runs_here=False, half_file=True,
     runs_on="macOS, iOS and iPadOS",
 )

@@ -307,6 +307,6 @@ FORMAT = Format(
     name="executorch", title="ExecuTorch", order=50, suffix=".pte", folder=False,
     export=export, load=ExecuTorchRunner,
     export_packages=(("executorch", "executorch"),), run_packages=(("executorch", "executorch"),),
-    half="fp16 activations (ARM CPUs with fp16 arithmetic)",
+    half="fp16 activations (ARM CPUs with fp16 arithmetic)", half_file=True,
     runs_on="Android / iOS apps, Raspberry Pi and ARM boards (XNNPACK CPU); x86",
 )

@@ -17,46 +17,25 @@ Mobile MQA attention is quantized too (integer-only NPUs need it so, and keeping
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 import os
 import re
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from utils.deploy.formats.base import (ExportJob, Format, LoadOptions, NumpyRunner, check_detector_output,
-                                       first_line_and_reason, input_geometry, read_json)
+                                       first_line_and_reason, input_geometry, quiet, read_json)
 from utils.general import LOGGER, UserError
 
 METADATA_KEY = b"yolo_metadata"
 
-@contextlib.contextmanager
 def _quiet():
     """litert-torch prints a progress tree and an INFO line per JAX-lowered op, ai-edge-quantizer progress bars
     and a size report: keep export.py's log to its own lines (errors still raise)."""
-    env = {"LITERT_TORCH_SHOW_PROGRESS": "n", "TF_CPP_MIN_LOG_LEVEL": "2"}  # the latter: the converter's C++ INFO
-    old_env = {k: os.environ.get(k) for k in env}
-    root = logging.getLogger()
-    old_level = root.level
-    os.environ.update(env)
-    root.setLevel(max(old_level, logging.WARNING))
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), \
-                contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        root.setLevel(old_level)
-        for k, v in old_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    # TF_CPP_MIN_LOG_LEVEL: the converter's C++ INFO lines
+    return quiet(env={"LITERT_TORCH_SHOW_PROGRESS": "n", "TF_CPP_MIN_LOG_LEVEL": "2"})
 
 
 class _NHWC(torch.nn.Module):
@@ -286,6 +265,6 @@ FORMAT = Format(
     export=export, load=LiteRTRunner, export_int8=export_int8,
     export_packages=(("litert_torch", "litert-torch"),), run_packages=(("ai_edge_litert", "ai-edge-litert"),),
     int8_packages=(("ai_edge_quantizer", "ai-edge-quantizer"),),
-    half="fp16 weights (any device)",
+    half="fp16 weights (any device)", half_file=True,
     runs_on="Android and iOS phones, Raspberry Pi / ARM boards (XNNPACK CPU, GPU/NPU delegates), x86 CPUs",
 )

@@ -133,6 +133,6 @@ FORMAT = Format(
     name="ncnn", title="NCNN", order=60, suffix="_ncnn_model", folder=True,
     export=export, load=NcnnRunner, marker="*.param", file_suffixes=(".param",),
     export_packages=(("pnnx", "pnnx"),), run_packages=(("ncnn", "ncnn"),),
-    half="fp16 weights in the file (half the size)",
+    half="fp16 weights in the file (half the size)", half_file=True,
     runs_on="ARM boards (Raspberry Pi), Android and x86 CPUs",
 )
