@@ -84,3 +84,20 @@ def test_time_limit_warns(caplog):
     out = non_max_suppression(pred, 0.2, 0.5, time_limit=0.0)
     assert len(out) == 3 and len(out[0]) > 0 and len(out[1]) == 0
     assert "time limit" in caplog.text
+
+
+@pytest.mark.parametrize("n", [0, 1, 300, 1500])  # 1500 boxes: torchvision switches to a per-class loop on CPU
+def test_vision_ops_equal_torchvision(n):
+    import torchvision.ops as tv
+
+    from utils.vision_ops import batched_nms, nms
+    g = torch.Generator().manual_seed(n)
+    xy = torch.rand(n, 2, generator=g) * 600
+    boxes = torch.cat([xy, xy + 5 + torch.rand(n, 2, generator=g) * 80], 1)
+    scores = torch.rand(n, generator=g)
+    cls = torch.randint(0, 7, (n,), generator=g)
+    assert torch.equal(nms(boxes, scores, 0.45), tv.nms(boxes, scores, 0.45))
+    # same boxes kept per class (the order among equal scores may differ between the two methods)
+    a, b = batched_nms(boxes, scores, cls, 0.45), tv.batched_nms(boxes, scores, cls, 0.45)
+    assert sorted(a.tolist()) == sorted(b.tolist()) and a.dtype == torch.int64
+    assert torch.equal(scores[a], scores[a].sort(descending=True).values)

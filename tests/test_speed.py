@@ -339,10 +339,15 @@ def test_detect_threaded_equals_sequential(weights, tmp_path):
         d = run(opt)
         labels = {p.name: p.read_text() for p in sorted((d / "labels").glob("*.txt"))}
         cap = cv2.VideoCapture(str(d / "clip.mp4"))
-        outs[threaded] = (labels, int(cap.get(cv2.CAP_PROP_FRAME_COUNT)))
+        frames = []
+        while (ok_im := cap.read())[0]:
+            frames.append(ok_im[1])
+        outs[threaded] = (labels, int(cap.get(cv2.CAP_PROP_FRAME_COUNT)), frames)
         cap.release()
-    assert outs[True][0] and outs[True] == outs[False]
-    assert outs[True][1] == 8
+    assert outs[True][0] and outs[True][:2] == outs[False][:2]
+    assert outs[True][1] == 8 == len(outs[True][2])
+    # boxes drawn in the writer thread (threaded) are the pixels the inline path draws
+    assert all(np.array_equal(a, b) for a, b in zip(outs[True][2], outs[False][2]))
 
 
 def test_outputs_compared_by_dtype_tolerance_and_detections_by_iou():
@@ -442,3 +447,179 @@ def test_onnx_backend_uses_optimised_session(weights, tmp_path):
     assert so.intra_op_num_threads == torch.get_num_threads() == 1 and so.inter_op_num_threads == 1
     x = torch.rand(1, 3, 64, 96)
     assert torch.allclose(b(x), Backend(w)(x), atol=1e-3, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- frames in flight
+
+def test_ordered_map_keeps_input_order_when_later_items_finish_first():
+    from utils.engine.predict.stream import ordered_map
+    done = {i: threading.Event() for i in range(13)}
+    pulled, handed = [], []
+
+    def fn(i):
+        if i % 2 == 0 and i + 1 < 12:  # an even item finishes only after the next (odd) one has
+            assert done[i + 1].wait(timeout=120)
+        done[i].set()
+        return i * 10
+
+    def items():
+        for i in range(12):
+            pulled.append(i)
+            assert len(pulled) - len(handed) <= 3  # depth = workers + 1: memory stays flat
+            yield i
+
+    for i, r in ordered_map(fn, items(), workers=2):
+        handed.append(i)
+        assert r == i * 10
+    assert handed == list(range(12))
+
+
+def test_ordered_map_raises_in_turn_and_stops_its_threads():
+    from utils.engine.predict.stream import ordered_map
+
+    def fn(i):
+        if i == 3:
+            raise ValueError("bad frame 3")
+        return i
+
+    got = []
+    with pytest.raises(ValueError, match="bad frame 3"):
+        for i, _ in ordered_map(fn, range(10), workers=2):
+            got.append(i)
+    assert got == [0, 1, 2]
+
+    def failing_source():
+        yield from range(5)
+        raise OSError("stream dropped")
+
+    got = []
+    with pytest.raises(OSError, match="stream dropped"):
+        for i, r in ordered_map(lambda i: i * 2, failing_source(), workers=2):
+            got.append(r)
+    assert got == [0, 2, 4, 6, 8]  # every item before the source failed is handed back first
+    gen = ordered_map(lambda i: i, range(1000), workers=3)
+    assert [next(gen)[0] for _ in range(4)] == [0, 1, 2, 3]
+    gen.close()  # what a `break` out of the consumer does
+    assert not [t for t in threading.enumerate() if t.name.startswith("frame-worker")]
+
+
+def test_stream_in_flight_equals_one_by_one_and_splits_threads(weights, tmp_path):
+    from utils.engine.predict.predictor import Predictor
+    from utils.engine.sources import LoadSources
+    frames = list(LoadSources(make_video(tmp_path / "v.mp4", 6, w=160, h=96), threaded=False))
+    pred = Predictor(weights, device="cpu", imgsz=128, conf_thres=0.1)
+    one = [r for _, r in pred.stream(frames, workers=0)]  # 1 thread (module fixture), in this thread
+    calls = []
+    infer = pred.inference
+
+    def recording(x):
+        calls.append((threading.current_thread().name, torch.get_num_threads()))
+        return infer(x)
+
+    pred.inference = recording
+    torch.set_num_threads(2)
+    try:
+        two = list(pred.stream(frames, workers=2))
+        assert torch.get_num_threads() == 2  # this thread's count is back
+    finally:
+        torch.set_num_threads(1)
+    assert [f.frame for f, _ in two] == [1, 2, 3, 4, 5, 6]
+    assert {n for n, _ in calls} <= {"frame-worker_0", "frame-worker_1"} and {t for _, t in calls} == {1}
+    assert sum(len(r) for r in one) > 0
+    for a, (_, b) in zip(one, two):  # same single-thread forward per frame: the same boxes
+        assert np.array_equal(a.boxes, b.boxes) and np.array_equal(a.scores, b.scores)
+        assert np.array_equal(a.class_ids, b.class_ids) and a.input_shape == b.input_shape == (96, 128)
+    assert pred.seen == 12 and pred.last_shape == (96, 128)
+
+
+def test_frame_workers_policy(weights, monkeypatch):
+    from utils.engine.predict.predictor import Predictor
+    pred = Predictor(weights, device="cpu", imgsz=64)
+    for threads, expect in ((1, 1), (2, 2), (3, 3), (16, 4)):
+        monkeypatch.setattr(torch, "get_num_threads", lambda t=threads: t)
+        assert pred.frame_workers() == expect
+    with pytest.raises(UserError, match="workers=-1"):
+        Predictor(weights, device="cpu", imgsz=64, workers=-1)
+    pred.workers = 0
+    assert pred.frame_workers() == 0
+    pred.workers = None
+    monkeypatch.setattr(pred.backend, "pt", False)  # an exported file: one call at a time, on one worker ...
+    assert pred.frame_workers() == 1
+    asked = []
+    pred.backend.concurrent_runs = lambda n: asked.append(n) or 2  # ... unless its runtime takes several
+    assert pred.frame_workers() == 2 and asked == [4]
+    pred.device = torch.device("cuda")  # GPUs: in the calling thread, as before
+    assert pred.frame_workers() == 0
+
+
+def test_video_compiles_the_runtime_once_for_its_frame_shape_before_the_first_inference(weights, tmp_path):
+    """A fixed-size source tells the runner (Backend.prepare_input_shape -> Runner.set_input_shape) its letterboxed
+    frame shape once, before any frame reaches it; a folder of images of varying shapes tells it nothing."""
+    from utils.deploy.formats import Runner
+    from utils.engine.predict.predictor import Predictor
+    from utils.engine.sources import LoadSources
+    pred = Predictor(weights, device="cpu", imgsz=128)
+    events = []
+
+    class Recording(Runner):  # an exported file's runner, computing with the .pt model
+        meta = {}
+
+        def __init__(self, model):
+            self.model = model
+
+        def set_input_shape(self, h, w):
+            events.append(("shape", (h, w)))
+            return True
+
+        def __call__(self, im):
+            events.append(("run", tuple(im.shape[2:])))
+            out = self.model(im)
+            return out[0] if isinstance(out, (tuple, list)) else out
+
+    pred.backend.runner = Recording(pred.backend.model)
+    results = [r for _, r in pred.stream(LoadSources(make_video(tmp_path / "v.mp4", 4, w=160, h=96)), workers=2)]
+    assert events == [("shape", (96, 128))] + [("run", (96, 128))] * 4 and results[0].input_shape == (96, 128)
+    events.clear()
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, (h, w) in enumerate(((40, 60), (70, 50))):  # a folder: shapes vary, nothing is announced
+        cv2.imwrite(str(folder / f"{i}.png"), np.full((h, w, 3), 90, np.uint8))
+    list(pred.stream(LoadSources(folder)))
+    assert [e[0] for e in events] == ["run", "run"]
+
+
+def test_letterbox_tensor_is_the_reference_preprocessing():
+    from utils.engine.sources import letterbox_tensor, preprocess_image
+    im = np.random.default_rng(0).integers(0, 256, (75, 131, 3), dtype=np.uint8)
+    img, ratio_pad = preprocess_image(im, 128, 32, auto=True)
+    ref = torch.from_numpy(img)[None].float() / 255
+    for cl in (False, True):
+        x, rp = letterbox_tensor(im, 128, 32, auto=True, channels_last=cl)
+        assert torch.equal(x, ref) and rp == ratio_pad and x.shape == (1, 3, 96, 128)
+        assert x.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+
+def test_detection_starts_without_torchvision_and_its_nms_kernel_agrees():
+    """torchvision's Python package imports torch._dynamo (~1.3 s of start-up); detection loads only its kernel."""
+    import subprocess
+    import sys
+    code = """
+import sys, torch
+import detect_dual, utils.engine.predict.predictor, utils.engine.track.sequence
+from utils.nms import non_max_suppression
+from utils.vision_ops import batched_nms
+g = torch.Generator().manual_seed(0)
+xy = torch.rand(800, 2, generator=g) * 300
+boxes = torch.cat([xy, xy + 8 + torch.rand(800, 2, generator=g) * 60], 1)
+scores, cls = torch.rand(800, generator=g), torch.randint(0, 5, (800,), generator=g)
+ours = batched_nms(boxes, scores, cls, 0.5)
+pred = torch.cat([torch.rand(1, 4, 300, generator=g) * 100 + 10, torch.rand(1, 3, 300, generator=g)], 1)
+assert len(non_max_suppression(pred, 0.3, 0.5)[0]) > 5
+assert 'torchvision' not in sys.modules and 'scipy' not in sys.modules, 'imported at start-up'
+import torchvision.ops as tv
+assert len(ours) > 50 and sorted(ours.tolist()) == sorted(tv.batched_nms(boxes, scores, cls, 0.5).tolist())
+print('OK')
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip() == "OK", r.stderr[-2000:]

@@ -12,7 +12,6 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 from torch import Tensor
-from torchvision.ops import box_iou as _tv_box_iou
 
 Boxes = Union[Tensor, np.ndarray]
 
@@ -101,7 +100,8 @@ def scale_boxes(img1_shape: tuple, boxes: Boxes, img0_shape: tuple, ratio_pad: t
 
 def box_iou(box1: Tensor, box2: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """Pairwise IoU [N, M] of xyxy boxes, computed in dtype (float64 where COCO's exact ties matter)."""
-    return _tv_box_iou(box1.to(dtype), box2.to(dtype))
+    from torchvision.ops import box_iou as tv_box_iou  # here, not at import: detection start-up needs no torchvision
+    return tv_box_iou(box1.to(dtype), box2.to(dtype))
 
 
 def box_ioa(boxes: np.ndarray, others: np.ndarray, eps: float = 1e-9) -> np.ndarray:

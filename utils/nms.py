@@ -6,10 +6,10 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms, nms
 
 from utils.boxes import xywh2xyxy
 from utils.general import LOGGER
+from utils.vision_ops import batched_nms, nms
 
 
 def non_max_suppression(prediction, conf_thres: float = 0.25, iou_thres: float = 0.45,

@@ -7,6 +7,7 @@ import time
 import torch
 
 from utils.general import LOGGER, UserError
+from utils.threads import ThreadGovernor, cpu_time_sample
 
 
 def select_device(device: str | int | torch.device | None = "", batch_size: int = 0,
@@ -119,3 +120,13 @@ def cpu_bf16(requested: bool, what: str = "--half") -> bool:
     LOGGER.warning(f"WARNING: {what} on CPU needs native bfloat16 (AVX512-BF16 / AMX / ARM BF16), which this CPU "
                    f"lacks; running in fp32")
     return False
+
+
+def cpu_thread_governor() -> ThreadGovernor | None:
+    """A ThreadGovernor over torch's intra-op threads (CPU training calls its step() every batch): fewer threads
+    while another program holds cores, back up to today's count when they free. None with one thread or where the
+    kernel's accounting cannot be read."""
+    n = torch.get_num_threads()
+    if n <= 1 or cpu_time_sample() is None:
+        return None
+    return ThreadGovernor(torch.set_num_threads, n, n, log=LOGGER.info)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler, distributed
 
 from utils.general import LOGGER
+from utils.threads import usable_cores
 
 from .augment import random_imgsz
 from .dataset import YOLODataset
@@ -148,7 +149,7 @@ def create_dataloader(path, imgsz: int, batch_size: int, stride=32, hyp: dict | 
     world = (dist.get_world_size() if dist.is_available() and dist.is_initialized()
              else int(os.environ.get("WORLD_SIZE", 1))) if rank != -1 else 1
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # processes sharing this node's CPUs
-    nw = min((os.cpu_count() or 1) // max(local_world, 1), batch_size if batch_size > 1 else 0, int(workers))
+    nw = min(usable_cores() // max(local_world, 1), batch_size if batch_size > 1 else 0, int(workers))  # affinity, quota
     if rank == -1:
         sampler = None
     elif rect:  # whole rect batches per rank: a DistributedSampler would mix shapes within a batch

@@ -316,7 +316,7 @@ class PredictJob:
     vid_stride: int = 1
     track: bool = False
     tracker: str | None = None
-    threaded: bool | None = None  # background decode/encode; None: with 2+ usable cores (sources.background_io)
+    threaded: bool | None = None  # threads (decode, frames in flight, encode); None: with 2+ usable cores; False: inline
     main_only: bool = True  # run dual-head .pt models as their GELAN form (same boxes, less compute)
 
     @classmethod

@@ -17,10 +17,12 @@ from typing import Iterable, Iterator
 
 import cv2
 import numpy as np
+import torch
 
-from utils.data.augment import preprocess_image  # noqa: F401  (inference preprocessing, shared with INT8 calibration)
+from utils.data.augment import letterbox, preprocess_image  # noqa: F401  (preprocess_image: shared with INT8 calibration)
 from utils.data.verify import IMG_FORMATS
 from utils.general import LOGGER, UserError
+from utils.threads import usable_cores
 
 VID_FORMATS = {"asf", "avi", "gif", "m4v", "mkv", "mov", "mp4", "mpeg", "mpg", "ts", "webm", "wmv"}
 STREAM_PREFIXES = ("rtsp://", "rtmp://", "http://", "https://")
@@ -182,6 +184,21 @@ def as_bgr_uint8(image: np.ndarray, what: str = "predict") -> np.ndarray:
     return image
 
 
+def letterbox_tensor(im0: np.ndarray, imgsz: int | tuple, stride: int = 32, auto: bool = True,
+                     channels_last: bool = False) -> tuple[torch.Tensor, tuple]:
+    """Inference input of a BGR uint8 image: float [1,3,h,w] RGB in 0..1 (the same values as
+    `preprocess_image` then `/ 255`) and ratio_pad ((rh, rw), (padw, padh)) as `scale_boxes` expects.
+
+    Why not preprocess_image + torch: OpenCV's colour swap and one numpy division are single-threaded and skip
+    the CHW copy, so this can run beside inference without waking torch's thread pool; channels_last=True
+    returns the HWC buffer itself as a channels-last view (what PyTorch models here compute in).
+    """
+    img, (rw, rh), pad = letterbox(im0, imgsz, auto=auto, stride=stride)
+    rgb = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    x = torch.from_numpy(np.divide(rgb, np.float32(255), dtype=np.float32)).permute(2, 0, 1).unsqueeze(0)
+    return (x if channels_last else x.contiguous()), ((rh, rw), pad)
+
+
 def _video_info(cap: cv2.VideoCapture, stream: bool) -> VideoInfo:
     fps = cap.get(cv2.CAP_PROP_FPS)
     fps = fps if math.isfinite(fps) and 0 < fps < 1000 else 30.0
@@ -320,15 +337,11 @@ class BackgroundCalls:
 
 def background_io() -> bool:
     """Whether to decode and encode in background threads: when this process may use more than one core
-    (containers and taskset included). On one core they only time-slice with inference, so I/O runs inline.
-    Measured on 2 shared cores (benchmarks/results/detect_threads.md): inline vs background decode/encode is
-    model-dependent within +-7% (gelan-t .pt inline 1.05-1.07x, yolov9-t-MMQA 0.93-0.96x), so 2+ cores keep
-    the background threads."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return cores > 1
+    (affinity and cgroup quota: utils.threads.usable_cores). On one core they only time-slice with inference,
+    so I/O runs inline. Measured on 2 shared cores (benchmarks/results/detect_threads.md): inline vs background
+    decode/encode alone is model-dependent within +-7%; with frames in flight (detect_pipeline.md) the
+    background threads fill the gaps the inference threads leave."""
+    return usable_cores() > 1
 
 
 class LoadSources:

@@ -2,18 +2,20 @@
 
 The model is loaded once through `Backend` (dual-head models give their main branch). Preprocessing is the
 validation letterbox with minimal rectangular padding; boxes are mapped back to original-image pixels with
-the exact ratio and padding the letterbox used.
+the exact ratio and padding the letterbox used. Sequences (videos, streams, folders) go through
+`Predictor.stream`: frames in flight on worker threads, results in input order (utils/engine/predict/stream.py).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import cv2
 import numpy as np
@@ -25,7 +27,8 @@ from utils.checkpoint import find_newest
 from utils.engine.predict.annotate import draw_boxes, save_one_box
 from utils.engine.backend import Backend
 from utils.engine.config import PredictJob
-from utils.engine.sources import (BackgroundCalls, Frame, LoadSources, as_bgr_uint8, is_stream, preprocess_image,
+from utils.engine.predict.stream import ordered_map
+from utils.engine.sources import (BackgroundCalls, Frame, LoadSources, as_bgr_uint8, is_stream, letterbox_tensor,
                                   read_image)
 from utils.engine.track.sequence import SEQUENCE_HINT, SequenceTracker, is_single_image, tracker_for_run
 from utils.engine.tta import forward_augment
@@ -116,6 +119,9 @@ def _names_by_id(r: Result) -> list[str]:
     return names
 
 
+MAX_FRAME_WORKERS = 4  # frames in flight on a CPU at most (more cores: more threads per frame)
+
+
 def _class_ids(classes: Any, nc: int) -> list[int] | None:
     """classes=None, one id or a list of ids -> a list of ids within the model's 0..nc-1, or one clear error."""
     if classes is None:
@@ -140,17 +146,22 @@ class Predictor:
     (stride-multiple) padding. classes: keep only these class ids. names: override class names.
     cuda_graph: 'capture' (or True) / 'compile' replays CUDA graphs for repeated input shapes (utils/engine/graphs.py).
     main_only: run dual-head .pt models without their auxiliary branch (same boxes, less compute).
+    workers: frames `stream` infers at once on worker threads (None: `frame_workers()` decides; 0: one after
+    another in the calling thread).
     """
 
     def __init__(self, weights: str | Path | torch.nn.Module, device: str = "", imgsz: int | tuple | None = None,
                  conf_thres: float = 0.25, iou_thres: float = 0.45, max_det: int = 1000,
                  classes: list[int] | None = None, agnostic: bool = False, half: bool = False,
                  augment: bool = False, names: list[str] | None = None, cuda_graph: str | bool | None = None,
-                 main_only: bool = True):
+                 main_only: bool = True, workers: int | None = None):
         if not 0 <= conf_thres <= 1 or not 0 <= iou_thres <= 1:
             raise UserError(f"--conf-thres {conf_thres} and --iou-thres {iou_thres} must lie in [0, 1]")
         if max_det < 1:
             raise UserError(f"--max-det {max_det}: must be at least 1")
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+            raise UserError(f"workers={workers!r}: give a whole number >= 0 (frames inferred at once on worker "
+                            f"threads; 0: in the calling thread)")
         if imgsz is not None:
             image_hw(imgsz)  # 0, negative or non-whole sizes: one error before the weights load
         self.device = select_device(device)
@@ -177,8 +188,12 @@ class Predictor:
         if self.augment and not self.backend.pt:
             LOGGER.warning("WARNING: --augment is not supported for this weights format (fixed input shape), ignored")
             self.augment = False
+        self.workers = workers
         self.dt = [0.0, 0.0, 0.0]  # accumulated seconds: pre-process, inference, NMS
         self.seen = 0
+        self.in_flight = 1  # frames the last stream kept in flight
+        self.last_shape: tuple[int, int] | None = None  # network input (h, w) of the last image
+        self._fixed_shape: tuple[int, int] | None = None  # input shape announced to the backend
 
     @property
     def has_default_names(self) -> bool:
@@ -188,22 +203,45 @@ class Predictor:
         self.backend.warmup((1, 3, *self.imgsz))
 
     def preprocess(self, im0: np.ndarray) -> tuple[torch.Tensor, tuple]:
-        img, ratio_pad = preprocess_image(im0, self.imgsz, self.stride, auto=self.backend.fixed_imgsz is None)
-        x = torch.from_numpy(img).to(self.device).unsqueeze(0)
-        return x.to(self.backend.dtype) / 255.0, ratio_pad
+        """Letterboxed float input [1,3,h,w] in 0..1 (channels-last memory for PyTorch models: their layout) and
+        the ratio/padding to map boxes back. Single-threaded numpy/OpenCV, so it can run beside inference."""
+        x, ratio_pad = letterbox_tensor(im0, self.imgsz, self.stride, auto=self.backend.fixed_imgsz is None,
+                                        channels_last=self.backend.pt)
+        x = x.to(self.device) if self.device.type != "cpu" else x
+        return (x.to(self.backend.dtype) if x.dtype != self.backend.dtype else x), ratio_pad
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def inference(self, x: torch.Tensor) -> torch.Tensor:
         if self.augment:
             return forward_augment(lambda im: (self.backend(im), None), x, self.stride)[0]
         return self.backend(x)
 
-    def postprocess(self, pred: torch.Tensor, input_shape: tuple, im0_shape: tuple, ratio_pad: tuple) -> tuple:
-        det = non_max_suppression(pred, self.conf_thres, self.iou_thres, classes=self.classes,
-                                  agnostic=self.agnostic, max_det=self.max_det)[0]
+    def postprocess(self, pred: torch.Tensor, input_shape: tuple, im0_shape: tuple, ratio_pad: tuple,
+                    conf_thres: float | None = None) -> tuple:
+        det = non_max_suppression(pred, self.conf_thres if conf_thres is None else conf_thres, self.iou_thres,
+                                  classes=self.classes, agnostic=self.agnostic, max_det=self.max_det)[0]
         det = det.float().cpu()
         boxes = scale_boxes(input_shape, det[:, :4].clone(), im0_shape[:2], ratio_pad).numpy().astype(np.float32)
         return boxes, det[:, 4].numpy().astype(np.float32), det[:, 5].numpy().astype(np.int64)
+
+    def _detect(self, x: torch.Tensor, ratio_pad: tuple, im0_shape: tuple, path: str | None, conf: float,
+                pre_s: float) -> Result:
+        """Inference + NMS on one preprocessed image (thread-safe: touches no Predictor state)."""
+        t1 = time.perf_counter()
+        pred = self.inference(x)
+        sync(self.device)
+        t2 = time.perf_counter()
+        boxes, scores, cls = self.postprocess(pred, tuple(x.shape[2:]), im0_shape, ratio_pad, conf)
+        t3 = time.perf_counter()
+        names = [self.names[c] if 0 <= c < len(self.names) else str(c) for c in cls.tolist()]
+        speed = {"preprocess": pre_s * 1e3, "inference": (t2 - t1) * 1e3, "nms": (t3 - t2) * 1e3}
+        return Result(boxes, scores, cls, names, tuple(im0_shape[:2]), tuple(x.shape[2:]), path, speed)
+
+    def _account(self, r: Result) -> None:
+        for i, k in enumerate(("preprocess", "inference", "nms")):
+            self.dt[i] += r.speed[k] / 1e3
+        self.seen += 1
+        self.last_shape = r.input_shape
 
     def predict(self, image: np.ndarray | str | Path, path: str | None = None) -> Result:
         """Detect on one BGR image (or an image file). Boxes are xyxy pixels of the original image."""
@@ -219,18 +257,74 @@ class Predictor:
         t0 = time.perf_counter()
         x, ratio_pad = self.preprocess(image)
         sync(self.device)
-        t1 = time.perf_counter()
-        pred = self.inference(x)
-        sync(self.device)
-        t2 = time.perf_counter()
-        boxes, scores, cls = self.postprocess(pred, tuple(x.shape[2:]), image.shape[:2], ratio_pad)
-        t3 = time.perf_counter()
-        for i, dt in enumerate((t1 - t0, t2 - t1, t3 - t2)):
-            self.dt[i] += dt
-        self.seen += 1
-        names = [self.names[c] if 0 <= c < len(self.names) else str(c) for c in cls.tolist()]
-        speed = {"preprocess": (t1 - t0) * 1e3, "inference": (t2 - t1) * 1e3, "nms": (t3 - t2) * 1e3}
-        return Result(boxes, scores, cls, names, tuple(image.shape[:2]), tuple(x.shape[2:]), path, speed)
+        r = self._detect(x, ratio_pad, image.shape[:2], path, self.conf_thres, time.perf_counter() - t0)
+        self._account(r)
+        return r
+
+    def frame_workers(self) -> int:
+        """Worker threads `stream` infers on. On a CPU with a PyTorch model: one per intra-op thread torch may
+        use (torch.get_num_threads(), which follows the usable cores: utils/threads.py), at most 4, each forward
+        then running with threads // workers threads; exported files: one worker (their runtime's own threads
+        do the forward while this thread prepares the next frame) unless the runtime accepts concurrent calls
+        (a backend `concurrent_runs(n) -> int` method). On CUDA and with --cuda-graph: 0 (in this thread)."""
+        if self.workers is not None:
+            return self.workers
+        if self.device.type != "cpu" or self.backend.graph is not None:
+            return 0
+        want = min(torch.get_num_threads(), MAX_FRAME_WORKERS)
+        if self.backend.pt or want <= 1:
+            return want
+        hook = getattr(self.backend, "concurrent_runs", None)
+        return max(1, int(hook(want))) if hook is not None else 1
+
+    def _announce_shape(self, shape: tuple[int, int]) -> None:
+        """Tell the backend that a video's/stream's frames all come at this letterboxed (h, w), before the first
+        of them is inferred: a dynamic ONNX Runtime / OpenVINO export may compile once for it
+        (Backend.prepare_input_shape; a .pt model ignores it)."""
+        if tuple(shape) != self._fixed_shape:
+            self.backend.prepare_input_shape(*shape)
+        self._fixed_shape = tuple(shape)
+
+    def stream(self, frames: Iterable[Frame], conf_thres: float | None = None,
+               workers: int | None = None) -> Iterator[tuple[Frame, Result]]:
+        """Detect on every frame of `frames` (e.g. a LoadSources), yielding (frame, Result) in input order.
+
+        Preprocessing runs in the caller's thread while `workers` frames (default `frame_workers()`) are
+        inferred on worker threads, each with torch.get_num_threads() // workers intra-op threads (0 workers:
+        all in the caller's thread); the results are those of `predict` frame by frame. The first frame of a
+        video/stream announces its letterboxed shape to the backend before it is inferred (`_announce_shape`),
+        once per call. conf_thres overrides the threshold for this stream.
+        """
+        n = self.frame_workers() if workers is None else max(0, int(workers))
+        conf = self.conf_thres if conf_thres is None else conf_thres
+        threads = torch.get_num_threads()
+        per = max(1, threads // max(n, 1))
+        self.in_flight = max(n, 1)
+        announced = False
+
+        def prep(f: Frame) -> tuple:
+            nonlocal announced
+            t0 = time.perf_counter()
+            x, ratio_pad = self.preprocess(f.im0)
+            if not announced and f.is_video:  # a video's frames share one shape; images in a folder do not
+                self._announce_shape(tuple(x.shape[2:]))
+                announced = True
+            return f, x, ratio_pad, time.perf_counter() - t0
+
+        def infer(item: tuple) -> Result:
+            f, x, ratio_pad, pre_s = item
+            return self._detect(x, ratio_pad, f.im0.shape[:2], f.path, conf, pre_s)
+
+        def init_worker() -> None:
+            torch.set_num_threads(per)  # this thread's OpenMP team (torch keeps it per thread)
+
+        try:
+            for (f, *_), r in ordered_map(infer, map(prep, frames), n, initializer=init_worker):
+                self._account(r)
+                yield f, r
+        finally:
+            if n > 1:
+                torch.set_num_threads(threads)  # the workers' setting is also torch's process-wide default
 
     __call__ = predict
 
@@ -247,18 +341,10 @@ class Predictor:
         single = is_single_image(dataset)
         if single:
             LOGGER.warning(f"WARNING: {source}: {SEQUENCE_HINT}; running plain detection")
-        conf = self.conf_thres
+        conf = self.conf_thres if single else min(self.conf_thres, seq.cfg.track_low_thresh)
         try:
-            for f in dataset:
-                if single:
-                    yield self.predict(f.im0, path=f.path)
-                    continue
-                self.conf_thres = min(conf, seq.cfg.track_low_thresh)
-                try:
-                    r = self.predict(f.im0, path=f.path)
-                finally:
-                    self.conf_thres = conf
-                yield seq.step(f, r)
+            for f, r in self.stream(dataset, conf_thres=conf):
+                yield r if single else seq.step(f, r)
         finally:
             seq.close()
 
@@ -322,14 +408,16 @@ class _VideoSink:
         self.used.add(name)
         return name
 
-    def write(self, f: Frame, im: np.ndarray) -> None:
+    def write(self, f: Frame, im: np.ndarray | Callable[[], np.ndarray]) -> None:
+        """Append a frame to its video: an image, or a call that draws it (then drawn in the writer thread)."""
         if self.threaded:
             self.bg = self.bg or BackgroundCalls(name="video-writer")
             self.bg.submit(self._write, f, im)
         else:
             self._write(f, im)
 
-    def _write(self, f: Frame, im: np.ndarray) -> None:
+    def _write(self, f: Frame, im: np.ndarray | Callable[[], np.ndarray]) -> None:
+        im = im() if callable(im) else im
         if f.path != self.src:
             self._release()
             self.src = f.path
@@ -414,15 +502,23 @@ def run(job: PredictJob | argparse.Namespace) -> Path:
     viewer = _Viewer(opt.view_img)
     sink = _VideoSink(save_dir, threaded=threaded)
     seq = SequenceTracker(track_cfg, save_dir) if track_cfg is not None else None
-    predictor.warmup()
+    if predictor.device.type != "cpu":
+        predictor.warmup()  # CUDA start-up; on a CPU the first frames warm up at the shape the source gives
+    workers = None if threaded else 0  # the sequential path: one frame after another in this thread
 
     n_labels = 0
     bar: tqdm | None = None
     bar_src = None
     vid_det = 0
+    t_video = time.perf_counter()
+
+    def end_video() -> None:  # frames/s from the first result to the last (start-up and first frame excluded)
+        rate = f", {(bar.n - 1) / max(time.perf_counter() - t_video, 1e-9):.1f} frames/s" if bar.n > 1 else ""
+        bar.close()
+        LOGGER.info(f"{bar.desc}: {bar.n} frames, {vid_det} detections{rate}")
+
     try:
-        for f in dataset:
-            r = predictor.predict(f.im0, path=f.path)
+        for f, r in predictor.stream(dataset, workers=workers):
             if seq is not None:
                 r = seq.step(f, r)
             p = Path(f.path)
@@ -434,33 +530,32 @@ def run(job: PredictJob | argparse.Namespace) -> Path:
             if opt.save_crop:
                 for box, c in zip(r.boxes, r.class_ids):
                     save_one_box(box, f.im0, save_dir / "crops" / names[int(c)] / f"{stem_f}.jpg")
-            need_plot = save_img or viewer.enabled
-            im = r.plot(f.im0, opt.line_thickness, opt.hide_labels, opt.hide_conf, names) if need_plot else f.im0
+            draw = functools.partial(r.plot, f.im0, opt.line_thickness, opt.hide_labels, opt.hide_conf, names)
+            im = draw() if viewer.enabled or (save_img and not f.is_video) else None
             shape = "x".join(map(str, r.input_shape))
             if f.is_video:
                 if f.path != bar_src:
                     if bar is not None:
-                        bar.close()
-                        LOGGER.info(f"{bar.desc}: {bar.n} frames, {vid_det} detections")
+                        end_video()
                     kind = "stream" if is_stream(f.path) else "video"
                     bar = tqdm(total=f.video.frames or None, desc=f"{kind} {f.index + 1}/{f.count} {f.path}",
                                unit="frame", file=sys.stderr, leave=False)
-                    bar_src, vid_det = f.path, 0
+                    bar_src, vid_det, t_video = f.path, 0, time.perf_counter()
                 vid_det += len(r)
                 bar.set_postfix_str(f"{shape} {r.summary()}, {r.speed['inference']:.1f}ms", refresh=False)
                 bar.update(1)
                 if save_img:
-                    sink.write(f, im)
+                    sink.write(f, im if im is not None else draw)  # drawn in the writer thread when threaded
             else:
                 LOGGER.info(f"image {f.index + 1}/{f.count} {f.path}: {shape} {r.summary()}, "
                             f"{r.speed['inference']:.1f}ms")
                 if save_img:
                     _save_image(save_dir / p.name, im)
-            viewer.show(f.path, im, f.is_video)
+            if viewer.enabled:
+                viewer.show(f.path, im, f.is_video)
     finally:
         if bar is not None:
-            bar.close()
-            LOGGER.info(f"{bar.desc}: {bar.n} frames, {vid_det} detections")
+            end_video()
         sink.close()
         if seq is not None:
             seq.close()
@@ -468,7 +563,9 @@ def run(job: PredictJob | argparse.Namespace) -> Path:
     if dataset.skipped:  # each was named with its reason when skipped: count them, do not repeat them
         LOGGER.warning(f"WARNING: {len(dataset.skipped)} of {len(dataset)} files skipped (named above)")
     t = predictor.speed()
-    LOGGER.info(f"Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape {(1, 3, *predictor.imgsz)}" % t)
+    shape = (1, 3, *predictor.last_shape) if predictor.last_shape else (1, 3, *predictor.imgsz)
+    par = f", {predictor.in_flight} frames in flight" if predictor.in_flight > 1 else ""
+    LOGGER.info(f"Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape {shape}{par}" % t)
     if opt.save_txt or save_img:
         extra = f"\n{n_labels} labels saved to {save_dir / 'labels'}" if opt.save_txt else ""
         LOGGER.info(f"Results saved to {save_dir}{extra}")

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from scipy.optimize import linear_sum_assignment
 
 from utils.general import ROOT, UserError
 
@@ -205,6 +204,7 @@ def assign(cost: np.ndarray, thresh: float) -> tuple[list[tuple[int, int]], list
     matches: list[tuple[int, int]] = []
     if len(rows):
         sub = cost[np.ix_(rows, cols)]
+        from scipy.optimize import linear_sum_assignment  # here: detection without --track starts without scipy
         r, c = linear_sum_assignment(np.where(sub <= thresh, sub - thresh, 0.0))
         matches = [(int(rows[i]), int(cols[j])) for i, j in zip(r, c) if sub[i, j] <= thresh]
     mr, mc = {i for i, _ in matches}, {j for _, j in matches}

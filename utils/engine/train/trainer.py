@@ -41,7 +41,7 @@ from utils.engine.validator import ValOptions, ValResult, Validator
 from utils.general import LOGGER, ROOT, UserError, check_img_size, increment_path
 from utils.loss import DetectionLoss
 from utils.plots import plot_images, plot_labels, plot_results
-from utils.torch_utils import cpu_bf16, cuda_memory_gb
+from utils.torch_utils import cpu_bf16, cpu_thread_governor, cuda_memory_gb
 
 RESULT_COLUMNS = ["epoch", "train/box_loss", "train/cls_loss", "train/dfl_loss", "metrics/precision",
                   "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95", "val/box_loss", "val/cls_loss",
@@ -135,6 +135,7 @@ class Trainer:
     def setup(self) -> None:
         ddp.check_launch(self.cfg.device, self.cfg.sync_bn)
         self.device = self._init_device(self.cfg.device)
+        self.governor = cpu_thread_governor() if self.device.type == "cpu" else None  # threads follow the CPU we get
         self.main = ddp.is_main()
         # global rank 0 decides the run (folder, resume point) and every rank receives the same decision
         cfg, self.ckpt = ddp.broadcast_object(self._plan_run() if self.main else None)
@@ -393,6 +394,8 @@ class Trainer:
         finally:
             if prev_handler is not None:
                 signal.signal(signal.SIGINT, prev_handler)
+            if self.governor is not None:
+                self.governor.restore()
         if epoch >= self.start_epoch:
             LOGGER.info(f"\n{epoch - self.start_epoch + 1} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
         try:
@@ -425,6 +428,8 @@ class Trainer:
             ni = i + self.nb * epoch
             imgs = imgs.to(self.device, non_blocking=True).float() / 255
             items = self.train_step(ni, epoch, imgs, targets, paths)
+            if self.governor is not None:
+                self.governor.step()
             if items is not None and self.main:
                 mloss = (mloss * n_seen + items) / (n_seen + 1)
                 n_seen += 1
