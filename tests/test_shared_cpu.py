@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import limit
 from utils import threads
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +20,7 @@ def _spin_count(code: str, **env_vars: str) -> int:
     """GNU OpenMP's spin count as the runtime reports it (OMP_DISPLAY_ENV=VERBOSE) in a fresh interpreter."""
     env = {k: v for k, v in os.environ.items() if k not in threads.WAIT_VARIABLES + ("OMP_NUM_THREADS",)}
     env.update(OMP_DISPLAY_ENV="VERBOSE", PYTHONPATH=str(ROOT), **env_vars)
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit(120))
     assert r.returncode == 0, r.stderr[-2000:]
     m = re.search(r"GOMP_SPINCOUNT = '(\d+)'", r.stderr)
     if m is None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import seeded_tiny_checkpoint
+from helpers import limit, seeded_tiny_checkpoint
 from utils.general import UserError
 
 NAMES = ["a", "b", "c"]
@@ -458,7 +458,7 @@ def test_ordered_map_keeps_input_order_when_later_items_finish_first():
 
     def fn(i):
         if i % 2 == 0 and i + 1 < 12:  # an even item finishes only after the next (odd) one has
-            assert done[i + 1].wait(timeout=120)
+            assert done[i + 1].wait(timeout=limit(60))
         done[i].set()
         return i * 10
 
@@ -621,5 +621,5 @@ assert len(ours) > 50 and sorted(ours.tolist()) == sorted(tv.batched_nms(boxes, 
 print('OK')
 """
     r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
-                       text=True, timeout=600)
+                       text=True, timeout=limit(120))
     assert r.returncode == 0 and r.stdout.strip() == "OK", r.stderr[-2000:]
