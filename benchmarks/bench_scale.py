@@ -302,31 +302,28 @@ def main() -> None:
     warm(root)
     out = {"n": opt.n, "sides": [s for s, _ in sides], "load_start": os.getloadavg()[0], "link": opt.link_images}
     phases = [] if opt.only_passes else [("first scan", "build", False), ("cached build", "build", True)]
+
+    def measure(label: str, key: str, kind: str, side: str, tree: str, cached: bool) -> None:
+        """One phase of one tree in a fresh process, its own label cache in place; recorded under key|side."""
+        slots.enter(side, cached)
+        r = run_phase(kind, tree, images, tiny, opt)
+        slots.leave(side)
+        out[f"{key}|{side}"] = r
+        print(f"  {label:<24} {side:<4} {json.dumps(r)}", flush=True)
+
     for name, kind, cached in phases:
         for side, tree in sides:
-            slots.enter(side, cached)
-            r = run_phase(kind, tree, images, tiny, opt)
-            slots.leave(side)
-            out[f"{name}|{side}"] = r
-            print(f"  {name:<24} {side:<4} {json.dumps(r)}", flush=True)
+            measure(name, name, kind, side, tree, cached)
     saved = [] if opt.only_passes else edit_labels(root)
     try:
         for side, tree in sides if saved else ():
-            slots.enter(side, True)
-            r = run_phase("build", tree, images, tiny, opt)
-            slots.leave(side)
-            out[f"10 labels edited|{side}"] = r
-            print(f"  {'10 labels edited':<24} {side:<4} {json.dumps(r)}", flush=True)
+            measure("10 labels edited", "10 labels edited", "build", side, tree, True)
     finally:
         for f, text in saved:
             f.write_text(text)
     for kind in () if opt.no_pass else opt.passes:
         for side, tree in sides:
-            slots.enter(side, True)
-            r = run_phase(kind, tree, images, tiny, opt)
-            slots.leave(side)
-            out[f"{kind}|{side}"] = r
-            print(f"  {'one pass (' + kind + ')':<24} {side:<4} {json.dumps(r)}", flush=True)
+            measure(f"one pass ({kind})", kind, kind, side, tree, True)
     for side, _ in sides:
         slots.slot(side).unlink(missing_ok=True)
     out["load_end"] = os.getloadavg()[0]
