@@ -15,3 +15,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def signal_stack_stays_mapped():
+    """Every module leaves the main thread's signal stack in mapped memory (OpenVINO once left it on an unmapped
+    one, and the whole session died of SIGSEGV minutes later in an unrelated test)."""
+    from helpers import signal_stack_is_mapped
+    yield
+    assert signal_stack_is_mapped(), "this module left the main thread's signal stack (sigaltstack) unmapped"

@@ -103,3 +103,17 @@ class FailingBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         raise RuntimeError("inductor: backward compilation failed")
+
+
+def signal_stack_is_mapped() -> bool:
+    """The calling thread's signal stack (if any) lies in mapped memory (/proc/self/maps): a library that left it
+    on a freed stack makes the next signal handler crash the process, far from the cause."""
+    from utils.deploy.signal_stack import current
+    stack = current()
+    if stack is None or not stack[0] or stack[2] & 2:  # unknown, none, or disabled (SS_DISABLE)
+        return True
+    for line in open("/proc/self/maps"):
+        lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+        if lo <= stack[0] < hi:
+            return True
+    return False

@@ -304,3 +304,26 @@ def test_foreign_openvino_model_is_refused(tmp_path):
                   str(tmp_path / "classifier.xml"))
     with pytest.raises(UserError, match=r"classifier.xml: not a detector exported by this project .*shape \[1, 4\]"):
         Backend(tmp_path / "classifier.xml")
+
+
+@pytest.mark.skipif(find_spec("openvino") is None or not sys.platform.startswith("linux"), reason="openvino on Linux")
+def test_openvino_runners_leave_the_thread_signal_stack_alone(trained):
+    """OpenVINO's CPU plugin swaps the compiling thread's signal stack and restores a stale, unmapped one when
+    two Cores are destroyed first-in first-out; a signal handler (Ctrl-C, a DataLoader's SIGCHLD) then crashed
+    the process. Two runners dropped in that order must leave the thread on the stack it had, still mapped."""
+    import gc
+    from helpers import signal_stack_is_mapped
+    from utils.deploy.formats.base import LoadOptions
+    from utils.deploy.formats.openvino import OpenVinoRunner
+    from utils.deploy.signal_stack import current
+    files, _, _ = trained
+    before = current()
+    first = OpenVinoRunner(files["openvino"], LoadOptions())
+    second = OpenVinoRunner(files["openvino"], LoadOptions())
+    assert first.run(np.zeros((1, 3, IMGSZ, IMGSZ), np.float32)).shape[0] == 1
+    del first
+    gc.collect()
+    del second
+    gc.collect()
+    assert current() == before
+    assert signal_stack_is_mapped()

@@ -264,6 +264,7 @@ def quantize_openvino(model, images: Sequence[np.ndarray], keep_fp32: Sequence[s
     # per-image ranges) clipped the class logits of a fitted model (scores 0.96 -> 0.25, tests/test_formats.py)
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
     advanced = nncf.AdvancedQuantizationParameters(activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX)
-    with quiet_quantizers():
+    from utils.deploy.signal_stack import same_signal_stack  # NNCF compiles the model for its statistics
+    with quiet_quantizers(), same_signal_stack():
         return nncf.quantize(model, nncf.Dataset(images), preset=nncf.QuantizationPreset.MIXED,
                              subset_size=len(images), ignored_scope=ignored, advanced_parameters=advanced)

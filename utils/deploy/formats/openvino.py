@@ -14,6 +14,7 @@ import torch
 from utils.deploy.formats.base import (ExportJob, Format, LoadOptions, NumpyRunner, check_detector_output,
                                        first_line_and_reason, input_geometry, read_json)
 from utils.deploy.formats.onnx import onnx_file
+from utils.deploy.signal_stack import same_signal_stack
 from utils.general import UserError
 
 
@@ -78,7 +79,8 @@ class OpenVinoRunner(NumpyRunner):
 
     def _compile(self, model, what: str):
         try:
-            return self.core.compile_model(model, "CPU", self.config).create_infer_request()
+            with same_signal_stack():
+                return self.core.compile_model(model, "CPU", self.config).create_infer_request()
         except Exception as e:
             raise UserError(f"{self.xml}: OpenVINO could not compile it for the CPU{what} "
                             f"({first_line_and_reason(e)})") from None
