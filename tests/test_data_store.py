@@ -223,3 +223,40 @@ def test_listing_one_realpath_per_folder(tmp_path):
                     f"p: {imgs / 'notes.md'}: skipped, not an image file (suffix '.md')"]
     assert checks.img2label_paths(files[:2] + ["x.jpg", "/d/images/.a.b.jpg", "/d/images/x/images/y.jpg"]) == [
         str(imgs / "B.txt"), str(imgs / "a.txt"), "x.txt", "/d/labels/.a.b.txt", "/d/images/x/labels/y.txt"]
+
+
+@pytest.mark.parametrize("mode", ["serial", "threads", "forked"])
+def test_split_stats_match_os_stat_in_every_mode(tmp_path, monkeypatch, mode):
+    """The stat of every image and of its label file (derived in the stat workers, so a start with an up-to-date
+    store never builds the label paths itself) equals os.stat in each mode, across folders and chunk boundaries;
+    a missing label is (-1, 0)."""
+    # image folder -> its label folder, written out by hand (the last /images/ is the one replaced)
+    folders = {tmp_path / "images" / "a": tmp_path / "labels" / "a",
+               tmp_path / "images" / "b" / "images" / "c": tmp_path / "images" / "b" / "labels" / "c"}
+    im_files, labels = [], []
+    for k, (imd, lbd) in enumerate(folders.items()):
+        imd.mkdir(parents=True)
+        lbd.mkdir(parents=True)
+        for i in range(21):
+            (imd / f"{i:02d}.jpg").write_bytes(b"x" * (i + 1))
+            im_files.append(str(imd / f"{i:02d}.jpg"))
+            labels.append(str(lbd / f"{i:02d}.txt"))
+            if i % 5:
+                Path(labels[-1]).write_text("0 0.5 0.5 0.1 0.1\n" * (i + k))
+    if mode != "serial":
+        monkeypatch.setattr(verify, "STAT_THREADS_MIN", 1)
+    if mode == "forked":
+        monkeypatch.setattr(verify, "STAT_FORK_MIN", 1)
+        monkeypatch.setattr(os, "cpu_count", lambda: 2)
+
+    def expect(f: str) -> list[int]:
+        try:
+            st = os.stat(f)
+            return [st.st_size, st.st_mtime_ns]
+        except OSError:
+            return [-1, 0]
+
+    im_stat, lb_stat = verify.stat_split(im_files)
+    assert im_stat.tolist() == [expect(f) for f in im_files]
+    assert lb_stat.tolist() == [expect(f) for f in labels]
+    assert (lb_stat[:, 0] == -1).sum() == 10 and (lb_stat[:, 0] > 0).sum() == 32  # every 5th label missing

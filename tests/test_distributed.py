@@ -299,7 +299,7 @@ def test_one_scan_per_node_other_ranks_map_the_store(tmp_path):
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     zero, one = json.loads((tmp_path / "scan.json").read_text())
     assert zero["verified"] == 24 and one["verified"] == 0  # one scan for the node
-    assert zero["stats"] == [48] and one["stats"] == []  # rank 1 trusts the store rank 0 just checked
+    assert zero["stats"] == [24] and one["stats"] == []  # rank 1 trusts the store rank 0 just checked
     assert zero["store"] == one["store"] == str(tmp_path / "ds" / "labels" / "train.cache")
     assert zero["pid"] != one["pid"] and zero["labels"] == one["labels"] and zero["files"] == one["files"]
     assert len(zero["files"]) == 24

@@ -31,6 +31,7 @@ CACHE_VERSION = "yolo-mqa-labels-4"  # 2: records say which label files hold pol
 #                                       4: the label store (flat arrays in a memory-mapped .npz) replaces JSON
 CHUNK = 512  # images per task of a verification process
 PROGRESS_MIN = 1000  # show a progress bar when at least this many images are checked
+STAT_THREADS_MIN, STAT_FORK_MIN = 8192, 65536  # images from which the stat calls run in threads / forked processes
 
 
 def _stat_chunk(files: Sequence[str]) -> list[tuple[int, int]]:
@@ -44,35 +45,43 @@ def _stat_chunk(files: Sequence[str]) -> list[tuple[int, int]]:
     return out
 
 
+def _stat_pairs(files: Sequence[str]) -> np.ndarray:
+    """[2, len(files), 2]: the images' (size, mtime_ns), then their label files' (the paths derived here)."""
+    return np.array(_stat_chunk(files) + _stat_chunk(img2label_paths(files)), np.int64).reshape(2, -1, 2)
+
+
 _FORKED_FILES: Sequence[str] = ()  # the list a forked stat process reads (inherited, never pickled)
 
 
 def _stat_span(a: int, b: int) -> np.ndarray:
-    return np.array(_stat_chunk(_FORKED_FILES[a:b]), np.int64).reshape(-1, 2)
+    return _stat_pairs(_FORKED_FILES[a:b])
 
 
-def stat_files(files: Sequence[str]) -> np.ndarray:
-    """[n, 2] int64 (size, mtime_ns) of each file, (-1, 0) when missing.
+def stat_split(im_files: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(images, label files): [n, 2] int64 (size, mtime_ns) of each, (-1, 0) when missing.
 
-    Every start of every process stats the whole split (that is what keys the label store), so at 100k+ files
-    the system calls run in forked processes (the list is inherited, not sent), else in threads."""
-    n = len(files)
-    if n < 8192:
-        return np.array(_stat_chunk(files), np.int64).reshape(-1, 2)
+    Every start of every process stats the whole split (that is what keys the label store), so at 100k+ images
+    the system calls, and the label paths they need, run in forked processes (the list is inherited, not sent),
+    else in threads; a start that finds its store up to date never builds the label paths itself."""
+    n = len(im_files)
     cpus = min(os.cpu_count() or 1, 8)
-    if n >= 65536 and cpus > 1 and "fork" in multiprocessing.get_all_start_methods():
+    if n < STAT_THREADS_MIN:
+        parts = [_stat_pairs(im_files)]
+    elif n >= STAT_FORK_MIN and cpus > 1 and "fork" in multiprocessing.get_all_start_methods():
         global _FORKED_FILES
         step = -(-n // (4 * cpus))
-        _FORKED_FILES = files
+        _FORKED_FILES = im_files
         try:
             with ProcessPoolExecutor(cpus, mp_context=multiprocessing.get_context("fork")) as pool:
-                return np.concatenate(list(pool.map(_stat_span, range(0, n, step), range(step, n + step, step))))
+                parts = list(pool.map(_stat_span, range(0, n, step), range(step, n + step, step)))
         finally:
             _FORKED_FILES = ()
-    step = 4096
-    with ThreadPoolExecutor(min(4, cpus)) as pool:
-        parts = list(pool.map(_stat_chunk, [files[i:i + step] for i in range(0, n, step)]))
-    return np.array([x for p in parts for x in p], np.int64).reshape(-1, 2)
+    else:
+        step = 4096
+        with ThreadPoolExecutor(min(4, cpus)) as pool:
+            parts = list(pool.map(_stat_pairs, [im_files[i:i + step] for i in range(0, n, step)]))
+    both = np.concatenate(parts, axis=1)
+    return both[0], both[1]
 
 
 def cache_path_for(label_files: list[str], paths=None) -> Path:
@@ -239,15 +248,13 @@ def _scan_or_load(paths, nc: int, prefix: str, use_cache: bool,
     """(store, messages about the listing, cache path, images checked now). fresh: the node's leader has just
     checked this split against the files, so a store listing the same images is taken without a stat each."""
     im_files, list_msgs = collect_image_files(paths)
-    lb_files = img2label_paths(im_files)
-    cpath = cache_path_for(lb_files, paths)
+    cpath = cache_path_for(img2label_paths(im_files[:1]), paths)
     if fresh and use_cache:
         store = LabelStore.load(cpath)
         if (store is not None and store.meta.get("version") == CACHE_VERSION and store.meta.get("nc") == nc
                 and store.all_paths() == im_files):
             return store, list_msgs, str(cpath), 0
-    both = stat_files(im_files + lb_files)
-    im_stat, lb_stat = both[:len(im_files)], both[len(im_files):]
+    im_stat, lb_stat = stat_split(im_files)
     blob, path_off = encode_strings(im_files)
     want = listing_hash(CACHE_VERSION, nc, blob, im_stat, lb_stat)
     old = LabelStore.load(cpath) if use_cache else None
@@ -277,6 +284,7 @@ def _scan_or_load(paths, nc: int, prefix: str, use_cache: bool,
         same_im[found] = (old.a["im_stat"][src] == im_stat[found]).all(1)
         reuse[found] = same_im[found] & (old.a["lb_stat"][src] == lb_stat[found]).all(1)
     todo = np.flatnonzero(~reuse)
+    lb_files = img2label_paths(im_files)
     known = None
     if old is not None:  # unchanged image, changed label: the image's size is known, no decode needed
         known = [tuple(old.a["shape"][old_idx[i]]) if same_im[i] and old.a["shape"][old_idx[i]].min() > 0 else None
