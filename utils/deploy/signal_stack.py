@@ -34,16 +34,12 @@ def same_signal_stack() -> Iterator[None]:
     the SIGCHLD handler of a DataLoader with workers) then kills the process with SIGSEGV, or writes its frame
     into whatever memory now lies there. With the thread's own stack put back here, a Core never finds its stack
     in place at destruction, so it leaves the thread's alone."""
-    if not sys.platform.startswith("linux"):
-        yield
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    before, now = _SignalStack(), _SignalStack()
-    known = libc.sigaltstack(None, ctypes.byref(before)) == 0
+    before = current()
     try:
         yield
     finally:
-        if known and libc.sigaltstack(None, ctypes.byref(now)) == 0 and \
-                (now.ss_sp, now.ss_size) != (before.ss_sp, before.ss_size):
-            before.ss_flags &= _SS_DISABLE  # SS_ONSTACK is reported, never set
-            libc.sigaltstack(ctypes.byref(before), None)
+        now = current()
+        if before is not None and now is not None and now[:2] != before[:2]:
+            sp, size, flags = before
+            stack = _SignalStack(sp, flags & _SS_DISABLE, size)  # SS_ONSTACK is reported, never set
+            ctypes.CDLL(None).sigaltstack(ctypes.byref(stack), None)

@@ -107,7 +107,7 @@ class OpenVinoRunner(NumpyRunner):
 
     def run(self, x: np.ndarray) -> np.ndarray:
         request = self.static[1] if self.static and x.shape == self.static[0] else self.request
-        return request.infer({0: x})[0]  # input copied: the request keeps no pointer to our array
+        return request.infer({0: x}, share_inputs=True)[0]
 
 
 FORMAT = Format(
