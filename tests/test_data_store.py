@@ -13,6 +13,7 @@ from utils.data import YOLODataset, create_dataloader
 from utils.data import checks, verify
 from utils.data.store import LabelStore
 from utils.data.verify import scan_dataset
+from utils.threads import usable_cores
 
 
 def make_split(root: Path, n: int, seed: int = 0) -> Path:
@@ -150,7 +151,7 @@ def test_parallel_scan_matches_one_process(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(checks, "check_image", _pid_check_image)
     scan = scan_dataset(src, 3, use_cache=False)
     pids = set((tmp_path / "pids.txt").read_text().split())
-    assert len(pids) == min(os.cpu_count(), 10) and str(os.getpid()) not in pids
+    assert len(pids) == min(usable_cores(), 10) and str(os.getpid()) not in pids
     assert "images/s" in capsys.readouterr().err  # the progress bar
     files = sorted(str(f.resolve()) for f in src.glob("*.jpg"))
     one = checks.verify_pairs(files, [str(labels / (Path(f).stem + ".txt")) for f in files], 3)  # this process
@@ -247,7 +248,7 @@ def test_split_stats_match_os_stat_in_every_mode(tmp_path, monkeypatch, mode):
         monkeypatch.setattr(verify, "STAT_THREADS_MIN", 1)
     if mode == "forked":
         monkeypatch.setattr(verify, "STAT_FORK_MIN", 1)
-        monkeypatch.setattr(os, "cpu_count", lambda: 2)
+        monkeypatch.setattr(verify, "usable_cores", lambda: 2)
 
     def expect(f: str) -> list[int]:
         try:

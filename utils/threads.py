@@ -83,13 +83,18 @@ def _v1_limit(d: Path) -> float | None:
         return None
 
 
+def affinity_cores() -> int:
+    """Cores in this process's CPU affinity mask (taskset, container cpusets); all cores where there is none."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def usable_cores() -> int:
     """Cores this process may run on: its CPU affinity (taskset, container cpusets), capped by the cgroup quota
     rounded down (a quota of 1.5 CPUs gives 1: a second thread would only be throttled), at least 1."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        n = os.cpu_count() or 1
+    n = affinity_cores()
     limit = cgroup_cpu_limit()
     if limit is not None:
         n = min(n, max(1, math.floor(limit + 1e-6)))
@@ -110,12 +115,8 @@ def configure_openmp(environ: dict | None = None) -> dict[str, str]:
     if not any(v in env for v in WAIT_VARIABLES):
         env["OMP_WAIT_POLICY"] = done["OMP_WAIT_POLICY"] = "PASSIVE"
     if "OMP_NUM_THREADS" not in env:
-        try:
-            mask = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):
-            mask = os.cpu_count() or 1
         cores = usable_cores()
-        if cores < mask:
+        if cores < affinity_cores():
             env["OMP_NUM_THREADS"] = done["OMP_NUM_THREADS"] = str(cores)
     if environ is None:
         APPLIED.update(done)

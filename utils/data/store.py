@@ -61,6 +61,16 @@ def decode_strings(blob: np.ndarray) -> list[str]:
     return blob.tobytes().decode("utf-8", "surrogateescape").split("\0")[:-1] if len(blob) else []
 
 
+def rows_of(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Row indices start[i] .. start[i]+count[i]-1 for every i, concatenated."""
+    counts = counts.astype(np.int64)
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, np.int64)
+    begin = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    return np.repeat(starts.astype(np.int64) - begin, counts) + np.arange(total)
+
+
 def listing_hash(version: str, nc: int, paths: np.ndarray, im_stat: np.ndarray, lb_stat: np.ndarray) -> str:
     """sha256 of the checking rules' version, nc and every image path with its own and its label's size/mtime."""
     h = hashlib.sha256(f"{version}|nc={nc}|n={len(im_stat)}\n".encode())
@@ -308,11 +318,8 @@ class LabelList(Sequence):
         """Class ids of every row of these images, in image order, [sum(counts)] int64."""
         if self.single_cls:
             return np.zeros(int(self.counts().sum()), np.int64)
-        o = self.store.a["lb_off"]
-        cls = self.store.a["labels"][:, 0]
-        starts, counts = o[self.rows], self.counts()
-        idx = np.repeat(starts - np.concatenate(([0], np.cumsum(counts)[:-1])), counts) + np.arange(counts.sum())
-        return cls[idx].astype(np.int64)
+        rows = rows_of(self.store.a["lb_off"][self.rows], self.counts())
+        return self.store.a["labels"][rows, 0].astype(np.int64)
 
     def __repr__(self) -> str:
         return f"LabelList({len(self)} images)"

@@ -21,10 +21,12 @@ import numpy as np
 from tqdm import tqdm
 
 from utils.general import LOGGER, UserError
+from utils.threads import usable_cores
 
 from .checks import (BACKGROUND, CORRUPT, IMG_FORMATS, LABEL_EMPTY, LABEL_MISSING, LabelFile, Verified,  # noqa: F401
                      check_image, collect_image_files, exif_size, img2label_paths, parse_label_file, verify_pairs)
-from .store import LabelList, LabelPathList, LabelStore, PathList, build_store, encode_strings, listing_hash
+from .store import (LabelList, LabelPathList, LabelStore, PathList, build_store, decode_strings, encode_strings,
+                    listing_hash, rows_of)
 
 CACHE_VERSION = "yolo-mqa-labels-4"  # 2: records say which label files hold polygons; 3: boxes past the
 #                                       image edge are clipped and kept (were: image dropped), counted per file;
@@ -64,7 +66,7 @@ def stat_split(im_files: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     the system calls, and the label paths they need, run in forked processes (the list is inherited, not sent),
     else in threads; a start that finds its store up to date never builds the label paths itself."""
     n = len(im_files)
-    cpus = min(os.cpu_count() or 1, 8)
+    cpus = min(usable_cores(), 8)
     if n < STAT_THREADS_MIN:
         parts = [_stat_pairs(im_files)]
     elif n >= STAT_FORK_MIN and cpus > 1 and "fork" in multiprocessing.get_all_start_methods():
@@ -173,7 +175,7 @@ def verify_parallel(im_files: list[str], lb_files: list[str], nc: int, im_sizes:
     would not scale), results in list order; a progress bar with images/s for large lists."""
     n = len(im_files)
     spans = [(i, min(i + CHUNK, n)) for i in range(0, n, CHUNK)]
-    workers = min(workers or os.cpu_count() or 1, len(spans))
+    workers = min(workers or usable_cores(), len(spans))
     args = [(im_files[a:b], lb_files[a:b], nc, im_sizes[a:b], known_shapes[a:b] if known_shapes else None,
              lb_sizes[a:b]) for a, b in spans]
     bar = tqdm(total=n, desc=f"{prefix}Checking images", unit=" images", disable=n < PROGRESS_MIN,
@@ -200,16 +202,6 @@ def verify_parallel(im_files: list[str], lb_files: list[str], nc: int, im_sizes:
     return Verified(**cat, msgs=[m for p in parts for m in p.msgs])
 
 
-def _rows_of(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Row indices start[i] .. start[i]+count[i]-1 for every i, concatenated."""
-    counts = counts.astype(np.int64)
-    total = int(counts.sum())
-    if total == 0:
-        return np.zeros(0, np.int64)
-    begin = np.concatenate(([0], np.cumsum(counts)[:-1]))
-    return np.repeat(starts.astype(np.int64) - begin, counts) + np.arange(total)
-
-
 def _merge(n: int, old: LabelStore | None, old_idx: np.ndarray, reuse: np.ndarray, todo: np.ndarray,
            new: Verified) -> tuple[dict, list[str]]:
     """Per-record arrays of the whole split: records in `reuse` copied from the old store, `todo` from `new`."""
@@ -224,7 +216,7 @@ def _merge(n: int, old: LabelStore | None, old_idx: np.ndarray, reuse: np.ndarra
         parts["shape"][reuse] = old.a["shape"][src]
         o = old.a["lb_off"]
         parts["counts"][reuse] = o[src + 1] - o[src]
-        old_msgs = old.a["msgs"].tobytes().decode("utf-8", "surrogateescape").split("\0")
+        old_msgs = decode_strings(old.a["msgs"])
         for i, s in zip(reuse.tolist(), src.tolist()):
             msgs[i] = old_msgs[s]
     for k in fields:
@@ -235,10 +227,10 @@ def _merge(n: int, old: LabelStore | None, old_idx: np.ndarray, reuse: np.ndarra
     lb_off = np.concatenate(([0], np.cumsum(parts["counts"])))
     labels = np.zeros((int(lb_off[-1]), 5), np.float32)
     if len(reuse):
-        labels[_rows_of(lb_off[reuse], parts["counts"][reuse])] = \
-            old.a["labels"][_rows_of(old.a["lb_off"][old_idx[reuse]], parts["counts"][reuse])]
+        labels[rows_of(lb_off[reuse], parts["counts"][reuse])] = \
+            old.a["labels"][rows_of(old.a["lb_off"][old_idx[reuse]], parts["counts"][reuse])]
     if len(todo):
-        labels[_rows_of(lb_off[todo], new.counts)] = new.labels
+        labels[rows_of(lb_off[todo], new.counts)] = new.labels
     parts["labels"] = labels
     return parts, msgs
 
