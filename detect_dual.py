@@ -65,6 +65,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
 @cli
 def main(argv: list[str] | None = None) -> Path:
     opt = parse_opt(argv)
+    if opt.weights and len(opt.weights) == 1:  # an OpenVINO export compiles while torch is imported
+        from utils.deploy import early_compile
+        early_compile.start(opt.weights[0], opt.half)
     if opt.source:  # a bad --source fails fast, before the model code (torchvision, models) is imported
         from utils.engine.sources import resolve_source
         resolve_source(opt.source)

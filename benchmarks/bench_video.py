@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          "OMP_WAIT_POLICY=PASSIVE")
     ap.add_argument("--ultra-formats", nargs="+", default=["pt"], choices=list(ULTRA_FORMATS),
                     help="ultralytics formats (exported at the letterboxed shape; exports run with '2 threads')")
-    ap.add_argument("--base", default="", help="also run this older checkout's detect_dual.py (.pt variants)")
+    ap.add_argument("--base", default="", help="also run this older checkout's detect_dual.py on the same files (every variant)")
     ap.add_argument("--frames", type=int, default=250)
     ap.add_argument("--size", type=int, nargs=2, default=[640, 272], metavar=("W", "H"))
     ap.add_argument("--imgsz", type=int, default=640)
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raws: dict[str, list[float]] = {}
         for rnd in range(opt.rounds):
             order = [("ours", v) for v in opt.variants]
-            order += [("base", v) for v in opt.variants if opt.base and OURS[v][0] == "pt"]
+            order += [("base", v) for v in opt.variants if opt.base]
             if opt.ultra_python:
                 order += [("ultralytics", f"pt {u}") for u in opt.ultra] if "pt" in opt.ultra_formats else []
                 order += [("ultralytics", u) for u in opt.ultra_formats if u != "pt" and u in prep["ultra"]]

@@ -320,10 +320,81 @@ def test_openvino_runners_leave_the_thread_signal_stack_alone(trained):
     before = current()
     first = OpenVinoRunner(files["openvino"], LoadOptions())
     second = OpenVinoRunner(files["openvino"], LoadOptions())
-    assert first.run(np.zeros((1, 3, IMGSZ, IMGSZ), np.float32)).shape[0] == 1
+    for runner in (first, second):  # each compiles on its first call
+        assert runner.run(np.zeros((1, 3, IMGSZ, IMGSZ), np.float32)).shape[0] == 1
     del first
     gc.collect()
     del second
     gc.collect()
     assert current() == before
     assert signal_stack_is_mapped()
+
+
+def test_openvino_frames_in_flight_run_on_their_own_streams(trained):
+    """Frames in flight (the predictor's worker threads) each run on a stream of their own: compiled with that
+    many streams, concurrent calls from several threads at once, each output that of a single-stream run of
+    its own input; the streams are fixed at the first compilation."""
+    import threading
+    from utils.deploy.formats.base import LoadOptions
+    from utils.deploy.formats.openvino import OpenVinoRunner
+    files, _, _ = trained
+    xs = [np.random.default_rng(i).random((1, 3, IMGSZ, IMGSZ), dtype=np.float32) for i in range(4)]
+    single = OpenVinoRunner(files["openvino"], LoadOptions(threads=2))
+    refs = [single.run(x).copy() for x in xs]
+    assert int(single.compiled.get_property("NUM_STREAMS")) == 1
+    runner = OpenVinoRunner(files["openvino"], LoadOptions(threads=2))
+    assert runner.concurrent_runs(4) == 2  # one stream per thread at most
+    start, got, errors = threading.Barrier(len(xs)), [None] * len(xs), []
+
+    def work(i: int) -> None:
+        try:
+            start.wait()
+            for _ in range(3):
+                got[i] = runner.run(xs[i])
+        except Exception as e:  # noqa: BLE001  reported below, in the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert int(runner.compiled.get_property("NUM_STREAMS")) == 2
+    for g, r in zip(got, refs):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+    assert runner.concurrent_runs(1) == 2  # compiled: its streams stay
+
+
+def test_detect_adopts_the_openvino_compilation_started_before_torch(trained, tmp_path, monkeypatch):
+    """detect_dual.py starts compiling an OpenVINO export before it imports torch; the runner takes that
+    compilation when its settings are the same (no second compilation) and compiles its own when they are not
+    (another thread count or precision), with the same detections either way."""
+    import detect_dual
+    from utils.deploy import early_compile
+    from utils.deploy.formats import openvino as ov_format
+    files, _, images = trained
+    monkeypatch.setattr(early_compile, "torch_default_threads", torch.get_num_threads)  # this module: 1 thread
+    compiles = []
+    own = ov_format.OpenVinoRunner._compile
+    monkeypatch.setattr(ov_format.OpenVinoRunner, "_compile", lambda self, m, what: compiles.append(what) or own(self, m, what))
+    src = tmp_path / "images"
+    src.mkdir()
+    for f in images[:3]:
+        (src / Path(f).name).write_bytes(Path(f).read_bytes())
+
+    def run(*extra) -> list[str]:
+        out = detect_dual.main(["--weights", str(files["openvino"]), "--source", str(src), "--device", "cpu",
+                                "--imgsz", str(IMGSZ), "--save-txt", "--save-conf", "--nosave",
+                                "--project", str(tmp_path / "runs"), "--name", "exp", *extra])
+        return sorted(f.read_text() for f in (Path(out) / "labels").glob("*.txt"))
+
+    adopted = run()
+    assert compiles == []  # the early compilation was used
+    assert early_compile.start(files["openvino"], False)
+    assert early_compile.take(early_compile.model_xml(files["openvino"]),
+                              early_compile.compile_config("bf16", torch.get_num_threads(), 1)) is None
+    assert early_compile.take(early_compile.model_xml(files["openvino"]), {}) is None  # handed out once at most
+    monkeypatch.setattr(early_compile, "torch_default_threads", lambda: torch.get_num_threads() + 1)  # a wrong guess
+    assert run("--exist-ok") == adopted and compiles == [""]  # so the runner compiled its own: same detections
+    assert not early_compile.start(files["onnx"], False)  # only OpenVINO exports

@@ -275,7 +275,7 @@ def test_set_input_shape_compiles_once_for_frames(dynamic_exports):
     b = Backend(dynamic_exports["openvino"])
     assert b.prepare_input_shape(64, 96) and b.runner.static[0] == (1, 3, 64, 96)
     b(x)
-    assert b.runner._request is None  # the dynamic compilation was never needed
+    assert b.runner._compiled is None  # the dynamic compilation was never needed
     torch.testing.assert_close(b(x), ref, rtol=1e-4, atol=1e-3)
     anchors = 12 * 8 + 6 * 4 + 3 * 2  # a 96x64 input at strides 8, 16, 32
     assert b(torch.rand(1, 3, 96, 64)).shape == (1, 4 + len(SHAPE_NAMES), anchors)

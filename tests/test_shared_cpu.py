@@ -183,3 +183,27 @@ def test_cpu_training_steps_the_governor_and_restores_threads(tmp_path, monkeypa
             "--device", "cpu"]
     trainer_mod.Trainer(TrainConfig.from_args(train_dual.parse_opt(args))).run()
     assert calls == ["step", "step", "restore"]  # one step per batch (16 images / 8), restored when training ends
+
+
+@pytest.mark.parametrize("omp", [None, "1", "64", "0", "two"])
+def test_torch_default_threads_known_before_torch(omp):
+    """The early OpenVINO compilation guesses torch's thread count without importing torch: the guess is what
+    a fresh interpreter's torch then reports (OMP_NUM_THREADS when it is a positive integer, at most the cores,
+    else torch's own default; a value torch cannot use is ignored by both)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    env.update(PYTHONPATH=str(ROOT), **({"OMP_NUM_THREADS": omp} if omp is not None else {}))
+    code = "from utils.threads import torch_default_threads as g; n = g(); import torch; print(n, torch.get_num_threads())"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit(120))
+    assert r.returncode == 0, r.stderr[-2000:]
+    guess, actual = map(int, r.stdout.split())
+    assert guess == actual and (omp != "1" or guess == 1)
+
+
+def test_physical_cores_counts_each_core_once(tmp_path):
+    for cpu, siblings in enumerate(["0,2", "1,3", "0,2", "1,3"]):  # 2 cores with 2 hyper-threads each
+        d = tmp_path / f"cpu{cpu}" / "topology"
+        d.mkdir(parents=True)
+        (d / "thread_siblings_list").write_text(siblings + "\n")
+    (tmp_path / "cpufreq").mkdir()  # not a CPU
+    assert threads.physical_cores(tmp_path) == 2
+    assert threads.physical_cores(tmp_path / "missing") == (os.cpu_count() or 1)

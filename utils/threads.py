@@ -83,6 +83,32 @@ def _v1_limit(d: Path) -> float | None:
         return None
 
 
+def torch_default_threads(environ: dict | None = None) -> int:
+    """The intra-op thread count torch will start with, known without importing it (utils/deploy/early_compile.py
+    needs it before torch is loaded): the machine's physical cores (what torch counts; the affinity mask does not
+    enter), fewer when OMP_NUM_THREADS, else MKL_NUM_THREADS, is a smaller positive integer (torch reads them in
+    that order and never starts more threads than cores)."""
+    env = os.environ if environ is None else environ
+    cores = physical_cores()
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        v = env.get(var, "").strip()
+        if v.isdigit() and int(v) > 0:
+            return min(int(v), cores)
+    return cores
+
+
+def physical_cores(sysfs: str | Path = "/sys/devices/system/cpu") -> int:
+    """Physical cores of the machine (hyper-threads of one core counted once), from the kernel's topology files;
+    os.cpu_count() where they cannot be read."""
+    cores = set()
+    for f in Path(sysfs).glob("cpu[0-9]*/topology/thread_siblings_list"):
+        try:
+            cores.add(f.read_text().strip())
+        except OSError:
+            continue
+    return len(cores) or os.cpu_count() or 1
+
+
 def affinity_cores() -> int:
     """Cores in this process's CPU affinity mask (taskset, container cpusets); all cores where there is none."""
     try:

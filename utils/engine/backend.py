@@ -166,6 +166,12 @@ class Backend:
         letterboxed frames), so it can compile for that one shape where that is faster; True if it did."""
         return self.runner.set_input_shape(h, w) if self.runner is not None else False
 
+    def concurrent_runs(self, n: int) -> int:
+        """How many calls may run at once, asked for n: what an exported file's runtime takes (OpenVINO: one
+        stream per call), else 1 (a PyTorch model's threads are split by the predictor itself)."""
+        hook = getattr(self.runner, "concurrent_runs", None)
+        return int(hook(n)) if hook is not None else 1
+
     def use_cuda_graph(self, mode: str | bool | None, max_shapes: int = 8) -> bool:
         """Replay captured CUDA graphs for repeated input shapes (--cuda-graph capture|compile); True if on.
 

@@ -6,6 +6,7 @@ CPU that has it; otherwise f32 (OpenVINO's own default on AMX CPUs is bf16, so r
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 
 from utils.deploy.formats.base import (ExportJob, Format, LoadOptions, NumpyRunner, check_detector_output,
                                        first_line_and_reason, input_geometry, read_json)
+from utils.deploy import early_compile
 from utils.deploy.formats.onnx import onnx_file
 from utils.deploy.signal_stack import same_signal_stack
 from utils.general import UserError
@@ -52,13 +54,20 @@ def _dims(partial_shape) -> list:
 
 
 class OpenVinoRunner(NumpyRunner):
-    """The IR compiled for the CPU (latency hint, torch's thread count)."""
+    """The IR compiled for the CPU: one stream with all of torch's threads (latency), or, when a video's frames
+    are run `concurrent_runs(n)` at a time, n streams of threads // n threads each: on 2 cores two one-thread
+    streams finish 5-20% more frames per second than one two-thread stream (no barrier after every layer;
+    benchmarks/results/video_vs_ultralytics.md). Every calling thread gets its own infer request per
+    compilation, so concurrent calls never share an output buffer."""
 
     def __init__(self, path: Path, opts: LoadOptions):
         import openvino as ov
         xml = _xml(path)
         self.core = ov.Core()
-        self.static: tuple[tuple[int, ...], object] | None = None  # (input shape, request) after set_input_shape
+        self.static: tuple[tuple[int, ...], object] | None = None  # (input shape, compiled) after set_input_shape
+        self._compiled = None  # the compilation for any input shape, made on first use
+        self._local = threading.local()  # this thread's infer request per compilation
+        self._lock = threading.Lock()
         try:
             self.model = model = self.core.read_model(str(xml))
         except Exception as e:  # the reason ("bin file cannot be found", "tags mismatch") is on OpenVINO's last line
@@ -72,26 +81,38 @@ class OpenVinoRunner(NumpyRunner):
         self.fixed_batch = shape[0] if shape and isinstance(shape[0], int) else None
         # f32 unless --half: OpenVINO would otherwise pick bf16 on AMX CPUs by itself (results would differ by CPU)
         self.precision = "bf16" if opts.bf16 else "f32"
-        self.config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY",
-                       "INFERENCE_NUM_THREADS": int(opts.threads or torch.get_num_threads())}
+        self.threads = int(opts.threads or torch.get_num_threads())
+        self.streams = 1
         self.xml = xml
-        self._request = None if self.meta.get("dynamic_hw") else self._compile(model, "")
+
+    @property
+    def config(self) -> dict:
+        return early_compile.compile_config(self.precision, self.threads, self.streams)
+
+    def concurrent_runs(self, n: int) -> int:
+        """Calls that may run at once from now on: up to one stream per thread, fixed before the first
+        compilation (a model compiled already keeps its streams). Returns how many it takes."""
+        if self._compiled is None and self.static is None:
+            self.streams = max(1, min(int(n), self.threads))
+        return self.streams
 
     def _compile(self, model, what: str):
         try:
             with same_signal_stack():
-                return self.core.compile_model(model, "CPU", self.config).create_infer_request()
+                return self.core.compile_model(model, "CPU", self.config)
         except Exception as e:
             raise UserError(f"{self.xml}: OpenVINO could not compile it for the CPU{what} "
                             f"({first_line_and_reason(e)})") from None
 
     @property
-    def request(self):
+    def compiled(self):
         """The compilation for any input shape; a dynamic model compiles it on first use, so a video that calls
         set_input_shape first compiles once, for its frame shape (startup: one compilation, not two)."""
-        if self._request is None:
-            self._request = self._compile(self.model, " with dynamic shapes")
-        return self._request
+        with self._lock:  # frames in flight ask at once: one compilation, not one per thread
+            if self._compiled is None:  # detect_dual.py may have compiled it during start-up already
+                self._compiled = (early_compile.take(self.xml, self.config)
+                                  or self._compile(self.model, " with dynamic shapes" if self.meta.get("dynamic_hw") else ""))
+        return self._compiled
 
     def set_input_shape(self, h: int, w: int) -> bool:
         """A model with dynamic height/width about to see only [1, 3, h, w] inputs (a video's letterboxed
@@ -105,9 +126,15 @@ class OpenVinoRunner(NumpyRunner):
         self.static = ((1, 3, h, w), self._compile(model, f" at {h}x{w}"))
         return True
 
+    def _request(self, compiled):
+        requests = self._local.__dict__.setdefault("requests", {})  # keyed by the compilation itself, kept alive
+        if compiled not in requests:
+            requests[compiled] = compiled.create_infer_request()
+        return requests[compiled]
+
     def run(self, x: np.ndarray) -> np.ndarray:
-        request = self.static[1] if self.static and x.shape == self.static[0] else self.request
-        return request.infer({0: x}, share_inputs=True)[0]
+        compiled = self.static[1] if self.static and x.shape == self.static[0] else self.compiled
+        return self._request(compiled).infer({0: x}, share_inputs=True)[0]
 
 
 FORMAT = Format(
