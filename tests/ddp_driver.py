@@ -151,8 +151,14 @@ def scan(out: Path, images: str) -> None:
     from utils.data import create_dataloader, verify
     from utils.engine import distributed as ddp
     dist.init_process_group("gloo")
-    stats, real = [], verify.stat_split
-    verify.stat_split = lambda files: stats.append(len(files)) or real(files)  # count full stat passes
+    stats = []
+
+    class CountedStats(verify.SplitStats):  # count full stat passes
+        def __init__(self, listing):
+            stats.append(len(listing))
+            super().__init__(listing)
+
+    verify.SplitStats = CountedStats
     _, ds = create_dataloader(images, 64, 4, rank=dist.get_rank(), nc=5, workers=0, augment=True)
     mine = {"rank": dist.get_rank(), "verified": ds.verified, "store": ds.store.path, "pid": os.getpid(),
             "stats": stats, "labels": np.concatenate(list(ds.labels)).tolist(), "files": list(ds.im_files)}

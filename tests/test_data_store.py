@@ -3,6 +3,7 @@ what changed, and the same verdicts from parallel worker processes as from one p
 import json
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import cv2
@@ -257,7 +258,32 @@ def test_split_stats_match_os_stat_in_every_mode(tmp_path, monkeypatch, mode):
         except OSError:
             return [-1, 0]
 
-    im_stat, lb_stat = verify.stat_split(im_files)
-    assert im_stat.tolist() == [expect(f) for f in im_files]
-    assert lb_stat.tolist() == [expect(f) for f in labels]
-    assert (lb_stat[:, 0] == -1).sum() == 10 and (lb_stat[:, 0] > 0).sum() == 32  # every 5th label missing
+    groups = checks.FolderGroups([(str(imd) + os.sep, [f"{i:02d}.jpg" for i in range(21)]) for imd in folders])
+    assert groups.paths() == im_files
+    for listing in (im_files, groups):  # paths, or a walk's folders (stat through folder descriptors)
+        im_stat, lb_stat = verify.SplitStats(listing).result()
+        assert im_stat.tolist() == [expect(f) for f in im_files]
+        assert lb_stat.tolist() == [expect(f) for f in labels]
+        assert (lb_stat[:, 0] == -1).sum() == 10 and (lb_stat[:, 0] > 0).sum() == 32  # every 5th label missing
+    shutil.rmtree(tmp_path / "labels")  # a label folder that does not exist: every label of it missing
+    assert (verify.SplitStats(groups).result()[1][:21] == [-1, 0]).all()
+
+
+def test_a_folder_walk_in_path_order_starts_work_before_the_join(tmp_path):
+    """A single folder tree whose folders' files sort together is handed out as FolderGroups before its paths
+    are joined (the label store's stat processes start on it) and gives the same sorted list; one whose files
+    sort between a sub-folder's does not, and is sorted as a whole."""
+    root = tmp_path.resolve()
+    for f in ["0.jpg", "a/1.jpg", "a/2.png", "b/3.jpg"]:
+        (root / "t" / f).parent.mkdir(parents=True, exist_ok=True)
+        (root / "t" / f).write_bytes(b"x")
+    seen = []
+    files, _ = checks.collect_image_files(root / "t", on_groups=seen.append)
+    assert files == sorted(str(p) for p in (root / "t").rglob("*.*"))
+    assert len(seen) == 1 and seen[0].paths() == files and len(seen[0]) == 4
+    (root / "t" / "z.jpg").write_bytes(b"x")  # t/z.jpg sorts after t/a/..., t/b/...: folders interleave
+    seen.clear()
+    files, _ = checks.collect_image_files(root / "t", on_groups=seen.append)
+    assert files == sorted(str(p) for p in (root / "t").rglob("*.*")) and seen == []
+    files, _ = checks.collect_image_files([root / "t" / "a", root / "t" / "a"], on_groups=seen.append)
+    assert files == [str(root / "t" / "a" / "1.jpg"), str(root / "t" / "a" / "2.png")] and seen == []  # two paths

@@ -11,6 +11,7 @@ import itertools
 import math
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,23 +39,61 @@ def _stem(name: str) -> str:
     return name[:i] if i > 0 and name[:i].strip(".") else name
 
 
+def label_folder(folder: str) -> str:
+    """The label folder (ending in a separator) of an image folder given with its trailing separator:
+    .../images/a/ -> .../labels/a/ (last /images/ only); the same folder when there is none."""
+    head, sep, tail = folder.rpartition(f"{os.sep}images{os.sep}")
+    return head + f"{os.sep}labels{os.sep}" + tail if sep else folder
+
+
+def label_name(name: str) -> str:
+    """x.jpg -> x.txt (the last suffix replaced; a leading dot does not start one)."""
+    i = name.rfind(".")
+    return (name[:i] if i > 0 and name[0] != "." else _stem(name)) + ".txt"
+
+
 def img2label_paths(img_paths: list[str]) -> list[str]:
     """.../images/x.jpg -> .../labels/x.txt (last /images/ only); same folder when there is none."""
-    sa, sb = f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"
     folder, lf, out = None, "", []
     for p in img_paths:  # images of one folder come together: its label folder is computed once
         f, slash, name = str(p).rpartition(os.sep)
         if f != folder:
-            head, sep, tail = (f + slash).rpartition(sa)
-            folder, lf = f, (head + sb + tail if sep else f + slash)
-        i = name.rfind(".")
-        out.append(lf + (name[:i] if i > 0 and name[0] != "." else _stem(name)) + ".txt")
+            folder, lf = f, label_folder(f + slash)
+        out.append(lf + label_name(name))
     return out
 
 
-def _walk_images(folder: Path, prefix: str, files: list[str], msgs: list[str]) -> None:
-    """Images under a folder, recursively (symlinked sub-folders are not entered), as resolved absolute paths,
-    sorted.
+class FolderGroups:
+    """A folder walk's images as (real folder + separator, sorted image names) groups, in an order where joining
+    them gives the sorted path list: what the stat processes of a large split start on before a million paths
+    are joined (utils/data/verify.py SplitStats). len() counts images."""
+
+    def __init__(self, groups: list[tuple[str, list[str]]]):
+        self.groups = groups
+        self.count = sum(len(names) for _, names in groups)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def paths(self) -> list[str]:
+        return [real + n for real, names in self.groups for n in names]
+
+    @staticmethod
+    def in_path_order(found: list[tuple[str, list[str]]]) -> FolderGroups | None:
+        """The groups (names sorted in place) ordered by folder, if their concatenation is sorted (each group's
+        last path before the next one's first: not so when a folder's files sort between its sub-folders'),
+        else None."""
+        groups = sorted(((real, names) for real, names in found if names), key=lambda g: g[0])
+        for _, names in groups:
+            names.sort()
+        if any(not ra + na[-1] < rb + nb[0] for (ra, na), (rb, nb) in zip(groups, groups[1:])):
+            return None
+        return FolderGroups(groups)
+
+
+def _walk_images(folder: Path, prefix: str, msgs: list[str]) -> tuple[list[tuple[str, list[str]]], list[str]]:
+    """Images under a folder, recursively (symlinked sub-folders are not entered): ([(real folder + separator,
+    image names)], resolved targets of symlinked images), unsorted.
 
     One realpath for the folder instead of one per file: os.scandir's entries know their type without a stat,
     so only symlinked files cost a resolve (they resolve to their target, as before)."""
@@ -88,16 +127,11 @@ def _walk_images(folder: Path, prefix: str, files: list[str], msgs: list[str]) -
                     links.append(os.path.realpath(e.path))
                 else:
                     other.append(e.path)
-    if len(found) == 1 and not links:  # one folder: sorting the names sorts the paths (short strings, faster)
-        real, names = found[0]
-        names.sort()
-        files += [real + n for n in names]
-    else:
-        files += sorted([real + n for real, names in found for n in names] + links)
     for f in sorted(other, key=Path):
         suffix = Path(f).suffix
         if suffix.lower() not in NOT_IMAGE_SUFFIXES:
             msgs.append(f"{prefix}{Path(f)}: skipped, not an image file (suffix '{suffix}')")
+    return found, links
 
 
 def _resolve_file(f: Path, real_dirs: dict[str, str]) -> str | None:
@@ -118,45 +152,64 @@ def _resolve_file(f: Path, real_dirs: dict[str, str]) -> str | None:
     return os.path.join(real, f.name)
 
 
-def collect_image_files(paths: list[str | Path] | str | Path, prefix: str = "") -> tuple[list[str], list[str]]:
+def collect_image_files(paths: list[str | Path] | str | Path, prefix: str = "",
+                        on_groups: Callable[[FolderGroups], None] | None = None) -> tuple[list[str], list[str]]:
     """Expand folders (recursively), .txt lists and single images into a sorted, de-duplicated list.
 
     Returns (image files, messages about skipped entries). A missing path or an empty result is a UserError.
+    on_groups: called with the FolderGroups of a single folder (no symlinked images) before its paths are
+    joined, so work that needs only folders and names can start early.
     """
     paths = paths if isinstance(paths, (list, tuple)) else [paths]
     files, msgs = [], []
-    for p in paths:
-        p = Path(p)
+    for p in map(Path, paths):
         if p.is_dir():
-            _walk_images(p, prefix, files, msgs)
+            found, links = _walk_images(p, prefix, msgs)
+            groups = FolderGroups.in_path_order(found) if len(paths) == 1 and not links else None
+            if groups is not None:  # one folder tree in path order: joined, its paths are sorted and unique
+                if on_groups is not None and len(groups):
+                    on_groups(groups)
+                return _some(groups.paths(), paths), msgs
+            files += [real + n for real, names in found for n in names] + links
         elif p.is_file() and p.suffix.lower() == ".txt":
-            real_dirs: dict[str, str] = {}
-            for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
-                line = line.strip()
-                if not line or line.startswith("#"):
-                    continue
-                f = Path(line)
-                f = f if f.is_absolute() else (p.parent / f)
-                resolved = None if f.suffix[1:].lower() not in IMG_FORMATS else _resolve_file(f, real_dirs)
-                if resolved is None:
-                    why = "not an image file" if f.suffix[1:].lower() not in IMG_FORMATS else "image missing"
-                    msgs.append(f"{prefix}{f}: skipped, {why} (listed in {p.name})")
-                else:
-                    files.append(resolved)
+            files += _read_list(p, prefix, msgs)
         elif p.is_file() and p.suffix[1:].lower() in IMG_FORMATS:
             files.append(str(p.resolve()))
         elif p.exists():
             raise UserError(f"{p}: not a folder, .txt image list or image")
         else:
             raise UserError(f"{p}: path does not exist")
-    files.sort()  # a no-op pass when one folder gave them (already sorted)
+    files.sort()
     unique = [f for f, _ in itertools.groupby(files)]
     if len(unique) < len(files):
         msgs.append(f"{prefix}{len(files) - len(unique)} image paths listed more than once, using each once")
-    if not unique:
+    return _some(unique, paths), msgs
+
+
+def _some(files: list[str], paths: list) -> list[str]:
+    if not files:
         raise UserError(f"{', '.join(str(p) for p in paths)}: no images found "
                         f"(supported: {', '.join(sorted(IMG_FORMATS))})")
-    return unique, msgs
+    return files
+
+
+def _read_list(p: Path, prefix: str, msgs: list[str]) -> list[str]:
+    """The images a .txt list names (relative to the list's folder), resolved; the others reported."""
+    real_dirs: dict[str, str] = {}
+    files = []
+    for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        f = Path(line)
+        f = f if f.is_absolute() else (p.parent / f)
+        resolved = None if f.suffix[1:].lower() not in IMG_FORMATS else _resolve_file(f, real_dirs)
+        if resolved is None:
+            why = "not an image file" if f.suffix[1:].lower() not in IMG_FORMATS else "image missing"
+            msgs.append(f"{prefix}{f}: skipped, {why} (listed in {p.name})")
+        else:
+            files.append(resolved)
+    return files
 
 
 def exif_size(img: Image.Image) -> tuple[int, int]:

@@ -71,6 +71,15 @@ def _compile(xml: Path, half: bool) -> None:
         return
 
 
+def wait() -> None:
+    """Until every compilation started here has finished (OpenVINO's binding is not safe to enter from two
+    threads at once for the first time: utils/deploy/formats/openvino.py _FIRST_CALLS)."""
+    with _lock:
+        threads = list(_pending.values())
+    for t in threads:
+        t.join()
+
+
 def take(xml: str | Path, config: dict):
     """The early compilation of `xml` if it was made with exactly `config` (waits for it to finish), else None.
     Handed out once."""

@@ -63,6 +63,7 @@ class OpenVinoRunner(NumpyRunner):
     def __init__(self, path: Path, opts: LoadOptions):
         import openvino as ov
         xml = _xml(path)
+        early_compile.wait()  # no OpenVINO call beside the early compilation (see _FIRST_CALLS)
         self.core = ov.Core()
         self.static: tuple[tuple[int, ...], object] | None = None  # (input shape, compiled) after set_input_shape
         self._compiled = None  # the compilation for any input shape, made on first use
@@ -126,15 +127,21 @@ class OpenVinoRunner(NumpyRunner):
         self.static = ((1, 3, h, w), self._compile(model, f" at {h}x{w}"))
         return True
 
-    def _request(self, compiled):
-        requests = self._local.__dict__.setdefault("requests", {})  # keyed by the compilation itself, kept alive
-        if compiled not in requests:
-            requests[compiled] = compiled.create_infer_request()
-        return requests[compiled]
-
     def run(self, x: np.ndarray) -> np.ndarray:
         compiled = self.static[1] if self.static and x.shape == self.static[0] else self.compiled
-        return self._request(compiled).infer({0: x}, share_inputs=True)[0]
+        requests = self._local.__dict__.setdefault("requests", {})  # keyed by the compilation itself, kept alive
+        request = requests.get(compiled)
+        if request is not None:
+            return request.infer({0: x}, share_inputs=True)[0]
+        with _FIRST_CALLS:  # see _FIRST_CALLS
+            request = requests[compiled] = compiled.create_infer_request()
+            return request.infer({0: x}, share_inputs=True)[0]
+
+
+# OpenVINO's Python binding initialises function-level statics on a first call and releases the GIL inside:
+# two threads making their first calls at once deadlocked a video run (one holding the GIL, waiting on the
+# static; the other holding the static, waiting on the GIL). Each thread's first request and call, one at a time.
+_FIRST_CALLS = threading.Lock()
 
 
 FORMAT = Format(
