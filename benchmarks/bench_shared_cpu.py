@@ -5,7 +5,8 @@ several times more. The neighbour is a single-thread busy loop (`--neighbour loo
 (`--neighbour train`); it starts before the job and is stopped after it, and the CPU time it got during the job
 is read from /proc. The job is the quick start shortened to --epochs (`python train_dual.py`: yolov9-t-MMQA on
 the bundled shapes, 128 px, batch 16), detect_dual.py on a generated clip, or `forward`: 20 batch-1 forwards
-of gelan-t at 288x640 with all intra-op threads (timed inside the process: no start-up).
+of gelan-t at 288x640 with all intra-op threads (timed inside the process: no start-up), or `predict`: 20
+`Predictor.predict` calls on one 640x272 image (the API's single-image path, which steps a thread governor).
 
 Settings, interleaved in every round:
 - `this checkout`: the defaults of this code (OpenMP threads sleep when they wait; thread and loader-worker
@@ -90,9 +91,23 @@ print("SECONDS", time.perf_counter() - t)
 """
 
 
+PREDICT = """
+import sys, time, numpy as np
+from utils.engine.predict.predictor import Predictor
+p = Predictor(sys.argv[1], device="cpu", imgsz=640)
+im = np.random.default_rng(0).integers(0, 255, (272, 640, 3), dtype=np.uint8)
+for _ in range(3):
+    p.predict(im)
+t = time.perf_counter()
+for _ in range(20):
+    p.predict(im)
+print("SECONDS", time.perf_counter() - t)
+"""
+
+
 def job_cmd(job: str, tree: Path, tmp: Path, opt, clip: Path | None, weights: Path | None) -> list[str]:
-    if job == "forward":
-        return [sys.executable, "-c", FORWARD, str(weights)]
+    if job in ("forward", "predict"):
+        return [sys.executable, "-c", FORWARD if job == "forward" else PREDICT, str(weights)]
     if job == "train":
         return [sys.executable, str(tree / "train_dual.py"), "--epochs", str(opt.epochs), "--noplots",
                 "--project", str(tmp / "train"), "--name", "r", "--exist-ok", "--device", "cpu"]
@@ -127,7 +142,7 @@ def run_once(cmd: list[str], env: dict, cwd: Path, neighbour: tuple | None) -> d
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--jobs", nargs="+", default=["forward", "detect", "train"], choices=["forward", "detect", "train"])
+    ap.add_argument("--jobs", nargs="+", default=["forward", "detect", "train"], choices=["forward", "predict", "detect", "train"])
     ap.add_argument("--neighbour", default="loop", choices=["loop", "train"])
     ap.add_argument("--epochs", type=int, default=3, help="epochs of the shortened quick start")
     ap.add_argument("--frames", type=int, default=150, help="frames of the detection clip (640x272)")
@@ -148,7 +163,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="bench_shared_") as td:
         tmp = Path(td)
         clip = weights = None
-        if "detect" in opt.jobs or "forward" in opt.jobs:
+        if {"detect", "forward", "predict"} & set(opt.jobs):
             import torch
             from models.yolo import DetectionModel
             from utils.checkpoint import make_checkpoint, save_checkpoint
@@ -194,7 +209,8 @@ def report(rows: list[dict], opt, cores: int, load0: float, load1: float) -> str
     what = {"loop": "a single-thread busy loop", "train": "a one-thread training (OMP_NUM_THREADS=1, --workers 0)"}
     head = (f"{cpu_name()}, {cores} usable cores; neighbour: {what[opt.neighbour]}; train = `train_dual.py --epochs "
             f"{opt.epochs}` (quick start), detect = detect_dual.py on a {opt.frames}-frame 640x272 clip (gelan-t), "
-            f"forward = 20 gelan-t forwards at 288x640 (timed in the process); "
+            f"forward = 20 gelan-t forwards at 288x640, predict = 20 Predictor.predict calls on a 640x272 image "
+            f"(both timed in the process); "
             f"median of {opt.rounds} interleaved rounds; load average {load0:.1f} before, {load1:.1f} after "
             f"(other jobs share the machine).\n\n")
     lines = ["| job | setting | alone s | beside s | slowdown | neighbour cores | proportional | excess | "

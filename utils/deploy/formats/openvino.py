@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from utils.deploy import early_compile
 from utils.deploy.formats.base import (ExportJob, Format, LoadOptions, NumpyRunner, check_detector_output,
                                        first_line_and_reason, input_geometry, read_json)
-from utils.deploy import early_compile
 from utils.deploy.formats.onnx import onnx_file
 from utils.deploy.signal_stack import same_signal_stack
 from utils.general import UserError
@@ -138,9 +138,9 @@ class OpenVinoRunner(NumpyRunner):
             return request.infer({0: x}, share_inputs=True)[0]
 
 
-# OpenVINO's Python binding initialises function-level statics on a first call and releases the GIL inside:
-# two threads making their first calls at once deadlocked a video run (one holding the GIL, waiting on the
-# static; the other holding the static, waiting on the GIL). Each thread's first request and call, one at a time.
+# OpenVINO's Python binding initialises function-level statics on a first call and releases the GIL inside: a
+# video run with two frame workers hung in their first calls (gdb: one worker held the GIL and waited on a static's
+# guard in the binding, the other held the guard and waited for the GIL). Each thread's first call, one at a time.
 _FIRST_CALLS = threading.Lock()
 
 
