@@ -6,7 +6,7 @@ several times more. The neighbour is a single-thread busy loop (`--neighbour loo
 is read from /proc. The job is the quick start shortened to --epochs (`python train_dual.py`: yolov9-t-MMQA on
 the bundled shapes, 128 px, batch 16), detect_dual.py on a generated clip, or `forward`: 20 batch-1 forwards
 of gelan-t at 288x640 with all intra-op threads (timed inside the process: no start-up), or `predict`: 20
-`Predictor.predict` calls on one 640x272 image (the API's single-image path, which steps a thread governor).
+`Predictor.predict` calls on one 640x272 image (the API's single-image path).
 
 Settings, interleaved in every round:
 - `this checkout`: the defaults of this code (OpenMP threads sleep when they wait; thread and loader-worker

@@ -207,34 +207,3 @@ def test_physical_cores_counts_each_core_once(tmp_path):
     (tmp_path / "cpufreq").mkdir()  # not a CPU
     assert threads.physical_cores(tmp_path) == 2
     assert threads.physical_cores(tmp_path / "missing") == (os.cpu_count() or 1)
-
-
-def test_single_image_predict_and_cpu_validation_step_the_governor(tmp_path, monkeypatch):
-    """Predictor.predict (one image per call, all torch threads) and a standalone CPU validation step a thread
-    governor like training does: once per image / per batch, restored when the validation ends."""
-    import val_dual
-    from helpers import SHAPE_NAMES, seeded_tiny_checkpoint, shapes_yaml
-    from utils.engine import validator as validator_mod
-    from utils.engine.predict import predictor as predictor_mod
-    calls = []
-
-    class Recorder:
-        def step(self):
-            calls.append("step")
-
-        def restore(self):
-            calls.append("restore")
-
-    monkeypatch.setattr(predictor_mod, "cpu_thread_governor", lambda: Recorder())
-    monkeypatch.setattr(validator_mod, "cpu_thread_governor", lambda: Recorder())
-    data = shapes_yaml(tmp_path / "shapes", n_train=4, n_val=5)
-    weights = seeded_tiny_checkpoint(tmp_path / "w.pt", SHAPE_NAMES)
-    p = predictor_mod.Predictor(str(weights), device="cpu", imgsz=64)
-    images = sorted((tmp_path / "shapes" / "ds" / "images" / "val").iterdir())
-    for f in images[:3]:
-        p.predict(f)
-    assert calls == ["step"] * 3
-    calls.clear()
-    val_dual.main(["--weights", str(weights), "--data", str(data), "--imgsz", "64", "--batch-size", "2",
-                   "--workers", "0", "--device", "cpu", "--project", str(tmp_path / "val"), "--name", "v"])
-    assert calls == ["step"] * 3 + ["restore"]  # 5 images in batches of 2

@@ -34,7 +34,7 @@ from utils.general import LOGGER, UserError, check_img_size, increment_path
 from utils.metrics import ConfusionMatrix, ap_per_class, fitness, match_predictions
 from utils.nms import non_max_suppression
 from utils.plots import plot_images
-from utils.torch_utils import cpu_thread_governor, time_sync
+from utils.torch_utils import time_sync
 
 GRAPH_SHAPES = 4  # fixed input shapes of rectangular validation under --cuda-graph
 HEADER = ("%22s" + "%11s" * 6) % ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
@@ -236,21 +236,14 @@ class Validator:
         """model: a torch DetectionModel (e.g. the trainer's EMA; its eval-mode (y, feats) give real losses
         through loss_fn), a Backend or an Ensemble."""
         self._prepare(model, dataloader)
-        # a standalone CPU validation on a shared CPU: fewer torch threads while a neighbour holds a core (training
-        # steps its own governor)
-        governor = cpu_thread_governor() if self.device.type == "cpu" and self.is_backend else None
         try:
             pbar = tqdm(dataloader, desc=HEADER, total=len(dataloader), bar_format="{l_bar}{bar:10}{r_bar}",
                         disable=not self.main)
             for batch_i, batch in enumerate(pbar):
-                if governor is not None:
-                    governor.step()
                 self._batch(batch_i, batch)
             self._gather(dataloader)
             return self._summary(dataloader)
         finally:
-            if governor is not None:
-                governor.restore()
             self._restore(model)
 
     # ---- setup

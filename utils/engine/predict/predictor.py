@@ -34,7 +34,7 @@ from utils.engine.track.sequence import SEQUENCE_HINT, SequenceTracker, is_singl
 from utils.engine.tta import forward_augment
 from utils.general import LOGGER, UserError, check_img_size, image_hw, increment_path
 from utils.nms import non_max_suppression
-from utils.torch_utils import cpu_thread_governor, select_device, sync
+from utils.torch_utils import select_device, sync
 
 
 def _plural(name: str, n: int) -> str:
@@ -189,8 +189,6 @@ class Predictor:
             LOGGER.warning("WARNING: --augment is not supported for this weights format (fixed input shape), ignored")
             self.augment = False
         self.workers = workers
-        # one image per call on a CPU shared with other work: fewer torch threads while a neighbour holds a core
-        self.governor = cpu_thread_governor() if self.device.type == "cpu" and self.backend.pt else None
         self.dt = [0.0, 0.0, 0.0]  # accumulated seconds: pre-process, inference, NMS
         self.seen = 0
         self.in_flight = 1  # frames the last stream kept in flight
@@ -256,8 +254,6 @@ class Predictor:
             if image is None:
                 raise UserError(f"{path}: image not found or unreadable")
         image = as_bgr_uint8(image)
-        if self.governor is not None:
-            self.governor.step()
         t0 = time.perf_counter()
         x, ratio_pad = self.preprocess(image)
         sync(self.device)
