@@ -330,6 +330,7 @@ def test_openvino_runners_leave_the_thread_signal_stack_alone(trained):
     assert signal_stack_is_mapped()
 
 
+@pytest.mark.skipif(find_spec("openvino") is None or find_spec("nncf") is None, reason="openvino not installed")
 def test_openvino_frames_in_flight_run_on_their_own_streams(trained):
     """Frames in flight (the predictor's worker threads) each run on a stream of their own: compiled with that
     many streams, concurrent calls from several threads at once, each output that of a single-stream run of
@@ -366,6 +367,7 @@ def test_openvino_frames_in_flight_run_on_their_own_streams(trained):
     assert runner.concurrent_runs(1) == 2  # compiled: its streams stay
 
 
+@pytest.mark.skipif(find_spec("openvino") is None or find_spec("nncf") is None, reason="openvino not installed")
 def test_detect_adopts_the_openvino_compilation_started_before_torch(trained, tmp_path, monkeypatch):
     """detect_dual.py starts compiling an OpenVINO export before it imports torch; the runner takes that
     compilation when its settings are the same (no second compilation) and compiles its own when they are not
