@@ -266,7 +266,7 @@ class Predictor:
         use (torch.get_num_threads(), which follows the usable cores: utils/threads.py), at most 4, each forward
         then running with threads // workers threads; exported files: one worker (their runtime's own threads
         do the forward while this thread prepares the next frame) unless the runtime accepts concurrent calls
-        (a backend `concurrent_runs(n) -> int` method). On CUDA and with --cuda-graph: 0 (in this thread)."""
+        (Backend.concurrent_runs: OpenVINO, one stream per frame). On CUDA and with --cuda-graph: 0 (in this thread)."""
         if self.workers is not None:
             return self.workers
         if self.device.type != "cpu" or self.backend.graph is not None:
@@ -274,8 +274,7 @@ class Predictor:
         want = min(torch.get_num_threads(), MAX_FRAME_WORKERS)
         if self.backend.pt or want <= 1:
             return want
-        hook = getattr(self.backend, "concurrent_runs", None)
-        return max(1, int(hook(want))) if hook is not None else 1
+        return max(1, self.backend.concurrent_runs(want))
 
     def _announce_shape(self, shape: tuple[int, int]) -> None:
         """Tell the backend that a video's/stream's frames all come at this letterboxed (h, w), before the first
