@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # set by the user: their choice stands
+MAX_FRAME_WORKERS = 4  # frames a video/folder run keeps in flight on a CPU at most (more cores: more threads per frame)
 APPLIED: dict[str, str] = {}  # what configure_openmp() put into os.environ
 
 

@@ -13,9 +13,7 @@ import threading
 from pathlib import Path
 
 from utils.deploy.signal_stack import same_signal_stack
-from utils.threads import torch_default_threads
-
-FRAMES_IN_FLIGHT_MAX = 4  # the predictor's MAX_FRAME_WORKERS: a stream runs min(threads, 4) frames at once
+from utils.threads import MAX_FRAME_WORKERS, torch_default_threads
 
 _lock = threading.Lock()
 _pending: dict[Path, threading.Thread] = {}
@@ -62,7 +60,8 @@ def _compile(xml: Path, half: bool) -> None:
             return  # compiled later, for the letterboxed frame shape
         bf16 = half and "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
         threads = torch_default_threads()
-        config = compile_config("bf16" if bf16 else "f32", threads, min(threads, FRAMES_IN_FLIGHT_MAX))
+        streams = min(threads, MAX_FRAME_WORKERS)  # what Predictor.frame_workers will ask for
+        config = compile_config("bf16" if bf16 else "f32", threads, streams)
         with same_signal_stack():
             compiled = core.compile_model(model, "CPU", config)
         with _lock:

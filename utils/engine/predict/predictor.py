@@ -34,6 +34,7 @@ from utils.engine.track.sequence import SEQUENCE_HINT, SequenceTracker, is_singl
 from utils.engine.tta import forward_augment
 from utils.general import LOGGER, UserError, check_img_size, image_hw, increment_path
 from utils.nms import non_max_suppression
+from utils.threads import MAX_FRAME_WORKERS
 from utils.torch_utils import select_device, sync
 
 
@@ -118,8 +119,6 @@ def _names_by_id(r: Result) -> list[str]:
         names[int(c)] = name
     return names
 
-
-MAX_FRAME_WORKERS = 4  # frames in flight on a CPU at most (more cores: more threads per frame)
 
 
 def _class_ids(classes: Any, nc: int) -> list[int] | None:
