@@ -82,8 +82,10 @@ def _stat_groups(groups: FolderGroups, a: int, b: int) -> np.ndarray:
 _FORKED: Sequence[str] | FolderGroups = ()  # what a forked stat process reads (inherited, never pickled)
 
 
-def _stat_span(a: int, b: int) -> np.ndarray:
-    return _stat_groups(_FORKED, a, b) if isinstance(_FORKED, FolderGroups) else _stat_pairs(_FORKED[a:b])
+def _stat_span(a: int, b: int, listing: Sequence[str] | FolderGroups | None = None) -> np.ndarray:
+    """_stat_pairs of the images a..b of `listing` (a forked process: of the one it inherited)."""
+    listing = _FORKED if listing is None else listing
+    return _stat_groups(listing, a, b) if isinstance(listing, FolderGroups) else _stat_pairs(listing[a:b])
 
 
 class SplitStats:
@@ -105,13 +107,11 @@ class SplitStats:
             _FORKED = listing  # read by the children, which fork at the first submit
             self._pool = ProcessPoolExecutor(cpus, mp_context=multiprocessing.get_context("fork"))
             self._parts = [self._pool.submit(_stat_span, a, min(a + step, n)) for a in range(0, n, step)]
-            return
-        files = listing.paths() if isinstance(listing, FolderGroups) else listing
-        if n < STAT_THREADS_MIN:
-            self._parts = [_stat_pairs(files)]
+        elif n < STAT_THREADS_MIN:
+            self._parts = [_stat_span(0, n, listing)]
         else:
             self._pool, step = ThreadPoolExecutor(min(4, cpus)), 4096
-            self._parts = [self._pool.submit(_stat_pairs, files[i:i + step]) for i in range(0, n, step)]
+            self._parts = [self._pool.submit(_stat_span, a, min(a + step, n), listing) for a in range(0, n, step)]
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """(images, label files): [n, 2] int64 each."""
