@@ -62,6 +62,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
                         "was trained on)")
     p.add_argument("--calib-images", type=int, default=DEFAULT_IMAGES,
                    help="--int8: training images to calibrate on (read one at a time: memory does not grow with it)")
+    p.add_argument("--int8-all", action="store_true",
+                   help="--int8 OpenVINO: every convolution in int8 (default: those this CPU runs faster in bf16, "
+                        "measured layer by layer at export, stay bf16)")
     p.add_argument("--int8-max-drop", type=float, default=INT8_MAX_DROP,
                    help="accuracy check: mAP50-95 points an INT8 file may lose against its fp32 file")
     p.add_argument("--max-drop", type=float, default=FLOAT_MAX_DROP,
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
         check = accuracy_check(Path(opt.weights), max(opt.imgsz), opt.device,
                                Limits(opt.int8_max_drop, opt.max_drop, opt.allow_drop))
     return run(opt.weights, tuple(opt.include), opt.imgsz, opt.batch_size, opt.dynamic, opt.half, opt.opset,
-               opt.simplify, opt.device, opt.fuse, opt.int8, opt.data, opt.calib_images, check)
+               opt.simplify, opt.device, opt.fuse, opt.int8, opt.data, opt.calib_images, opt.int8_all, check)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,26 @@ def compile_config(precision: str, threads: int, streams: int) -> dict:
     return {**common, "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": int(streams)}
 
 
+def precision(core, meta: dict, half: bool) -> str:
+    """The inference precision a CPU run uses: bf16 for --half, and for an INT8 file whose float layers were
+    chosen and timed in bf16 when it was made (`int8_float` in its metadata: utils/deploy/int8_layers.py), both
+    only on a CPU with native bf16; else f32."""
+    wanted = half or meta.get("int8_float") == "bf16"
+    return "bf16" if wanted and "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES") else "f32"
+
+
+def model_meta(model) -> dict:
+    """The metadata export.py stores in the IR ({} when it is missing or not JSON)."""
+    import json
+    if not model.has_rt_info(["yolo", "metadata"]):
+        return {}
+    try:
+        meta = json.loads(model.get_rt_info(["yolo", "metadata"]).astype(str))
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def model_xml(weights: str | Path) -> Path | None:
     """The .xml of an OpenVINO export given as its folder or its .xml file; None for anything else."""
     p = Path(weights)
@@ -58,10 +78,9 @@ def _compile(xml: Path, half: bool) -> None:
         model = core.read_model(str(xml))
         if not model.input(0).get_partial_shape().is_static:
             return  # compiled later, for the letterboxed frame shape
-        bf16 = half and "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
         threads = torch_default_threads()
         streams = min(threads, MAX_FRAME_WORKERS)  # what Predictor.frame_workers will ask for
-        config = compile_config("bf16" if bf16 else "f32", threads, streams)
+        config = compile_config(precision(core, model_meta(model), half), threads, streams)
         with same_signal_stack():
             compiled = core.compile_model(model, "CPU", config)
         with _lock:

@@ -160,17 +160,19 @@ def _log_done(fmts: list[Format], shape: tuple[int, int, int], stride: int, dyna
 def run(weights: str | Path, include: tuple = ("torchscript",), imgsz: tuple | list | int = (640, 640),
         batch_size: int = 1, dynamic: bool = False, half: bool = False, opset: int = 17, simplify: bool = False,
         device: str = "cpu", fuse: bool = True, int8: bool = False, data: str | Path | None = None,
-        calib_images: int = quantize.DEFAULT_IMAGES,
+        calib_images: int = quantize.DEFAULT_IMAGES, int8_all: bool = False,
         check: Callable[[dict[str, Path], str], object] | None = None) -> dict[str, Path]:
     """Export `weights` to each format in include; returns {format: written path} (INT8 copies under
-    '<format>-int8', calibrated on `calib_images` training images of `data`). `check(out, data)`, when given,
+    '<format>-int8', calibrated on `calib_images` training images of `data`; OpenVINO's keeps the convolutions
+    this CPU runs faster in bf16 unless `int8_all`). `check(out, data)`, when given,
     runs after the last file is written (export.py passes the accuracy check, utils/deploy/accuracy.py); its
     data YAML is `data` or the checkpoint's, whose classes are checked against the model before any work."""
     weights = Path(weights)
     fmts, reparam = _parse_include(include)
     dev = select_device(device)
     opts = ExportOptions(imgsz=image_hw(imgsz), batch=batch_size, dynamic=dynamic, half=half, int8=int8,
-                         opset=opset, simplify=simplify, data=str(data) if data else None, calib_images=calib_images)
+                         opset=opset, simplify=simplify, data=str(data) if data else None, calib_images=calib_images,
+                         int8_all=int8_all)
     _check_request(weights, fmts, opts, dev)
     half = half and dev.type == "cuda"
     if int8 or check is not None:

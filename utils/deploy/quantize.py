@@ -252,7 +252,7 @@ def quantize_onnx(src: Path, dst: Path, images: Sequence[np.ndarray], keep_fp32:
 
 def quantize_openvino(model, images: Sequence[np.ndarray], keep_fp32: Sequence[str] | None = None):
     """NNCF post-training INT8 quantization of an openvino.Model (mixed preset: symmetric weights,
-    asymmetric activations, MinMax activation ranges); `keep_fp32` (default `fp32_nodes`) stays in fp32."""
+    asymmetric activations, MinMax activation ranges); `keep_fp32` (default `fp32_nodes`) stays in float."""
     try:
         import nncf
     except ImportError:
@@ -268,3 +268,15 @@ def quantize_openvino(model, images: Sequence[np.ndarray], keep_fp32: Sequence[s
     with quiet_quantizers(), same_signal_stack():
         return nncf.quantize(model, nncf.Dataset(images), preset=nncf.QuantizationPreset.MIXED,
                              subset_size=len(images), ignored_scope=ignored, advanced_parameters=advanced)
+
+
+def quantize_openvino_for_cpu(model, images: Sequence[np.ndarray]) -> tuple[object, str | None]:
+    """quantize_openvino with the convolutions that this CPU runs faster in float left in float (measured:
+    utils.deploy.int8_layers). Returns (model, the float precision those run in, or None when none is left)."""
+    from utils.deploy import int8_layers
+    names = [op.get_friendly_name() for op in model.get_ordered_ops()]
+    keep, precision, line = int8_layers.float_layers(model, images, quantize_openvino)
+    LOGGER.info(f"OpenVINO INT8: {line}")
+    if not keep:
+        return quantize_openvino(model, images), None
+    return quantize_openvino(model, images, keep_fp32=list(dict.fromkeys(fp32_nodes(names) + keep))), precision

@@ -60,6 +60,7 @@ class ExportOptions:
     dynamic: bool = False
     half: bool = False
     int8: bool = False
+    int8_all: bool = False  # OpenVINO INT8: every convolution int8, not only those faster in int8 on this CPU
     opset: int = 17
     simplify: bool = False
     data: str | None = None

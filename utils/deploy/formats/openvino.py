@@ -34,10 +34,15 @@ def export(job: ExportJob, d: Path) -> Path:
 
 
 def export_int8(job: ExportJob, d: Path) -> Path:
+    """Every convolution in int8 with --int8-all; by default those this CPU runs faster in bf16 stay bf16
+    (measured: utils/deploy/int8_layers.py), and the metadata says so for the runner."""
     import openvino as ov
     from utils.deploy import quantize
-    model = quantize.quantize_openvino(ov.convert_model(str(onnx_file(job))), job.calibration_images())
-    return _save(model, d, job.meta, True)
+    model, images = ov.convert_model(str(onnx_file(job))), job.calibration_images()
+    if job.opts.int8_all:
+        return _save(quantize.quantize_openvino(model, images), d, job.meta, True)
+    model, kept = quantize.quantize_openvino_for_cpu(model, images)
+    return _save(model, d, {**job.meta, "int8_float": kept} if kept else job.meta, True)
 
 
 def _xml(path: Path) -> Path:
@@ -80,8 +85,9 @@ class OpenVinoRunner(NumpyRunner):
         shape = _dims(model.input(0).get_partial_shape())
         self.meta = input_geometry(meta, shape)
         self.fixed_batch = shape[0] if shape and isinstance(shape[0], int) else None
-        # f32 unless --half: OpenVINO would otherwise pick bf16 on AMX CPUs by itself (results would differ by CPU)
-        self.precision = "bf16" if opts.bf16 else "f32"
+        # f32 unless --half or an INT8 file with layers kept in bf16: OpenVINO would otherwise pick bf16 on AMX
+        # CPUs by itself (results would differ by CPU)
+        self.precision = "bf16" if opts.bf16 else early_compile.precision(self.core, meta, False)
         self.threads = int(opts.threads or torch.get_num_threads())
         self.streams = 1
         self.xml = xml
