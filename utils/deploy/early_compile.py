@@ -33,8 +33,8 @@ def precision(core, meta: dict, half: bool) -> str:
     """The inference precision a CPU run uses: bf16 for --half, and for an INT8 file whose float layers were
     chosen and timed in bf16 when it was made (`int8_float` in its metadata: utils/deploy/int8_layers.py), both
     only on a CPU with native bf16; else f32."""
-    wanted = half or meta.get("int8_float") == "bf16"
-    return "bf16" if wanted and "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES") else "f32"
+    from utils.deploy.int8_layers import cpu_float_precision
+    return cpu_float_precision(core) if half or meta.get("int8_float") == "bf16" else "f32"
 
 
 def model_meta(model) -> dict:

@@ -5,7 +5,7 @@ Why: on a CPU with fast bf16 but no AMX (AMD Zen 4/5: AVX512-BF16 and VNNI) int8
 and loses on the narrow ones. gelan-t at 288x640, one thread, Zen 5: the head's 128-channel convolutions run
 1.6-1.8x faster in int8, the 16-32-channel 3x3 convolutions inside the RepNCSP bottlenecks 1.3-2x slower (small
 matrices leave VNNI idle while the int8 kernel pays for zero points and reorders). Quantizing every convolution
-made the file 1.13x our bf16 file (2 streams, raw frames/s); keeping the bottlenecks in bf16 made it 1.22x
+made the file 1.13x our bf16 file (2 streams, raw frames/s), keeping the slower ones in bf16 1.16x
 (benchmarks/results/formats.md). On a CPU without native bf16 the float side is f32 and int8 wins nearly
 everywhere, so the same measurement keeps (almost) nothing in float. The measurement runs a quickly calibrated
 all-int8 copy and the float model once each with OpenVINO's per-layer counters (one thread, what each of a
