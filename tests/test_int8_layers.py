@@ -63,7 +63,7 @@ def _quantized_convs(model) -> set[str]:
 
 
 def test_convolution_times_cover_the_model(fitted, tmp_path):
-    """Per-layer times on a real export: one positive time per Convolution of the model, under its own name
+    """Per-layer times on a real export: one time per Convolution of the model, under its own name
     (what the choice is made over), for the float model and its all-int8 copy."""
     w, data, _ = fitted
     out = export.run(w, include=("openvino",), imgsz=IMGSZ, int8=True, int8_all=True, data=data)
@@ -72,7 +72,8 @@ def test_convolution_times_cover_the_model(fitted, tmp_path):
         m = _ir(out[key])
         convs = _convs(m)
         t = int8_layers.convolution_times(m, x, int8_layers.cpu_float_precision())
-        assert set(t) == convs and min(t.values()) > 0
+        assert set(t) == convs and min(t.values()) >= 0 and sum(t.values()) > 0  # counters are whole us: a
+        # tiny layer at 64 px can read 0
     q = _ir(out["openvino-int8"])  # --int8-all: every convolution outside the box decoding quantized
     head = {n for n in convs if n.startswith("/model.22/") and "/cv" not in n}
     assert _quantized_convs(q) == convs - head and head
