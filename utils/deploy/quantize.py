@@ -276,7 +276,7 @@ def quantize_openvino_for_cpu(model, images: Sequence[np.ndarray]) -> tuple[obje
     from utils.deploy import int8_layers
     names = [op.get_friendly_name() for op in model.get_ordered_ops()]
     keep, precision, line = int8_layers.float_layers(model, images, quantize_openvino)
-    LOGGER.info(f"OpenVINO INT8: {line}")
+    LOGGER.info(f"OpenVINO INT8: {line}; --int8-all quantizes every one (a smaller file)")
     if not keep:
         return quantize_openvino(model, images), None
     return quantize_openvino(model, images, keep_fp32=list(dict.fromkeys(fp32_nodes(names) + keep))), precision
