@@ -14,7 +14,7 @@ import torch
 
 from utils.deploy import early_compile
 from utils.deploy.formats.base import (ExportJob, Format, LoadOptions, NumpyRunner, check_detector_output,
-                                       first_line_and_reason, input_geometry, read_json)
+                                       first_line_and_reason, input_geometry)
 from utils.deploy.formats.onnx import onnx_file
 from utils.deploy.signal_stack import same_signal_stack
 from utils.general import UserError
@@ -79,7 +79,7 @@ class OpenVinoRunner(NumpyRunner):
         except Exception as e:  # the reason ("bin file cannot be found", "tags mismatch") is on OpenVINO's last line
             raise UserError(f"{xml}: not a loadable OpenVINO model ({first_line_and_reason(e)})") from None
         has_meta = model.has_rt_info(["yolo", "metadata"])
-        meta = (read_json(model.get_rt_info(["yolo", "metadata"]).astype(str), {}) or {}) if has_meta else {}
+        meta = early_compile.model_meta(model)
         out = model.output(0)
         check_detector_output(xml, meta, has_meta, next(iter(sorted(out.get_names())), "0"), _dims(out.get_partial_shape()))
         shape = _dims(model.input(0).get_partial_shape())
